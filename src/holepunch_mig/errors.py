@@ -1,0 +1,57 @@
+"""Exception hierarchy: every failure a caller can see has its own class and a message
+that names what was wrong, so a migration manager can branch on type, not on text."""
+
+from __future__ import annotations
+
+
+class HolepunchError(Exception):
+    """Base class for every error raised by holepunch_mig."""
+
+
+class ProtocolError(HolepunchError):
+    """A control message or frame broke the wire format (see docs/protocol.md)."""
+
+
+class ChannelClosed(HolepunchError):
+    """The control channel ended (peer vanished or closed it) while a message was expected."""
+
+
+class ControlTimeout(HolepunchError):
+    """The peer did not send the expected control message before the deadline."""
+
+
+class CandidateError(HolepunchError):
+    """A candidate line could not be parsed or is not usable (wrong transport, bad address)."""
+
+
+class StunError(HolepunchError):
+    """A STUN exchange failed: no answer, malformed answer, or an error response."""
+
+
+class HandshakeError(HolepunchError):
+    """A Noise handshake failed: wrong key, tampered message, or the peer is not who the
+    offer said it would be."""
+
+
+class RecordError(HolepunchError):
+    """A bulk record failed authentication or violated the record layer's rules."""
+
+
+class TruncatedStream(RecordError):
+    """The link ended before the authenticated end-of-stream record."""
+
+
+class NoDirectPath(HolepunchError):
+    """No candidate pair produced an authenticated link within the allowed rounds."""
+
+    def __init__(self, message: str, verdict: str | None = None) -> None:
+        super().__init__(message)
+        self.verdict = verdict or message
+
+
+class TransferError(HolepunchError):
+    """A transfer ended without verification: byte count or digest mismatch, or peer abort."""
+
+
+class PeerAbort(TransferError):
+    """The peer reported a failure and stopped the session."""
