@@ -132,9 +132,7 @@ def connect_blocking(control: socket.socket, *, role: Role, **options: Any) -> B
     return BlockingLink(token, link, done)
 
 
-async def connect_asyncio(
-    control: socket.socket, *, role: Role, **options: Any
-) -> BlockingLink:
+async def connect_asyncio(control: socket.socket, *, role: Role, **options: Any) -> BlockingLink:
     """asyncio managers: the blocking facade, awaited through a worker thread.
 
     Call the returned link's methods with ``await asyncio.to_thread(link.send_file, f)``.

@@ -74,15 +74,31 @@ def _endpoint(text: str) -> tuple[str, int]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stun", type=_endpoint, action="append", default=[], metavar="HOST:PORT",
-                   help="STUN server (TCP) for a server-reflexive candidate; repeatable")
-    p.add_argument("--candidate", type=_endpoint, action="append", default=[],
-                   metavar="HOST:PORT", help="extra candidate to announce; repeatable")
+    p.add_argument(
+        "--stun",
+        type=_endpoint,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="STUN server (TCP) for a server-reflexive candidate; repeatable",
+    )
+    p.add_argument(
+        "--candidate",
+        type=_endpoint,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="extra candidate to announce; repeatable",
+    )
     p.add_argument("--port", type=int, default=0, help="local punch port (default: any)")
     p.add_argument("--bind", default=None, metavar="HOST", help="local address to punch from")
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
-    p.add_argument("--policy", choices=["direct"], default="direct",
-                   help="transport policy (only 'direct' in this version)")
+    p.add_argument(
+        "--policy",
+        choices=["direct"],
+        default="direct",
+        help="transport policy (only 'direct' in this version)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="punch rounds before giving up")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -97,33 +113,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     recv = sub.add_parser("recv", help="receive a payload (the migration destination)")
     ctl = recv.add_mutually_exclusive_group(required=True)
-    ctl.add_argument("--control-listen", type=_endpoint, metavar="HOST:PORT",
-                     help="accept the control connection here")
-    ctl.add_argument("--control-stdio", action="store_true",
-                     help="the control channel is stdin/stdout (under ssh)")
-    recv.add_argument("--output", default="-", metavar="PATH|-",
-                      help="where to write the payload (default: stdout)")
+    ctl.add_argument(
+        "--control-listen",
+        type=_endpoint,
+        metavar="HOST:PORT",
+        help="accept the control connection here",
+    )
+    ctl.add_argument(
+        "--control-stdio",
+        action="store_true",
+        help="the control channel is stdin/stdout (under ssh)",
+    )
+    recv.add_argument(
+        "--output",
+        default="-",
+        metavar="PATH|-",
+        help="where to write the payload (default: stdout)",
+    )
     _common(recv)
 
     send = sub.add_parser("send", help="send a payload (the migration source)")
     ctl = send.add_mutually_exclusive_group(required=True)
-    ctl.add_argument("--control", type=_endpoint, metavar="HOST:PORT",
-                     help="connect the control channel to the receiver here")
-    ctl.add_argument("--control-cmd", metavar="CMD",
-                     help='run CMD as the control channel, e.g. "ssh host holepunch-mig recv '
-                          '--control-stdio --output f"')
-    send.add_argument("--peer-host", default=None, metavar="HOST",
-                      help="the receiver's address, when --control-cmd cannot show it")
-    send.add_argument("--input", default="-", metavar="PATH|-",
-                      help="payload to send (default: stdin)")
+    ctl.add_argument(
+        "--control",
+        type=_endpoint,
+        metavar="HOST:PORT",
+        help="connect the control channel to the receiver here",
+    )
+    ctl.add_argument(
+        "--control-cmd",
+        metavar="CMD",
+        help='run CMD as the control channel, e.g. "ssh host holepunch-mig recv '
+        '--control-stdio --output f"',
+    )
+    send.add_argument(
+        "--peer-host",
+        default=None,
+        metavar="HOST",
+        help="the receiver's address, when --control-cmd cannot show it",
+    )
+    send.add_argument(
+        "--input", default="-", metavar="PATH|-", help="payload to send (default: stdin)"
+    )
     _common(send)
     return parser
 
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _connect_options(args: argparse.Namespace) -> dict[str, object]:

@@ -6,6 +6,7 @@ thread (OpenSSL and socket calls release the GIL), never through trio streams.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -45,10 +46,8 @@ def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
     return sock
 
 
@@ -74,10 +73,8 @@ class Link:
             raise
 
     def _shutdown(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     async def send_file(
         self, src: BinaryIO, *, digest: bool = True, progress: Progress | None = None

@@ -11,12 +11,12 @@ import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
 from .errors import HandshakeError, HolepunchError
-from .report import PairReport
+from .report import Outcome, PairReport
 
 Endpoint = tuple[str, int]
 
@@ -79,12 +79,14 @@ async def open_listener(bind_host: str, port: int, family: int) -> trio.socket.S
     return sock
 
 
-def _classify(exc: OSError) -> tuple[str, str]:
+def _classify(exc: OSError) -> tuple[Outcome, str]:
     code = exc.errno
     if isinstance(exc, ConnectionRefusedError) or code == errno.ECONNREFUSED:
         return "refused", "RST seen"
     if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
         return "unreachable", exc.strerror or "unreachable"
+    if code == errno.EADDRNOTAVAIL:
+        return "crossed", "the peer's own connection already holds this address pair"
     if code == errno.ETIMEDOUT:
         return "timed out", "kernel gave up retransmitting SYN"
     return "error", f"{type(exc).__name__}: {exc.strerror or exc}"
@@ -179,6 +181,7 @@ class PunchRound:
                     budget = min(self.timing.connect_timeout, deadline - trio.current_time())
                     with trio.fail_after(max(budget, 0.01)):
                         await sock.connect(remote)
+                    pair.local = format_endpoint(*_local(sock))
                 except trio.TooSlowError:
                     sock.close()
                     pair.outcome = "timed out"
@@ -192,6 +195,7 @@ class PunchRound:
                     pair.seconds = trio.current_time() - started
                     wait = self.timing.refused_retry_delay
                     if pair.outcome != "refused" or trio.current_time() + wait >= deadline:
+                        # "crossed" is success seen from the other socket: no retry
                         return
                     await trio.sleep(wait)
                     continue
@@ -215,9 +219,7 @@ class PunchRound:
         stream = trio.SocketStream(sock)
         try:
             with trio.fail_after(self.timing.handshake_timeout):
-                link_id, send_key, recv_key = await self.authenticate(
-                    stream, self._new_link_id()
-                )
+                link_id, send_key, recv_key = await self.authenticate(stream, self._new_link_id())
         except trio.TooSlowError:
             pair.outcome, pair.detail = "rejected", "handshake timed out"
         except (HolepunchError, trio.BrokenResourceError, OSError) as exc:
@@ -243,8 +245,3 @@ class PunchRound:
 def _local(sock: trio.socket.SocketType) -> Endpoint:
     name = sock.getsockname()
     return _unmap(name[0]), int(name[1])
-
-
-@dataclass
-class RoundResult:
-    links: list[AuthenticatedLink] = field(default_factory=list)

@@ -16,6 +16,7 @@ Outcome = Literal[
     "refused",  # RST seen (ECONNREFUSED): a reject rule or nothing listening
     "timed out",  # no answer to our SYNs within the attempt's deadline
     "rejected",  # TCP connected but the peer failed authentication or was not offered
+    "crossed",  # our connect lost to the peer's SYN: its connection holds the 4-tuple
     "unreachable",  # no route / network unreachable
     "error",  # any other socket error (detail says which)
     "abandoned",  # still trying when another pair won the race
@@ -79,8 +80,7 @@ class Report:
         if self.time_to_link is not None:
             rtt = f"{self.rtt * 1000:.2f} ms" if self.rtt is not None else "n/a"
             lines.append(
-                f"  time to link {self.time_to_link:.3f} s, control RTT {rtt}, "
-                f"rounds {self.rounds}"
+                f"  time to link {self.time_to_link:.3f} s, control RTT {rtt}, rounds {self.rounds}"
             )
         for pair in self.pairs:
             detail = f" ({pair.detail})" if pair.detail else ""

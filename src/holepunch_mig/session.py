@@ -7,6 +7,7 @@ answers, dials on ``sync``, responds to handshakes and keeps what it is told to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from .errors import (
     ChannelClosed,
     ControlTimeout,
     HandshakeError,
+    HolepunchError,
     NoDirectPath,
     PeerAbort,
     ProtocolError,
@@ -143,9 +145,7 @@ async def _receive_exact(stream: trio.SocketStream, n: int) -> bytes:
     while len(buf) < n:
         chunk = await stream.receive_some(n - len(buf))
         if not chunk:
-            raise HandshakeError(
-                f"link closed during the handshake after {len(buf)} of {n} bytes"
-            )
+            raise HandshakeError(f"link closed during the handshake after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
 
@@ -165,18 +165,14 @@ def make_authenticator(
     """The per-link Noise KK handshake; the source always initiates."""
 
     async def initiate(stream: trio.SocketStream, link_id: int) -> tuple[int, bytes, bytes]:
-        hs = HandshakeState(
-            NOISE_PATTERN, True, pro, s=static_private, rs=remote_public
-        )
+        hs = HandshakeState(NOISE_PATTERN, True, pro, s=static_private, rs=remote_public)
         await _send_hs(stream, hs.write_message(LINK_PAYLOAD.pack(round_no, link_id)))
         hs.read_message(await _receive_hs(stream))
         k1, k2 = hs.split()
         return link_id, k1, k2
 
     async def respond(stream: trio.SocketStream, _proposed: int) -> tuple[int, bytes, bytes]:
-        hs = HandshakeState(
-            NOISE_PATTERN, False, pro, s=static_private, rs=remote_public
-        )
+        hs = HandshakeState(NOISE_PATTERN, False, pro, s=static_private, rs=remote_public)
         payload = hs.read_message(await _receive_hs(stream))
         if len(payload) != LINK_PAYLOAD.size:
             raise HandshakeError(f"handshake payload of {len(payload)} bytes, expected 8")
@@ -207,7 +203,11 @@ async def establish(channel: ControlChannel, role: Role, options: ConnectOptions
     started = trio.current_time()
 
     families = [socket.AF_INET]
-    if options.ipv6 and socket.has_ipv6 and not (options.bind_host and ":" not in options.bind_host):
+    if (
+        options.ipv6
+        and socket.has_ipv6
+        and not (options.bind_host and ":" not in options.bind_host)
+    ):
         families.append(socket.AF_INET6)
     if options.bind_host and ":" in options.bind_host:
         families = [socket.AF_INET6]
@@ -217,13 +217,10 @@ async def establish(channel: ControlChannel, role: Role, options: ConnectOptions
         listeners[families[0]] = first
         port = int(first.getsockname()[1])
         for fam in families[1:]:
-            try:
+            # no IPv6 on this host, or the port is taken there: go on with IPv4
+            with contextlib.suppress(OSError):
                 listeners[fam] = await open_listener(_choose_bind(options, fam), port, fam)
-            except OSError:
-                pass  # no IPv6 on this host, or the port is taken there
-        return await _negotiate(
-            control, role, options, listeners, port, session_id, started
-        )
+        return await _negotiate(control, role, options, listeners, port, session_id, started)
     finally:
         for sock in listeners.values():
             sock.close()
@@ -291,23 +288,30 @@ async def _negotiate(
         raise HandshakeError("peer announced our own public key")
 
     remotes = _remote_endpoints(peer["candidates"], control.channel.peer_host, peer["port"], report)
-    remotes = [r for r in remotes if (socket.AF_INET6 if ":" in r[0] else socket.AF_INET) in listeners]
+    remotes = [
+        r for r in remotes if (socket.AF_INET6 if ":" in r[0] else socket.AF_INET) in listeners
+    ]
     log.info("%d local, %d remote candidates", len(local), len(remotes))
     pro = prologue(session_id, offer, answer)
-
-    if role == "source":
-        rtt = await _measure_rtt(control, options.pings)
-        report.rtt = rtt
-        link = await _source_rounds(
-            control, options, listeners, port, remotes, static_private, remote_public, pro, rtt,
-            report, log,
+    try:
+        link = await _rounds(
+            control,
+            role,
+            options,
+            listeners,
+            port,
+            remotes,
+            static_private,
+            remote_public,
+            pro,
+            report,
+            log,
         )
-    else:
-        await _answer_pings(control, options.pings)
-        link = await _destination_rounds(
-            control, options, listeners, port, remotes, static_private, remote_public, pro,
-            report, log,
-        )
+    except HolepunchError as exc:
+        exc.report = report
+        report.ok = False
+        report.verdict = str(exc)
+        raise
     report.path = "direct"
     report.path_reason = "direct link authenticated and nominated"
     report.local, report.remote = link.local, link.remote
@@ -325,7 +329,7 @@ def _remote_endpoints(
     for line in lines:
         try:
             cands.append(Candidate.from_line(line))
-        except Exception as exc:  # noqa: BLE001 - a bad line is reported, the rest still used
+        except Exception as exc:
             report.notes.append(f"ignored remote candidate {line[:80]!r}: {exc}")
     cands.extend(observed_candidates(peer_host, [peer_port]))
     for cand in cands:
@@ -351,6 +355,50 @@ async def _answer_pings(control: ControlReader, count: int) -> None:
     for _ in range(count):
         msg, _raw = await control.receive("ping", step="measuring RTT")
         await control.send("pong", seq=msg["seq"])
+
+
+async def _rounds(
+    control: ControlReader,
+    role: Role,
+    options: ConnectOptions,
+    listeners: dict[int, trio.socket.SocketType],
+    port: int,
+    remotes: list[tuple[str, int]],
+    static_private: bytes,
+    remote_public: bytes,
+    pro: bytes,
+    report: Report,
+    log: SessionLog,
+) -> AuthenticatedLink:
+    if role == "source":
+        rtt = await _measure_rtt(control, options.pings)
+        report.rtt = rtt
+        return await _source_rounds(
+            control,
+            options,
+            listeners,
+            port,
+            remotes,
+            static_private,
+            remote_public,
+            pro,
+            rtt,
+            report,
+            log,
+        )
+    await _answer_pings(control, options.pings)
+    return await _destination_rounds(
+        control,
+        options,
+        listeners,
+        port,
+        remotes,
+        static_private,
+        remote_public,
+        pro,
+        report,
+        log,
+    )
 
 
 async def _source_rounds(
@@ -392,9 +440,7 @@ async def _source_rounds(
         reason = _round_reason(punch)
         log.info("round %d failed: %s", round_no, reason)
         await control.send("round-failed", round=round_no, retry=retry, reason=reason)
-    raise NoDirectPath(
-        f"no direct link after {options.rounds} rounds: {_round_reason_all(report)}"
-    )
+    raise NoDirectPath(f"no direct link after {options.rounds} rounds: {_round_reason_all(report)}")
 
 
 async def _race(punch: PunchRound, timeout: float) -> AuthenticatedLink | None:
