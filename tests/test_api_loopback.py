@@ -213,7 +213,8 @@ async def test_destination_vanishes_before_answer() -> None:
 
 async def test_source_never_offers_times_out() -> None:
     _a, b = memory_channel_pair()
-    with trio.fail_after(10), pytest.raises(ControlTimeout, match=r"no offer message .* within 0.2"):
+    expected = r"no offer message .* within 0.2"
+    with trio.fail_after(10), pytest.raises(ControlTimeout, match=expected):
         async with api.connect(b, role="destination", control_timeout=0.2):
             pass
 
