@@ -100,6 +100,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="transport policy (only 'direct' in this version)",
     )
     p.add_argument("--rounds", type=int, default=3, help="punch rounds before giving up")
+    p.add_argument("--dial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         '--control-stdio --output f"',
     )
     send.add_argument(
+        "--control-wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="keep trying the control port this long (default 10)",
+    )
+    send.add_argument(
         "--peer-host",
         default=None,
         metavar="HOST",
@@ -174,6 +182,7 @@ def _connect_options(args: argparse.Namespace) -> dict[str, object]:
         "candidates": tuple(args.candidate),
         "policy": args.policy,
         "rounds": args.rounds,
+        "dial_delay": args.dial_delay,
     }
 
 
@@ -268,7 +277,8 @@ async def _run_send(args: argparse.Namespace) -> int:
     if args.control_cmd:
         channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
     else:
-        channel = await open_tcp_channel(*args.control)
+        host, port = args.control
+        channel = await open_tcp_channel(host, port, wait=args.control_wait)
     report: Report | None = None
     try:
         with _input(args.input) as (src, total):

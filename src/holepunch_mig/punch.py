@@ -107,6 +107,7 @@ class PunchRound:
         timing: PunchTiming,
         log: logging.LoggerAdapter[logging.Logger],
         first_link_id: int = 1,
+        dial_delay: float = 0.0,
     ) -> None:
         self.round_no = round_no
         self.listeners = listeners
@@ -119,6 +120,7 @@ class PunchRound:
         self.log = log
         self.pairs: list[PairReport] = []
         self._next_link_id = first_link_id
+        self.dial_delay = dial_delay
 
     def _new_link_id(self) -> int:
         link_id = self._next_link_id
@@ -146,7 +148,7 @@ class PunchRound:
                     self.round_no,
                     format_endpoint(*_local(sock)),
                     format_endpoint(*peer),
-                    "error",
+                    "abandoned",
                     direction="inbound",
                 )
                 self.pairs.append(pair)
@@ -161,6 +163,8 @@ class PunchRound:
         self, remote: Endpoint, family: int, out: trio.MemorySendChannel[AuthenticatedLink]
     ) -> None:
         async with out:
+            if self.dial_delay:
+                await trio.sleep(self.dial_delay)
             started = trio.current_time()
             deadline = started + self.timing.round_timeout
             pair = PairReport(

@@ -71,6 +71,8 @@ class ConnectOptions:
     control_timeout: float = 15.0
     pings: int = 3
     stun_timeout: float = 2.0
+    dial_delay: float = 0.0
+    """Lab knob: hold this side's dials after sync, to prove skew tolerance."""
 
 
 @dataclass
@@ -429,6 +431,7 @@ async def _source_rounds(
             timing=options.timing,
             log=log,
             first_link_id=next_link,
+            dial_delay=options.dial_delay,
         )
         winner = await _race(punch, options.timing.round_timeout)
         next_link += 1000
@@ -493,6 +496,7 @@ async def _destination_rounds(
             ),
             timing=options.timing,
             log=log,
+            dial_delay=options.dial_delay,
         )
         links: dict[int, AuthenticatedLink] = {}
         send, receive = trio.open_memory_channel[AuthenticatedLink](64)
