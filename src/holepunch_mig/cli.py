@@ -67,16 +67,34 @@ class Progress:
 
 
 def _endpoint(text: str) -> tuple[str, int]:
+    """An IP-literal endpoint (candidates)."""
     try:
         return parse_endpoint(text)
     except CandidateError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _named_endpoint(text: str) -> tuple[str, int]:
+    """An endpoint whose host may be a name (control port, STUN servers)."""
+    try:
+        return parse_endpoint(text, allow_hostname=True)
+    except CandidateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen_endpoint(text: str) -> tuple[str, int]:
+    """Where to listen: like a named endpoint, but the wildcard addresses are allowed."""
+    for wildcard, host in (("0.0.0.0:", "0.0.0.0"), ("[::]:", "::")):
+        if text.startswith(wildcard):
+            _, port = _named_endpoint("127.0.0.1:" + text[len(wildcard) :])
+            return host, port
+    return _named_endpoint(text)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stun",
-        type=_endpoint,
+        type=_named_endpoint,
         action="append",
         default=[],
         metavar="HOST:PORT",
@@ -116,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = recv.add_mutually_exclusive_group(required=True)
     ctl.add_argument(
         "--control-listen",
-        type=_endpoint,
+        type=_listen_endpoint,
         metavar="HOST:PORT",
         help="accept the control connection here",
     )
@@ -137,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = send.add_mutually_exclusive_group(required=True)
     ctl.add_argument(
         "--control",
-        type=_endpoint,
+        type=_named_endpoint,
         metavar="HOST:PORT",
         help="connect the control channel to the receiver here",
     )
@@ -327,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("holepunch-mig: interrupted")
         return 130
+    except HolepunchError as exc:  # failures before a session exists (control port, ssh)
+        return _fail(args, exc, None, EXIT_FAILED)
+    except OSError as exc:
+        return _fail(args, exc, None, EXIT_FAILED)
 
 
 if __name__ == "__main__":
