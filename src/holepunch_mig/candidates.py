@@ -254,14 +254,14 @@ class Candidate:
             raise CandidateError(
                 f"candidate line is too long ({len(line)} > {MAX_LINE} characters)"
             )
-        if not line.isascii() or any(not c.isprintable() for c in line):
+        body = line.strip()  # a trailing newline from a line-oriented source is fine
+        if not body.isascii() or not body.isprintable():
             raise CandidateError(
                 f"candidate line {line!r} contains non-ASCII or control characters"
             )
-        body = line.strip()
         if body.lower().startswith(_PREFIX):
             body = body[len(_PREFIX) :]
-        bits = body.split(" ")
+        bits = body.split(" ") if body else []
         if "" in bits:
             raise CandidateError(f"candidate line {line!r} has empty fields (extra spaces)")
         if len(bits) < 8:
