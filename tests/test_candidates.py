@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from functools import partial
 
 import pytest
 import trio
@@ -356,3 +357,28 @@ def test_gather_with_coturn(coturn: tuple[str, int]) -> None:
     assert len(lo) == 1 and lo[0].kind == "host"
     assert f"STUN {coturn[0]}:{coturn[1]}: mapped to 127.0.0.1:{port}" in notes
     assert any(n.startswith(f"STUN 127.0.0.1:{dead[1]} failed:") and "refused" in n for n in notes)
+
+
+def test_gather_queries_stun_servers_concurrently() -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async def main() -> tuple[float, list[tuple[str, int]], list[str]]:
+        async with trio.open_nursery() as nursery:
+            servers = []
+            for _ in range(3):
+                serve = partial(trio.serve_tcp, silent, 0, host="127.0.0.1")
+                listeners = await nursery.start(serve)
+                servers.append(("127.0.0.1", listeners[0].socket.getsockname()[1]))
+            start = trio.current_time()
+            _cands, notes = await gather(free_port(), stun_servers=servers, stun_timeout=0.5)
+            elapsed = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+        return elapsed, servers, notes
+
+    elapsed, servers, notes = trio.run(main)
+    assert elapsed < 1.2, f"3 silent servers x 0.5 s took {elapsed:.2f} s: not concurrent"
+    # one note per server, in the order of stun_servers whatever order they finished in
+    assert [n for n in notes if "failed" in n] == [
+        f"STUN {h}:{p} failed: no answer within 0.5 s (waiting for the answer)" for h, p in servers
+    ]

@@ -312,7 +312,9 @@ async def _trickle(stream: trio.SocketStream, tid: bytes) -> None:
     await trio.sleep_forever()
 
 
-async def _with_fake(behaviour: Behaviour, timeout: float) -> tuple[str, int]:
+async def _with_fake(
+    behaviour: Behaviour, timeout: float, host: str = "127.0.0.1"
+) -> tuple[str, int]:
     async def handler(stream: trio.SocketStream) -> None:
         try:
             tid = await _read_request(stream)
@@ -323,10 +325,10 @@ async def _with_fake(behaviour: Behaviour, timeout: float) -> tuple[str, int]:
 
     outcome: tuple[str, int] | StunError
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=host))
         port = listeners[0].socket.getsockname()[1]
         try:
-            outcome = await stun_binding_tcp(("127.0.0.1", port), 0, timeout=timeout)
+            outcome = await stun_binding_tcp((host, port), 0, timeout=timeout)
         except StunError as exc:  # re-raised outside the nursery, not in an ExceptionGroup
             outcome = exc
         nursery.cancel_scope.cancel()
@@ -358,3 +360,22 @@ def test_fake_server_failures(behaviour: Behaviour, message: str) -> None:
 
 def test_fake_server_trickled_mapped_address() -> None:
     assert trio.run(_with_fake, _trickle, 3.0) == ("198.51.100.77", 4321)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def _v6_answer(stream: trio.SocketStream, tid: bytes) -> None:
+    await stream.send_all(_response(tid, XOR_MAPPED_ADDRESS=("2001:db8::9", 5555)))
+    await trio.sleep_forever()
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no ::1")
+def test_fake_server_over_ipv6_loopback() -> None:
+    assert trio.run(_with_fake, _v6_answer, 3.0, "::1") == ("2001:db8::9", 5555)

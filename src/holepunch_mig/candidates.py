@@ -488,7 +488,9 @@ async def gather(
     for index, server, answer in sorted(answers, key=lambda a: a[0]):
         where = format_endpoint(*server)
         if isinstance(answer, str):
-            notes.append(f"STUN {where} failed: {answer}")
+            # StunError messages name the server; say it once in the note.
+            detail = answer.removeprefix(f"STUN server {where}").removeprefix(":").strip()
+            notes.append(f"STUN {where} failed: {detail}")
             continue
         mhost, mport = answer
         try:
