@@ -254,14 +254,14 @@ class Candidate:
             raise CandidateError(
                 f"candidate line is too long ({len(line)} > {MAX_LINE} characters)"
             )
-        if not line.isascii() or any(not c.isprintable() for c in line):
+        body = line.strip()  # a trailing newline from a line-oriented source is fine
+        if not body.isascii() or not body.isprintable():
             raise CandidateError(
                 f"candidate line {line!r} contains non-ASCII or control characters"
             )
-        body = line.strip()
         if body.lower().startswith(_PREFIX):
             body = body[len(_PREFIX) :]
-        bits = body.split(" ")
+        bits = body.split(" ") if body else []
         if "" in bits:
             raise CandidateError(f"candidate line {line!r} has empty fields (extra spaces)")
         if len(bits) < 8:
@@ -488,7 +488,9 @@ async def gather(
     for index, server, answer in sorted(answers, key=lambda a: a[0]):
         where = format_endpoint(*server)
         if isinstance(answer, str):
-            notes.append(f"STUN {where} failed: {answer}")
+            # StunError messages name the server; say it once in the note.
+            detail = answer.removeprefix(f"STUN server {where}").removeprefix(":").strip()
+            notes.append(f"STUN {where} failed: {detail}")
             continue
         mhost, mport = answer
         try:
