@@ -273,7 +273,5 @@ def frame(message: bytes) -> bytes:
     if not message:
         raise ProtocolError("cannot frame an empty message")
     if len(message) > MAX_MESSAGE:
-        raise ProtocolError(
-            f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit"
-        )
+        raise ProtocolError(f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit")
     return LENGTH_PREFIX.pack(len(message)) + message
