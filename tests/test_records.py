@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,6 +123,9 @@ def file_records(data: bytes, *, max_record: int = 1000, digest: bool = True) ->
     return cap.sent
 
 
+PREFETCH = 3
+
+
 def receive_raw(raw: bytes, *, max_record: int = 1000, close: bool = True, **kw: Any):
     """Feed raw bytes into a reader; returns (dst, exception or result)."""
     dst = io.BytesIO()
@@ -129,7 +133,7 @@ def receive_raw(raw: bytes, *, max_record: int = 1000, close: bool = True, **kw:
         feeder = Feeder(a, raw, close=close)
         r = RecordReader(b, kw.pop("key", KEY), max_record=max_record, **kw)
         try:
-            out: object = r.receive_file(1, dst)
+            out: object = r.receive_file(1, dst, prefetch=PREFETCH)
         except Exception as exc:
             out = exc
         feeder.join()
@@ -578,3 +582,61 @@ def test_fuzz_reader_only_raises_record_errors(raw: bytes) -> None:
         feeder.join()
     # Whatever got through must be a prefix of the genuine records, untouched.
     assert delivered == _valid_decoded[: len(delivered)]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_without_and_with_small_prefetch(prefetch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "PREFETCH", prefetch)
+    test_flipped_bit_names_record_and_nothing_after_is_delivered(3, "tag")
+    test_truncated_mid_record(500)
+    test_truncated_between_records(5)
+    test_replay_reorder_duplicate_drop([0, 2, 1, 3, 4, 5, 6], 1)
+    test_abort_surfaces_reason()
+    data = os.urandom(3 * MiB + 7)
+    with pair() as (a, b):
+        w = RecordWriter(a, KEY)
+        join = in_thread(lambda: (w.send_file(1, io.BytesIO(data)), w.close()))
+        r = RecordReader(b, KEY)
+        dst = io.BytesIO()
+        assert r.receive_file(1, dst, prefetch=prefetch)[0] == len(data)
+        assert r.read().type == RecordType.CLOSE  # nothing after END was swallowed
+        join()
+    assert dst.getvalue() == data
+
+
+def test_prefetch_stops_at_end_so_next_stream_can_follow() -> None:
+    a_data, b_data = os.urandom(2 * MiB + 1), os.urandom(MiB // 2)
+    with pair() as (a, b):
+        w = RecordWriter(a, KEY)
+
+        def send() -> None:
+            w.send_file(1, io.BytesIO(a_data))
+            w.ack(1, 5)
+            w.send_file(2, io.BytesIO(b_data))
+
+        join = in_thread(send)
+        r = RecordReader(b, KEY)
+        d1, d2 = io.BytesIO(), io.BytesIO()
+        r.receive_file(1, d1)
+        r.receive_file(2, d2)  # the ACK in between is skipped
+        join()
+    assert d1.getvalue() == a_data and d2.getvalue() == b_data
+
+
+def test_sink_failure_poisons_reader() -> None:
+    class Broken(io.BytesIO):
+        def write(self, b: Any) -> int:
+            raise OSError("disk full")
+
+    with pair() as (a, b):
+        w = RecordWriter(a, KEY)
+        join = in_thread(lambda: w.send_file(1, io.BytesIO(os.urandom(3 * MiB))))
+        r = RecordReader(b, KEY)
+        with pytest.raises(OSError, match="disk full"):
+            r.receive_file(1, Broken())
+        with pytest.raises(RecordError, match="unusable"):
+            r.read()
+        a.close()
+        b.close()
+        with pytest.raises(OSError):
+            join()

@@ -489,6 +489,11 @@ class Lab:
         """coturn's (address, port) on the public segment, TCP and UDP; None without stun."""
         return (_STUN_HOST, STUN_PORT) if self.spec.stun else None
 
+    @property
+    def stun_process(self) -> subprocess.Popen[bytes] | None:
+        """The running coturn process (None without stun or when not built)."""
+        return self._stun_proc
+
     def namespaces(self) -> list[str]:
         """All namespaces this lab created (hosts plus the segment bridge namespace)."""
         return list(self._namespaces)

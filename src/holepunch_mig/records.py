@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -331,10 +332,7 @@ class RecordReader:
         self._sock = sock
         self._dir = _Direction(_check_key(key), rekey_interval)
         self.max_record = max_record
-        self._header = bytearray(HEADER.size)
-        self._hview = memoryview(self._header)
-        self._body = bytearray(max_record + TAG)
-        self._bview = memoryview(self._body)
+        self._fview = memoryview(bytearray(HEADER.size + max_record + TAG))
         self._plain = bytearray(max_record)
         self._pview = memoryview(self._plain)
         self._failed: RecordError | None = None
@@ -346,16 +344,16 @@ class RecordReader:
         self._failed = exc
         return exc
 
-    def _truncated(self, where: str) -> RecordError:
+    def _truncated(self, where: str, rec_no: int, nbytes: int) -> RecordError:
+        # rec_no == number of records verified before it (the counter starts at 0).
         return self._fail(
             TruncatedStream(
-                f"link ended {where} record {self._dir.counter}, before CLOSE; "
-                f"{self.records_received} records / {self.bytes_received} payload bytes "
-                "verified so far"
+                f"link ended {where} record {rec_no}, before CLOSE; "
+                f"{rec_no} records / {nbytes} payload bytes verified so far"
             )
         )
 
-    def _recv_exact(self, view: memoryview, n: int, what: str) -> None:
+    def _recv_exact(self, view: memoryview, n: int, what: str, rec_no: int, nbytes: int) -> None:
         recv_into = self._sock.recv_into
         got = 0
         while got < n:
@@ -365,62 +363,62 @@ class RecordReader:
                 if got == 0 and what == "header":
                     raise  # clean boundary: the caller may retry
                 raise self._fail(
-                    RecordError(f"timed out inside the {what} of record {self._dir.counter}")
+                    RecordError(f"timed out inside the {what} of record {rec_no}")
                 ) from None
             except OSError as exc:
                 raise self._fail(
                     TruncatedStream(
-                        f"link failed ({exc!r}) in the {what} of record {self._dir.counter}; "
-                        f"{self.records_received} records / {self.bytes_received} payload "
-                        "bytes verified so far"
+                        f"link failed ({exc!r}) in the {what} of record {rec_no}; "
+                        f"{rec_no} records / {nbytes} payload bytes verified so far"
                     )
                 ) from exc
             if k == 0:
                 if what == "header" and got == 0:
-                    raise self._truncated("at the start of")
-                raise self._truncated(f"after {got}/{n} bytes of the {what} of")
+                    raise self._truncated("at the start of", rec_no, nbytes)
+                raise self._truncated(f"after {got}/{n} bytes of the {what} of", rec_no, nbytes)
             got += k
 
-    def read(self) -> Record:
-        """Read and verify the next record.  The payload view is valid until the next read."""
-        if self._failed is not None:
-            raise RecordError(f"record reader unusable after earlier error: {self._failed}")
-        if self._peer_closed:
-            raise RecordError("peer sent CLOSE: no more records on this link")
-        d = self._dir
-        hview = self._hview
-        self._recv_exact(hview, HEADER.size, "header")
-        rtype, reserved, stream, length = HEADER.unpack_from(self._header)
+    def _fetch(self, frame: memoryview, rec_no: int, nbytes: int) -> tuple[int, int, int]:
+        """Receive one record's header and body into ``frame`` (header at 0, body at 8),
+        validating the header before the body is read.  Returns (type, stream, length)."""
+        self._recv_exact(frame, HEADER.size, "header", rec_no, nbytes)
+        rtype, reserved, stream, length = HEADER.unpack_from(frame)
         # Validate before reading the body, so a bogus length never makes us wait or allocate.
         if reserved != 0:
             raise self._fail(
-                RecordError(f"record {d.counter}: reserved header byte is 0x{reserved:02x}, not 0")
+                RecordError(f"record {rec_no}: reserved header byte is 0x{reserved:02x}, not 0")
             )
         if rtype not in _KNOWN_TYPES and rtype not in _MUX_TYPES:
-            raise self._fail(RecordError(f"record {d.counter}: unknown record type 0x{rtype:02x}"))
+            raise self._fail(RecordError(f"record {rec_no}: unknown record type 0x{rtype:02x}"))
         if length > self.max_record:
             raise self._fail(
                 RecordTooLarge(
-                    f"record {d.counter}: length {length} exceeds max record {self.max_record}"
+                    f"record {rec_no}: length {length} exceeds max record {self.max_record}"
                 )
             )
         fixed = _FIXED_LEN.get(rtype)
         if fixed is not None and length != fixed:
             raise self._fail(
                 RecordError(
-                    f"record {d.counter}: {_type_name(rtype)} payload must be {fixed} bytes, "
+                    f"record {rec_no}: {_type_name(rtype)} payload must be {fixed} bytes, "
                     f"header says {length}"
                 )
             )
         if rtype == RecordType.ABORT and length > ABORT_MAX:
             raise self._fail(
-                RecordError(f"record {d.counter}: ABORT reason of {length} bytes > {ABORT_MAX}")
+                RecordError(f"record {rec_no}: ABORT reason of {length} bytes > {ABORT_MAX}")
             )
-        n = length + TAG
-        self._recv_exact(self._bview, n, "body")
+        self._recv_exact(frame[HEADER.size :], length + TAG, "body", rec_no, nbytes)
+        return rtype, stream, length
+
+    def _open(self, frame: memoryview, rtype: int, stream: int, length: int) -> Record:
+        """Authenticate and decrypt a fetched record into the plaintext buffer."""
+        d = self._dir
         pview = self._pview[:length]
         try:
-            d.aead.decrypt_into(d.nonce(), self._bview[:n], hview, pview)
+            d.aead.decrypt_into(
+                d.nonce(), frame[HEADER.size : HEADER.size + length + TAG], frame[:8], pview
+            )
         except InvalidTag:
             raise self._fail(
                 RecordAuthError(
@@ -442,6 +440,66 @@ class RecordReader:
                 ) from None
         return Record(rtype, stream, pview)
 
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise RecordError(f"record reader unusable after earlier error: {self._failed}")
+        if self._peer_closed:
+            raise RecordError("peer sent CLOSE: no more records on this link")
+
+    def read(self) -> Record:
+        """Read and verify the next record.  The payload view is valid until the next read."""
+        self._check_usable()
+        rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
+        return self._open(self._fview, rtype, stream, length)
+
+    def _records_prefetched(self, stream: int, depth: int, stop: list[bool]) -> Iterator[Record]:
+        """Yield verified records while a helper thread receives the next ones into a ring
+        of ``depth`` frames (socket I/O overlaps decryption/hashing/writing).  The helper
+        only reads ahead past DATA of ``stream`` and ACK (cleartext header types), so it
+        stops exactly after the END/ABORT/other record that ends receive_file: no byte
+        beyond it is consumed from the socket on the success path."""
+        self._check_usable()
+        frames = [memoryview(bytearray(HEADER.size + self.max_record + TAG)) for _ in range(depth)]
+        free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        ready: queue.SimpleQueue[tuple[int, int, int, int] | BaseException] = queue.SimpleQueue()
+        for i in range(depth):
+            free.put(i)
+        rec_no0, nbytes0 = self._dir.counter, self.bytes_received
+
+        def pump() -> None:
+            rec_no, nbytes = rec_no0, nbytes0
+            try:
+                while True:
+                    i = free.get()
+                    if i is None or stop[0]:
+                        return
+                    rtype, st, length = self._fetch(frames[i], rec_no, nbytes)
+                    ready.put((i, rtype, st, length))
+                    rec_no += 1
+                    nbytes += length
+                    if not ((rtype == RecordType.DATA and st == stream) or rtype == RecordType.ACK):
+                        return
+            except BaseException as exc:
+                ready.put(exc)
+
+        t = threading.Thread(target=pump, name="records-recv", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                i, rtype, st, length = item
+                yield self._open(frames[i], rtype, st, length)
+                free.put(i)
+        finally:
+            stop[0] = True
+            free.put(None)
+            # On the success path the helper has already returned; on an error path it may
+            # be blocked in recv: the reader is then unusable anyway, so don't wait for it.
+            if self._failed is None:
+                t.join()
+
     def receive_file(
         self,
         stream: int,
@@ -449,19 +507,46 @@ class RecordReader:
         *,
         digest: bool = True,
         progress: Callable[[int], None] | None = None,
+        prefetch: int = 3,
     ) -> tuple[int, bytes]:
         """Write the DATA of ``stream`` to ``dst`` until its END; verify END's byte count
         (and digest, when both sides hashed).  Returns ``(count, sha256 or b"")``.
 
         Only verified records reach ``dst``.  ACK records are skipped; ABORT raises
         PeerAborted; DATA/END of another stream, CLOSE or multiplexing records raise
-        RecordError (use ``read()`` to demultiplex)."""
+        RecordError (use ``read()`` to demultiplex).
+
+        ``prefetch`` >= 2 receives up to that many records ahead in a helper thread
+        (ciphertext only: nothing is delivered before it is verified); 0 disables it."""
+        stop = [False]
+        if prefetch >= 2:
+            records: Iterator[Record] = self._records_prefetched(stream, prefetch, stop)
+        else:
+            records = iter(self.read, None)
+        try:
+            return self._receive_loop(stream, dst, records, digest, progress)
+        except BaseException as exc:
+            # Records may have been fetched ahead and are lost: the link cannot go on.
+            if self._failed is None and prefetch >= 2:
+                self._failed = RecordError(f"receive_file of stream {stream} failed: {exc!r}")
+            raise
+        finally:
+            close = getattr(records, "close", None)
+            if close is not None:
+                close()
+
+    def _receive_loop(
+        self,
+        stream: int,
+        dst: BinaryIO,
+        records: Iterator[Record],
+        digest: bool,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[int, bytes]:
         h = hashlib.sha256() if digest else None
         write = dst.write
-        read = self.read
         total = 0
-        while True:
-            rec = read()
+        for rec in records:
             t = rec.type
             if t == RecordType.DATA and rec.stream == stream:
                 if h is not None:
@@ -497,3 +582,4 @@ class RecordReader:
                     f"unexpected {_type_name(t)} record for stream {rec.stream} while "
                     f"receiving stream {stream}"
                 )
+        raise AssertionError("unreachable: record iterators end only by raising")
