@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -182,7 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", default="-", metavar="PATH|-", help="payload to send (default: stdin)"
     )
     _common(send)
+    for register in _SUBCOMMANDS:
+        register(sub)
     return parser
+
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+_SUBCOMMANDS: list[Register] = []
+"""Other modules' subcommands (lab, doctor, migrate-proxy, bench): each registers a
+parser whose defaults carry ``run=callable(args) -> exit code``."""
+
+
+def _load_subcommands() -> None:
+    import importlib
+
+    for name in ("cli_lab", "cli_migrate", "cli_bench"):
+        try:
+            module = importlib.import_module(f"holepunch_mig.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"holepunch_mig.{name}":
+                raise
+            continue
+        _SUBCOMMANDS.append(module.register)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -336,9 +357,14 @@ def _fail(args: argparse.Namespace, exc: Exception, report: Report | None, code:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if not _SUBCOMMANDS:
+        _load_subcommands()
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(getattr(args, "verbose", 0))
+    if args.command not in ("recv", "send"):
+        code: int = args.run(args)
+        return code
     runner = {"recv": _run_recv, "send": _run_send}[args.command]
     try:
         return trio.run(runner, args)
