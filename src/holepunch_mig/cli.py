@@ -41,7 +41,8 @@ class Progress:
         self.label = label
         self.total = total
         self.start = time.monotonic()
-        self.last = 0.0
+        self.last = self.start  # first line after one interval, not at byte 0
+        self.printed = False
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int) -> None:
@@ -49,6 +50,7 @@ class Progress:
         if now - self.last < (0.2 if self.tty else 1.0):
             return
         self.last = now
+        self.printed = True
         elapsed = max(now - self.start, 1e-9)
         rate = done / elapsed
         text = f"{self.label}: {done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
@@ -62,7 +64,7 @@ class Progress:
         sys.stderr.flush()
 
     def finish(self) -> None:
-        if self.tty and self.last:
+        if self.tty and self.printed:
             sys.stderr.write("\n")
 
 
