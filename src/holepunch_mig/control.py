@@ -139,12 +139,18 @@ async def open_process_channel(
     return ProcessChannel(process, peer_host=peer_host)
 
 
-async def open_tcp_channel(host: str, port: int) -> StreamChannel:
-    """Connect the control channel to ``host:port`` (the CLI's ``--control``)."""
-    try:
-        stream = await trio.open_tcp_stream(host, port)
-    except OSError as exc:
-        raise ChannelClosed(f"cannot reach the control port {host}:{port}: {exc}") from None
+async def open_tcp_channel(host: str, port: int, wait: float = 0.0) -> StreamChannel:
+    """Connect the control channel to ``host:port`` (the CLI's ``--control``), retrying
+    refused connections for up to ``wait`` seconds (the receiver may start later)."""
+    deadline = trio.current_time() + wait
+    while True:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+            break
+        except OSError as exc:
+            if trio.current_time() + 0.1 >= deadline:
+                raise ChannelClosed(f"cannot reach the control port {host}:{port}: {exc}") from None
+            await trio.sleep(0.1)
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return StreamChannel(stream)
 

@@ -3,9 +3,20 @@ that names what was wrong, so a migration manager can branch on type, not on tex
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .report import Report
+
 
 class HolepunchError(Exception):
-    """Base class for every error raised by holepunch_mig."""
+    """Base class for every error raised by holepunch_mig.
+
+    ``report`` carries the session report when the failure happened after the offer, so
+    a caller can see every pair that was tried without parsing the message.
+    """
+
+    report: Report | None = None
 
 
 class ProtocolError(HolepunchError):

@@ -236,7 +236,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._max = max_message
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
         if len(self._buf) >= LENGTH_PREFIX.size:
             (length,) = LENGTH_PREFIX.unpack_from(self._buf)
@@ -273,7 +273,5 @@ def frame(message: bytes) -> bytes:
     if not message:
         raise ProtocolError("cannot frame an empty message")
     if len(message) > MAX_MESSAGE:
-        raise ProtocolError(
-            f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit"
-        )
+        raise ProtocolError(f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit")
     return LENGTH_PREFIX.pack(len(message)) + message

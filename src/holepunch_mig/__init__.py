@@ -1,0 +1,64 @@
+"""holepunch_mig: migration data through a TCP link punched between firewalled hosts.
+
+Public API (see docs/api.md): :func:`connect` (trio), :func:`connect_blocking` (threads),
+:func:`connect_asyncio` (asyncio), the control-channel adapters, the report and the errors.
+"""
+
+from __future__ import annotations
+
+from .api import BlockingLink, connect, connect_asyncio, connect_blocking
+from .control import (
+    ControlChannel,
+    StreamChannel,
+    memory_channel_pair,
+    open_process_channel,
+    open_tcp_channel,
+    stdio_channel,
+)
+from .errors import (
+    ChannelClosed,
+    ControlTimeout,
+    HandshakeError,
+    HolepunchError,
+    NoDirectPath,
+    PeerAbort,
+    ProtocolError,
+    RecordError,
+    TransferError,
+    TruncatedStream,
+)
+from .link import Link, TransferResult
+from .punch import PunchTiming
+from .report import PairReport, Report
+from .session import ConnectOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockingLink",
+    "ChannelClosed",
+    "ConnectOptions",
+    "ControlChannel",
+    "ControlTimeout",
+    "HandshakeError",
+    "HolepunchError",
+    "Link",
+    "NoDirectPath",
+    "PairReport",
+    "PeerAbort",
+    "ProtocolError",
+    "PunchTiming",
+    "RecordError",
+    "Report",
+    "StreamChannel",
+    "TransferError",
+    "TransferResult",
+    "TruncatedStream",
+    "connect",
+    "connect_asyncio",
+    "connect_blocking",
+    "memory_channel_pair",
+    "open_process_channel",
+    "open_tcp_channel",
+    "stdio_channel",
+]

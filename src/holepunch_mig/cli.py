@@ -1,0 +1,333 @@
+"""``holepunch-mig``: send and receive a payload through a punched, encrypted link.
+
+Human progress and the summary go to stderr; stdout carries data only when asked to
+(``--output -``).  The JSON report (``--report PATH``) is for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shlex
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from . import api
+from .candidates import parse_endpoint
+from .control import ControlChannel, StreamChannel, open_process_channel, open_tcp_channel
+from .control import stdio_channel as open_stdio_channel
+from .errors import CandidateError, HolepunchError, NoDirectPath
+from .report import Report
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_PATH = 3
+
+
+class Progress:
+    """Bytes, rate and ETA on stderr: a redrawn line on a TTY, a line a second otherwise."""
+
+    def __init__(self, label: str, total: int | None) -> None:
+        self.label = label
+        self.total = total
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 1.0):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        text = f"{self.label}: {done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
+        if self.total:
+            eta = (self.total - done) / rate if rate else 0.0
+            text += f", {100 * done / self.total:.0f} %, ETA {eta:.0f} s"
+        if self.tty:
+            sys.stderr.write("\r" + text.ljust(78))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\n")
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    try:
+        return parse_endpoint(text)
+    except CandidateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stun",
+        type=_endpoint,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="STUN server (TCP) for a server-reflexive candidate; repeatable",
+    )
+    p.add_argument(
+        "--candidate",
+        type=_endpoint,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="extra candidate to announce; repeatable",
+    )
+    p.add_argument("--port", type=int, default=0, help="local punch port (default: any)")
+    p.add_argument("--bind", default=None, metavar="HOST", help="local address to punch from")
+    p.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
+    p.add_argument(
+        "--policy",
+        choices=["direct"],
+        default="direct",
+        help="transport policy (only 'direct' in this version)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="punch rounds before giving up")
+    p.add_argument("--dial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="holepunch-mig",
+        description="Move migration data through a TCP link punched between firewalled hosts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    recv = sub.add_parser("recv", help="receive a payload (the migration destination)")
+    ctl = recv.add_mutually_exclusive_group(required=True)
+    ctl.add_argument(
+        "--control-listen",
+        type=_endpoint,
+        metavar="HOST:PORT",
+        help="accept the control connection here",
+    )
+    ctl.add_argument(
+        "--control-stdio",
+        action="store_true",
+        help="the control channel is stdin/stdout (under ssh)",
+    )
+    recv.add_argument(
+        "--output",
+        default="-",
+        metavar="PATH|-",
+        help="where to write the payload (default: stdout)",
+    )
+    _common(recv)
+
+    send = sub.add_parser("send", help="send a payload (the migration source)")
+    ctl = send.add_mutually_exclusive_group(required=True)
+    ctl.add_argument(
+        "--control",
+        type=_endpoint,
+        metavar="HOST:PORT",
+        help="connect the control channel to the receiver here",
+    )
+    ctl.add_argument(
+        "--control-cmd",
+        metavar="CMD",
+        help='run CMD as the control channel, e.g. "ssh host holepunch-mig recv '
+        '--control-stdio --output f"',
+    )
+    send.add_argument(
+        "--control-wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="keep trying the control port this long (default 10)",
+    )
+    send.add_argument(
+        "--peer-host",
+        default=None,
+        metavar="HOST",
+        help="the receiver's address, when --control-cmd cannot show it",
+    )
+    send.add_argument(
+        "--input", default="-", metavar="PATH|-", help="payload to send (default: stdin)"
+    )
+    _common(send)
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _connect_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "port": args.port,
+        "bind_host": args.bind,
+        "stun": tuple(args.stun),
+        "candidates": tuple(args.candidate),
+        "policy": args.policy,
+        "rounds": args.rounds,
+        "dial_delay": args.dial_delay,
+    }
+
+
+def _write_report(path: str | None, report: Report | None, **extra: object) -> None:
+    if path is None or report is None:
+        return
+    report.extra.update(extra)
+    Path(path).write_text(report.to_json() + "\n")
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[tuple[BinaryIO, list[bool]]]:
+    """Write to a temporary name beside ``path``; rename only once verified."""
+    if path == "-":
+        yield sys.stdout.buffer, [False]
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    verified = [False]
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh, verified
+        if verified[0]:
+            os.replace(tmp, target)
+    finally:
+        if not verified[0]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
+    if path == "-":
+        yield sys.stdin.buffer, None
+        return
+    with open(path, "rb") as fh:
+        yield fh, os.fstat(fh.fileno()).st_size
+
+
+async def _accept_control(host: str, port: int) -> StreamChannel:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    with listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await listener.bind((host, port))
+        listener.listen(1)
+        sock, _addr = await listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return StreamChannel(trio.SocketStream(sock))
+
+
+async def _run_recv(args: argparse.Namespace) -> int:
+    channel: ControlChannel
+    if args.control_stdio:
+        channel = open_stdio_channel()
+    else:
+        host, port = args.control_listen
+        if not args.quiet:
+            _say(f"waiting for the control connection on {host}:{port}")
+        channel = await _accept_control(host, port)
+    report: Report | None = None
+    try:
+        with _output(args.output) as (dst, verified):
+            async with api.connect(channel, role="destination", **_connect_options(args)) as link:
+                report = link.report
+                if not args.quiet:
+                    _say(report.summary())
+                progress = None if args.quiet else Progress("received", None)
+                result = await link.receive_file(dst, progress=progress)
+                dst.flush()
+                verified[0] = True
+                if progress:
+                    progress.finish()
+        _say(f"received {result.bytes} bytes, sha256 {result.sha256}, verified")
+        _write_report(args.report, report)
+        return EXIT_OK
+    except NoDirectPath as exc:
+        return _fail(args, exc, getattr(exc, "report", report), EXIT_NO_PATH)
+    except HolepunchError as exc:
+        return _fail(args, exc, report, EXIT_FAILED)
+    finally:
+        await channel.aclose()
+
+
+async def _run_send(args: argparse.Namespace) -> int:
+    channel: ControlChannel
+    if args.control_cmd:
+        channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+    else:
+        host, port = args.control
+        channel = await open_tcp_channel(host, port, wait=args.control_wait)
+    report: Report | None = None
+    try:
+        with _input(args.input) as (src, total):
+            async with api.connect(channel, role="source", **_connect_options(args)) as link:
+                report = link.report
+                if not args.quiet:
+                    _say(report.summary())
+                progress = None if args.quiet else Progress("sent", total)
+                result = await link.send_file(src, progress=progress)
+                if progress:
+                    progress.finish()
+        _say(f"sent {result.bytes} bytes, sha256 {result.sha256}, verified by the receiver")
+        _write_report(args.report, report)
+        return EXIT_OK
+    except NoDirectPath as exc:
+        return _fail(args, exc, getattr(exc, "report", report), EXIT_NO_PATH)
+    except HolepunchError as exc:
+        return _fail(args, exc, report, EXIT_FAILED)
+    finally:
+        await channel.aclose()
+
+
+def _fail(args: argparse.Namespace, exc: Exception, report: Report | None, code: int) -> int:
+    verdict = getattr(exc, "verdict", None) or str(exc)
+    if report is not None:
+        report.ok = False
+        report.verdict = verdict
+        _say(report.summary())
+    _say(f"holepunch-mig: {type(exc).__name__}: {exc}")
+    if args.report:
+        if report is None:
+            report = Report(session="", role="source" if args.command == "send" else "destination")
+            report.ok = False
+            report.verdict = verdict
+        _write_report(args.report, report)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    runner = {"recv": _run_recv, "send": _run_send}[args.command]
+    try:
+        return trio.run(runner, args)
+    except KeyboardInterrupt:
+        _say("holepunch-mig: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

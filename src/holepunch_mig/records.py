@@ -1,0 +1,499 @@
+"""Bulk AEAD record layer: carries migration data over an authenticated TCP link.
+
+After the Noise handshake, ``split()`` yields one raw 32-byte key per direction.
+Each direction is an independent sequence of records::
+
+    record = header(8) || AES-256-GCM ciphertext(payload) || tag(16)
+    header = type u8 | reserved u8 (0) | stream u16 BE | length u32 BE (plaintext, <= 1 MiB)
+
+The header is the associated data.  The nonce is ``4 zero bytes || u64 BE counter``; the
+counter starts at 0, grows by one per record, is never reset and is never sent, so a
+replayed, reordered, duplicated or dropped record fails authentication.  After every
+``rekey_interval`` records the key becomes Noise ``REKEY(key)``.
+
+Both classes use blocking sockets and preallocated buffers: the writer reserves the header
+in a frame and ``encrypt_into``\\ s the payload right after it, then sends the frame with a
+single ``sendall``; the reader ``recv_into``\\ s the header and then the body with
+``MSG_WAITALL`` and ``decrypt_into``\\ s a preallocated plaintext buffer.  Keys are never
+logged or put in exception messages.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from holepunch_mig.errors import PeerAbort, RecordError, TransferError, TruncatedStream
+
+__all__ = [
+    "ABORT_MAX",
+    "HEADER",
+    "MAX_RECORD",
+    "REKEY_INTERVAL",
+    "TAG",
+    "PeerAborted",
+    "Record",
+    "RecordAuthError",
+    "RecordReader",
+    "RecordTooLarge",
+    "RecordType",
+    "RecordWriter",
+    "StreamMismatch",
+    "rekey",
+]
+
+MAX_RECORD = 1 << 20
+HEADER = struct.Struct(">BBHI")
+TAG = 16
+REKEY_INTERVAL = 65536
+ABORT_MAX = 4096
+KEY_LEN = 32
+END_PAYLOAD = struct.Struct(">Q32s")
+ACK_PAYLOAD = struct.Struct(">Q")
+_NONCE = struct.Struct(">4xQ")
+_REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
+_MAX_COUNTER = (1 << 64) - 1  # nonce 2**64-1 is reserved for REKEY
+_ZERO_DIGEST = bytes(32)
+_MUX_TYPES = range(0x10, 0x20)
+
+
+class RecordType(enum.IntEnum):
+    DATA = 0x01
+    END = 0x02
+    ABORT = 0x03
+    ACK = 0x04
+    CLOSE = 0x05
+
+
+_KNOWN_TYPES = frozenset(int(t) for t in RecordType)
+# Fixed payload lengths; checked from the header, before the body is read.
+_FIXED_LEN: dict[int, int] = {
+    RecordType.END: END_PAYLOAD.size,
+    RecordType.ACK: ACK_PAYLOAD.size,
+    RecordType.CLOSE: 0,
+}
+
+
+class RecordAuthError(RecordError):
+    """A record failed AEAD authentication: tampered, replayed, reordered, dropped or
+    encrypted under another key."""
+
+
+class RecordTooLarge(RecordError):
+    """A record's length field exceeds the maximum record size."""
+
+
+class StreamMismatch(RecordError, TransferError):
+    """The END record's byte count or digest disagrees with what actually arrived."""
+
+
+class PeerAborted(RecordError, PeerAbort):
+    """The peer sent an ABORT record; ``reason`` is its UTF-8 explanation."""
+
+    def __init__(self, message: str, stream: int, reason: str) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.reason = reason
+
+
+@dataclass
+class Record:
+    """One verified record.  ``payload`` views the reader's buffer: it is valid only until
+    the next ``read()``; copy it (``bytes(rec.payload)``) to keep it."""
+
+    type: int
+    stream: int
+    payload: memoryview
+
+
+def rekey(key: bytes) -> bytes:
+    """Noise REKEY(k): the first 32 bytes of ENCRYPT(k, 2**64-1, "", 32 zero bytes)."""
+    return AESGCM(key).encrypt(_REKEY_NONCE, bytes(32), b"")[:32]
+
+
+def _check_key(key: bytes) -> bytes:
+    key = bytes(key)
+    if len(key) != KEY_LEN:
+        raise ValueError(f"record key must be {KEY_LEN} bytes, got {len(key)}")
+    return key
+
+
+def _check_params(max_record: int, rekey_interval: int) -> None:
+    if not 1 <= max_record <= MAX_RECORD:
+        raise ValueError(f"max_record must be in 1..{MAX_RECORD}, got {max_record}")
+    if rekey_interval < 1:
+        raise ValueError(f"rekey_interval must be >= 1, got {rekey_interval}")
+
+
+def _type_name(t: int) -> str:
+    if t in _KNOWN_TYPES:
+        return RecordType(t).name
+    return f"0x{t:02x}"
+
+
+class _Direction:
+    """Key schedule of one direction: counter nonces and periodic REKEY."""
+
+    __slots__ = ("aead", "counter", "interval", "key")
+
+    def __init__(self, key: bytes, interval: int) -> None:
+        self.key = key
+        self.aead = AESGCM(key)
+        self.counter = 0
+        self.interval = interval
+
+    def nonce(self) -> bytes:
+        if self.counter >= _MAX_COUNTER:
+            raise RecordError("record counter exhausted (2**64-1 records); open a new link")
+        return _NONCE.pack(self.counter)
+
+    def advance(self) -> None:
+        self.counter += 1
+        if self.counter % self.interval == 0:
+            self.key = rekey(self.key)
+            self.aead = AESGCM(self.key)
+
+
+class RecordWriter:
+    """Sends records on a blocking socket.  Thread-safe: every record is sealed and sent
+    under one lock, so several pump threads may share a link (records interleave whole)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        key: bytes,
+        *,
+        max_record: int = MAX_RECORD,
+        rekey_interval: int = REKEY_INTERVAL,
+    ) -> None:
+        _check_params(max_record, rekey_interval)
+        self._sock = sock
+        self._dir = _Direction(_check_key(key), rekey_interval)
+        self.max_record = max_record
+        self._frame = bytearray(HEADER.size + max_record + TAG)
+        self._fview = memoryview(self._frame)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._broken: str | None = None
+        self.records_sent = 0
+        self.bytes_sent = 0  # plaintext payload bytes of all records
+        self.wire_bytes_sent = 0  # header + ciphertext + tag
+
+    # -- core -------------------------------------------------------------------------------
+
+    def _check_record(self, type: int, stream: int, n: int) -> None:
+        if type not in _KNOWN_TYPES and type not in _MUX_TYPES:
+            raise RecordError(f"cannot send record type 0x{type:02x}: not a defined type")
+        if not 0 <= stream <= 0xFFFF:
+            raise RecordError(f"stream id {stream} out of range 0..65535")
+        if n > self.max_record:
+            raise RecordTooLarge(f"payload of {n} bytes exceeds max record {self.max_record}")
+        fixed = _FIXED_LEN.get(type)
+        if fixed is not None and n != fixed:
+            raise RecordError(f"{_type_name(type)} payload must be {fixed} bytes, got {n}")
+        if type == RecordType.ABORT and n > ABORT_MAX:
+            raise RecordError(f"ABORT reason is {n} bytes, max {ABORT_MAX}")
+
+    def _seal_send(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
+        """Seal one record into the shared frame and send it.  Caller validated it."""
+        n = len(payload)
+        end = HEADER.size + n + TAG
+        fview = self._fview
+        with self._lock:
+            if self._broken is not None:
+                raise RecordError(f"link unusable: {self._broken}")
+            if self._closed:
+                raise RecordError("CLOSE already sent on this link; no more records allowed")
+            d = self._dir
+            HEADER.pack_into(self._frame, 0, type, 0, stream, n)
+            d.aead.encrypt_into(d.nonce(), payload, fview[: HEADER.size], fview[HEADER.size : end])
+            try:
+                self._sock.sendall(fview[:end])
+            except BaseException as exc:
+                # Part of a record may be on the wire: nothing sent afterwards can be valid.
+                self._broken = f"send of record {d.counter} failed: {exc!r}"
+                raise
+            d.advance()
+            self.records_sent += 1
+            self.bytes_sent += n
+            self.wire_bytes_sent += end
+            if type == RecordType.CLOSE:
+                self._closed = True
+
+    # -- public API -------------------------------------------------------------------------
+
+    def write(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
+        """Send one record; ``len(payload) <= max_record``."""
+        self._check_record(type, stream, len(payload))
+        self._seal_send(type, stream, payload)
+
+    def write_data(self, stream: int, data: bytes | memoryview | bytearray) -> None:
+        """Send ``data`` on ``stream`` as DATA records of at most ``max_record`` bytes
+        (nothing is sent for empty data)."""
+        self._check_record(RecordType.DATA, stream, 0)
+        view = memoryview(data).cast("B")
+        step = self.max_record
+        for off in range(0, len(view), step):
+            self._seal_send(RecordType.DATA, stream, view[off : off + step])
+
+    def send_file(
+        self,
+        stream: int,
+        src: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[int, bytes]:
+        """Send everything ``src`` yields until EOF as DATA records, then END with the count
+        and (when ``digest``) the SHA-256 of the bytes.  Returns ``(count, digest or b"")``.
+
+        ``src`` must support ``readinto`` (files, sockets' makefile, BytesIO...)."""
+        self._check_record(RecordType.DATA, stream, 0)
+        buf = bytearray(self.max_record)
+        view = memoryview(buf)
+        h = hashlib.sha256() if digest else None
+        readinto = src.readinto  # type: ignore[attr-defined]
+        seal_send = self._seal_send
+        step = self.max_record
+        total = 0
+        while True:
+            # Fill the whole buffer (pipes and sockets return short reads) so records stay big.
+            got = 0
+            while got < step:
+                k = readinto(view[got:])
+                if not k:
+                    break
+                got += k
+            if got == 0:
+                break
+            chunk = view[:got]
+            if h is not None:
+                h.update(chunk)
+            seal_send(RecordType.DATA, stream, chunk)
+            total += got
+            if progress is not None:
+                progress(total)
+            if got < step:
+                break
+        dig = h.digest() if h is not None else b""
+        self.end(stream, total, dig)
+        return total, dig
+
+    def end(self, stream: int, total: int, digest: bytes = b"") -> None:
+        """Send END for ``stream``: ``total`` bytes, SHA-256 ``digest`` (or b"" = not hashed)."""
+        if digest and len(digest) != 32:
+            raise ValueError(f"END digest must be 32 bytes or empty, got {len(digest)}")
+        if not 0 <= total < 1 << 64:
+            raise ValueError(f"END byte count {total} out of u64 range")
+        self.write(RecordType.END, stream, END_PAYLOAD.pack(total, digest or _ZERO_DIGEST))
+
+    def ack(self, stream: int, received: int) -> None:
+        """Send ACK: ``received`` bytes of ``stream`` arrived so far."""
+        self.write(RecordType.ACK, stream, ACK_PAYLOAD.pack(received))
+
+    def abort(self, stream: int, reason: str) -> None:
+        """Send ABORT with a UTF-8 reason (cut to 4096 bytes at a character boundary)."""
+        raw = reason.encode("utf-8")
+        if len(raw) > ABORT_MAX:
+            raw = raw[:ABORT_MAX].decode("utf-8", "ignore").encode("utf-8")
+        self.write(RecordType.ABORT, stream, raw)
+
+    def close(self) -> None:
+        """Send CLOSE: no more records in this direction.  Does not close the socket."""
+        self.write(RecordType.CLOSE, 0, b"")
+
+
+class RecordReader:
+    """Receives and verifies records from a blocking socket.  Single consumer.
+
+    After any error the reader is unusable (the record sequence is lost) and every later
+    call re-raises a RecordError.  A socket timeout at a record boundary is not an error
+    of the stream: the ``TimeoutError`` propagates and ``read()`` may be called again."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        key: bytes,
+        *,
+        max_record: int = MAX_RECORD,
+        rekey_interval: int = REKEY_INTERVAL,
+    ) -> None:
+        _check_params(max_record, rekey_interval)
+        self._sock = sock
+        self._dir = _Direction(_check_key(key), rekey_interval)
+        self.max_record = max_record
+        self._header = bytearray(HEADER.size)
+        self._hview = memoryview(self._header)
+        self._body = bytearray(max_record + TAG)
+        self._bview = memoryview(self._body)
+        self._plain = bytearray(max_record)
+        self._pview = memoryview(self._plain)
+        self._failed: RecordError | None = None
+        self._peer_closed = False
+        self.records_received = 0
+        self.bytes_received = 0  # plaintext payload bytes of all verified records
+
+    def _fail(self, exc: RecordError) -> RecordError:
+        self._failed = exc
+        return exc
+
+    def _truncated(self, where: str) -> RecordError:
+        return self._fail(
+            TruncatedStream(
+                f"link ended {where} record {self._dir.counter}, before CLOSE; "
+                f"{self.records_received} records / {self.bytes_received} payload bytes "
+                "verified so far"
+            )
+        )
+
+    def _recv_exact(self, view: memoryview, n: int, what: str) -> None:
+        recv_into = self._sock.recv_into
+        got = 0
+        while got < n:
+            try:
+                k = recv_into(view[got:n], n - got, socket.MSG_WAITALL)
+            except TimeoutError:
+                if got == 0 and what == "header":
+                    raise  # clean boundary: the caller may retry
+                raise self._fail(
+                    RecordError(f"timed out inside the {what} of record {self._dir.counter}")
+                ) from None
+            except OSError as exc:
+                raise self._fail(
+                    TruncatedStream(
+                        f"link failed ({exc!r}) in the {what} of record {self._dir.counter}; "
+                        f"{self.records_received} records / {self.bytes_received} payload "
+                        "bytes verified so far"
+                    )
+                ) from exc
+            if k == 0:
+                if what == "header" and got == 0:
+                    raise self._truncated("at the start of")
+                raise self._truncated(f"after {got}/{n} bytes of the {what} of")
+            got += k
+
+    def read(self) -> Record:
+        """Read and verify the next record.  The payload view is valid until the next read."""
+        if self._failed is not None:
+            raise RecordError(f"record reader unusable after earlier error: {self._failed}")
+        if self._peer_closed:
+            raise RecordError("peer sent CLOSE: no more records on this link")
+        d = self._dir
+        hview = self._hview
+        self._recv_exact(hview, HEADER.size, "header")
+        rtype, reserved, stream, length = HEADER.unpack_from(self._header)
+        # Validate before reading the body, so a bogus length never makes us wait or allocate.
+        if reserved != 0:
+            raise self._fail(
+                RecordError(f"record {d.counter}: reserved header byte is 0x{reserved:02x}, not 0")
+            )
+        if rtype not in _KNOWN_TYPES and rtype not in _MUX_TYPES:
+            raise self._fail(RecordError(f"record {d.counter}: unknown record type 0x{rtype:02x}"))
+        if length > self.max_record:
+            raise self._fail(
+                RecordTooLarge(
+                    f"record {d.counter}: length {length} exceeds max record {self.max_record}"
+                )
+            )
+        fixed = _FIXED_LEN.get(rtype)
+        if fixed is not None and length != fixed:
+            raise self._fail(
+                RecordError(
+                    f"record {d.counter}: {_type_name(rtype)} payload must be {fixed} bytes, "
+                    f"header says {length}"
+                )
+            )
+        if rtype == RecordType.ABORT and length > ABORT_MAX:
+            raise self._fail(
+                RecordError(f"record {d.counter}: ABORT reason of {length} bytes > {ABORT_MAX}")
+            )
+        n = length + TAG
+        self._recv_exact(self._bview, n, "body")
+        pview = self._pview[:length]
+        try:
+            d.aead.decrypt_into(d.nonce(), self._bview[:n], hview, pview)
+        except InvalidTag:
+            raise self._fail(
+                RecordAuthError(
+                    f"record {d.counter} failed authentication: tampered, replayed, "
+                    "reordered or wrong key"
+                )
+            ) from None
+        d.advance()
+        self.records_received += 1
+        self.bytes_received += length
+        if rtype == RecordType.CLOSE:
+            self._peer_closed = True
+        elif rtype == RecordType.ABORT:
+            try:
+                bytes(pview).decode("utf-8")
+            except UnicodeDecodeError:
+                raise self._fail(
+                    RecordError(f"record {d.counter - 1}: ABORT reason is not valid UTF-8")
+                ) from None
+        return Record(rtype, stream, pview)
+
+    def receive_file(
+        self,
+        stream: int,
+        dst: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[int, bytes]:
+        """Write the DATA of ``stream`` to ``dst`` until its END; verify END's byte count
+        (and digest, when both sides hashed).  Returns ``(count, sha256 or b"")``.
+
+        Only verified records reach ``dst``.  ACK records are skipped; ABORT raises
+        PeerAborted; DATA/END of another stream, CLOSE or multiplexing records raise
+        RecordError (use ``read()`` to demultiplex)."""
+        h = hashlib.sha256() if digest else None
+        write = dst.write
+        read = self.read
+        total = 0
+        while True:
+            rec = read()
+            t = rec.type
+            if t == RecordType.DATA and rec.stream == stream:
+                if h is not None:
+                    h.update(rec.payload)
+                write(rec.payload)
+                total += len(rec.payload)
+                if progress is not None:
+                    progress(total)
+            elif t == RecordType.END and rec.stream == stream:
+                count, their = END_PAYLOAD.unpack(rec.payload)
+                if count != total:
+                    raise StreamMismatch(
+                        f"stream {stream}: END says {count} bytes but {total} arrived"
+                    )
+                mine = h.digest() if h is not None else b""
+                if h is not None and their != _ZERO_DIGEST and their != mine:
+                    raise StreamMismatch(
+                        f"stream {stream}: SHA-256 mismatch over {total} bytes "
+                        f"(sender {their.hex()}, received {mine.hex()})"
+                    )
+                return total, mine
+            elif t == RecordType.ABORT:
+                reason = bytes(rec.payload).decode("utf-8")
+                raise PeerAborted(f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason)
+            elif t == RecordType.ACK:
+                continue
+            elif t == RecordType.CLOSE:
+                raise TruncatedStream(
+                    f"peer sent CLOSE before END of stream {stream} ({total} bytes received)"
+                )
+            else:
+                raise RecordError(
+                    f"unexpected {_type_name(t)} record for stream {rec.stream} while "
+                    f"receiving stream {stream}"
+                )

@@ -1,0 +1,102 @@
+"""The session report: what path was used, why, and what every candidate pair did.
+
+One object serves people (``summary()``) and machines (``to_json()``); it never holds
+key material, only public facts about the session.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Outcome = Literal[
+    "connected",  # TCP connected and the Noise handshake succeeded
+    "nominated",  # connected, authenticated and chosen
+    "refused",  # RST seen (ECONNREFUSED): a reject rule or nothing listening
+    "timed out",  # no answer to our SYNs within the attempt's deadline
+    "rejected",  # TCP connected but the peer failed authentication or was not offered
+    "crossed",  # our connect lost to the peer's SYN: its connection holds the 4-tuple
+    "unreachable",  # no route / network unreachable
+    "error",  # any other socket error (detail says which)
+    "abandoned",  # still trying when another pair won the race
+]
+
+
+@dataclass
+class PairReport:
+    """One candidate pair as this side saw it."""
+
+    round: int
+    local: str
+    remote: str
+    outcome: Outcome
+    detail: str = ""
+    seconds: float = 0.0
+    direction: Literal["outbound", "inbound"] = "outbound"
+
+
+@dataclass
+class Report:
+    """Everything a caller, a log or a person needs to know about one session."""
+
+    session: str
+    role: Literal["source", "destination"]
+    policy: str = "direct"
+    path: Literal["direct", "tunnel", "none"] = "none"
+    path_reason: str = ""
+    local: str | None = None
+    remote: str | None = None
+    time_to_link: float | None = None
+    rtt: float | None = None
+    rounds: int = 0
+    local_candidates: list[str] = field(default_factory=list)
+    remote_candidates: list[str] = field(default_factory=list)
+    pairs: list[PairReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    ok: bool | None = None
+    verdict: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def summary(self) -> str:
+        """A few plain lines for stderr."""
+        lines = [f"session {self.session} ({self.role}): path {self.path}"]
+        if self.path_reason:
+            lines.append(f"  why: {self.path_reason}")
+        if self.local and self.remote:
+            lines.append(f"  link {self.local} <-> {self.remote}")
+        if self.time_to_link is not None:
+            rtt = f"{self.rtt * 1000:.2f} ms" if self.rtt is not None else "n/a"
+            lines.append(
+                f"  time to link {self.time_to_link:.3f} s, control RTT {rtt}, rounds {self.rounds}"
+            )
+        for pair in self.pairs:
+            detail = f" ({pair.detail})" if pair.detail else ""
+            lines.append(
+                f"  round {pair.round} {pair.direction:8} {pair.local} -> {pair.remote}: "
+                f"{pair.outcome}{detail}"
+            )
+        if self.bytes is not None:
+            rate = ""
+            if self.seconds:
+                rate = f", {self.bytes / self.seconds / 1e6:.1f} MB/s"
+            lines.append(f"  {self.bytes} bytes in {self.seconds or 0:.3f} s{rate}")
+        if self.sha256:
+            lines.append(f"  sha256 {self.sha256}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        if self.verdict:
+            lines.append(f"  verdict: {self.verdict}")
+        return "\n".join(lines)

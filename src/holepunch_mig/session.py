@@ -1,0 +1,559 @@
+"""Session orchestration: offer/answer, RTT, synchronised rounds, nomination.
+
+The source (migration source, ``send``) is the controlling side: it measures the RTT,
+sends ``sync``, initiates every Noise handshake and nominates the link.  The destination
+answers, dials on ``sync``, responds to handshakes and keeps what it is told to keep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import trio
+
+from . import messages
+from .candidates import Candidate, gather, observed_candidates
+from .control import ControlChannel
+from .errors import (
+    ChannelClosed,
+    ControlTimeout,
+    HandshakeError,
+    HolepunchError,
+    NoDirectPath,
+    PeerAbort,
+    ProtocolError,
+)
+from .messages import Message
+from .noise import HandshakeState, generate_keypair
+from .punch import AuthenticatedLink, PunchRound, PunchTiming, open_listener
+from .report import Report
+
+Role = Literal["source", "destination"]
+Policy = Literal["direct", "auto", "tunnel"]
+
+logger = logging.getLogger("holepunch_mig")
+
+NOISE_PATTERN = "KK"
+PROLOGUE_LABEL = b"holepunch_mig/1\x00"
+MAX_HANDSHAKE_MESSAGE = 1024
+LINK_PAYLOAD = struct.Struct(">II")  # round, link id
+_FRAME = struct.Struct(">H")
+
+
+class SessionLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the session id, so interleaved sessions stay readable."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session'] if self.extra else '?'}] {msg}", kwargs
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """Knobs of one session; defaults suit a migration manager on a LAN or across NATs."""
+
+    port: int = 0
+    bind_host: str | None = None
+    stun: Sequence[tuple[str, int]] = ()
+    candidates: Sequence[tuple[str, int]] = ()
+    policy: Policy = "direct"
+    include_loopback: bool | None = None
+    ipv6: bool = True
+    rounds: int = 3
+    timing: PunchTiming = field(default_factory=PunchTiming)
+    control_timeout: float = 15.0
+    pings: int = 3
+    stun_timeout: float = 2.0
+    dial_delay: float = 0.0
+    """Lab knob: hold this side's dials after sync, to prove skew tolerance."""
+
+
+@dataclass
+class Established:
+    """A nominated, authenticated direct link and what it took to get it."""
+
+    stream: trio.SocketStream
+    send_key: bytes
+    recv_key: bytes
+    report: Report
+    control: ControlReader
+
+
+class ControlReader:
+    """Typed, deadline-bound access to the control channel."""
+
+    def __init__(self, channel: ControlChannel, timeout: float) -> None:
+        self.channel = channel
+        self.timeout = timeout
+
+    async def send(self, type_: str, **fields: Any) -> bytes:
+        data = messages.encode(messages.make(type_, **fields))
+        await self.channel.send_message(data)
+        return data
+
+    async def receive(
+        self, *expected: str, timeout: float | None = None, step: str = ""
+    ) -> tuple[Message, bytes]:
+        """Next control message, which must be one of ``expected``; abort raises PeerAbort."""
+        limit = self.timeout if timeout is None else timeout
+        what = " or ".join(expected)
+        try:
+            with trio.fail_after(limit):
+                raw = await self.channel.receive_message()
+        except trio.TooSlowError:
+            raise ControlTimeout(
+                f"no {what} message from the peer within {limit:.1f} s"
+                + (f" ({step})" if step else "")
+            ) from None
+        except ChannelClosed as exc:
+            raise ChannelClosed(f"{exc} while waiting for {what}" + _step(step)) from None
+        event = messages.decode(raw)
+        if isinstance(event, messages.TunnelData):
+            raise ProtocolError(f"tunnel data arrived while waiting for {what}")
+        if event.type == "abort" and "abort" not in expected:
+            raise PeerAbort(f"peer aborted{_step(step)}: {event['reason']}")
+        if event.type not in expected:
+            raise ProtocolError(f"expected {what} message, got {event.type}" + _step(step))
+        return event, raw
+
+
+def _step(step: str) -> str:
+    return f" ({step})" if step else ""
+
+
+def prologue(session_id: bytes, offer: bytes, answer: bytes) -> bytes:
+    """Binds every handshake to this session and to both sides' exact offers."""
+    return (
+        PROLOGUE_LABEL
+        + session_id
+        + hashlib.sha256(offer).digest()
+        + hashlib.sha256(answer).digest()
+    )
+
+
+async def _send_hs(stream: trio.SocketStream, data: bytes) -> None:
+    await stream.send_all(_FRAME.pack(len(data)) + data)
+
+
+async def _receive_exact(stream: trio.SocketStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise HandshakeError(f"link closed during the handshake after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _receive_hs(stream: trio.SocketStream) -> bytes:
+    (length,) = _FRAME.unpack(await _receive_exact(stream, _FRAME.size))
+    if not 0 < length <= MAX_HANDSHAKE_MESSAGE:
+        raise HandshakeError(
+            f"handshake message length {length} out of range 1-{MAX_HANDSHAKE_MESSAGE}"
+        )
+    return await _receive_exact(stream, length)
+
+
+def make_authenticator(
+    role: Role, round_no: int, static_private: bytes, remote_public: bytes, pro: bytes
+) -> Any:
+    """The per-link Noise KK handshake; the source always initiates."""
+
+    async def initiate(stream: trio.SocketStream, link_id: int) -> tuple[int, bytes, bytes]:
+        hs = HandshakeState(NOISE_PATTERN, True, pro, s=static_private, rs=remote_public)
+        await _send_hs(stream, hs.write_message(LINK_PAYLOAD.pack(round_no, link_id)))
+        hs.read_message(await _receive_hs(stream))
+        k1, k2 = hs.split()
+        return link_id, k1, k2
+
+    async def respond(stream: trio.SocketStream, _proposed: int) -> tuple[int, bytes, bytes]:
+        hs = HandshakeState(NOISE_PATTERN, False, pro, s=static_private, rs=remote_public)
+        payload = hs.read_message(await _receive_hs(stream))
+        if len(payload) != LINK_PAYLOAD.size:
+            raise HandshakeError(f"handshake payload of {len(payload)} bytes, expected 8")
+        their_round, link_id = LINK_PAYLOAD.unpack(payload)
+        if their_round != round_no:
+            raise HandshakeError(f"handshake for round {their_round}, this is round {round_no}")
+        await _send_hs(stream, hs.write_message(b""))
+        k1, k2 = hs.split()
+        return link_id, k2, k1
+
+    return initiate if role == "source" else respond
+
+
+def _choose_bind(options: ConnectOptions, family: int) -> str:
+    if options.bind_host:
+        return options.bind_host
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
+def _is_loopback(host: str | None) -> bool:
+    return host is not None and (host.startswith("127.") or host == "::1")
+
+
+async def establish(channel: ControlChannel, role: Role, options: ConnectOptions) -> Established:
+    """Run the direct-path negotiation to a nominated link, or raise NoDirectPath."""
+    control = ControlReader(channel, options.control_timeout)
+    session_id = os.urandom(16) if role == "source" else b""
+    started = trio.current_time()
+
+    families = [socket.AF_INET]
+    if (
+        options.ipv6
+        and socket.has_ipv6
+        and not (options.bind_host and ":" not in options.bind_host)
+    ):
+        families.append(socket.AF_INET6)
+    if options.bind_host and ":" in options.bind_host:
+        families = [socket.AF_INET6]
+    listeners: dict[int, trio.socket.SocketType] = {}
+    try:
+        first = await open_listener(_choose_bind(options, families[0]), options.port, families[0])
+        listeners[families[0]] = first
+        port = int(first.getsockname()[1])
+        for fam in families[1:]:
+            # no IPv6 on this host, or the port is taken there: go on with IPv4
+            with contextlib.suppress(OSError):
+                listeners[fam] = await open_listener(_choose_bind(options, fam), port, fam)
+        return await _negotiate(control, role, options, listeners, port, session_id, started)
+    finally:
+        for sock in listeners.values():
+            sock.close()
+
+
+async def _negotiate(
+    control: ControlReader,
+    role: Role,
+    options: ConnectOptions,
+    listeners: dict[int, trio.socket.SocketType],
+    port: int,
+    session_id: bytes,
+    started: float,
+) -> Established:
+    include_loopback = options.include_loopback
+    if include_loopback is None:
+        include_loopback = _is_loopback(control.channel.peer_host)
+    local, notes = await gather(
+        port,
+        stun_servers=options.stun,
+        given=options.candidates,
+        include_loopback=include_loopback,
+        ipv6=socket.AF_INET6 in listeners,
+        stun_timeout=options.stun_timeout,
+    )
+    static_private, static_public = generate_keypair()
+    limits = {"max_record": 1 << 20}
+    lines = [c.to_line() for c in local]
+
+    if role == "source":
+        offer = await control.send(
+            "offer",
+            session=session_id.hex(),
+            key=static_public.hex(),
+            port=port,
+            candidates=lines,
+            policy=options.policy,
+            limits=limits,
+        )
+        answer_msg, answer = await control.receive("answer", step="waiting for the answer")
+        if answer_msg["session"] != session_id.hex():
+            raise ProtocolError("answer names a different session id")
+        peer = answer_msg
+    else:
+        offer_msg, offer = await control.receive("offer", step="waiting for the offer")
+        session_id = bytes.fromhex(offer_msg["session"])
+        answer = await control.send(
+            "answer",
+            session=session_id.hex(),
+            key=static_public.hex(),
+            port=port,
+            candidates=lines,
+            limits=limits,
+        )
+        peer = offer_msg
+
+    sid = session_id.hex()
+    log = SessionLog(logger, {"session": sid[:12]})
+    report = Report(session=sid, role=role, policy=options.policy)
+    report.local_candidates = lines
+    report.remote_candidates = list(peer["candidates"])
+    report.notes.extend(notes)
+    remote_public = bytes.fromhex(peer["key"])
+    if remote_public == static_public:
+        raise HandshakeError("peer announced our own public key")
+
+    remotes = _remote_endpoints(peer["candidates"], control.channel.peer_host, peer["port"], report)
+    remotes = [
+        r for r in remotes if (socket.AF_INET6 if ":" in r[0] else socket.AF_INET) in listeners
+    ]
+    log.info("%d local, %d remote candidates", len(local), len(remotes))
+    pro = prologue(session_id, offer, answer)
+    try:
+        link = await _rounds(
+            control,
+            role,
+            options,
+            listeners,
+            port,
+            remotes,
+            static_private,
+            remote_public,
+            pro,
+            report,
+            log,
+        )
+    except HolepunchError as exc:
+        exc.report = report
+        report.ok = False
+        report.verdict = str(exc)
+        raise
+    report.path = "direct"
+    report.path_reason = "direct link authenticated and nominated"
+    report.local, report.remote = link.local, link.remote
+    report.time_to_link = trio.current_time() - started
+    link.pair.outcome = "nominated"
+    log.info("link %s <-> %s nominated in %.3f s", link.local, link.remote, report.time_to_link)
+    return Established(link.stream, link.send_key, link.recv_key, report, control)
+
+
+def _remote_endpoints(
+    lines: Sequence[str], peer_host: str | None, peer_port: int, report: Report
+) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    cands: list[Candidate] = []
+    for line in lines:
+        try:
+            cands.append(Candidate.from_line(line))
+        except Exception as exc:
+            report.notes.append(f"ignored remote candidate {line[:80]!r}: {exc}")
+    cands.extend(observed_candidates(peer_host, [peer_port]))
+    for cand in cands:
+        endpoint = (cand.host, cand.port)
+        if endpoint not in out:
+            out.append(endpoint)
+    return out
+
+
+async def _measure_rtt(control: ControlReader, count: int) -> float:
+    samples = []
+    for seq in range(count):
+        t0 = trio.current_time()
+        await control.send("ping", seq=seq)
+        msg, _ = await control.receive("pong", step="measuring RTT")
+        if msg["seq"] != seq:
+            raise ProtocolError(f"pong for ping {msg['seq']}, expected {seq}")
+        samples.append(trio.current_time() - t0)
+    return min(samples)
+
+
+async def _answer_pings(control: ControlReader, count: int) -> None:
+    for _ in range(count):
+        msg, _raw = await control.receive("ping", step="measuring RTT")
+        await control.send("pong", seq=msg["seq"])
+
+
+async def _rounds(
+    control: ControlReader,
+    role: Role,
+    options: ConnectOptions,
+    listeners: dict[int, trio.socket.SocketType],
+    port: int,
+    remotes: list[tuple[str, int]],
+    static_private: bytes,
+    remote_public: bytes,
+    pro: bytes,
+    report: Report,
+    log: SessionLog,
+) -> AuthenticatedLink:
+    if role == "source":
+        rtt = await _measure_rtt(control, options.pings)
+        report.rtt = rtt
+        return await _source_rounds(
+            control,
+            options,
+            listeners,
+            port,
+            remotes,
+            static_private,
+            remote_public,
+            pro,
+            rtt,
+            report,
+            log,
+        )
+    await _answer_pings(control, options.pings)
+    return await _destination_rounds(
+        control,
+        options,
+        listeners,
+        port,
+        remotes,
+        static_private,
+        remote_public,
+        pro,
+        report,
+        log,
+    )
+
+
+async def _source_rounds(
+    control: ControlReader,
+    options: ConnectOptions,
+    listeners: dict[int, trio.socket.SocketType],
+    port: int,
+    remotes: list[tuple[str, int]],
+    static_private: bytes,
+    remote_public: bytes,
+    pro: bytes,
+    rtt: float,
+    report: Report,
+    log: SessionLog,
+) -> AuthenticatedLink:
+    next_link = 1
+    for round_no in range(1, options.rounds + 1):
+        report.rounds = round_no
+        await control.send("sync", round=round_no)
+        await trio.sleep(rtt / 2)
+        punch = PunchRound(
+            round_no=round_no,
+            listeners=listeners,
+            bind_host={f: _choose_bind(options, f) for f in listeners},
+            port=port,
+            remotes=remotes,
+            authenticate=make_authenticator("source", round_no, static_private, remote_public, pro),
+            timing=options.timing,
+            log=log,
+            first_link_id=next_link,
+            dial_delay=options.dial_delay,
+        )
+        winner = await _race(punch, options.timing.round_timeout)
+        next_link += 1000
+        report.pairs.extend(punch.pairs)
+        if winner is not None:
+            await control.send("nominate", round=round_no, link=winner.link_id)
+            return winner
+        retry = round_no < options.rounds
+        reason = _round_reason(punch)
+        log.info("round %d failed: %s", round_no, reason)
+        await control.send("round-failed", round=round_no, retry=retry, reason=reason)
+    raise NoDirectPath(f"no direct link after {options.rounds} rounds: {_round_reason_all(report)}")
+
+
+async def _race(punch: PunchRound, timeout: float) -> AuthenticatedLink | None:
+    send, receive = trio.open_memory_channel[AuthenticatedLink](64)
+    winner: AuthenticatedLink | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(punch.run, send)
+        with trio.move_on_after(timeout):
+            winner = await receive.receive()
+        nursery.cancel_scope.cancel()
+    receive.close()
+    async with receive:
+        pass
+    _close_losers(punch, winner)
+    return winner
+
+
+def _close_losers(punch: PunchRound, winner: AuthenticatedLink | None) -> None:
+    for pair in punch.pairs:
+        if pair.outcome == "connected" and (winner is None or pair is not winner.pair):
+            pair.outcome = "abandoned"
+            pair.detail = "authenticated, not nominated"
+
+
+async def _destination_rounds(
+    control: ControlReader,
+    options: ConnectOptions,
+    listeners: dict[int, trio.socket.SocketType],
+    port: int,
+    remotes: list[tuple[str, int]],
+    static_private: bytes,
+    remote_public: bytes,
+    pro: bytes,
+    report: Report,
+    log: SessionLog,
+) -> AuthenticatedLink:
+    wait = options.timing.round_timeout * 2 + options.control_timeout
+    msg, _ = await control.receive("sync", step="waiting for sync")
+    while True:
+        round_no = msg["round"]
+        report.rounds = round_no
+        punch = PunchRound(
+            round_no=round_no,
+            listeners=listeners,
+            bind_host={f: _choose_bind(options, f) for f in listeners},
+            port=port,
+            remotes=remotes,
+            authenticate=make_authenticator(
+                "destination", round_no, static_private, remote_public, pro
+            ),
+            timing=options.timing,
+            log=log,
+            dial_delay=options.dial_delay,
+        )
+        links: dict[int, AuthenticatedLink] = {}
+        send, receive = trio.open_memory_channel[AuthenticatedLink](64)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(punch.run, send)
+            nursery.start_soon(_collect, receive, links)
+            msg, _ = await control.receive(
+                "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
+            )
+            if msg.type == "nominate":
+                # the initiator finished, so our side of that handshake has finished too;
+                # give the collector a moment to file it if the scheduler has not yet
+                with trio.move_on_after(options.timing.handshake_timeout):
+                    while msg["link"] not in links:
+                        await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+        report.pairs.extend(punch.pairs)
+        if msg.type == "nominate":
+            chosen = links.pop(msg["link"], None)
+            for other in links.values():
+                other.stream.socket.close()
+            if chosen is None or msg["round"] != round_no:
+                raise ProtocolError(
+                    f"peer nominated link {msg['link']} of round {msg['round']}, "
+                    "which this side never authenticated"
+                )
+            _close_losers(punch, chosen)
+            return chosen
+        for other in links.values():
+            other.stream.socket.close()
+        _close_losers(punch, None)
+        if not msg["retry"]:
+            raise NoDirectPath(f"no direct link: {msg['reason']}")
+        msg, _ = await control.receive("sync", step="waiting for the next round")
+
+
+async def _collect(
+    receive: trio.MemoryReceiveChannel[AuthenticatedLink], links: dict[int, AuthenticatedLink]
+) -> None:
+    async with receive:
+        async for link in receive:
+            links[link.link_id] = link
+
+
+def _round_reason(punch: PunchRound) -> str:
+    if not punch.pairs:
+        return "no candidate pairs to try"
+    counts: dict[str, int] = {}
+    for pair in punch.pairs:
+        counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+
+
+def _round_reason_all(report: Report) -> str:
+    counts: dict[str, int] = {}
+    for pair in report.pairs:
+        counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
+    if not counts:
+        return "no candidate pairs to try"
+    return ", ".join(f"{n} pair attempts {outcome}" for outcome, n in sorted(counts.items()))
