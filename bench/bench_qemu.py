@@ -1,0 +1,239 @@
+"""Benchmark QEMU migration on this host: direct, and through the stream mux.
+
+Migrates a guest with random (non-zero) RAM over a UNIX socket or loopback TCP
+(``unix:N``/``tcp:N``, N = multifd channels), or through holepunch_mig's mux over ONE
+AES-256-GCM record link on loopback TCP (``mux:N``), and prints the median of N runs:
+wall seconds measured around ``migrate``..``completed``, QEMU's own ``total-time``
+and MB/s (10**6 bytes of ``ram.transferred`` per wall second).
+
+``--synthetic`` instead measures the mux alone: S streams of random bytes through one
+link versus S links (one stream each).
+
+    sudo PYTHONPATH=src python bench/bench_qemu.py --mem 512 --runs 3
+    sudo PYTHONPATH=src python bench/bench_qemu.py --cases mux:0,mux:4
+    PYTHONPATH=src python bench/bench_qemu.py --synthetic --streams 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from holepunch_mig.migrate_proxy import run_destination, run_source
+from holepunch_mig.mux import Mux
+from holepunch_mig.qemu import MigrationResult, QemuVM, make_ram_image, migrate, wait_status
+from holepunch_mig.records import RecordReader, RecordWriter
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tcp_link() -> tuple[Any, Any]:
+    """A loopback TCP connection with record writer/reader on both ends (random keys)."""
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        a = socket.create_connection(lst.getsockname())
+        b, _ = lst.accept()
+    k1, k2 = os.urandom(32), os.urandom(32)
+    end_a = (a, RecordWriter(a, k1), RecordReader(a, k2))
+    end_b = (b, RecordWriter(b, k2), RecordReader(b, k1))
+    return end_a, end_b
+
+
+async def mux_run(
+    work: Path, image: Path, mem: int, multifd: int, digest: bool = True
+) -> MigrationResult:
+    (a, wa, ra), (b, wb, rb) = tcp_link()
+    try:
+        async with (
+            QemuVM(work, name="src", mem_mib=mem, ram_image=image) as src,
+            QemuVM(work, name="dst", mem_mib=mem, ram_image=image, incoming="defer") as dst,
+        ):
+            ready = trio.Event()
+            out: list[MigrationResult] = []
+
+            async def source() -> None:
+                await ready.wait()
+                result, _ = await run_source(
+                    src.qmp, a, wa, ra, multifd_channels=multifd, digest=digest
+                )
+                out.append(result)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(
+                    partial(
+                        run_destination, multifd_channels=multifd, ready=ready.set, digest=digest
+                    ),
+                    dst.qmp,
+                    b,
+                    wb,
+                    rb,
+                )
+                n.start_soon(source)
+            await wait_status(dst.qmp, "running", timeout=20)
+            return out[0]
+    finally:
+        a.close()
+        b.close()
+
+
+def synthetic(streams: int, links: int, total: int, digest: bool = True) -> float:
+    """Push ``total`` random bytes split over ``streams`` streams through ``links`` mux
+    links (streams spread round-robin); returns MB/s."""
+    per = total // streams
+    block = os.urandom(1 << 20)
+    pairs = [tcp_link() for _ in range(links)]
+    sinks: list[socket.socket] = []
+    got = [0] * streams
+    lock = threading.Lock()
+
+    def sink(i: int, s: socket.socket) -> None:
+        buf = bytearray(1 << 20)
+        n = 0
+        while True:
+            k = s.recv_into(buf)
+            if not k:
+                break
+            n += k
+        s.shutdown(socket.SHUT_WR)
+        with lock:
+            got[i] = n
+
+    def connector(base: int) -> Callable[[int], socket.socket]:
+        def connect(sid: int) -> socket.socket:
+            mine, theirs = socket.socketpair()
+            idx = base + (sid - 1) * links
+            t = threading.Thread(target=sink, args=(idx, theirs), daemon=True)
+            t.start()
+            sinks.append(mine)
+            return mine
+
+        return connect
+
+    srcs, dsts = [], []
+    for li, ((a, wa, ra), (b, wb, rb)) in enumerate(pairs):
+        srcs.append(Mux(a, wa, ra, name=f"s{li}", digest=digest))
+        dsts.append(Mux(b, wb, rb, connect=connector(li), name=f"d{li}", digest=digest))
+    for m in srcs + dsts:
+        m.start()
+    clients = []
+    for i in range(streams):
+        c, s = socket.socketpair()
+        srcs[i % links].add_stream(s)
+        clients.append(c)
+
+    def push(c: socket.socket) -> None:
+        left = per
+        view = memoryview(block)
+        while left:
+            k = min(left, len(block))
+            c.sendall(view[:k])
+            left -= k
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=push, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with concurrent.futures.ThreadPoolExecutor(2 * links) as ex:
+        list(ex.map(lambda m: m.finish(60), srcs + dsts))
+    dt = time.perf_counter() - t0
+    assert sum(got) == per * streams, (got, per)
+    for (a, _, _), (b, _, _) in pairs:
+        a.close()
+        b.close()
+    return per * streams / dt / 1e6
+
+
+async def one_run(
+    work: Path, image: Path, mem: int, transport: str, multifd: int
+) -> MigrationResult:
+    async with (
+        QemuVM(work, name="src", mem_mib=mem, ram_image=image) as src,
+        QemuVM(work, name="dst", mem_mib=mem, ram_image=image, incoming="defer") as dst,
+    ):
+        if transport == "unix":
+            sock = work / "mig.sock"
+            sock.unlink(missing_ok=True)
+            uri = f"unix:{sock}"
+        else:
+            uri = f"tcp:127.0.0.1:{free_tcp_port()}"
+        result = await migrate(src.qmp, uri, dst=dst.qmp, multifd_channels=multifd, timeout=300)
+        await wait_status(dst.qmp, "running", timeout=20)
+        return result
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--synthetic", action="store_true", help="mux only, no QEMU")
+    ap.add_argument("--streams", default="1,2,4,5", help="synthetic: stream counts")
+    ap.add_argument("--no-digest", action="store_true", help="mux: no SHA-256 in END")
+    ap.add_argument("--total-mib", type=int, default=1024, help="synthetic: bytes per run")
+    ap.add_argument(
+        "--cases",
+        default="unix:0,tcp:0,mux:0,unix:4,tcp:4,mux:4",
+        help="comma list of transport:multifd_channels",
+    )
+    args = ap.parse_args()
+    print(f"nproc={os.cpu_count()} mem={args.mem} MiB runs={args.runs}")
+    if args.synthetic:
+        total = args.total_mib << 20
+        print(f"synthetic: {args.total_mib} MiB of random bytes per run, median MB/s")
+        for n in (int(x) for x in args.streams.split(",")):
+            dig = not args.no_digest
+            one = statistics.median(synthetic(n, 1, total, dig) for _ in range(args.runs))
+            many = statistics.median(synthetic(n, n, total, dig) for _ in range(args.runs))
+            print(f"streams={n}: one link {one:7.0f} MB/s   {n} links {many:7.0f} MB/s")
+        return
+    with tempfile.TemporaryDirectory(prefix="hpm-bench-") as tmp:
+        work = Path(tmp)
+        image = await trio.to_thread.run_sync(make_ram_image, work / "ram.img", args.mem)
+        print(f"{'case':<12} {'wall s':>8} {'qemu ms':>8} {'MB/s':>8}  transferred")
+        for case in args.cases.split(","):
+            transport, _, mf = case.partition(":")
+            multifd = int(mf or 0)
+            if transport == "mux":
+                results = [
+                    await mux_run(work, image, args.mem, multifd, not args.no_digest)
+                    for _ in range(args.runs)
+                ]
+            else:
+                results = [
+                    await one_run(work, image, args.mem, transport, multifd)
+                    for _ in range(args.runs)
+                ]
+            results.sort(key=lambda r: r.wall_seconds)
+            med = results[len(results) // 2]
+            walls = " ".join(f"{r.wall_seconds:.3f}" for r in results)
+            print(
+                f"{transport + ' mf=' + str(multifd):<12} {med.wall_seconds:8.3f} "
+                f"{med.total_time_ms:8} {med.mb_per_s:8.0f}  {med.transferred}  "
+                f"(walls {walls})"
+            )
+
+
+if __name__ == "__main__":
+    trio.run(main)
