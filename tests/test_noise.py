@@ -167,6 +167,9 @@ INTEROP = {
     "NNpsk0": (False, False, False, False, 1),
     "KKpsk0": (True, True, True, True, 1),
     "KKpsk2": (True, True, True, True, 1),
+    "NNpsk2": (False, False, False, False, 1),  # psk mode: payload of message 1 is encrypted
+    "XXpsk3": (True, True, False, False, 1),
+    "NNpsk0+psk2": (False, False, False, False, 2),  # name over 32 bytes: hashed into h
 }
 
 
@@ -435,6 +438,18 @@ def test_psk_mismatch_is_rejected() -> None:
     r = HandshakeState("KKpsk0", False, b"", s=pair.r_priv, rs=pair.i_pub, psks=[b"\x01" * 32])
     with pytest.raises(HandshakeError, match="failed authentication"):
         r.read_message(i.write_message())
+
+
+def test_psk_mode_ephemeral_keys_the_first_payload() -> None:
+    # In psk patterns "e" also calls MixKey, so NNpsk2's message 1 payload gets a tag.
+    psk = os.urandom(32)
+    i = HandshakeState("NNpsk2", True, b"", psks=[psk])
+    m1 = i.write_message(b"secret")
+    assert len(m1) == DHLEN + len(b"secret") + 16
+    assert b"secret" not in m1
+    with pytest.raises(HandshakeError, match="too short: 40 bytes, need at least 48"):
+        HandshakeState("NNpsk2", False, b"", psks=[psk]).read_message(m1[:40])
+    assert HandshakeState("NNpsk2", False, b"", psks=[psk]).read_message(m1) == b"secret"
 
 
 def test_handshake_error_is_a_holepunch_error() -> None:

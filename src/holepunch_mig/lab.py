@@ -766,24 +766,23 @@ class Lab:
         self._stun_proc = self.popen(
             "stun", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp
         )
-        self._wait_tcp("stun", (_STUN_HOST, STUN_PORT), timeout=5.0, proc=self._stun_proc)
+        self.wait_tcp("stun", (_STUN_HOST, STUN_PORT), timeout=5.0, proc=self._stun_proc)
 
-    def _wait_tcp(
+    def wait_tcp(
         self,
         host: str,
         endpoint: tuple[str, int],
         timeout: float,
         proc: subprocess.Popen[bytes] | None = None,
     ) -> None:
-        """Poll until `endpoint` accepts a TCP connection made from `host`'s namespace."""
+        """Poll until `endpoint` accepts a TCP connection made from `host`'s namespace
+        (each probe connects and closes: not for one-shot listeners, see wait_listening).
+        If `proc` is given and exits first, fail at once.  Raises LabError at the deadline."""
+        self._require_built()
         deadline = time.monotonic() + timeout
         last: OSError | None = None
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise LabError(
-                    f"{proc.args!r} exited with {proc.returncode} before accepting on "
-                    f"{endpoint}; log: {self._stun_log_tail()}"
-                )
+        while True:
+            self._check_alive(proc, f"accepting on {endpoint}")
             s = self.socket(host)
             try:
                 s.settimeout(max(0.05, min(0.5, deadline - time.monotonic())))
@@ -793,11 +792,47 @@ class Lab:
                 last = exc
             finally:
                 s.close()
+            if time.monotonic() >= deadline:
+                raise LabError(
+                    f"nothing accepted on {endpoint} from {host} within {timeout} s ({last})"
+                    + self._log_hint(proc)
+                )
             time.sleep(0.02)
-        raise LabError(
-            f"nothing accepted on {endpoint} from {host} within {timeout} s ({last}); "
-            f"log: {self._stun_log_tail()}"
-        )
+
+    def wait_listening(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        proc: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        """Poll (with ``ss``, without connecting) until some socket in `host`'s namespace
+        listens on TCP `port`; safe for one-shot listeners such as a receiver's control
+        port.  If `proc` is given and exits first, fail at once."""
+        self._require_built()
+        deadline = time.monotonic() + timeout
+        argv = ["ip", "netns", "exec", self.netns(host), "ss", "-Hltn", f"sport = :{port}"]
+        while True:
+            self._check_alive(proc, f"listening on port {port}")
+            if _run_cmd(argv).stdout.strip():
+                return
+            if time.monotonic() >= deadline:
+                raise LabError(
+                    f"nothing listens on TCP port {port} in {host} after {timeout} s"
+                    + self._log_hint(proc)
+                )
+            time.sleep(0.02)
+
+    def _check_alive(self, proc: subprocess.Popen[bytes] | None, what: str) -> None:
+        if proc is not None and proc.poll() is not None:
+            raise LabError(
+                f"{proc.args!r} exited with {proc.returncode} before {what}" + self._log_hint(proc)
+            )
+
+    def _log_hint(self, proc: subprocess.Popen[bytes] | None) -> str:
+        if proc is not None and proc is self._stun_proc:
+            return f"; coturn log: {self._stun_log_tail()}"
+        return ""
 
     def _stun_log_tail(self) -> str:
         path = getattr(self, "_stun_log", None)
