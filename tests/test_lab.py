@@ -393,6 +393,22 @@ def test_teardown_removes_everything_even_when_body_raises(exc_type: type[BaseEx
 
 
 @pytest.mark.netns
+def test_interrupted_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_netns()
+
+    def interrupted(self: Lab) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Lab, "_start_stun", interrupted)
+    lab = Lab(presets()["double-double"])
+    with pytest.raises(KeyboardInterrupt):
+        lab.build()
+    assert not [ns for ns in netns_list() if ns.startswith(lab.prefix)]
+    assert not (STATE_DIR / f"{lab.run_id}.json").exists()
+    assert not lab.built
+
+
+@pytest.mark.netns
 def test_cleanup_stale_removes_namespaces_of_dead_pid() -> None:
     require_netns(need=("turnserver",))
     code = textwrap.dedent(
