@@ -11,10 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +111,19 @@ def test_addresses_are_known_before_build() -> None:
     assert lab_.stun_endpoint() == ("198.51.100.3", 3478)
     with pytest.raises(LabError, match="no host"):
         lab_.address("middle")
+
+
+def test_require_netns_skips_locally_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    import labfixtures
+
+    monkeypatch.setattr(labfixtures, "_probed", True)
+    monkeypatch.setattr(labfixtures, "_probe_result", "pretend: no namespaces here")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="pretend"):
+        require_netns()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but the netns lab cannot run"):
+        require_netns()
 
 
 # ------------------------------------------------------------------ every preset builds
@@ -378,6 +393,22 @@ def test_teardown_removes_everything_even_when_body_raises(exc_type: type[BaseEx
 
 
 @pytest.mark.netns
+def test_interrupted_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_netns()
+
+    def interrupted(self: Lab) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Lab, "_start_stun", interrupted)
+    lab = Lab(presets()["double-double"])
+    with pytest.raises(KeyboardInterrupt):
+        lab.build()
+    assert not [ns for ns in netns_list() if ns.startswith(lab.prefix)]
+    assert not (STATE_DIR / f"{lab.run_id}.json").exists()
+    assert not lab.built
+
+
+@pytest.mark.netns
 def test_cleanup_stale_removes_namespaces_of_dead_pid() -> None:
     require_netns(need=("turnserver",))
     code = textwrap.dedent(
@@ -409,6 +440,7 @@ def test_cleanup_stale_removes_namespaces_of_dead_pid() -> None:
         assert set(mine.namespaces()) <= netns_list()
     assert not names & netns_list()
     assert not (STATE_DIR / f"{info['run_id']}.json").exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"hpm-{info['run_id']}-turn-*"))
     for pid in info["stun_pids"]:  # the orphaned coturn was killed
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):

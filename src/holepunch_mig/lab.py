@@ -928,10 +928,20 @@ class Lab:
         for run_id, st in states.items():
             pid = st.get("pid")
             if isinstance(pid, int) and stale(run_id, pid):
-                prefix = f"{NS_PREFIX}{run_id}-"
-                if not any(ns.startswith(prefix) for ns in _list_netns()):
-                    with contextlib.suppress(FileNotFoundError):
-                        (STATE_DIR / f"{run_id}.json").unlink()
+                seen_runs.add(run_id)
+        for tmp in Path(tempfile.gettempdir()).glob("hpm-*-turn-*"):
+            m = re.match(r"^hpm-(\d+-[0-9a-f]{6})-turn-", tmp.name)
+            if m:
+                seen_runs.add(m.group(1))
+        live = _list_netns()
+        for run_id in seen_runs:
+            pid = int(run_id.split("-")[0])
+            prefix = f"{NS_PREFIX}{run_id}-"
+            if stale(run_id, pid) and not any(ns.startswith(prefix) for ns in live):
+                with contextlib.suppress(FileNotFoundError):
+                    (STATE_DIR / f"{run_id}.json").unlink()
+                for tmp in Path(tempfile.gettempdir()).glob(f"hpm-{run_id}-turn-*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
         return removed
 
 
