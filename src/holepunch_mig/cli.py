@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _load_subcommands()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "recv" and args.control_stdio and args.output == "-":
+        parser.error("--control-stdio uses stdout for the control channel; give --output PATH")
     _setup_logging(getattr(args, "verbose", 0))
     if args.command not in ("recv", "send"):
         code: int = args.run(args)
