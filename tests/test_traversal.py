@@ -160,3 +160,64 @@ def test_two_port_preserving_nats_without_stun(payload: tuple[Path, str], tmp_pa
         # no STUN server exists: the winning pair was guessed from the control connection
         assert lab.stun_endpoint() is None
         assert nominated["remote"].startswith(lab.public_address("right") + ":")
+
+
+def test_punch_port_stays_closed_to_everyone_else(
+    fw_lab: Lab, payload: tuple[Path, str], tmp_path: Path
+) -> None:
+    """While the receiver's punch port listens, a host that is not the peer cannot reach
+    it (the firewall drops), and the peer's punched link still comes up."""
+    path, digest = payload
+    punch_port = 40001
+    out = tmp_path / "out.bin"
+    receiver = fw_lab.popen(
+        "right",
+        [
+            *CLI,
+            "recv",
+            "--control-listen",
+            f"0.0.0.0:{CONTROL_PORT}",
+            "--output",
+            str(out),
+            "--port",
+            str(punch_port),
+            "--dial-delay",
+            "3",
+            "-q",
+            "--report",
+            str(tmp_path / "recv.json"),
+        ],
+    )
+    host, port = fw_lab.control_endpoint("right", CONTROL_PORT)
+    sender = fw_lab.popen(
+        "left",
+        [
+            *CLI,
+            "send",
+            "--control",
+            f"{host}:{port}",
+            "--input",
+            str(path),
+            "--dial-delay",
+            "3",
+            "-q",
+        ],
+    )
+    try:
+        fw_lab.wait_listening("right", punch_port, timeout=10, proc=receiver)
+        probe = fw_lab.socket("public")
+        with probe:
+            probe.settimeout(1.0)
+            with pytest.raises((TimeoutError, socket.timeout)):
+                probe.connect((fw_lab.public_address("right"), punch_port))
+        assert sender.wait(timeout=60) == 0
+        assert receiver.wait(timeout=30) == 0
+    finally:
+        for proc in (sender, receiver):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    report = json.loads((tmp_path / "recv.json").read_text())
+    assert report["path"] == "direct"
+    assert report["local"].endswith(f":{punch_port}")
