@@ -122,8 +122,9 @@ async def migrate_in_lab(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     async with (
-        QemuVM(work, name="src", mem_mib=mem_mib, ram_image=ram_image, netns=lab.netns("left"))
-        as src,
+        QemuVM(
+            work, name="src", mem_mib=mem_mib, ram_image=ram_image, netns=lab.netns("left")
+        ) as src,
         QemuVM(
             work,
             name="dst",
@@ -206,7 +207,9 @@ async def main() -> int:
             lab, Path(tmp), mem_mib=args.mem, multifd=args.multifd, log=sys.stderr.buffer
         )
     q = outcome.qemu
-    print(f"QEMU: {q.status} in {q.wall_seconds:.3f} s, {q.transferred} bytes ({q.mb_per_s:.0f} MB/s)")
+    print(
+        f"QEMU: {q.status} in {q.wall_seconds:.3f} s, {q.transferred} bytes ({q.mb_per_s:.0f} MB/s)"
+    )
     print(f"source VM {outcome.source_status}, destination VM {outcome.destination_status}")
     for side in ("source", "destination"):
         rep = getattr(outcome, f"{side}_report") or {}

@@ -106,7 +106,9 @@ def _check_success(outcome: Any, streams: int) -> None:
 @pytest.mark.netns
 @pytest.mark.qemu
 @pytest.mark.parametrize(
-    ("multifd", "extra"), [(0, ()), (4, ()), (0, ("--digest",))], ids=["plain", "multifd4", "sha256"]
+    ("multifd", "extra"),
+    [(0, ()), (4, ()), (0, ("--digest",))],
+    ids=["plain", "multifd4", "sha256"],
 )
 def test_migration_through_firewalls(
     fw_lab: Lab, image: Path, tmp_path: Path, multifd: int, extra: tuple[str, ...]
@@ -136,13 +138,17 @@ def test_migration_through_firewalls(
 def _cut_ruleset() -> str:
     # Drop every TCP packet of the left host except the control connection: the punched
     # link goes silent mid-migration, the control channel keeps working.
-    rule = f"tcp sport != {CONTROL_PORT} tcp dport != {CONTROL_PORT} drop"
+    rules = (
+        f"    tcp dport {CONTROL_PORT} accept\n"
+        f"    tcp sport {CONTROL_PORT} accept\n"
+        "    meta l4proto tcp drop\n"
+    )
     return (
         "table inet hpm_cut {\n"
         "  chain out {\n    type filter hook output priority -10; policy accept;\n"
-        f"    {rule}\n  }}\n"
+        f"{rules}  }}\n"
         "  chain in {\n    type filter hook input priority -10; policy accept;\n"
-        f"    {rule}\n  }}\n"
+        f"{rules}  }}\n"
         "}\n"
     )
 
@@ -194,6 +200,8 @@ def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: s
         d = outcome.destination_report
         assert outcome.destination_exit == 1
         assert d is not None and d["ok"] is False and d["verdict"]
+        # each side also learnt of the other's failure over the control channel
+        assert s["peer_ok"] is False and d["peer_ok"] is False, (s, d)
     else:
         assert outcome.destination_exit == -9
 
@@ -274,9 +282,7 @@ def test_blocking_twins_and_manager_abort(image: Path, tmp_path: Path) -> None:
 
                     t = threading.Thread(target=dst_thread)
                     t.start()
-                    proxy = await trio.to_thread.run_sync(
-                        lambda: migration_source_blocking(ctl_a)
-                    )
+                    proxy = await trio.to_thread.run_sync(lambda: migration_source_blocking(ctl_a))
                     if attempt == "complete":
                         await migrate(src.qmp, proxy.uri, timeout=60)
                         report = await trio.to_thread.run_sync(proxy.wait)

@@ -249,8 +249,13 @@ class MigrationProxy:
     def abort(self, reason: str) -> None:
         """Fail the migration now: QEMU's sockets are shut down on both sides (the source
         VM keeps running) and the peer is told why."""
-        if self._mux is not None:
-            self._mux.abort(reason)
+        mux = self._mux
+        if mux is not None and mux.failed is None:
+            # Mux.abort may wait up to 2 s for the link's writer lock (a pump stuck on a
+            # dead link holds it): never block the trio thread on that.
+            threading.Thread(
+                target=mux.abort, args=(reason,), name="migration-abort", daemon=True
+            ).start()
 
     async def wait(self, timeout: float | None = None) -> MigrationReport:
         """Wait until the migration's connections ended and both sides gave a verdict.
@@ -319,12 +324,12 @@ class MigrationProxy:
                 "migrate-result", timeout=math.inf, step="waiting for the peer's result"
             )
             self._peer_result = dict(msg.fields)
-            if not msg["ok"] and self._mux is not None and not self._done.is_set():
-                self._mux.abort(f"peer reported failure: {msg['error']}")
+            if not msg["ok"] and not self._done.is_set():
+                self.abort(f"peer reported failure: {msg['error']}")
         except (PeerAbort, ChannelClosed, ControlTimeout, ProtocolError) as exc:
             self.report.notes.append(f"control channel: {exc}")
-            if isinstance(exc, PeerAbort) and self._mux is not None:
-                self._mux.abort(str(exc))
+            if isinstance(exc, PeerAbort):
+                self.abort(str(exc))
         finally:
             self._peer_seen.set()
 
