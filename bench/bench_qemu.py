@@ -9,8 +9,16 @@ and MB/s (10**6 bytes of ``ram.transferred`` per wall second).
 ``--synthetic`` instead measures the mux alone: S streams of random bytes through one
 link versus S links (one stream each).
 
+``--lab`` (root) measures what issue 5 asks: in the namespace lab, the same guest
+migrated (a) through ``holepunch-mig migrate-proxy`` processes over the punched,
+encrypted link between two firewalled hosts and (b) directly, unencrypted, QEMU to QEMU
+over a TCP port the destination's firewall lets in; interleaved in one run, median of
+``--runs``, without and with multifd.  Functions for a harness: :func:`lab_direct_run`,
+:func:`lab_proxy_run`, :func:`lab_compare`.
+
     sudo PYTHONPATH=src python bench/bench_qemu.py --mem 512 --runs 3
     sudo PYTHONPATH=src python bench/bench_qemu.py --cases mux:0,mux:4
+    sudo PYTHONPATH=src python bench/bench_qemu.py --lab --mem 512 --runs 3
     PYTHONPATH=src python bench/bench_qemu.py --synthetic --streams 1,2,4
 """
 
@@ -18,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -31,9 +41,17 @@ from typing import Any
 
 import trio
 
+from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
 from holepunch_mig.migrate_proxy import run_destination, run_source
 from holepunch_mig.mux import Mux
-from holepunch_mig.qemu import MigrationResult, QemuVM, make_ram_image, migrate, wait_status
+from holepunch_mig.qemu import (
+    MigrationResult,
+    QemuVM,
+    make_ram_image,
+    migrate,
+    start_incoming,
+    wait_status,
+)
 from holepunch_mig.records import RecordReader, RecordWriter
 
 
@@ -184,6 +202,109 @@ async def one_run(
         return result
 
 
+DIRECT_PORT = 7071
+
+
+def lab_spec() -> LabSpec:
+    """fw-fw, plus one inbound port on the destination for the direct baseline."""
+    base = presets()["fw-fw"]
+    return LabSpec(
+        left=base.left,
+        right=SideSpec(firewall="drop", allow_inbound_tcp=(CONTROL_PORT, DIRECT_PORT)),
+        stun=False,
+        name="fw-fw+direct",
+    )
+
+
+def _manager() -> Any:
+    path = Path(__file__).resolve().parent.parent / "examples" / "migration_manager.py"
+    if "migration_manager" in sys.modules:
+        return sys.modules["migration_manager"]
+    spec = importlib.util.spec_from_file_location("migration_manager", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def lab_direct_run(
+    lab: Lab, work: Path, image: Path, mem: int, multifd: int
+) -> MigrationResult:
+    """Plain QEMU -> QEMU over TCP through the destination's open port (no crypto)."""
+    async with (
+        QemuVM(work, name="src", mem_mib=mem, ram_image=image, netns=lab.netns("left")) as src,
+        QemuVM(
+            work,
+            name="dst",
+            mem_mib=mem,
+            ram_image=image,
+            incoming="defer",
+            netns=lab.netns("right"),
+        ) as dst,
+    ):
+        await start_incoming(dst.qmp, f"tcp:0.0.0.0:{DIRECT_PORT}", multifd_channels=multifd)
+        host, port = lab.control_endpoint("right", DIRECT_PORT)
+        result = await migrate(src.qmp, f"tcp:{host}:{port}", multifd_channels=multifd)
+        await wait_status(dst.qmp, "running", timeout=20)
+        return result
+
+
+async def lab_proxy_run(
+    lab: Lab, work: Path, image: Path, mem: int, multifd: int, digest: bool = False
+) -> MigrationResult:
+    """Through ``holepunch-mig migrate-proxy`` on both firewalled hosts (punched link,
+    Noise KK, AES-256-GCM).  Wall time is QEMU's migrate..completed, as for direct; the
+    punch happens before (the proxy says ready first)."""
+    outcome = await _manager().migrate_in_lab(
+        lab,
+        work,
+        mem_mib=mem,
+        multifd=multifd,
+        ram_image=image,
+        proxy_args=("--digest",) if digest else (),
+    )
+    if outcome.qemu.status != "completed" or outcome.destination_status != "running":
+        raise RuntimeError(f"proxied migration failed: {outcome}")
+    if outcome.source_exit != 0 or outcome.destination_exit != 0:
+        raise RuntimeError(f"a proxy failed: {outcome.source_report} {outcome.destination_report}")
+    result: MigrationResult = outcome.qemu
+    return result
+
+
+async def lab_compare(
+    mem: int = 512, runs: int = 3, multifd: tuple[int, ...] = (0, 4), digest: bool = False
+) -> list[dict[str, Any]]:
+    """Rows {case, multifd, median_wall, median_qemu_ms, mb_per_s, walls, ratio}: proxied
+    and direct runs interleaved (so both see the same machine state), median of ``runs``."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="hpm-bench-lab-") as tmp, Lab(lab_spec()) as lab:
+        work = Path(tmp)
+        image = await trio.to_thread.run_sync(make_ram_image, work / "ram.img", mem)
+        for mf in multifd:
+            got: dict[str, list[MigrationResult]] = {"direct": [], "proxy": []}
+            for _ in range(runs):
+                got["direct"].append(await lab_direct_run(lab, work, image, mem, mf))
+                got["proxy"].append(await lab_proxy_run(lab, work, image, mem, mf, digest))
+            med = {}
+            for case, results in got.items():
+                walls = sorted(r.wall_seconds for r in results)
+                m = sorted(results, key=lambda r: r.wall_seconds)[len(results) // 2]
+                med[case] = m.wall_seconds
+                rows.append(
+                    {
+                        "case": case,
+                        "multifd": mf,
+                        "median_wall": m.wall_seconds,
+                        "median_qemu_ms": m.total_time_ms,
+                        "mb_per_s": m.mb_per_s,
+                        "walls": walls,
+                    }
+                )
+            rows[-1]["ratio"] = med["proxy"] / med["direct"]
+    return rows
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB")
@@ -197,8 +318,21 @@ async def main() -> None:
         default="unix:0,tcp:0,mux:0,unix:4,tcp:4,mux:4",
         help="comma list of transport:multifd_channels",
     )
+    ap.add_argument("--lab", action="store_true", help="namespace lab: proxy vs direct")
+    ap.add_argument("--digest", action="store_true", help="lab: SHA-256 in END")
     args = ap.parse_args()
     print(f"nproc={os.cpu_count()} mem={args.mem} MiB runs={args.runs}")
+    if args.lab:
+        rows = await lab_compare(args.mem, args.runs, digest=args.digest)
+        for row in rows:
+            walls = " ".join(f"{w:.3f}" for w in row["walls"])
+            ratio = f"  proxy/direct {row['ratio']:.2f}x" if "ratio" in row else ""
+            print(
+                f"{row['case']:<7} mf={row['multifd']} wall {row['median_wall']:.3f} s "
+                f"qemu {row['median_qemu_ms']} ms {row['mb_per_s']:.0f} MB/s "
+                f"(walls {walls}){ratio}"
+            )
+        return
     if args.synthetic:
         total = args.total_mib << 20
         print(f"synthetic: {args.total_mib} MiB of random bytes per run, median MB/s")

@@ -153,6 +153,23 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "error": (_check_str_or_none, "a string or null", True),
     },
     "abort": {"reason": (_check_short_str, "a string of at most 4096 characters", True)},
+    # -- migrate-proxy (holepunch_mig.migration): QEMU migration streams over the link --
+    # source -> destination once the link is up: how ENDs will be checked
+    "migrate-offer": {
+        "digest": (_check_bool, "true (SHA-256 in END) or false (count-only END)", True),
+    },
+    # destination -> source: its mux runs and the destination QEMU's socket exists
+    "migrate-ready": {
+        "digest": (_check_bool, "true or false, echoing migrate-offer", True),
+    },
+    # both ways at the end: this side's verdict on every stream it carried
+    "migrate-result": {
+        "ok": (_check_bool, "true or false", True),
+        "streams": (_check_uint, "an unsigned integer", True),
+        "sent": (_check_uint, "an unsigned integer", True),
+        "received": (_check_uint, "an unsigned integer", True),
+        "error": (_check_str_or_none, "a string or null", True),
+    },
 }
 
 

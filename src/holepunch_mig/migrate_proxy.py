@@ -47,11 +47,26 @@ def private_dir(parent: Path | None = None, prefix: str = "hpm-") -> Path:
 
 class SourceProxy:
     """The UNIX socket the source QEMU migrates to; each accepted connection is handed
-    to ``mux.add_stream``.  Use as a context manager, or ``start()``/``close()``."""
+    to ``mux.add_stream``.  Use as a context manager, or ``start()``/``close()``.
 
-    def __init__(self, mux: Mux, *, parent_dir: Path | None = None) -> None:
+    Where the socket lives:
+
+    * ``path=None`` (default): ``migrate.sock`` in a fresh private directory (0700) under
+      ``parent_dir`` (default: the system temp dir); socket 0600; both removed on close.
+    * ``path=PATH``: the socket is exactly PATH.  It is bound in a private 0700 scratch
+      directory beside PATH, chmod'ed 0600 there and then hard-linked to PATH (which
+      fails if PATH exists: nothing is ever replaced), so PATH never exists with other
+      permissions.  The caller chooses PATH's directory and is responsible for who may
+      enter it.  PATH is unlinked on close if it is still our socket.
+    """
+
+    def __init__(
+        self, mux: Mux, *, parent_dir: Path | None = None, path: Path | None = None
+    ) -> None:
         self._mux = mux
         self._parent = parent_dir
+        self._exact = Path(path) if path is not None else None
+        self._exact_ino: int | None = None
         self._dir: Path | None = None
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -60,6 +75,8 @@ class SourceProxy:
 
     @property
     def path(self) -> Path:
+        if self._exact is not None:
+            return self._exact
         if self._dir is None:
             raise ProxyError("proxy not started")
         return self._dir / "migrate.sock"
@@ -69,18 +86,43 @@ class SourceProxy:
         return f"unix:{self.path}"
 
     def start(self) -> str:
-        self._dir = private_dir(self._parent, "hpm-src-")
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The directory is 0700, so the short window before chmod exposes nothing (umask is
-        # process-wide and would race other threads).
-        lst.bind(str(self.path))
-        os.chmod(self.path, 0o600)
-        lst.listen(64)
+        try:
+            if self._exact is None:
+                self._dir = private_dir(self._parent, "hpm-src-")
+                # The directory is 0700, so the short window before chmod exposes nothing
+                # (umask is process-wide and would race other threads).
+                lst.bind(str(self.path))
+                os.chmod(self.path, 0o600)
+            else:
+                self._bind_exact(lst, self._exact)
+            lst.listen(64)
+        except BaseException:
+            lst.close()
+            raise
         self._listener = lst
         self._thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
         self._thread.start()
         log.debug("source proxy listening on %s", self.path)
         return self.uri
+
+    def _bind_exact(self, lst: socket.socket, path: Path) -> None:
+        if path.exists() or path.is_symlink():
+            raise ProxyError(f"{path} already exists; refusing to replace it")
+        scratch = private_dir(path.parent, ".hpm-bind-")
+        try:
+            tmp = scratch / "s"
+            lst.bind(str(tmp))
+            os.chmod(tmp, 0o600)
+            try:
+                os.link(tmp, path)  # atomic, never replaces an existing name
+            except FileExistsError:
+                raise ProxyError(f"{path} already exists; refusing to replace it") from None
+            except OSError as exc:
+                raise ProxyError(f"cannot create the migration socket {path}: {exc}") from exc
+            self._exact_ino = os.lstat(path).st_ino
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -110,6 +152,11 @@ class SourceProxy:
 
     def close(self) -> None:
         self.stop_accepting()
+        if self._exact is not None and self._exact_ino is not None:
+            with contextlib.suppress(OSError):
+                if os.lstat(self._exact).st_ino == self._exact_ino:
+                    self._exact.unlink()
+            self._exact_ino = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -112,6 +112,8 @@ class StreamStats:
 class MuxStats:
     streams: list[StreamStats] = field(default_factory=list)
     seconds: float = 0.0
+    active_seconds: float | None = None
+    """From the first stream opened to the last stream closed (None before both)."""
 
     @property
     def sent(self) -> int:
@@ -186,6 +188,8 @@ class Mux:
         self._threads: list[threading.Thread] = []
         self._reader_thread: threading.Thread | None = None
         self._t0 = time.perf_counter()
+        self.first_open: float | None = None  # perf_counter() of the first OPEN
+        self.last_close: float | None = None  # perf_counter() when the last stream closed
 
     # -- public ----------------------------------------------------------------------
 
@@ -196,6 +200,30 @@ class Mux:
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._reader_thread = self._spawn(self._read_loop, "reader")
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until at least one stream was opened and every stream has closed in both
+        directions (a migration's connections all ended), or the mux failed.  Returns
+        False on timeout.  QEMU opens all its connections (main, multifd) before the
+        main channel can end, so "all closed" after the first OPEN means it is done."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: (
+                    self._failed is not None
+                    or (bool(self._streams) and all(s.closed for s in self._streams.values()))
+                ),
+                timeout=timeout,
+            )
+
+    def progress(self) -> tuple[int, int, int]:
+        """(streams, bytes local -> link, bytes link -> local) so far; cheap, lock-free
+        reads of counters the pump and deliverer threads update."""
+        streams = list(self._streams.values())
+        return (
+            len(streams),
+            sum(s.stats.sent for s in streams),
+            sum(s.stats.received for s in streams),
+        )
 
     def add_stream(self, sock: socket.socket) -> int:
         """Carry a newly accepted local connection; announces it with OPEN."""
@@ -215,6 +243,8 @@ class Mux:
             self._streams[sid] = st
             # OPEN under the lock so stream order on the wire is the accept order.
             self._writer.write(OPEN, sid, b"")
+            if self.first_open is None:
+                self.first_open = time.perf_counter()
         log.debug("%s: stream %d opened", self.name, sid)
         self._start_stream(st)
         return sid
@@ -261,7 +291,12 @@ class Mux:
     def stats(self) -> MuxStats:
         with self._lock:
             streams = [s.stats for s in sorted(self._streams.values(), key=lambda s: s.id)]
-        return MuxStats(streams=list(streams), seconds=time.perf_counter() - self._t0)
+            active = None
+            if self.first_open is not None and self.last_close is not None:
+                active = self.last_close - self.first_open
+        return MuxStats(
+            streams=list(streams), seconds=time.perf_counter() - self._t0, active_seconds=active
+        )
 
     def close(self) -> None:
         """Release everything (after finish() or a failure).  Idempotent."""
@@ -327,6 +362,8 @@ class Mux:
             _quiet_close(st.sock)
             log.debug("%s: stream %d closed (%s)", self.name, st.id, st.stats)
             with self._lock:
+                if all(s.closed for s in self._streams.values()):
+                    self.last_close = time.perf_counter()
                 self._lock.notify_all()
 
     def _pump(self, st: _Stream) -> None:
@@ -508,6 +545,8 @@ class Mux:
         st = _Stream(sid, sock)
         with self._lock:
             self._streams[sid] = st
+            if self.first_open is None:
+                self.first_open = time.perf_counter()
         log.debug("%s: stream %d connected", self.name, sid)
         self._start_stream(st)
 
