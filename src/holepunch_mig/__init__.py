@@ -28,6 +28,18 @@ from .errors import (
     TruncatedStream,
 )
 from .link import Link, TransferResult
+from .migration import (
+    BlockingMigrationProxy,
+    MigrationError,
+    MigrationProgress,
+    MigrationProxy,
+    MigrationReport,
+    StreamReport,
+    migration_destination,
+    migration_destination_blocking,
+    migration_source,
+    migration_source_blocking,
+)
 from .punch import PunchTiming
 from .report import PairReport, Report
 from .session import ConnectOptions
@@ -36,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockingLink",
+    "BlockingMigrationProxy",
     "ChannelClosed",
     "ConnectOptions",
     "ControlChannel",
@@ -43,6 +56,10 @@ __all__ = [
     "HandshakeError",
     "HolepunchError",
     "Link",
+    "MigrationError",
+    "MigrationProgress",
+    "MigrationProxy",
+    "MigrationReport",
     "NoDirectPath",
     "PairReport",
     "PeerAbort",
@@ -51,6 +68,7 @@ __all__ = [
     "RecordError",
     "Report",
     "StreamChannel",
+    "StreamReport",
     "TransferError",
     "TransferResult",
     "TruncatedStream",
@@ -58,6 +76,10 @@ __all__ = [
     "connect_asyncio",
     "connect_blocking",
     "memory_channel_pair",
+    "migration_destination",
+    "migration_destination_blocking",
+    "migration_source",
+    "migration_source_blocking",
     "open_process_channel",
     "open_tcp_channel",
     "stdio_channel",
