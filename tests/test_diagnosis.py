@@ -177,3 +177,13 @@ def test_diagnose_reads_the_report() -> None:
     d = diagnose(report)
     assert d.cause == "rst"
     assert "to the source at 203.0.113.7:41234" in d.verdict
+
+
+def test_unreachable_private_candidates_do_not_hide_timeouts_both_ways() -> None:
+    pairs = [
+        _out("198.51.100.2:5000", "timed out"),
+        _out("10.2.0.2:5000", "unreachable", "Network is unreachable"),
+    ]
+    d = diagnose_pairs(pairs, role="source")
+    assert d.causes == ["syn-timeout"]
+    assert "timed out both ways" in d.verdict

@@ -200,7 +200,7 @@ def diagnose_pairs(
                 "port, so the port STUN saw is not the one the SYNs use and hole punching "
                 "cannot work. Fix: give that NAT endpoint-independent, port-preserving "
                 "mapping (nft: plain `masquerade`, not `random`/`fully-random`) or a "
-                "static forward of the punch port, or allow the tunnel with "
+                "static forward of the punch port, or accept the slower tunnel with "
                 f"--policy auto. Check the mapping with `{DOCTOR}`.",
             )
         )
@@ -238,9 +238,11 @@ def diagnose_pairs(
 
     # 5. timeouts
     timed_out = [p for p in outbound if p.outcome == "timed out"]
+    unreachable = [p for p in outbound if p.outcome == "unreachable"]
     if timed_out:
         where = _join(p.remote for p in timed_out)
-        if len(timed_out) == len(outbound) and not inbound:
+        # unreachable pairs (the peer's private addresses) say nothing about the SYNs
+        if len(timed_out) + len(unreachable) == len(outbound) and not inbound:
             findings.append(
                 Finding(
                     "syn-timeout",
@@ -250,7 +252,7 @@ def diagnose_pairs(
                     "matched the SYNs (a symmetric NAT on either side?). Fix: check the "
                     f"NAT mapping on both hosts with `{DOCTOR}` (punching needs "
                     "endpoint-independent mapping), announce a reachable address with "
-                    "--candidate or --stun, or allow the tunnel with --policy auto.",
+                    "--candidate or --stun, or accept the slower tunnel with --policy auto.",
                 )
             )
         else:
@@ -262,9 +264,9 @@ def diagnose_pairs(
                 )
             )
 
-    # 6. unreachable
-    unreachable = [p for p in outbound if p.outcome == "unreachable"]
-    if unreachable:
+    # 6. unreachable: worth saying only when nothing else explains the failure (the
+    #    peer's private host candidates are unreachable across NATs, and that is normal)
+    if unreachable and not findings:
         findings.append(
             Finding(
                 "unreachable",

@@ -36,7 +36,7 @@ from .messages import Message
 from .noise import HandshakeState, generate_keypair
 from .punch import AuthenticatedLink, PunchRound, PunchTiming, open_listener
 from .report import Report
-from .tunnel import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, Tunnel, TunnelRefused
+from .tunnel import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK, Tunnel, TunnelRefused
 
 Role = Literal["source", "destination"]
 Policy = Literal["direct", "auto", "tunnel"]
@@ -86,8 +86,10 @@ class ConnectOptions:
             raise ValueError(f"policy must be 'direct', 'auto' or 'tunnel', not {self.policy!r}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, not {self.rounds}")
-        if self.tunnel_window < (64 << 10):
-            raise ValueError(f"tunnel_window must be >= 65536 bytes, not {self.tunnel_window}")
+        if self.tunnel_window < MAX_CHUNK:
+            raise ValueError(
+                f"tunnel_window must be >= {MAX_CHUNK} bytes (one chunk), not {self.tunnel_window}"
+            )
         if not 0 < self.tunnel_credit_batch <= self.tunnel_window:
             raise ValueError(
                 f"tunnel_credit_batch must be in 1..tunnel_window, not {self.tunnel_credit_batch}"
@@ -489,10 +491,7 @@ async def _switch_to_tunnel(
     report.fell_back = fell_back
     report.local, report.remote = "tunnel", "tunnel"
     report.time_to_link = trio.current_time() - started
-    if fell_back:
-        log.warning("using the tunnel over the control channel: %s", reason)
-    else:
-        log.info("using the tunnel over the control channel: %s", reason)
+    log.info("using the tunnel over the control channel: %s", reason)
     return Established(
         stream, send_key, recv_key, report, control, tunnel=tunnel, fell_back=fell_back
     )

@@ -57,6 +57,7 @@ DEFAULT_INBOX = 64
 SOCKETPAIR_BUFFER = 1 << 20
 
 _CREDIT_MAX = 2**63 - 1
+_GATHER = 16
 _TUNNEL_KIND = bytes([messages.KIND_TUNNEL])
 
 
@@ -337,19 +338,30 @@ class Tunnel:
             scope.cancel()
 
     async def _downlink(self, scope: trio.CancelScope) -> None:
-        """Peer -> link: hand buffered data to the socketpair, return credit in batches."""
+        """Peer -> link: hand buffered data to the socketpair (gathered, up to
+        ``_GATHER`` messages per sendmsg), return credit in batches."""
+        sock = self._pump.socket
         try:
             while True:
                 if not self._inbound:
                     self._inbound_ready = trio.Event()
                     await self._inbound_ready.wait()
                     continue
-                view = self._inbound.popleft()
-                await self._pump.send_all(view)
-                grant = self.rwindow.on_consumed(len(view))
+                views = [self._inbound[i] for i in range(min(_GATHER, len(self._inbound)))]
+                sent = await sock.sendmsg(views)
+                consumed = sent
+                while sent:
+                    head = self._inbound[0]
+                    if sent >= len(head):
+                        sent -= len(head)
+                        self._inbound.popleft()
+                    else:
+                        self._inbound[0] = head[sent:]
+                        sent = 0
+                grant = self.rwindow.on_consumed(consumed)
                 if grant:
                     await self._send_credit(grant)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             # the link closed its end: stop returning credit (the peer's sender stalls)
             return
         except HolepunchError as exc:
