@@ -12,8 +12,8 @@ import asyncio
 import queue
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from typing import Any, BinaryIO, TypeVar
 
@@ -33,30 +33,48 @@ def _options(**kwargs: Any) -> ConnectOptions:
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
     options = replace(ConnectOptions(), **kwargs)
-    if options.policy != "direct":
-        raise ValueError(
-            f"policy {options.policy!r} needs the control-channel tunnel, which this "
-            "version does not have yet; use policy='direct'"
-        )
+    options.check()
     return options
+
+
+@contextmanager
+def _single_exception() -> Iterator[None]:
+    """The session nursery only hosts the tunnel's pump, which never raises expected
+    errors; unwrap a one-exception group so callers catch NoDirectPath, TransferError...
+    as before instead of an ExceptionGroup."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            only = group.exceptions[0]
+            raise only from only.__cause__
+        raise
 
 
 @asynccontextmanager
 async def connect(channel: ControlChannel, *, role: Role, **options: Any) -> AsyncIterator[Link]:
-    """Punch, authenticate and nominate a direct link over ``channel``.
+    """Punch, authenticate and nominate a direct link over ``channel`` (or, as ``policy``
+    allows, run the tunnel over it).
 
     ``role`` is ``"source"`` (migration source, controlling side) or ``"destination"``.
-    Options are the fields of :class:`ConnectOptions`.  Raises ``NoDirectPath`` (with
-    ``.report``) when no pair works.
+    Options are the fields of :class:`ConnectOptions`.  ``policy`` (the source's counts;
+    a destination's ``"direct"`` forbids the tunnel): ``"direct"`` (default) a direct link
+    or ``NoDirectPath``; ``"auto"`` direct first, then the tunnel (``link.fell_back`` and
+    ``link.report.path == "tunnel"`` tell it, and a warning is logged); ``"tunnel"`` the
+    tunnel only.  Raises ``NoDirectPath`` (``TunnelRefused`` when the destination forbids
+    the tunnel), with ``.report`` and ``.verdict``, when no allowed path works.
     """
     if role not in ("source", "destination"):
         raise ValueError(f"role must be 'source' or 'destination', not {role!r}")
-    established = await establish(channel, role, _options(**options))
-    link = Link(established)
-    try:
-        yield link
-    finally:
-        await link.aclose()
+    opts = _options(**options)
+    with _single_exception():
+        async with trio.open_nursery() as nursery:
+            established = await establish(channel, role, opts, nursery=nursery)
+            link = Link(established)
+            try:
+                yield link
+            finally:
+                await link.aclose()
 
 
 class BlockingLink:
@@ -67,6 +85,8 @@ class BlockingLink:
         self._link = link
         self._done = done
         self.report: Report = link.report
+        self.fell_back: bool = link.fell_back
+        self.path: str = link.path
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return trio.from_thread.run(fn, *args, trio_token=self._token)
@@ -109,18 +129,19 @@ def connect_blocking(control: socket.socket, *, role: Role, **options: Any) -> B
         closing = trio.Event()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(control))
         channel = StreamChannel(stream)
-        try:
-            established = await establish(channel, role, opts)
-        except BaseException as exc:
+        async with trio.open_nursery() as nursery:
+            try:
+                established = await establish(channel, role, opts, nursery=nursery)
+            except BaseException as exc:
+                await channel.aclose()
+                ready.put(("error", exc))
+                return
+            link = Link(established)
+            token = trio.lowlevel.current_trio_token()
+            ready.put(("ok", (token, link, lambda: token.run_sync_soon(closing.set))))
+            await closing.wait()
+            await link.aclose()
             await channel.aclose()
-            ready.put(("error", exc))
-            return
-        link = Link(established)
-        token = trio.lowlevel.current_trio_token()
-        ready.put(("ok", (token, link, lambda: token.run_sync_soon(closing.set))))
-        await closing.wait()
-        await link.aclose()
-        await channel.aclose()
 
     thread = threading.Thread(target=trio.run, args=(main,), name="holepunch-mig", daemon=True)
     thread.start()

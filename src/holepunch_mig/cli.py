@@ -26,6 +26,7 @@ from .candidates import parse_endpoint
 from .control import ControlChannel, StreamChannel, open_process_channel, open_tcp_channel
 from .control import stdio_channel as open_stdio_channel
 from .errors import CandidateError, HolepunchError, NoDirectPath
+from .link import Link
 from .report import Report
 
 EXIT_OK = 0
@@ -115,9 +116,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
     p.add_argument(
         "--policy",
-        choices=["direct"],
+        choices=["direct", "auto", "tunnel"],
         default="direct",
-        help="transport policy (only 'direct' in this version)",
+        help="path policy: 'direct' (default) a punched link or exit 3; 'auto' direct "
+        "first, then the tunnel over the control channel (with a warning); 'tunnel' the "
+        "tunnel only.  The sender's policy counts; a receiver's 'direct' forbids the tunnel",
     )
     p.add_argument("--rounds", type=int, default=3, help="punch rounds before giving up")
     p.add_argument("--dial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -296,6 +299,7 @@ async def _run_recv(args: argparse.Namespace) -> int:
                 report = link.report
                 if not args.quiet:
                     _say(report.summary())
+                _warn_fallback(link)
                 progress = None if args.quiet else Progress("received", None)
                 result = await link.receive_file(dst, progress=progress)
                 dst.flush()
@@ -327,6 +331,7 @@ async def _run_send(args: argparse.Namespace) -> int:
                 report = link.report
                 if not args.quiet:
                     _say(report.summary())
+                _warn_fallback(link)
                 progress = None if args.quiet else Progress("sent", total)
                 result = await link.send_file(src, progress=progress)
                 if progress:
@@ -342,6 +347,18 @@ async def _run_send(args: argparse.Namespace) -> int:
         await channel.aclose()
 
 
+def _warn_fallback(link: Link) -> None:
+    """Fallback is never silent: say so on stderr, even with --quiet."""
+    if not link.fell_back:
+        return
+    _say(
+        "holepunch-mig: WARNING: no direct path; the data goes through the tunnel over the "
+        f"control channel (policy auto): {link.report.path_reason}"
+    )
+    if link.report.verdict:
+        _say(f"holepunch-mig: why the direct path failed: {link.report.verdict}")
+
+
 def _fail(args: argparse.Namespace, exc: Exception, report: Report | None, code: int) -> int:
     verdict = getattr(exc, "verdict", None) or str(exc)
     if report is not None:
@@ -349,6 +366,8 @@ def _fail(args: argparse.Namespace, exc: Exception, report: Report | None, code:
         report.verdict = verdict
         _say(report.summary())
     _say(f"holepunch-mig: {type(exc).__name__}: {exc}")
+    if isinstance(exc, NoDirectPath):
+        _say(f"holepunch-mig: verdict: {verdict}")
     if args.report:
         if report is None:
             report = Report(session="", role="source" if args.command == "send" else "destination")

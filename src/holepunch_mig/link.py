@@ -20,6 +20,7 @@ from .errors import HolepunchError, PeerAbort, RecordError, TransferError
 from .records import RecordReader, RecordWriter
 from .report import Report
 from .session import ControlReader, Established, SessionLog
+from .tunnel import Tunnel
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -52,16 +53,28 @@ def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
 
 
 class Link:
-    """An authenticated, encrypted link to the peer plus the control channel beside it."""
+    """An authenticated, encrypted link to the peer plus the control channel beside it.
+
+    ``path`` is "direct" (a punched TCP link) or "tunnel" (the same records carried over
+    the control channel); ``fell_back`` is True when policy "auto" wanted direct and got
+    the tunnel, so a caller can check it got what it asked for without parsing text.
+    """
 
     def __init__(self, established: Established) -> None:
         self.report: Report = established.report
         self.control: ControlReader = established.control
+        self.tunnel: Tunnel | None = established.tunnel
+        self.fell_back: bool = established.fell_back
         self.sock = _blocking_socket(established.stream)
         self.writer = RecordWriter(self.sock, established.send_key)
         self.reader = RecordReader(self.sock, established.recv_key)
         self.log = SessionLog(logger, {"session": self.report.session[:12]})
         self._closed = False
+
+    @property
+    def path(self) -> str:
+        """ "direct" or "tunnel"."""
+        return self.report.path
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
         """Run blocking record I/O in a worker; on cancellation shut the socket so the
@@ -151,3 +164,5 @@ class Link:
         self._closed = True
         self._shutdown()
         self.sock.close()
+        if self.tunnel is not None:
+            await self.tunnel.aclose()

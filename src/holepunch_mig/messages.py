@@ -128,6 +128,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "port": (_check_port, "a TCP port 1-65535", True),
         "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
         "limits": (_check_limits, "an object of unsigned integers", True),
+        # the destination's own policy; "direct" forbids the tunnel.  Absent = "direct".
+        "policy": (_check_policy, '"direct", "auto" or "tunnel"', False),
     },
     "ping": {"seq": (_check_uint, "an unsigned integer", True)},
     "pong": {"seq": (_check_uint, "an unsigned integer", True)},

@@ -45,11 +45,17 @@ class Report:
     policy: str = "direct"
     path: Literal["direct", "tunnel", "none"] = "none"
     path_reason: str = ""
+    fell_back: bool = False
+    """True when policy "auto" had to use the tunnel because the direct path failed."""
     local: str | None = None
     remote: str | None = None
     time_to_link: float | None = None
     rtt: float | None = None
     rounds: int = 0
+    local_port: int | None = None
+    """This side's punch port (what its candidates' base port is)."""
+    remote_port: int | None = None
+    """The punch port the peer announced."""
     local_candidates: list[str] = field(default_factory=list)
     remote_candidates: list[str] = field(default_factory=list)
     pairs: list[PairReport] = field(default_factory=list)
@@ -73,6 +79,8 @@ class Report:
     def summary(self) -> str:
         """A few plain lines for stderr."""
         lines = [f"session {self.session} ({self.role}): path {self.path}"]
+        if self.fell_back:
+            lines[0] += " (FALLBACK: the direct path failed)"
         if self.path_reason:
             lines.append(f"  why: {self.path_reason}")
         if self.local and self.remote:

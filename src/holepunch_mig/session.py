@@ -22,6 +22,7 @@ import trio
 from . import messages
 from .candidates import Candidate, gather, observed_candidates
 from .control import ControlChannel
+from .diagnosis import diagnose
 from .errors import (
     ChannelClosed,
     ControlTimeout,
@@ -35,6 +36,7 @@ from .messages import Message
 from .noise import HandshakeState, generate_keypair
 from .punch import AuthenticatedLink, PunchRound, PunchTiming, open_listener
 from .report import Report
+from .tunnel import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK, Tunnel, TunnelRefused
 
 Role = Literal["source", "destination"]
 Policy = Literal["direct", "auto", "tunnel"]
@@ -73,17 +75,41 @@ class ConnectOptions:
     stun_timeout: float = 2.0
     dial_delay: float = 0.0
     """Lab knob: hold this side's dials after sync, to prove skew tolerance."""
+    tunnel_window: int = DEFAULT_WINDOW
+    """Bytes this side lets the peer have in flight in the tunnel (flow-control window)."""
+    tunnel_credit_batch: int = DEFAULT_CREDIT_BATCH
+    """This side returns tunnel credit once this many bytes reached the link."""
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option that is out of range."""
+        if self.policy not in ("direct", "auto", "tunnel"):
+            raise ValueError(f"policy must be 'direct', 'auto' or 'tunnel', not {self.policy!r}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, not {self.rounds}")
+        if self.tunnel_window < MAX_CHUNK:
+            raise ValueError(
+                f"tunnel_window must be >= {MAX_CHUNK} bytes (one chunk), not {self.tunnel_window}"
+            )
+        if not 0 < self.tunnel_credit_batch <= self.tunnel_window:
+            raise ValueError(
+                f"tunnel_credit_batch must be in 1..tunnel_window, not {self.tunnel_credit_batch}"
+            )
 
 
 @dataclass
 class Established:
-    """A nominated, authenticated direct link and what it took to get it."""
+    """An authenticated link (direct, or the tunnel's end) and what it took to get it."""
 
     stream: trio.SocketStream
     send_key: bytes
     recv_key: bytes
     report: Report
     control: ControlReader
+    tunnel: Tunnel | None = None
+    """The running tunnel when the path is "tunnel" (closed with the link)."""
+    fell_back: bool = False
+    """True when the policy was "auto" and the direct path failed: the caller asked for
+    direct first and got the tunnel."""
 
 
 class ControlReader:
@@ -92,6 +118,16 @@ class ControlReader:
     def __init__(self, channel: ControlChannel, timeout: float) -> None:
         self.channel = channel
         self.timeout = timeout
+        self._tunnel: Tunnel | None = None
+
+    def attach(self, tunnel: Tunnel) -> None:
+        """From now on the tunnel owns the channel's receive side; read its control inbox."""
+        self._tunnel = tunnel
+
+    async def _next(self) -> bytes:
+        if self._tunnel is not None:
+            return await self._tunnel.receive_control()
+        return await self.channel.receive_message()
 
     async def send(self, type_: str, **fields: Any) -> bytes:
         data = messages.encode(messages.make(type_, **fields))
@@ -106,7 +142,7 @@ class ControlReader:
         what = " or ".join(expected)
         try:
             with trio.fail_after(limit):
-                raw = await self.channel.receive_message()
+                raw = await self._next()
         except trio.TooSlowError:
             raise ControlTimeout(
                 f"no {what} message from the peer within {limit:.1f} s"
@@ -198,8 +234,18 @@ def _is_loopback(host: str | None) -> bool:
     return host is not None and (host.startswith("127.") or host == "::1")
 
 
-async def establish(channel: ControlChannel, role: Role, options: ConnectOptions) -> Established:
-    """Run the direct-path negotiation to a nominated link, or raise NoDirectPath."""
+async def establish(
+    channel: ControlChannel,
+    role: Role,
+    options: ConnectOptions,
+    *,
+    nursery: trio.Nursery | None = None,
+) -> Established:
+    """Negotiate a path as the policy says: a nominated direct link, or (policy "auto"
+    after the direct path failed, or policy "tunnel") the tunnel over ``channel``, which
+    runs in ``nursery`` until the link is closed.  Raises NoDirectPath (TunnelRefused when
+    the destination's policy forbids the tunnel) with ``.report`` and ``.verdict``."""
+    options.check()
     control = ControlReader(channel, options.control_timeout)
     session_id = os.urandom(16) if role == "source" else b""
     started = trio.current_time()
@@ -222,7 +268,9 @@ async def establish(channel: ControlChannel, role: Role, options: ConnectOptions
             # no IPv6 on this host, or the port is taken there: go on with IPv4
             with contextlib.suppress(OSError):
                 listeners[fam] = await open_listener(_choose_bind(options, fam), port, fam)
-        return await _negotiate(control, role, options, listeners, port, session_id, started)
+        return await _negotiate(
+            control, role, options, listeners, port, session_id, started, nursery
+        )
     finally:
         for sock in listeners.values():
             sock.close()
@@ -236,18 +284,24 @@ async def _negotiate(
     port: int,
     session_id: bytes,
     started: float,
+    nursery: trio.Nursery | None,
 ) -> Established:
     include_loopback = options.include_loopback
     if include_loopback is None:
         include_loopback = _is_loopback(control.channel.peer_host)
-    local, notes = await gather(
-        port,
-        stun_servers=options.stun,
-        given=options.candidates,
-        include_loopback=include_loopback,
-        ipv6=socket.AF_INET6 in listeners,
-        stun_timeout=options.stun_timeout,
-    )
+    if role == "source" and options.policy == "tunnel":
+        # no direct attempt will be made: don't spend time on STUN
+        local: list[Candidate] = []
+        notes = ["policy tunnel: no candidates gathered"]
+    else:
+        local, notes = await gather(
+            port,
+            stun_servers=options.stun,
+            given=options.candidates,
+            include_loopback=include_loopback,
+            ipv6=socket.AF_INET6 in listeners,
+            stun_timeout=options.stun_timeout,
+        )
     static_private, static_public = generate_keypair()
     limits = {"max_record": 1 << 20}
     lines = [c.to_line() for c in local]
@@ -266,6 +320,9 @@ async def _negotiate(
         if answer_msg["session"] != session_id.hex():
             raise ProtocolError("answer names a different session id")
         peer = answer_msg
+        policy: Policy = options.policy
+        # a destination that does not say (older version) cannot tunnel
+        destination_policy: Policy = answer_msg.get("policy", "direct")
     else:
         offer_msg, offer = await control.receive("offer", step="waiting for the offer")
         session_id = bytes.fromhex(offer_msg["session"])
@@ -276,25 +333,45 @@ async def _negotiate(
             port=port,
             candidates=lines,
             limits=limits,
+            policy=options.policy,
         )
         peer = offer_msg
+        policy = offer_msg["policy"]  # the destination follows the source
+        destination_policy = options.policy
 
     sid = session_id.hex()
     log = SessionLog(logger, {"session": sid[:12]})
-    report = Report(session=sid, role=role, policy=options.policy)
+    report = Report(session=sid, role=role, policy=policy)
+    report.local_port, report.remote_port = port, peer["port"]
     report.local_candidates = lines
     report.remote_candidates = list(peer["candidates"])
     report.notes.extend(notes)
+    if role == "destination" and options.policy != policy:
+        report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
+    tunnel_allowed = destination_policy != "direct"
     remote_public = bytes.fromhex(peer["key"])
     if remote_public == static_public:
         raise HandshakeError("peer announced our own public key")
+    pro = prologue(session_id, offer, answer)
+    tunnel_args = (control, role, options, nursery, static_private, remote_public, pro, report)
+
+    if policy == "tunnel":
+        if not tunnel_allowed:
+            exc = TunnelRefused(
+                "the source asked for the tunnel only (policy 'tunnel') but the destination's "
+                "policy 'direct' forbids the tunnel: no path allowed"
+            )
+            _fail_report(report, exc, exc.verdict)
+            raise exc
+        return await _switch_to_tunnel(
+            *tunnel_args, started, log, reason="policy 'tunnel': the tunnel was asked for"
+        )
 
     remotes = _remote_endpoints(peer["candidates"], control.channel.peer_host, peer["port"], report)
     remotes = [
         r for r in remotes if (socket.AF_INET6 if ":" in r[0] else socket.AF_INET) in listeners
     ]
     log.info("%d local, %d remote candidates", len(local), len(remotes))
-    pro = prologue(session_id, offer, answer)
     try:
         link = await _rounds(
             control,
@@ -309,10 +386,30 @@ async def _negotiate(
             report,
             log,
         )
+    except NoDirectPath as exc:
+        verdict = diagnose(report).verdict
+        if policy == "auto" and tunnel_allowed:
+            report.verdict = verdict
+            log.warning("no direct path (%s); policy auto: falling back to the tunnel", exc)
+            return await _switch_to_tunnel(
+                *tunnel_args,
+                started,
+                log,
+                reason=f"fell back to the tunnel (policy auto) because {exc}",
+                fell_back=True,
+            )
+        if policy == "auto":
+            refused = TunnelRefused(
+                f"{exc}; the source allows the tunnel (policy 'auto') but the destination's "
+                "policy 'direct' forbids it",
+                verdict,
+            )
+            _fail_report(report, refused, verdict)
+            raise refused from exc
+        _fail_report(report, exc, verdict)
+        raise
     except HolepunchError as exc:
-        exc.report = report
-        report.ok = False
-        report.verdict = str(exc)
+        _fail_report(report, exc, str(exc))
         raise
     report.path = "direct"
     report.path_reason = "direct link authenticated and nominated"
@@ -321,6 +418,83 @@ async def _negotiate(
     link.pair.outcome = "nominated"
     log.info("link %s <-> %s nominated in %.3f s", link.local, link.remote, report.time_to_link)
     return Established(link.stream, link.send_key, link.recv_key, report, control)
+
+
+def _fail_report(report: Report, exc: HolepunchError, verdict: str) -> None:
+    exc.report = report
+    if isinstance(exc, NoDirectPath):
+        exc.verdict = verdict
+    report.ok = False
+    report.verdict = verdict
+
+
+async def _switch_to_tunnel(
+    control: ControlReader,
+    role: Role,
+    options: ConnectOptions,
+    nursery: trio.Nursery | None,
+    static_private: bytes,
+    remote_public: bytes,
+    pro: bytes,
+    report: Report,
+    started: float,
+    log: SessionLog,
+    *,
+    reason: str,
+    fell_back: bool = False,
+) -> Established:
+    """Announce (source) or accept (destination) the switch with a ``path`` message, start
+    the tunnel and run the same Noise KK handshake over it (round 0, link 0)."""
+    try:
+        if nursery is None:
+            raise HolepunchError(
+                "the tunnel needs a nursery to run in: call establish(..., nursery=...) "
+                "or use holepunch_mig.connect"
+            )
+        if role == "source":
+            await control.send("path", path="tunnel", reason=reason[:4096])
+        else:
+            msg, _ = await control.receive("path", step="waiting for the switch to the tunnel")
+            if msg["path"] != "tunnel":
+                raise ProtocolError(f"source announced path {msg['path']!r}, expected 'tunnel'")
+            reason = msg["reason"]
+        tunnel = Tunnel(
+            control.channel,
+            window=options.tunnel_window,
+            credit_batch=options.tunnel_credit_batch,
+        )
+        await nursery.start(tunnel.run)
+        control.attach(tunnel)
+        try:
+            stream = tunnel.link_stream()
+            auth = make_authenticator(role, 0, static_private, remote_public, pro)
+            try:
+                with trio.fail_after(options.control_timeout):
+                    _, send_key, recv_key = await auth(stream, 0)
+            except trio.TooSlowError:
+                raise HandshakeError(
+                    f"Noise handshake over the tunnel did not finish within "
+                    f"{options.control_timeout:.1f} s"
+                ) from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise HandshakeError(
+                    f"tunnel closed during the Noise handshake: {tunnel.error or exc}"
+                ) from None
+        except BaseException:
+            await tunnel.aclose()
+            raise
+    except HolepunchError as exc:
+        _fail_report(report, exc, report.verdict or str(exc))
+        raise
+    report.path = "tunnel"
+    report.path_reason = reason
+    report.fell_back = fell_back
+    report.local, report.remote = "tunnel", "tunnel"
+    report.time_to_link = trio.current_time() - started
+    log.info("using the tunnel over the control channel: %s", reason)
+    return Established(
+        stream, send_key, recv_key, report, control, tunnel=tunnel, fell_back=fell_back
+    )
 
 
 def _remote_endpoints(

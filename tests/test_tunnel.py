@@ -1,0 +1,417 @@
+"""The control-channel tunnel: flow-control accounting (sans-IO), the pump over an
+in-memory control pair (throughput path, interleaved control messages, a peer that stops
+reading, a peer that ignores credit, a vanished peer) and the policies through the API."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from holepunch_mig import api, messages
+from holepunch_mig.control import ControlChannel, memory_channel_pair
+from holepunch_mig.errors import ChannelClosed, NoDirectPath, PeerAbort, ProtocolError
+from holepunch_mig.punch import PunchRound, PunchTiming
+from holepunch_mig.session import ControlReader
+from holepunch_mig.tunnel import (
+    MAX_CHUNK,
+    ReceiveWindow,
+    SendCredit,
+    Tunnel,
+    TunnelClosed,
+    TunnelRefused,
+)
+
+FAST = PunchTiming(connect_timeout=0.5, round_timeout=0.6, handshake_timeout=1.0)
+KiB, MiB = 1 << 10, 1 << 20
+
+
+# --------------------------------------------------------------------------- sans-IO
+
+
+def test_send_credit_accounting() -> None:
+    credit = SendCredit()
+    assert credit.take(MAX_CHUNK) == 0
+    credit.grant(100_000)
+    assert credit.take(MAX_CHUNK) == MAX_CHUNK
+    credit.spend(MAX_CHUNK)
+    assert credit.take(MAX_CHUNK) == 100_000 - MAX_CHUNK
+    with pytest.raises(ValueError, match="credit"):
+        credit.spend(100_000)
+    with pytest.raises(ProtocolError, match="positive"):
+        credit.grant(0)
+
+
+def test_receive_window_returns_credit_in_batches_not_per_chunk() -> None:
+    win = ReceiveWindow(window=16 * MiB, batch=4 * MiB)
+    assert win.initial_grant() == 16 * MiB
+    grants = []
+    for _ in range((64 * MiB) // MAX_CHUNK):
+        win.on_data(MAX_CHUNK)
+        grant = win.on_consumed(MAX_CHUNK)
+        if grant:
+            grants.append(grant)
+    # 1024 chunks, 15 credit messages: one per 4 MiB consumed
+    assert len(grants) == (64 * MiB // MAX_CHUNK * MAX_CHUNK) // (4 * MiB)
+    assert all(g >= 4 * MiB for g in grants)
+
+
+def test_receive_window_refuses_overrun() -> None:
+    win = ReceiveWindow(window=128 * KiB, batch=64 * KiB)
+    win.initial_grant()
+    win.on_data(100 * KiB)
+    with pytest.raises(ProtocolError, match="ignores flow control"):
+        win.on_data(29 * KiB)
+    with pytest.raises(ProtocolError, match="empty"):
+        win.on_data(0)
+
+
+def test_receive_window_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="smaller than one chunk"):
+        ReceiveWindow(window=1000, batch=500)
+    with pytest.raises(ValueError, match="batch"):
+        ReceiveWindow(window=MiB, batch=2 * MiB)
+
+
+@given(st.lists(st.tuples(st.integers(1, MAX_CHUNK), st.booleans()), max_size=300))
+def test_window_invariants(steps: list[tuple[int, bool]]) -> None:
+    """Whatever the pattern of arrivals and consumption, an honest sender (spending only
+    its credit) never overruns, buffered bytes never exceed the window, and credit in
+    flight + buffered + not yet returned always adds up to the window."""
+    window, batch = 256 * KiB, 64 * KiB
+    win, credit = ReceiveWindow(window, batch), SendCredit()
+    credit.grant(win.initial_grant())
+    for size, consume in steps:
+        n = credit.take(size)
+        if n:
+            credit.spend(n)
+            win.on_data(n)
+        if consume and win.buffered:
+            grant = win.on_consumed(win.buffered)
+            if grant:
+                credit.grant(grant)
+        assert win.buffered <= window
+        assert credit.available + win.buffered + win.unreturned == window
+        assert credit.available == win.outstanding
+
+
+# --------------------------------------------------------------------------- the pump
+
+
+@asynccontextmanager
+async def tunnel_pair(
+    **kw: Any,
+) -> AsyncIterator[tuple[Tunnel, Tunnel, trio.SocketStream, trio.SocketStream]]:
+    a, b = memory_channel_pair()
+    ta, tb = Tunnel(a, **kw), Tunnel(b, **kw)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ta.run)
+        await nursery.start(tb.run)
+        sa, sb = ta.link_stream(), tb.link_stream()
+        try:
+            yield ta, tb, sa, sb
+        finally:
+            await sa.aclose()
+            await sb.aclose()
+            await ta.aclose()
+            await tb.aclose()
+
+
+async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        assert chunk, f"stream ended after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+async def test_bytes_cross_both_ways_with_batched_credit() -> None:
+    data_ab, data_ba = os.urandom(24 * MiB), os.urandom(3 * MiB)
+    with trio.fail_after(30):
+        async with tunnel_pair() as (ta, tb, sa, sb):
+            got: dict[str, bytes] = {}
+
+            async def read(name: str, stream: trio.SocketStream, n: int) -> None:
+                got[name] = await _receive_exactly(stream, n)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sa.send_all, data_ab)
+                nursery.start_soon(sb.send_all, data_ba)
+                nursery.start_soon(read, "ab", sb, len(data_ab))
+                nursery.start_soon(read, "ba", sa, len(data_ba))
+    assert hashlib.sha256(got["ab"]).digest() == hashlib.sha256(data_ab).digest()
+    assert got["ba"] == data_ba
+    assert ta.stats.bytes_sent == tb.stats.bytes_received == len(data_ab)
+    # every message at most 64 KiB, and credit comes back per 4 MiB, never per chunk
+    assert ta.stats.messages_sent >= len(data_ab) // MAX_CHUNK
+    assert tb.stats.credits_sent <= 1 + len(data_ab) // (4 * MiB)
+    assert tb.stats.credits_sent < ta.stats.messages_sent / 50
+    assert tb.stats.max_buffered <= 16 * MiB
+
+
+async def test_control_messages_interleave_with_tunnel_data() -> None:
+    a, b = memory_channel_pair()
+    ta, tb = Tunnel(a), Tunnel(b)
+    payload = os.urandom(8 * MiB)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ta.run)
+            await nursery.start(tb.run)
+            reader_a, reader_b = ControlReader(a, timeout=10), ControlReader(b, timeout=10)
+            reader_a.attach(ta)
+            reader_b.attach(tb)
+            sa, sb = ta.link_stream(), tb.link_stream()
+            received: list[bytes] = []
+
+            async def sink() -> None:
+                received.append(await _receive_exactly(sb, len(payload)))
+
+            nursery.start_soon(sa.send_all, payload)
+            nursery.start_soon(sink)
+            # while the data flows, the control plane keeps working in both directions
+            await reader_b.send("result", ok=True, bytes=1, sha256=None, error=None)
+            msg, _ = await reader_a.receive("result")
+            assert msg["ok"] is True
+            await reader_a.send("ping", seq=7)
+            msg, _ = await reader_b.receive("ping")
+            assert msg["seq"] == 7
+            await reader_a.send("abort", reason="stop")
+            with pytest.raises(PeerAbort, match=r"peer aborted.*stop"):
+                await reader_b.receive("result")
+            while not received:
+                await trio.testing.wait_all_tasks_blocked()
+            for t in (ta, tb):
+                await t.aclose()
+    assert received[0] == payload
+
+
+async def test_peer_that_stops_reading_cannot_grow_memory() -> None:
+    """The destination's link never reads: the source's writer must stall with at most
+    the window buffered in user space (plus bounded kernel socket buffers)."""
+    window, batch, sockbuf = 512 * KiB, 128 * KiB, 64 * KiB
+    payload = os.urandom(32 * MiB)
+    pair = tunnel_pair(window=window, credit_batch=batch, socket_buffer=sockbuf)
+    with trio.fail_after(30):
+        async with pair as (ta, tb, sa, sb), trio.open_nursery() as nursery:
+            nursery.start_soon(sa.send_all, payload)
+            # everything that can move has moved once every task is blocked
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            handed_to_link = tb.rwindow.received_total - tb.buffered
+            assert ta.credit.available == 0, "sender must be out of credit"
+            assert tb.buffered <= window
+            assert tb.stats.max_buffered <= window
+            assert ta.stats.bytes_sent <= window + handed_to_link
+            # what left user space sits in kernel buffers of bounded size
+            assert handed_to_link <= 8 * sockbuf
+            assert ta.stats.bytes_sent < len(payload) // 8
+            stalled_at = ta.stats.bytes_sent
+            # still stalled: nothing more goes while nobody reads
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert ta.stats.bytes_sent == stalled_at
+            # the reader comes back: the flow resumes and every byte arrives intact
+            got = await _receive_exactly(sb, len(payload))
+            assert got == payload
+            nursery.cancel_scope.cancel()
+    assert tb.stats.max_buffered <= window
+
+
+async def test_peer_ignoring_credit_fails_the_tunnel() -> None:
+    a, b = memory_channel_pair()
+    tb = Tunnel(b, window=128 * KiB, credit_batch=64 * KiB)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tb.run)
+            sb = tb.link_stream()
+            grant = messages.decode(await a.receive_message())
+            assert isinstance(grant, messages.Message) and grant["bytes"] == 128 * KiB
+            chunk = messages.encode(messages.TunnelData(b"x" * MAX_CHUNK))
+            for _ in range(3):  # 3 x 64 KiB > 128 KiB of credit
+                await a.send_message(chunk)
+            with pytest.raises(ProtocolError, match="ignores flow control"):
+                await tb.receive_control()
+            # the link sees the end of the stream after what was within credit
+            data = b""
+            while chunk_in := await sb.receive_some(1 << 20):
+                data += chunk_in
+            assert len(data) <= 128 * KiB
+            await tb.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_control_channel_closing_ends_the_tunnel() -> None:
+    a, b = memory_channel_pair()
+    tb = Tunnel(b)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tb.run)
+            sb = tb.link_stream()
+            await a.receive_message()  # initial credit
+            await a.aclose()
+            with pytest.raises(ChannelClosed):
+                await tb.receive_control()
+            assert await sb.receive_some(100) == b""
+            with pytest.raises(TunnelClosed):
+                await tb.receive_control()
+            await tb.aclose()
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def _no_direct_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SYN vanishes: the punch race yields nothing (as behind dropping firewalls)."""
+
+    async def run(self: PunchRound, out: trio.MemorySendChannel[Any]) -> None:
+        async with out:
+            await trio.sleep_forever()
+
+    monkeypatch.setattr(PunchRound, "run", run)
+
+
+async def _transfer(
+    data: bytes,
+    src_opts: dict[str, Any],
+    dst_opts: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    a, b = memory_channel_pair()
+    out = io.BytesIO()
+    seen: dict[str, Any] = {}
+
+    async def side(name: str, channel: ControlChannel, role: Any, opts: dict[str, Any]) -> None:
+        try:
+            async with api.connect(channel, role=role, timing=FAST, rounds=1, **opts) as link:
+                seen[name] = link
+                if role == "source":
+                    await link.send_file(io.BytesIO(data))
+                else:
+                    await link.receive_file(out)
+        except NoDirectPath as exc:
+            seen[name] = exc
+        finally:
+            await channel.aclose()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side, "source", a, "source", src_opts)
+            nursery.start_soon(side, "destination", b, "destination", dst_opts)
+    return seen["source"], seen["destination"], out.getvalue()
+
+
+async def test_policy_tunnel_carries_the_records_end_to_end() -> None:
+    data = os.urandom(20 * MiB + 17)
+    src, dst, got = await _transfer(data, {"policy": "tunnel"}, {"policy": "auto"})
+    assert got == data
+    digest = hashlib.sha256(data).hexdigest()
+    for link in (src, dst):
+        assert link.path == "tunnel" and link.report.path == "tunnel"
+        assert link.fell_back is False and link.report.fell_back is False
+        assert link.report.ok is True and link.report.sha256 == digest
+        assert link.report.policy == "tunnel"
+        assert "policy 'tunnel'" in link.report.path_reason
+        assert link.report.pairs == []
+    # tunnel bytes are records (encrypted), never the plaintext
+    assert src.tunnel.stats.bytes_sent > len(data)
+
+
+async def test_policy_auto_falls_back_loudly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _no_direct_path(monkeypatch)
+    data = os.urandom(3 * MiB)
+    with caplog.at_level(logging.WARNING, logger="holepunch_mig"):
+        src, dst, got = await _transfer(data, {"policy": "auto"}, {"policy": "auto"})
+    assert got == data
+    for link in (src, dst):
+        assert link.path == "tunnel"
+        assert link.fell_back is True and link.report.fell_back is True
+        assert link.report.ok is True
+        assert link.report.path_reason.startswith("fell back to the tunnel (policy auto)")
+        assert link.report.verdict  # why direct failed, for the admin
+        assert "FALLBACK" in link.report.summary()
+    assert any("falling back to the tunnel" in r.getMessage() for r in caplog.records)
+
+
+async def test_policy_auto_prefers_direct() -> None:
+    data = os.urandom(1 * MiB)
+    src, dst, got = await _transfer(data, {"policy": "auto"}, {"policy": "auto"})
+    assert got == data
+    assert src.path == dst.path == "direct"
+    assert not src.fell_back and not dst.fell_back
+
+
+async def test_policy_direct_fails_with_a_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_direct_path(monkeypatch)
+    src, dst, _ = await _transfer(b"x", {"policy": "direct"}, {"policy": "auto"})
+    for exc in (src, dst):
+        assert type(exc) is NoDirectPath
+        assert exc.report.path == "none" and exc.report.ok is False
+        assert exc.verdict == exc.report.verdict
+
+
+async def test_destination_direct_refuses_the_sources_auto_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _no_direct_path(monkeypatch)
+    src, dst, _ = await _transfer(b"x", {"policy": "auto"}, {"policy": "direct"})
+    for exc in (src, dst):
+        assert isinstance(exc, TunnelRefused)
+        assert "destination's policy 'direct' forbids" in str(exc)
+        assert exc.report.path == "none"
+
+
+async def test_destination_direct_refuses_tunnel_only() -> None:
+    src, dst, _ = await _transfer(b"x", {"policy": "tunnel"}, {"policy": "direct"})
+    for exc in (src, dst):
+        assert isinstance(exc, TunnelRefused)
+        assert "forbids the tunnel" in str(exc)
+
+
+async def test_unknown_policy_is_refused() -> None:
+    a, _b = memory_channel_pair()
+    with pytest.raises(ValueError, match="policy must be"):
+        async with api.connect(a, role="source", policy="sometimes"):
+            pass
+
+
+def test_blocking_facade_over_the_tunnel() -> None:
+    import socket
+    import threading
+
+    data = os.urandom(4 * MiB)
+    ca, cb = socket.socketpair()
+    out = io.BytesIO()
+    results: dict[str, Any] = {}
+
+    def run(name: str, sock: socket.socket, role: Any) -> None:
+        try:
+            with api.connect_blocking(sock, role=role, policy="tunnel") as link:
+                results[name + "-path"] = (link.path, link.fell_back)
+                if role == "source":
+                    results[name] = link.send_file(io.BytesIO(data))
+                else:
+                    results[name] = link.receive_file(out)
+        except BaseException as exc:  # surfaced below
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("src", ca, "source")),
+        threading.Thread(target=run, args=("dst", cb, "destination")),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out.getvalue() == data, results
+    assert results["src-path"] == results["dst-path"] == ("tunnel", False)
+    assert results["src"].sha256 == hashlib.sha256(data).hexdigest()
