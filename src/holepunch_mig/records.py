@@ -164,6 +164,41 @@ class _Direction:
             self.aead = AESGCM(self.key)
 
 
+class _HashThread:
+    """SHA-256 of a sequence of buffers in a thread of its own (hashlib releases the GIL
+    for buffers over 2 KiB), so hashing overlaps sealing/opening and socket I/O.  Buffers
+    are hashed in ``put`` order; each index goes back to ``free`` once hashed."""
+
+    def __init__(self, bufs: list[memoryview], free: queue.SimpleQueue[int]) -> None:
+        self._h = hashlib.sha256()
+        self._bufs = bufs
+        self._free = free
+        self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="records-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self._h.update
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            i, n = item
+            try:
+                update(self._bufs[i][:n])
+            finally:
+                self._free.put(i)
+
+    def put(self, i: int, n: int) -> None:
+        self._todo.put((i, n))
+
+    def finish(self) -> bytes:
+        """Wait for everything put so far; return the digest."""
+        self._todo.put(None)
+        self._thread.join()
+        return self._h.digest()
+
+
 class RecordWriter:
     """Sends records on a blocking socket.  Thread-safe: every record is sealed and sent
     under one lock, so several pump threads may share a link (records interleave whole)."""
@@ -182,7 +217,12 @@ class RecordWriter:
         self.max_record = max_record
         self._frame = bytearray(HEADER.size + max_record + TAG)
         self._fview = memoryview(self._frame)
+        # _lock: counter assignment, sealing into the shared frame.  _turn: records go on
+        # the wire in counter order; _next_send is the counter of the next record to send
+        # (only a pipelined send_file has sealed records not yet sent).
         self._lock = threading.Lock()
+        self._turn = threading.Condition(threading.Lock())
+        self._next_send = 0
         self._closed = False
         self._broken: str | None = None
         self.records_sent = 0
@@ -204,31 +244,58 @@ class RecordWriter:
         if type == RecordType.ABORT and n > ABORT_MAX:
             raise RecordError(f"ABORT reason is {n} bytes, max {ABORT_MAX}")
 
-    def _seal_send(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
-        """Seal one record into the shared frame and send it.  Caller validated it."""
+    def _seal_into(
+        self, frame: memoryview, type: int, stream: int, payload: bytes | memoryview | bytearray
+    ) -> tuple[int, int]:
+        """Seal one record into ``frame`` under the next counter.  Caller holds ``_lock``
+        and validated the record.  Returns (counter, frame length)."""
+        if self._broken is not None:
+            raise RecordError(f"link unusable: {self._broken}")
+        if self._closed:
+            raise RecordError("CLOSE already sent on this link; no more records allowed")
         n = len(payload)
         end = HEADER.size + n + TAG
-        fview = self._fview
-        with self._lock:
+        d = self._dir
+        HEADER.pack_into(frame, 0, type, 0, stream, n)
+        d.aead.encrypt_into(d.nonce(), payload, frame[: HEADER.size], frame[HEADER.size : end])
+        counter = d.counter
+        d.advance()
+        if type == RecordType.CLOSE:
+            self._closed = True
+        return counter, end
+
+    def _send_in_turn(self, counter: int, frame: memoryview) -> None:
+        """Send a sealed frame once every record before it is on the wire."""
+        turn = self._turn
+        with turn:
+            while self._next_send != counter:
+                if self._broken is not None:
+                    raise RecordError(f"link unusable: {self._broken}")
+                turn.wait()
             if self._broken is not None:
                 raise RecordError(f"link unusable: {self._broken}")
-            if self._closed:
-                raise RecordError("CLOSE already sent on this link; no more records allowed")
-            d = self._dir
-            HEADER.pack_into(self._frame, 0, type, 0, stream, n)
-            d.aead.encrypt_into(d.nonce(), payload, fview[: HEADER.size], fview[HEADER.size : end])
-            try:
-                self._sock.sendall(fview[:end])
-            except BaseException as exc:
-                # Part of a record may be on the wire: nothing sent afterwards can be valid.
-                self._broken = f"send of record {d.counter} failed: {exc!r}"
-                raise
-            d.advance()
+        try:
+            self._sock.sendall(frame)
+        except BaseException as exc:
+            # Part of a record may be on the wire: nothing sent afterwards can be valid.
+            with turn:
+                self._broken = f"send of record {counter} failed: {exc!r}"
+                turn.notify_all()
+            raise
+        with turn:
+            self._next_send = counter + 1
             self.records_sent += 1
-            self.bytes_sent += n
-            self.wire_bytes_sent += end
-            if type == RecordType.CLOSE:
-                self._closed = True
+            self.bytes_sent += len(frame) - HEADER.size - TAG
+            self.wire_bytes_sent += len(frame)
+            turn.notify_all()
+
+    def _seal_send(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
+        """Seal one record into the shared frame and send it.  Caller validated it."""
+        with self._lock:
+            counter, end = self._seal_into(self._fview, type, stream, payload)
+            # Still under _lock (the shared frame is in use): wait for a pipelined
+            # send_file's earlier records, which never need _lock to go out.
+            self._send_in_turn(counter, self._fview[:end])
 
     # -- public API -------------------------------------------------------------------------
 
@@ -253,40 +320,140 @@ class RecordWriter:
         *,
         digest: bool = True,
         progress: Callable[[int], None] | None = None,
+        pipeline: int = 3,
     ) -> tuple[int, bytes]:
         """Send everything ``src`` yields until EOF as DATA records, then END with the count
         and (when ``digest``) the SHA-256 of the bytes.  Returns ``(count, digest or b"")``.
 
-        ``src`` must support ``readinto`` (files, sockets' makefile, BytesIO...)."""
+        ``src`` must support ``readinto`` (files, sockets' makefile, BytesIO...).
+
+        ``pipeline`` >= 2: the caller's thread reads and seals records into a ring of that
+        many frames while a helper thread sends them (in counter order), and SHA-256 runs
+        in a third thread; 0 or 1 does everything in the caller's thread.  Either way the
+        bytes on the wire are the same, and when send_file returns or raises every sealed
+        record has been sent (or the writer is broken).  ``progress(total)`` is called
+        after each record is sealed and queued."""
         self._check_record(RecordType.DATA, stream, 0)
-        buf = bytearray(self.max_record)
-        view = memoryview(buf)
+        if pipeline < 2:
+            total, dig = self._send_serial(stream, src, digest, progress)
+        else:
+            total, dig = self._send_pipelined(stream, src, digest, progress, pipeline)
+        self.end(stream, total, dig)
+        return total, dig
+
+    def _fill(self, readinto: Callable[[memoryview], int | None], view: memoryview) -> int:
+        """Fill ``view`` (pipes and sockets return short reads) so records stay big."""
+        step = len(view)
+        got = 0
+        while got < step:
+            k = readinto(view[got:])
+            if not k:
+                break
+            got += k
+        return got
+
+    def _send_serial(
+        self,
+        stream: int,
+        src: BinaryIO,
+        digest: bool,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[int, bytes]:
+        view = memoryview(bytearray(self.max_record))
         h = hashlib.sha256() if digest else None
         readinto = src.readinto  # type: ignore[attr-defined]
-        seal_send = self._seal_send
         step = self.max_record
         total = 0
         while True:
-            # Fill the whole buffer (pipes and sockets return short reads) so records stay big.
-            got = 0
-            while got < step:
-                k = readinto(view[got:])
-                if not k:
-                    break
-                got += k
+            got = self._fill(readinto, view)
             if got == 0:
                 break
             chunk = view[:got]
             if h is not None:
                 h.update(chunk)
-            seal_send(RecordType.DATA, stream, chunk)
+            self._seal_send(RecordType.DATA, stream, chunk)
             total += got
             if progress is not None:
                 progress(total)
             if got < step:
                 break
-        dig = h.digest() if h is not None else b""
-        self.end(stream, total, dig)
+        return total, (h.digest() if h is not None else b"")
+
+    def _send_pipelined(
+        self,
+        stream: int,
+        src: BinaryIO,
+        digest: bool,
+        progress: Callable[[int], None] | None,
+        depth: int,
+    ) -> tuple[int, bytes]:
+        step = self.max_record
+        frames = [memoryview(bytearray(HEADER.size + step + TAG)) for _ in range(depth)]
+        # Plaintext is needed until sealed and (when hashing) hashed.
+        plains = [memoryview(bytearray(step)) for _ in range(depth + 1 if digest else 1)]
+        free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(plains)):
+            free_plain.put(i)
+        free_frames: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for i in range(depth):
+            free_frames.put(i)
+        to_send: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        failed: list[BaseException] = []
+
+        def pump() -> None:
+            try:
+                while True:
+                    item = to_send.get()
+                    if item is None:
+                        return
+                    i, counter, end = item
+                    self._send_in_turn(counter, frames[i][:end])
+                    free_frames.put(i)
+            except BaseException as exc:
+                failed.append(exc)
+                free_frames.put(None)  # wake the sealer
+
+        hasher = _HashThread(plains, free_plain) if digest else None
+        sender = threading.Thread(target=pump, name="records-send", daemon=True)
+        sender.start()
+        readinto = src.readinto  # type: ignore[attr-defined]
+        lock = self._lock
+        seal_into = self._seal_into
+        total = 0
+        dig = b""
+        try:
+            while True:
+                pi = free_plain.get()
+                plain = plains[pi]
+                got = self._fill(readinto, plain)
+                if got == 0:
+                    free_plain.put(pi)
+                    break
+                chunk = plain[:got]
+                if hasher is not None:
+                    hasher.put(pi, got)  # hashes while we seal; frees pi when done
+                fi = free_frames.get()
+                if fi is None:
+                    break  # the send thread failed; raised below
+                with lock:
+                    counter, end = seal_into(frames[fi], RecordType.DATA, stream, chunk)
+                to_send.put((fi, counter, end))
+                if hasher is None:
+                    free_plain.put(pi)
+                total += got
+                if progress is not None:
+                    progress(total)
+                if got < step:
+                    break
+        finally:
+            # Every sealed record must reach the wire before anyone else writes (or the
+            # send fails and the writer is broken): wait for the send thread to drain.
+            to_send.put(None)
+            sender.join()
+            if hasher is not None:
+                dig = hasher.finish()
+        if failed:
+            raise failed[0]
         return total, dig
 
     def end(self, stream: int, total: int, digest: bytes = b"") -> None:
