@@ -26,7 +26,7 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -65,6 +65,10 @@ _REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
 _MAX_COUNTER = (1 << 64) - 1  # nonce 2**64-1 is reserved for REKEY
 _ZERO_DIGEST = bytes(32)
 _MUX_TYPES = range(0x10, 0x20)
+
+
+_Fetched = Generator[tuple[memoryview, int, int, int], None, None]
+"""Fetched, not yet verified records: (frame, type, stream, length)."""
 
 
 class RecordType(enum.IntEnum):
@@ -422,36 +426,41 @@ class RecordWriter:
         total = 0
         dig = b""
         try:
-            while True:
-                pi = free_plain.get()
-                plain = plains[pi]
-                got = self._fill(readinto, plain)
-                if got == 0:
-                    free_plain.put(pi)
-                    break
-                chunk = plain[:got]
+            try:
+                while True:
+                    pi = free_plain.get()
+                    plain = plains[pi]
+                    got = self._fill(readinto, plain)
+                    if got == 0:
+                        free_plain.put(pi)
+                        break
+                    chunk = plain[:got]
+                    if hasher is not None:
+                        hasher.put(pi, got)  # hashes while we seal; frees pi when done
+                    fi = free_frames.get()
+                    if fi is None:
+                        break  # the send thread failed; raised below
+                    with lock:
+                        counter, end = seal_into(frames[fi], RecordType.DATA, stream, chunk)
+                    to_send.put((fi, counter, end))
+                    if hasher is None:
+                        free_plain.put(pi)
+                    total += got
+                    if progress is not None:
+                        progress(total)
+                    if got < step:
+                        break
+            finally:
+                # Every sealed record must reach the wire before anyone else writes (or the
+                # send fails and the writer is broken): wait for the send thread to drain.
+                to_send.put(None)
+                sender.join()
                 if hasher is not None:
-                    hasher.put(pi, got)  # hashes while we seal; frees pi when done
-                fi = free_frames.get()
-                if fi is None:
-                    break  # the send thread failed; raised below
-                with lock:
-                    counter, end = seal_into(frames[fi], RecordType.DATA, stream, chunk)
-                to_send.put((fi, counter, end))
-                if hasher is None:
-                    free_plain.put(pi)
-                total += got
-                if progress is not None:
-                    progress(total)
-                if got < step:
-                    break
-        finally:
-            # Every sealed record must reach the wire before anyone else writes (or the
-            # send fails and the writer is broken): wait for the send thread to drain.
-            to_send.put(None)
-            sender.join()
-            if hasher is not None:
-                dig = hasher.finish()
+                    dig = hasher.finish()
+        except RecordError:
+            if failed:  # sealing saw the writer broken by the send thread: report why
+                raise failed[0] from None
+            raise
         if failed:
             raise failed[0]
         return total, dig
@@ -578,10 +587,18 @@ class RecordReader:
         self._recv_exact(frame[HEADER.size :], length + TAG, "body", rec_no, nbytes)
         return rtype, stream, length
 
-    def _open(self, frame: memoryview, rtype: int, stream: int, length: int) -> Record:
-        """Authenticate and decrypt a fetched record into the plaintext buffer."""
+    def _open(
+        self,
+        frame: memoryview,
+        rtype: int,
+        stream: int,
+        length: int,
+        out: memoryview | None = None,
+    ) -> Record:
+        """Authenticate and decrypt a fetched record into ``out`` (default: the reader's
+        plaintext buffer)."""
         d = self._dir
-        pview = self._pview[:length]
+        pview = (self._pview if out is None else out)[:length]
         try:
             d.aead.decrypt_into(
                 d.nonce(), frame[HEADER.size : HEADER.size + length + TAG], frame[:8], pview
@@ -619,8 +636,17 @@ class RecordReader:
         rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
         return self._open(self._fview, rtype, stream, length)
 
-    def _records_prefetched(self, stream: int, depth: int, stop: list[bool]) -> Iterator[Record]:
-        """Yield verified records while a helper thread receives the next ones into a ring
+    def _fetched(self) -> _Fetched:
+        """Yield fetched (not yet verified) records ``(frame, type, stream, length)``, one
+        at a time into the reader's frame; open each before asking for the next."""
+        while True:
+            self._check_usable()
+            fetched = self._fetch(self._fview, self._dir.counter, self.bytes_received)
+            yield (self._fview, *fetched)
+
+    def _prefetched(self, stream: int, depth: int, stop: list[bool]) -> _Fetched:
+        """Yield fetched records ``(frame, type, stream, length)`` (open each before
+        asking for the next) while a helper thread receives the next ones into a ring
         of ``depth`` frames (socket I/O overlaps decryption/hashing/writing).  The helper
         only reads ahead past DATA of ``stream`` and ACK (cleartext header types), so it
         stops exactly after the END/ABORT/other record that ends receive_file: no byte
@@ -657,7 +683,7 @@ class RecordReader:
                 if isinstance(item, BaseException):
                     raise item
                 i, rtype, st, length = item
-                yield self._open(frames[i], rtype, st, length)
+                yield frames[i], rtype, st, length
                 free.put(i)
         finally:
             stop[0] = True
@@ -686,67 +712,85 @@ class RecordReader:
         ``prefetch`` >= 2 receives up to that many records ahead in a helper thread
         (ciphertext only: nothing is delivered before it is verified); 0 disables it."""
         stop = [False]
-        if prefetch >= 2:
-            records: Iterator[Record] = self._records_prefetched(stream, prefetch, stop)
-        else:
-            records = iter(self.read, None)
+        records = self._prefetched(stream, prefetch, stop) if prefetch >= 2 else self._fetched()
         try:
-            return self._receive_loop(stream, dst, records, digest, progress)
+            return self._receive_loop(stream, dst, records, digest, progress, prefetch)
         except BaseException as exc:
             # Records may have been fetched ahead and are lost: the link cannot go on.
             if self._failed is None and prefetch >= 2:
                 self._failed = RecordError(f"receive_file of stream {stream} failed: {exc!r}")
             raise
         finally:
-            close = getattr(records, "close", None)
-            if close is not None:
-                close()
+            records.close()
 
     def _receive_loop(
         self,
         stream: int,
         dst: BinaryIO,
-        records: Iterator[Record],
+        records: _Fetched,
         digest: bool,
         progress: Callable[[int], None] | None,
+        depth: int,
     ) -> tuple[int, bytes]:
-        h = hashlib.sha256() if digest else None
+        hasher: _HashThread | None = None
+        if digest:
+            # DATA is decrypted into a ring of plaintext buffers that a helper thread
+            # hashes while the next record is opened and written.
+            plains = [memoryview(bytearray(self.max_record)) for _ in range(max(2, depth) + 1)]
+            free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
+            for i in range(len(plains)):
+                free_plain.put(i)
+            hasher = _HashThread(plains, free_plain)
         write = dst.write
+        open_ = self._open
         total = 0
-        for rec in records:
-            t = rec.type
-            if t == RecordType.DATA and rec.stream == stream:
-                if h is not None:
-                    h.update(rec.payload)
-                write(rec.payload)
-                total += len(rec.payload)
-                if progress is not None:
-                    progress(total)
-            elif t == RecordType.END and rec.stream == stream:
-                count, their = END_PAYLOAD.unpack(rec.payload)
-                if count != total:
-                    raise StreamMismatch(
-                        f"stream {stream}: END says {count} bytes but {total} arrived"
+        try:
+            for frame, t, st, length in records:
+                if t == RecordType.DATA and st == stream:
+                    if hasher is not None:
+                        pi = free_plain.get()
+                        payload = open_(frame, t, st, length, plains[pi]).payload
+                        hasher.put(pi, length)
+                    else:
+                        payload = open_(frame, t, st, length).payload
+                    write(payload)
+                    total += length
+                    if progress is not None:
+                        progress(total)
+                    continue
+                rec = open_(frame, t, st, length)
+                if t == RecordType.END and st == stream:
+                    count, their = END_PAYLOAD.unpack(rec.payload)
+                    if count != total:
+                        raise StreamMismatch(
+                            f"stream {stream}: END says {count} bytes but {total} arrived"
+                        )
+                    mine = b""
+                    if hasher is not None:
+                        mine, hasher = hasher.finish(), None
+                    if mine and their != _ZERO_DIGEST and their != mine:
+                        raise StreamMismatch(
+                            f"stream {stream}: SHA-256 mismatch over {total} bytes "
+                            f"(sender {their.hex()}, received {mine.hex()})"
+                        )
+                    return total, mine
+                elif t == RecordType.ABORT:
+                    reason = bytes(rec.payload).decode("utf-8")
+                    raise PeerAborted(
+                        f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason
                     )
-                mine = h.digest() if h is not None else b""
-                if h is not None and their != _ZERO_DIGEST and their != mine:
-                    raise StreamMismatch(
-                        f"stream {stream}: SHA-256 mismatch over {total} bytes "
-                        f"(sender {their.hex()}, received {mine.hex()})"
+                elif t == RecordType.ACK:
+                    continue
+                elif t == RecordType.CLOSE:
+                    raise TruncatedStream(
+                        f"peer sent CLOSE before END of stream {stream} ({total} bytes received)"
                     )
-                return total, mine
-            elif t == RecordType.ABORT:
-                reason = bytes(rec.payload).decode("utf-8")
-                raise PeerAborted(f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason)
-            elif t == RecordType.ACK:
-                continue
-            elif t == RecordType.CLOSE:
-                raise TruncatedStream(
-                    f"peer sent CLOSE before END of stream {stream} ({total} bytes received)"
-                )
-            else:
-                raise RecordError(
-                    f"unexpected {_type_name(t)} record for stream {rec.stream} while "
-                    f"receiving stream {stream}"
-                )
+                else:
+                    raise RecordError(
+                        f"unexpected {_type_name(t)} record for stream {rec.stream} while "
+                        f"receiving stream {stream}"
+                    )
+        finally:
+            if hasher is not None:
+                hasher.finish()
         raise AssertionError("unreachable: record iterators end only by raising")
