@@ -25,8 +25,10 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
+# 2 GiB x 3 runs per row between two processes, then time to link in the lab (root).
 bench: $(STAMP)
-	$(BIN)/python -m holepunch_mig.cli bench
+	mkdir -p build
+	$(BIN)/python -m holepunch_mig.cli bench --json build/bench.json --markdown build/bench.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

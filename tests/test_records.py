@@ -630,7 +630,9 @@ def test_sink_failure_poisons_reader() -> None:
 
     with pair() as (a, b):
         w = RecordWriter(a, KEY)
-        join = in_thread(lambda: w.send_file(1, io.BytesIO(os.urandom(3 * MiB))))
+        # Big enough that read-ahead (reader prefetch, writer pipeline, socket buffers)
+        # cannot swallow it all: the sender must still be sending when the link goes.
+        join = in_thread(lambda: w.send_file(1, io.BytesIO(os.urandom(16 * MiB))))
         r = RecordReader(b, KEY)
         with pytest.raises(OSError, match="disk full"):
             r.receive_file(1, Broken())
@@ -640,3 +642,96 @@ def test_sink_failure_poisons_reader() -> None:
         b.close()
         with pytest.raises(OSError):
             join()
+
+
+# ---------------------------------------------------------------- pipelined send_file
+
+
+@pytest.mark.parametrize("digest", [False, True])
+def test_pipelined_send_file_is_byte_identical_to_serial(digest: bool) -> None:
+    data = os.urandom(7 * 1000 + 123)
+    wires = []
+    for pipeline in (0, 2, 3):
+        w, cap = capture_writer(max_record=1000)
+        w.write(RecordType.ACK, 1, (5).to_bytes(8, "big"))
+        assert w.send_file(1, io.BytesIO(data), digest=digest, pipeline=pipeline)[0] == len(data)
+        w.close()
+        wires.append(cap.sent)
+        assert w.records_sent == 1 + 8 + 1 + 1
+    assert wires[0] == wires[1] == wires[2]
+
+
+def test_writes_from_other_threads_during_pipelined_send_file_keep_counter_order() -> None:
+    data = os.urandom(4 * MiB + 5)
+    with pair() as (a, b):
+        w = RecordWriter(a, KEY, max_record=64 * 1024)
+        stop = threading.Event()
+
+        def acker() -> None:
+            n = 0
+            while not stop.is_set():
+                w.ack(9, n)
+                n += 1
+
+        def send() -> None:
+            t = threading.Thread(target=acker)
+            t.start()
+            try:
+                w.send_file(1, io.BytesIO(data), pipeline=3)
+            finally:
+                stop.set()
+                t.join()
+            w.close()
+
+        join = in_thread(send)
+        r = RecordReader(b, KEY, max_record=64 * 1024)
+        got = bytearray()
+        acks = []
+        while True:
+            rec = r.read()
+            if rec.type == RecordType.CLOSE:
+                break
+            if rec.type == RecordType.ACK:
+                acks.append(int.from_bytes(rec.payload, "big"))
+            elif rec.type == RecordType.DATA:
+                got += rec.payload
+        join()
+    assert bytes(got) == data
+    assert acks == list(range(len(acks)))
+
+
+def test_pipelined_send_failure_breaks_writer() -> None:
+    class Boom(Capture):
+        def sendall(self, data: Any) -> None:
+            if len(self.sent) == 2:
+                raise OSError("connection reset")
+            super().sendall(data)
+
+    cap = Boom()
+    w = RecordWriter(cast(socket.socket, cap), KEY, max_record=1000)
+    with pytest.raises(OSError, match="reset"):
+        w.send_file(1, io.BytesIO(os.urandom(10_000)), pipeline=3)
+    assert len(cap.sent) == 2
+    with pytest.raises(RecordError, match="unusable"):
+        w.close()
+
+
+def test_pipelined_source_failure_still_sends_sealed_records() -> None:
+    class Flaky(io.BytesIO):
+        def readinto(self, b: Any) -> int:
+            if self.tell() >= 3000:
+                raise OSError("disk error")
+            return super().readinto(b)
+
+    w, cap = capture_writer(max_record=1000)
+    with pytest.raises(OSError, match="disk error"):
+        w.send_file(1, Flaky(os.urandom(10_000)), pipeline=3)
+    assert len(cap.sent) == 3  # everything sealed went out, in order
+    w.abort(1, "source failed")  # the link is still consistent: the peer can read this
+    raw = b"".join(cap.sent)
+    with pair() as (x, y):
+        feeder = Feeder(x, raw)
+        r = RecordReader(y, KEY, max_record=1000)
+        with pytest.raises(PeerAborted, match="source failed"):
+            r.receive_file(1, io.BytesIO())
+        feeder.join()

@@ -26,7 +26,7 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -65,6 +65,10 @@ _REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
 _MAX_COUNTER = (1 << 64) - 1  # nonce 2**64-1 is reserved for REKEY
 _ZERO_DIGEST = bytes(32)
 _MUX_TYPES = range(0x10, 0x20)
+
+
+_Fetched = Generator[tuple[memoryview, int, int, int], None, None]
+"""Fetched, not yet verified records: (frame, type, stream, length)."""
 
 
 class RecordType(enum.IntEnum):
@@ -164,6 +168,41 @@ class _Direction:
             self.aead = AESGCM(self.key)
 
 
+class _HashThread:
+    """SHA-256 of a sequence of buffers in a thread of its own (hashlib releases the GIL
+    for buffers over 2 KiB), so hashing overlaps sealing/opening and socket I/O.  Buffers
+    are hashed in ``put`` order; each index goes back to ``free`` once hashed."""
+
+    def __init__(self, bufs: list[memoryview], free: queue.SimpleQueue[int]) -> None:
+        self._h = hashlib.sha256()
+        self._bufs = bufs
+        self._free = free
+        self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="records-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self._h.update
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            i, n = item
+            try:
+                update(self._bufs[i][:n])
+            finally:
+                self._free.put(i)
+
+    def put(self, i: int, n: int) -> None:
+        self._todo.put((i, n))
+
+    def finish(self) -> bytes:
+        """Wait for everything put so far; return the digest."""
+        self._todo.put(None)
+        self._thread.join()
+        return self._h.digest()
+
+
 class RecordWriter:
     """Sends records on a blocking socket.  Thread-safe: every record is sealed and sent
     under one lock, so several pump threads may share a link (records interleave whole)."""
@@ -182,7 +221,12 @@ class RecordWriter:
         self.max_record = max_record
         self._frame = bytearray(HEADER.size + max_record + TAG)
         self._fview = memoryview(self._frame)
+        # _lock: counter assignment, sealing into the shared frame.  _turn: records go on
+        # the wire in counter order; _next_send is the counter of the next record to send
+        # (only a pipelined send_file has sealed records not yet sent).
         self._lock = threading.Lock()
+        self._turn = threading.Condition(threading.Lock())
+        self._next_send = 0
         self._closed = False
         self._broken: str | None = None
         self.records_sent = 0
@@ -204,31 +248,58 @@ class RecordWriter:
         if type == RecordType.ABORT and n > ABORT_MAX:
             raise RecordError(f"ABORT reason is {n} bytes, max {ABORT_MAX}")
 
-    def _seal_send(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
-        """Seal one record into the shared frame and send it.  Caller validated it."""
+    def _seal_into(
+        self, frame: memoryview, type: int, stream: int, payload: bytes | memoryview | bytearray
+    ) -> tuple[int, int]:
+        """Seal one record into ``frame`` under the next counter.  Caller holds ``_lock``
+        and validated the record.  Returns (counter, frame length)."""
+        if self._broken is not None:
+            raise RecordError(f"link unusable: {self._broken}")
+        if self._closed:
+            raise RecordError("CLOSE already sent on this link; no more records allowed")
         n = len(payload)
         end = HEADER.size + n + TAG
-        fview = self._fview
-        with self._lock:
+        d = self._dir
+        HEADER.pack_into(frame, 0, type, 0, stream, n)
+        d.aead.encrypt_into(d.nonce(), payload, frame[: HEADER.size], frame[HEADER.size : end])
+        counter = d.counter
+        d.advance()
+        if type == RecordType.CLOSE:
+            self._closed = True
+        return counter, end
+
+    def _send_in_turn(self, counter: int, frame: memoryview) -> None:
+        """Send a sealed frame once every record before it is on the wire."""
+        turn = self._turn
+        with turn:
+            while self._next_send != counter:
+                if self._broken is not None:
+                    raise RecordError(f"link unusable: {self._broken}")
+                turn.wait()
             if self._broken is not None:
                 raise RecordError(f"link unusable: {self._broken}")
-            if self._closed:
-                raise RecordError("CLOSE already sent on this link; no more records allowed")
-            d = self._dir
-            HEADER.pack_into(self._frame, 0, type, 0, stream, n)
-            d.aead.encrypt_into(d.nonce(), payload, fview[: HEADER.size], fview[HEADER.size : end])
-            try:
-                self._sock.sendall(fview[:end])
-            except BaseException as exc:
-                # Part of a record may be on the wire: nothing sent afterwards can be valid.
-                self._broken = f"send of record {d.counter} failed: {exc!r}"
-                raise
-            d.advance()
+        try:
+            self._sock.sendall(frame)
+        except BaseException as exc:
+            # Part of a record may be on the wire: nothing sent afterwards can be valid.
+            with turn:
+                self._broken = f"send of record {counter} failed: {exc!r}"
+                turn.notify_all()
+            raise
+        with turn:
+            self._next_send = counter + 1
             self.records_sent += 1
-            self.bytes_sent += n
-            self.wire_bytes_sent += end
-            if type == RecordType.CLOSE:
-                self._closed = True
+            self.bytes_sent += len(frame) - HEADER.size - TAG
+            self.wire_bytes_sent += len(frame)
+            turn.notify_all()
+
+    def _seal_send(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
+        """Seal one record into the shared frame and send it.  Caller validated it."""
+        with self._lock:
+            counter, end = self._seal_into(self._fview, type, stream, payload)
+            # Still under _lock (the shared frame is in use): wait for a pipelined
+            # send_file's earlier records, which never need _lock to go out.
+            self._send_in_turn(counter, self._fview[:end])
 
     # -- public API -------------------------------------------------------------------------
 
@@ -253,40 +324,145 @@ class RecordWriter:
         *,
         digest: bool = True,
         progress: Callable[[int], None] | None = None,
+        pipeline: int = 3,
     ) -> tuple[int, bytes]:
         """Send everything ``src`` yields until EOF as DATA records, then END with the count
         and (when ``digest``) the SHA-256 of the bytes.  Returns ``(count, digest or b"")``.
 
-        ``src`` must support ``readinto`` (files, sockets' makefile, BytesIO...)."""
+        ``src`` must support ``readinto`` (files, sockets' makefile, BytesIO...).
+
+        ``pipeline`` >= 2: the caller's thread reads and seals records into a ring of that
+        many frames while a helper thread sends them (in counter order), and SHA-256 runs
+        in a third thread; 0 or 1 does everything in the caller's thread.  Either way the
+        bytes on the wire are the same, and when send_file returns or raises every sealed
+        record has been sent (or the writer is broken).  ``progress(total)`` is called
+        after each record is sealed and queued."""
         self._check_record(RecordType.DATA, stream, 0)
-        buf = bytearray(self.max_record)
-        view = memoryview(buf)
+        if pipeline < 2:
+            total, dig = self._send_serial(stream, src, digest, progress)
+        else:
+            total, dig = self._send_pipelined(stream, src, digest, progress, pipeline)
+        self.end(stream, total, dig)
+        return total, dig
+
+    def _fill(self, readinto: Callable[[memoryview], int | None], view: memoryview) -> int:
+        """Fill ``view`` (pipes and sockets return short reads) so records stay big."""
+        step = len(view)
+        got = 0
+        while got < step:
+            k = readinto(view[got:])
+            if not k:
+                break
+            got += k
+        return got
+
+    def _send_serial(
+        self,
+        stream: int,
+        src: BinaryIO,
+        digest: bool,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[int, bytes]:
+        view = memoryview(bytearray(self.max_record))
         h = hashlib.sha256() if digest else None
         readinto = src.readinto  # type: ignore[attr-defined]
-        seal_send = self._seal_send
         step = self.max_record
         total = 0
         while True:
-            # Fill the whole buffer (pipes and sockets return short reads) so records stay big.
-            got = 0
-            while got < step:
-                k = readinto(view[got:])
-                if not k:
-                    break
-                got += k
+            got = self._fill(readinto, view)
             if got == 0:
                 break
             chunk = view[:got]
             if h is not None:
                 h.update(chunk)
-            seal_send(RecordType.DATA, stream, chunk)
+            self._seal_send(RecordType.DATA, stream, chunk)
             total += got
             if progress is not None:
                 progress(total)
             if got < step:
                 break
-        dig = h.digest() if h is not None else b""
-        self.end(stream, total, dig)
+        return total, (h.digest() if h is not None else b"")
+
+    def _send_pipelined(
+        self,
+        stream: int,
+        src: BinaryIO,
+        digest: bool,
+        progress: Callable[[int], None] | None,
+        depth: int,
+    ) -> tuple[int, bytes]:
+        step = self.max_record
+        frames = [memoryview(bytearray(HEADER.size + step + TAG)) for _ in range(depth)]
+        # Plaintext is needed until sealed and (when hashing) hashed.
+        plains = [memoryview(bytearray(step)) for _ in range(depth + 1 if digest else 1)]
+        free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(plains)):
+            free_plain.put(i)
+        free_frames: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for i in range(depth):
+            free_frames.put(i)
+        to_send: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        failed: list[BaseException] = []
+
+        def pump() -> None:
+            try:
+                while True:
+                    item = to_send.get()
+                    if item is None:
+                        return
+                    i, counter, end = item
+                    self._send_in_turn(counter, frames[i][:end])
+                    free_frames.put(i)
+            except BaseException as exc:
+                failed.append(exc)
+                free_frames.put(None)  # wake the sealer
+
+        hasher = _HashThread(plains, free_plain) if digest else None
+        sender = threading.Thread(target=pump, name="records-send", daemon=True)
+        sender.start()
+        readinto = src.readinto  # type: ignore[attr-defined]
+        lock = self._lock
+        seal_into = self._seal_into
+        total = 0
+        dig = b""
+        try:
+            try:
+                while True:
+                    pi = free_plain.get()
+                    plain = plains[pi]
+                    got = self._fill(readinto, plain)
+                    if got == 0:
+                        free_plain.put(pi)
+                        break
+                    chunk = plain[:got]
+                    if hasher is not None:
+                        hasher.put(pi, got)  # hashes while we seal; frees pi when done
+                    fi = free_frames.get()
+                    if fi is None:
+                        break  # the send thread failed; raised below
+                    with lock:
+                        counter, end = seal_into(frames[fi], RecordType.DATA, stream, chunk)
+                    to_send.put((fi, counter, end))
+                    if hasher is None:
+                        free_plain.put(pi)
+                    total += got
+                    if progress is not None:
+                        progress(total)
+                    if got < step:
+                        break
+            finally:
+                # Every sealed record must reach the wire before anyone else writes (or the
+                # send fails and the writer is broken): wait for the send thread to drain.
+                to_send.put(None)
+                sender.join()
+                if hasher is not None:
+                    dig = hasher.finish()
+        except RecordError:
+            if failed:  # sealing saw the writer broken by the send thread: report why
+                raise failed[0] from None
+            raise
+        if failed:
+            raise failed[0]
         return total, dig
 
     def end(self, stream: int, total: int, digest: bytes = b"") -> None:
@@ -411,10 +587,18 @@ class RecordReader:
         self._recv_exact(frame[HEADER.size :], length + TAG, "body", rec_no, nbytes)
         return rtype, stream, length
 
-    def _open(self, frame: memoryview, rtype: int, stream: int, length: int) -> Record:
-        """Authenticate and decrypt a fetched record into the plaintext buffer."""
+    def _open(
+        self,
+        frame: memoryview,
+        rtype: int,
+        stream: int,
+        length: int,
+        out: memoryview | None = None,
+    ) -> Record:
+        """Authenticate and decrypt a fetched record into ``out`` (default: the reader's
+        plaintext buffer)."""
         d = self._dir
-        pview = self._pview[:length]
+        pview = (self._pview if out is None else out)[:length]
         try:
             d.aead.decrypt_into(
                 d.nonce(), frame[HEADER.size : HEADER.size + length + TAG], frame[:8], pview
@@ -452,8 +636,17 @@ class RecordReader:
         rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
         return self._open(self._fview, rtype, stream, length)
 
-    def _records_prefetched(self, stream: int, depth: int, stop: list[bool]) -> Iterator[Record]:
-        """Yield verified records while a helper thread receives the next ones into a ring
+    def _fetched(self) -> _Fetched:
+        """Yield fetched (not yet verified) records ``(frame, type, stream, length)``, one
+        at a time into the reader's frame; open each before asking for the next."""
+        while True:
+            self._check_usable()
+            fetched = self._fetch(self._fview, self._dir.counter, self.bytes_received)
+            yield (self._fview, *fetched)
+
+    def _prefetched(self, stream: int, depth: int, stop: list[bool]) -> _Fetched:
+        """Yield fetched records ``(frame, type, stream, length)`` (open each before
+        asking for the next) while a helper thread receives the next ones into a ring
         of ``depth`` frames (socket I/O overlaps decryption/hashing/writing).  The helper
         only reads ahead past DATA of ``stream`` and ACK (cleartext header types), so it
         stops exactly after the END/ABORT/other record that ends receive_file: no byte
@@ -490,7 +683,7 @@ class RecordReader:
                 if isinstance(item, BaseException):
                     raise item
                 i, rtype, st, length = item
-                yield self._open(frames[i], rtype, st, length)
+                yield frames[i], rtype, st, length
                 free.put(i)
         finally:
             stop[0] = True
@@ -519,67 +712,85 @@ class RecordReader:
         ``prefetch`` >= 2 receives up to that many records ahead in a helper thread
         (ciphertext only: nothing is delivered before it is verified); 0 disables it."""
         stop = [False]
-        if prefetch >= 2:
-            records: Iterator[Record] = self._records_prefetched(stream, prefetch, stop)
-        else:
-            records = iter(self.read, None)
+        records = self._prefetched(stream, prefetch, stop) if prefetch >= 2 else self._fetched()
         try:
-            return self._receive_loop(stream, dst, records, digest, progress)
+            return self._receive_loop(stream, dst, records, digest, progress, prefetch)
         except BaseException as exc:
             # Records may have been fetched ahead and are lost: the link cannot go on.
             if self._failed is None and prefetch >= 2:
                 self._failed = RecordError(f"receive_file of stream {stream} failed: {exc!r}")
             raise
         finally:
-            close = getattr(records, "close", None)
-            if close is not None:
-                close()
+            records.close()
 
     def _receive_loop(
         self,
         stream: int,
         dst: BinaryIO,
-        records: Iterator[Record],
+        records: _Fetched,
         digest: bool,
         progress: Callable[[int], None] | None,
+        depth: int,
     ) -> tuple[int, bytes]:
-        h = hashlib.sha256() if digest else None
+        hasher: _HashThread | None = None
+        if digest:
+            # DATA is decrypted into a ring of plaintext buffers that a helper thread
+            # hashes while the next record is opened and written.
+            plains = [memoryview(bytearray(self.max_record)) for _ in range(max(2, depth) + 1)]
+            free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
+            for i in range(len(plains)):
+                free_plain.put(i)
+            hasher = _HashThread(plains, free_plain)
         write = dst.write
+        open_ = self._open
         total = 0
-        for rec in records:
-            t = rec.type
-            if t == RecordType.DATA and rec.stream == stream:
-                if h is not None:
-                    h.update(rec.payload)
-                write(rec.payload)
-                total += len(rec.payload)
-                if progress is not None:
-                    progress(total)
-            elif t == RecordType.END and rec.stream == stream:
-                count, their = END_PAYLOAD.unpack(rec.payload)
-                if count != total:
-                    raise StreamMismatch(
-                        f"stream {stream}: END says {count} bytes but {total} arrived"
+        try:
+            for frame, t, st, length in records:
+                if t == RecordType.DATA and st == stream:
+                    if hasher is not None:
+                        pi = free_plain.get()
+                        payload = open_(frame, t, st, length, plains[pi]).payload
+                        hasher.put(pi, length)
+                    else:
+                        payload = open_(frame, t, st, length).payload
+                    write(payload)
+                    total += length
+                    if progress is not None:
+                        progress(total)
+                    continue
+                rec = open_(frame, t, st, length)
+                if t == RecordType.END and st == stream:
+                    count, their = END_PAYLOAD.unpack(rec.payload)
+                    if count != total:
+                        raise StreamMismatch(
+                            f"stream {stream}: END says {count} bytes but {total} arrived"
+                        )
+                    mine = b""
+                    if hasher is not None:
+                        mine, hasher = hasher.finish(), None
+                    if mine and their != _ZERO_DIGEST and their != mine:
+                        raise StreamMismatch(
+                            f"stream {stream}: SHA-256 mismatch over {total} bytes "
+                            f"(sender {their.hex()}, received {mine.hex()})"
+                        )
+                    return total, mine
+                elif t == RecordType.ABORT:
+                    reason = bytes(rec.payload).decode("utf-8")
+                    raise PeerAborted(
+                        f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason
                     )
-                mine = h.digest() if h is not None else b""
-                if h is not None and their != _ZERO_DIGEST and their != mine:
-                    raise StreamMismatch(
-                        f"stream {stream}: SHA-256 mismatch over {total} bytes "
-                        f"(sender {their.hex()}, received {mine.hex()})"
+                elif t == RecordType.ACK:
+                    continue
+                elif t == RecordType.CLOSE:
+                    raise TruncatedStream(
+                        f"peer sent CLOSE before END of stream {stream} ({total} bytes received)"
                     )
-                return total, mine
-            elif t == RecordType.ABORT:
-                reason = bytes(rec.payload).decode("utf-8")
-                raise PeerAborted(f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason)
-            elif t == RecordType.ACK:
-                continue
-            elif t == RecordType.CLOSE:
-                raise TruncatedStream(
-                    f"peer sent CLOSE before END of stream {stream} ({total} bytes received)"
-                )
-            else:
-                raise RecordError(
-                    f"unexpected {_type_name(t)} record for stream {rec.stream} while "
-                    f"receiving stream {stream}"
-                )
+                else:
+                    raise RecordError(
+                        f"unexpected {_type_name(t)} record for stream {rec.stream} while "
+                        f"receiving stream {stream}"
+                    )
+        finally:
+            if hasher is not None:
+                hasher.finish()
         raise AssertionError("unreachable: record iterators end only by raising")
