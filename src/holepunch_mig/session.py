@@ -35,7 +35,7 @@ from .errors import (
 from .messages import Message
 from .noise import HandshakeState, generate_keypair
 from .punch import AuthenticatedLink, PunchRound, PunchTiming, open_listener
-from .report import Report
+from .report import PairReport, Report
 from .tunnel import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK, Tunnel, TunnelRefused
 
 Role = Literal["source", "destination"]
@@ -373,9 +373,8 @@ async def _negotiate(
     ]
     log.info("%d local, %d remote candidates", len(local), len(remotes))
     try:
-        link = await _rounds(
+        attempt = _DirectAttempt(
             control,
-            role,
             options,
             listeners,
             port,
@@ -386,6 +385,7 @@ async def _negotiate(
             report,
             log,
         )
+        link = await attempt.run(role)
     except NoDirectPath as exc:
         verdict = diagnose(report).verdict
         if policy == "auto" and tunnel_allowed:
@@ -533,94 +533,135 @@ async def _answer_pings(control: ControlReader, count: int) -> None:
         await control.send("pong", seq=msg["seq"])
 
 
-async def _rounds(
-    control: ControlReader,
-    role: Role,
-    options: ConnectOptions,
-    listeners: dict[int, trio.socket.SocketType],
-    port: int,
-    remotes: list[tuple[str, int]],
-    static_private: bytes,
-    remote_public: bytes,
-    pro: bytes,
-    report: Report,
-    log: SessionLog,
-) -> AuthenticatedLink:
-    if role == "source":
-        rtt = await _measure_rtt(control, options.pings)
-        report.rtt = rtt
-        return await _source_rounds(
-            control,
-            options,
-            listeners,
-            port,
-            remotes,
-            static_private,
-            remote_public,
-            pro,
-            rtt,
-            report,
-            log,
-        )
-    await _answer_pings(control, options.pings)
-    return await _destination_rounds(
-        control,
-        options,
-        listeners,
-        port,
-        remotes,
-        static_private,
-        remote_public,
-        pro,
-        report,
-        log,
-    )
+@dataclass
+class _DirectAttempt:
+    """Everything the punch rounds of one session share; the two roles' round loops."""
 
+    control: ControlReader
+    options: ConnectOptions
+    listeners: dict[int, trio.socket.SocketType]
+    port: int
+    remotes: list[tuple[str, int]]
+    static_private: bytes
+    remote_public: bytes
+    prologue: bytes
+    report: Report
+    log: SessionLog
 
-async def _source_rounds(
-    control: ControlReader,
-    options: ConnectOptions,
-    listeners: dict[int, trio.socket.SocketType],
-    port: int,
-    remotes: list[tuple[str, int]],
-    static_private: bytes,
-    remote_public: bytes,
-    pro: bytes,
-    rtt: float,
-    report: Report,
-    log: SessionLog,
-) -> AuthenticatedLink:
-    next_link = 1
-    for round_no in range(1, options.rounds + 1):
-        report.rounds = round_no
-        await control.send("sync", round=round_no)
-        await trio.sleep(rtt / 2)
-        punch = PunchRound(
+    def _round(self, role: Role, round_no: int, first_link_id: int = 1) -> PunchRound:
+        return PunchRound(
             round_no=round_no,
-            listeners=listeners,
-            bind_host={f: _choose_bind(options, f) for f in listeners},
-            port=port,
-            remotes=remotes,
-            authenticate=make_authenticator("source", round_no, static_private, remote_public, pro),
-            timing=options.timing,
-            log=log,
-            first_link_id=next_link,
-            dial_delay=options.dial_delay,
+            listeners=self.listeners,
+            bind_host={f: _choose_bind(self.options, f) for f in self.listeners},
+            port=self.port,
+            remotes=self.remotes,
+            authenticate=make_authenticator(
+                role, round_no, self.static_private, self.remote_public, self.prologue
+            ),
+            timing=self.options.timing,
+            log=self.log,
+            first_link_id=first_link_id,
+            dial_delay=self.options.dial_delay,
         )
-        winner = await _race(punch, options.timing.round_timeout)
-        next_link += 1000
-        report.pairs.extend(punch.pairs)
-        if winner is not None:
-            await control.send("nominate", round=round_no, link=winner.link_id)
-            return winner
-        retry = round_no < options.rounds
-        reason = _round_reason(punch)
-        log.info("round %d failed: %s", round_no, reason)
-        await control.send("round-failed", round=round_no, retry=retry, reason=reason)
-    raise NoDirectPath(f"no direct link after {options.rounds} rounds: {_round_reason_all(report)}")
+
+    async def run(self, role: Role) -> AuthenticatedLink:
+        if role == "source":
+            self.report.rtt = await _measure_rtt(self.control, self.options.pings)
+            return await self._as_source(self.report.rtt)
+        await _answer_pings(self.control, self.options.pings)
+        return await self._as_destination()
+
+    async def _as_source(self, rtt: float) -> AuthenticatedLink:
+        """Sync, wait RTT/2 (the destination dials on receipt), race, nominate the first
+        authenticated link; a fresh synchronisation each round."""
+        rounds = self.options.rounds
+        for round_no in range(1, rounds + 1):
+            self.report.rounds = round_no
+            await self.control.send("sync", round=round_no)
+            await trio.sleep(rtt / 2)
+            punch = self._round("source", round_no, first_link_id=1 + 1000 * (round_no - 1))
+            winner = await _race(punch, self.options.timing.round_timeout)
+            self.report.pairs.extend(punch.pairs)
+            if winner is not None:
+                await self.control.send("nominate", round=round_no, link=winner.link_id)
+                return winner
+            reason = _round_reason(punch.pairs)
+            self.log.info("round %d failed: %s", round_no, reason)
+            await self.control.send(
+                "round-failed", round=round_no, retry=round_no < rounds, reason=reason
+            )
+        raise NoDirectPath(
+            f"no direct link after {rounds} rounds: {_round_reason(self.report.pairs)}"
+        )
+
+    async def _as_destination(self) -> AuthenticatedLink:
+        """Dial on each sync, answer handshakes, keep what the source nominates."""
+        timing = self.options.timing
+        wait = timing.round_timeout * 2 + self.options.control_timeout
+        msg, _ = await self.control.receive("sync", step="waiting for sync")
+        while True:
+            round_no = msg["round"]
+            self.report.rounds = round_no
+            punch = self._round("destination", round_no)
+            links = _LinkBox()
+            send, receive = trio.open_memory_channel[AuthenticatedLink](64)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(punch.run, send)
+                nursery.start_soon(links.collect, receive)
+                msg, _ = await self.control.receive(
+                    "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
+                )
+                if msg.type == "nominate":
+                    # the initiator has finished, so our side of that handshake has sent
+                    # its last message; the collector may not have filed it yet
+                    with trio.move_on_after(timing.handshake_timeout):
+                        await links.wait_for(msg["link"])
+                nursery.cancel_scope.cancel()
+            self.report.pairs.extend(punch.pairs)
+            chosen = links.take(msg["link"]) if msg.type == "nominate" else None
+            links.close_all()
+            _close_losers(punch, chosen)
+            if msg.type == "nominate":
+                if chosen is None or msg["round"] != round_no:
+                    raise ProtocolError(
+                        f"peer nominated link {msg['link']} of round {msg['round']}, "
+                        "which this side never authenticated"
+                    )
+                return chosen
+            if not msg["retry"]:
+                raise NoDirectPath(f"no direct link: {msg['reason']}")
+            msg, _ = await self.control.receive("sync", step="waiting for the next round")
+
+
+class _LinkBox:
+    """The destination's authenticated links of one round, keyed by the source's link id."""
+
+    def __init__(self) -> None:
+        self.links: dict[int, AuthenticatedLink] = {}
+        self._changed = trio.Event()
+
+    async def collect(self, receive: trio.MemoryReceiveChannel[AuthenticatedLink]) -> None:
+        async with receive:
+            async for link in receive:
+                self.links[link.link_id] = link
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def wait_for(self, link_id: int) -> None:
+        while link_id not in self.links:
+            await self._changed.wait()
+
+    def take(self, link_id: int) -> AuthenticatedLink | None:
+        return self.links.pop(link_id, None)
+
+    def close_all(self) -> None:
+        for link in self.links.values():
+            link.stream.socket.close()
+        self.links.clear()
 
 
 async def _race(punch: PunchRound, timeout: float) -> AuthenticatedLink | None:
+    """The first authenticated link within ``timeout``; every other one is closed."""
     send, receive = trio.open_memory_channel[AuthenticatedLink](64)
     winner: AuthenticatedLink | None = None
     async with trio.open_nursery() as nursery:
@@ -628,9 +669,13 @@ async def _race(punch: PunchRound, timeout: float) -> AuthenticatedLink | None:
         with trio.move_on_after(timeout):
             winner = await receive.receive()
         nursery.cancel_scope.cancel()
+    while True:  # links that finished after the winner are still queued: close them
+        try:
+            late = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        late.stream.socket.close()
     receive.close()
-    async with receive:
-        pass
     _close_losers(punch, winner)
     return winner
 
@@ -642,92 +687,11 @@ def _close_losers(punch: PunchRound, winner: AuthenticatedLink | None) -> None:
             pair.detail = "authenticated, not nominated"
 
 
-async def _destination_rounds(
-    control: ControlReader,
-    options: ConnectOptions,
-    listeners: dict[int, trio.socket.SocketType],
-    port: int,
-    remotes: list[tuple[str, int]],
-    static_private: bytes,
-    remote_public: bytes,
-    pro: bytes,
-    report: Report,
-    log: SessionLog,
-) -> AuthenticatedLink:
-    wait = options.timing.round_timeout * 2 + options.control_timeout
-    msg, _ = await control.receive("sync", step="waiting for sync")
-    while True:
-        round_no = msg["round"]
-        report.rounds = round_no
-        punch = PunchRound(
-            round_no=round_no,
-            listeners=listeners,
-            bind_host={f: _choose_bind(options, f) for f in listeners},
-            port=port,
-            remotes=remotes,
-            authenticate=make_authenticator(
-                "destination", round_no, static_private, remote_public, pro
-            ),
-            timing=options.timing,
-            log=log,
-            dial_delay=options.dial_delay,
-        )
-        links: dict[int, AuthenticatedLink] = {}
-        send, receive = trio.open_memory_channel[AuthenticatedLink](64)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(punch.run, send)
-            nursery.start_soon(_collect, receive, links)
-            msg, _ = await control.receive(
-                "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
-            )
-            if msg.type == "nominate":
-                # the initiator finished, so our side of that handshake has finished too;
-                # give the collector a moment to file it if the scheduler has not yet
-                with trio.move_on_after(options.timing.handshake_timeout):
-                    while msg["link"] not in links:
-                        await trio.sleep(0.005)
-            nursery.cancel_scope.cancel()
-        report.pairs.extend(punch.pairs)
-        if msg.type == "nominate":
-            chosen = links.pop(msg["link"], None)
-            for other in links.values():
-                other.stream.socket.close()
-            if chosen is None or msg["round"] != round_no:
-                raise ProtocolError(
-                    f"peer nominated link {msg['link']} of round {msg['round']}, "
-                    "which this side never authenticated"
-                )
-            _close_losers(punch, chosen)
-            return chosen
-        for other in links.values():
-            other.stream.socket.close()
-        _close_losers(punch, None)
-        if not msg["retry"]:
-            raise NoDirectPath(f"no direct link: {msg['reason']}")
-        msg, _ = await control.receive("sync", step="waiting for the next round")
-
-
-async def _collect(
-    receive: trio.MemoryReceiveChannel[AuthenticatedLink], links: dict[int, AuthenticatedLink]
-) -> None:
-    async with receive:
-        async for link in receive:
-            links[link.link_id] = link
-
-
-def _round_reason(punch: PunchRound) -> str:
-    if not punch.pairs:
+def _round_reason(pairs: Sequence[PairReport]) -> str:
+    """ "2 refused, 1 timed out": what the pairs did, for round-failed and NoDirectPath."""
+    if not pairs:
         return "no candidate pairs to try"
     counts: dict[str, int] = {}
-    for pair in punch.pairs:
+    for pair in pairs:
         counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
     return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
-
-
-def _round_reason_all(report: Report) -> str:
-    counts: dict[str, int] = {}
-    for pair in report.pairs:
-        counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
-    if not counts:
-        return "no candidate pairs to try"
-    return ", ".join(f"{n} pair attempts {outcome}" for outcome, n in sorted(counts.items()))
