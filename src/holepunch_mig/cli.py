@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +28,7 @@ from .control import stdio_channel as open_stdio_channel
 from .errors import CandidateError, HolepunchError, NoDirectPath
 from .link import Link
 from .report import Report
+from .session import Role
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -292,56 +293,64 @@ async def _run_recv(args: argparse.Namespace) -> int:
         if not args.quiet:
             _say(f"waiting for the control connection on {host}:{port}")
         channel = await _accept_control(host, port)
-    report: Report | None = None
-    try:
+
+    async def receive(link: Link) -> str:
         with _output(args.output) as (dst, verified):
-            async with api.connect(channel, role="destination", **_connect_options(args)) as link:
-                report = link.report
-                if not args.quiet:
-                    _say(report.summary())
-                _warn_fallback(link)
-                progress = None if args.quiet else Progress("received", None)
-                result = await link.receive_file(dst, progress=progress)
-                dst.flush()
-                verified[0] = True
-                if progress:
-                    progress.finish()
-        _say(f"received {result.bytes} bytes, sha256 {result.sha256}, verified")
-        _write_report(args.report, report)
-        return EXIT_OK
-    except NoDirectPath as exc:
-        return _fail(args, exc, getattr(exc, "report", report), EXIT_NO_PATH)
-    except HolepunchError as exc:
-        return _fail(args, exc, report, EXIT_FAILED)
-    finally:
-        await channel.aclose()
+            progress = None if args.quiet else Progress("received", None)
+            result = await link.receive_file(dst, progress=progress)
+            dst.flush()
+            verified[0] = True
+        if progress:
+            progress.finish()
+        return f"received {result.bytes} bytes, sha256 {result.sha256}, verified"
+
+    return await _session(args, channel, "destination", receive)
 
 
 async def _run_send(args: argparse.Namespace) -> int:
-    channel: ControlChannel
-    if args.control_cmd:
-        channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
-    else:
-        host, port = args.control
-        channel = await open_tcp_channel(host, port, wait=args.control_wait)
+    # open the input first: a missing file fails before the peer is involved
+    with _input(args.input) as (src, total):
+        channel: ControlChannel
+        if args.control_cmd:
+            channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+        else:
+            host, port = args.control
+            channel = await open_tcp_channel(host, port, wait=args.control_wait)
+
+        async def send(link: Link) -> str:
+            progress = None if args.quiet else Progress("sent", total)
+            result = await link.send_file(src, progress=progress)
+            if progress:
+                progress.finish()
+            return f"sent {result.bytes} bytes, sha256 {result.sha256}, verified by the receiver"
+
+        return await _session(args, channel, "source", send)
+
+
+async def _session(
+    args: argparse.Namespace,
+    channel: ControlChannel,
+    role: Role,
+    transfer: Callable[[Link], Awaitable[str]],
+) -> int:
+    """Connect, announce the path, run ``transfer``, write the report; map errors to exit
+    codes.  Shared by ``send`` and ``recv``."""
     report: Report | None = None
     try:
-        with _input(args.input) as (src, total):
-            async with api.connect(channel, role="source", **_connect_options(args)) as link:
-                report = link.report
-                if not args.quiet:
-                    _say(report.summary())
-                _warn_fallback(link)
-                progress = None if args.quiet else Progress("sent", total)
-                result = await link.send_file(src, progress=progress)
-                if progress:
-                    progress.finish()
-        _say(f"sent {result.bytes} bytes, sha256 {result.sha256}, verified by the receiver")
+        async with api.connect(channel, role=role, **_connect_options(args)) as link:
+            report = link.report
+            if not args.quiet:
+                _say(report.summary())
+            _warn_fallback(link)
+            done = await transfer(link)
+        _say(done)
         _write_report(args.report, report)
         return EXIT_OK
     except NoDirectPath as exc:
-        return _fail(args, exc, getattr(exc, "report", report), EXIT_NO_PATH)
+        return _fail(args, exc, exc.report or report, EXIT_NO_PATH)
     except HolepunchError as exc:
+        return _fail(args, exc, exc.report or report, EXIT_FAILED)
+    except OSError as exc:  # the input or output file, not the network
         return _fail(args, exc, report, EXIT_FAILED)
     finally:
         await channel.aclose()
