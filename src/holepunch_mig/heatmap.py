@@ -59,6 +59,10 @@ _FONT: dict[str, tuple[int, ...]] = {
     ":": (0, 12, 12, 0, 12, 12, 0),
     "%": (24, 25, 2, 4, 8, 19, 3),
     "?": (14, 17, 1, 2, 4, 0, 4),
+    "!": (4, 4, 4, 4, 4, 0, 4),
+    ",": (0, 0, 0, 0, 12, 4, 8),
+    "(": (2, 4, 8, 8, 8, 4, 2),
+    ")": (8, 4, 2, 2, 2, 4, 8),
 }
 
 Color = tuple[int, int, int]
@@ -136,10 +140,12 @@ def render(matrix: Matrix) -> bytes:
     cell_w, cell_h, pad = 190, 34, 10
     label_w = max(text_width(p) for p in presets) + 2 * pad
     title_h = 40
-    width = label_w + cell_w * len(rtts) + pad
-    height = title_h + 24 + cell_h * len(presets) + 60
+    title = f"TRAVERSAL MATRIX {matrix.generated}"
+    footer = "LABEL: DIRECT RUNS / RUNS, MEDIAN TIME TO LINK"
+    width = max(label_w + cell_w * len(rtts) + pad, text_width(title) + 2 * pad, 560)
+    height = title_h + 24 + cell_h * len(presets) + 80
     cv = Canvas(width, height)
-    cv.text(pad, pad, f"TRAVERSAL MATRIX {matrix.generated}", scale=2)
+    cv.text(pad, pad, title, scale=2)
     for j, rtt in enumerate(rtts):
         cv.text(label_w + j * cell_w + 8, title_h, f"RTT {rtt} MS")
     by_key = {(c.preset, c.rtt_ms): c for c in matrix.cells}
@@ -170,7 +176,7 @@ def render(matrix: Matrix) -> bytes:
     cv.text(pad + 146, y, "FAILED")
     cv.rect(pad + 240, y, 20, 14, EXPECTED_FAIL)
     cv.text(pad + 266, y, "EXPECTED FAIL")
-    cv.frame(pad + 440, y, 20, 14, MAGENTA, 3)
-    cv.text(pad + 466, y, "NOT AS EXPECTED")
-    cv.text(pad, y + 22, "LABEL: DIRECT RUNS / RUNS, MEDIAN TIME TO LINK")
+    cv.frame(pad, y + 22, 20, 14, MAGENTA, 3)
+    cv.text(pad + 26, y + 22, "NOT AS EXPECTED (!)")
+    cv.text(pad, y + 44, footer)
     return cv.png()
