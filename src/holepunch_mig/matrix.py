@@ -55,13 +55,14 @@ EXPECTED: dict[str, Expect] = {
 #: as not matching; the CI test (tests/test_matrix.py) tolerates only these.
 KNOWN_ISSUES: dict[str, str] = {
     "reject-reject": (
-        "both sides answer early SYNs with RST; punch.py retries refused dials every 0.25 s "
-        "on both sides in lockstep, so each SYN keeps meeting the peer's closed window; "
-        "only a new round (re-sync) breaks it. Fix: jitter the refused-retry delay"
+        "at rtt 0 only: both sides answer early SYNs with RST; punch.py retries refused "
+        "dials every 0.25 s on both sides in lockstep, so each SYN keeps meeting the peer's "
+        "closed window; only a new round (re-sync) breaks it. Fix: jitter the refused-retry "
+        "delay"
     ),
     "rst-rst": (
-        "as reject-reject: both NATs answer unsolicited SYNs with RST and the lockstep "
-        "0.25 s retries keep colliding"
+        "at rtt 0 only, as reject-reject: both NATs answer unsolicited SYNs with RST and "
+        "the lockstep 0.25 s retries keep colliding"
     ),
 }
 
