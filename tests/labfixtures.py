@@ -36,7 +36,19 @@ import pytest
 
 from holepunch_mig.lab import NS_PREFIX, Lab, LabError, LabSpec, presets
 
-__all__ = ["lab", "lab_factory", "netns_unavailable", "require_netns", "run_python"]
+__all__ = [
+    "CLI",
+    "cli_env",
+    "lab",
+    "lab_factory",
+    "netns_unavailable",
+    "require_netns",
+    "run_cli",
+    "run_python",
+]
+
+#: The real CLI, this interpreter (``python -m holepunch_mig.cli``).
+CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 
 _probe_result: str | None = None
 _probed = False
@@ -167,3 +179,17 @@ def run_python(
             f"{proc.stdout.decode(errors='replace')}{proc.stderr.decode(errors='replace')}"
         )
     return proc
+
+
+def cli_env() -> dict[str, str]:
+    """os.environ with PYTHONPATH = this sys.path (so children import this checkout)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``holepunch-mig ARGS`` (in the root namespace) and capture its text output."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )

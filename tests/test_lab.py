@@ -28,7 +28,10 @@ from holepunch_mig.lab import (
     LabSpec,
     LabUnsupported,
     SideSpec,
+    load_spec,
     presets,
+    spec_from_dict,
+    spec_to_dict,
 )
 
 pytest.register_assert_rewrite("labfixtures")
@@ -79,11 +82,48 @@ def free_port() -> int:
 # ------------------------------------------------------------------ no namespaces needed
 
 
-def test_rtt_is_not_implemented_yet() -> None:
-    with pytest.raises(LabUnsupported, match="delay emulation is not implemented"):
-        Lab(LabSpec(left=SideSpec(), right=SideSpec(), rtt_ms=20))
+def test_rtt_limits() -> None:
+    Lab(LabSpec(left=SideSpec(), right=SideSpec(), rtt_ms=20))  # supported now
+    with pytest.raises(LabUnsupported, match="at most"):
+        Lab(LabSpec(left=SideSpec(), right=SideSpec(), rtt_ms=5000))
+    with pytest.raises(LabError, match=">= 0"):
+        Lab(LabSpec(left=SideSpec(), right=SideSpec(), rtt_ms=-1))
     assert issubclass(LabUnsupported, NotImplementedError)
     assert issubclass(LabUnsupported, LabError)
+
+
+def test_spec_files_toml_and_json(tmp_path: Path) -> None:
+    toml = tmp_path / "my lab.toml"
+    toml.write_text(
+        'rtt_ms = 20\nstun = true\n[left]\nnat = "double"\n'
+        '[right]\nfirewall = "reject"\nallow_inbound_tcp = [7070]\n'
+    )
+    spec = load_spec(toml)
+    assert spec == LabSpec(
+        left=SideSpec(firewall="drop", nat="double"),
+        right=SideSpec(firewall="reject", nat="none", allow_inbound_tcp=(7070,)),
+        stun=True,
+        rtt_ms=20,
+        name="my-lab",
+    )
+    js = tmp_path / "x.json"
+    js.write_text(json.dumps(spec_to_dict(spec)))
+    assert load_spec(js) == spec
+    for bad, match in [
+        ({"left": {"nat": "cone"}}, "left.nat"),
+        ({"right": {"firewal": "drop"}}, "unknown key"),
+        ({"delay": 3}, "unknown spec key"),
+        ({"rtt_ms": "20"}, "rtt_ms"),
+        ({"left": {"allow_inbound_tcp": [70000]}}, "bad port"),
+        ({"name": "a b"}, "name"),
+    ]:
+        with pytest.raises(LabError, match=match):
+            spec_from_dict(bad)
+    (tmp_path / "broken.toml").write_text("left = [")
+    with pytest.raises(LabError, match="not valid toml"):
+        load_spec(tmp_path / "broken.toml")
+    with pytest.raises(LabError, match="cannot read"):
+        load_spec(tmp_path / "missing.json")
 
 
 def test_spec_validation() -> None:
@@ -497,3 +537,83 @@ def test_stun_over_tcp_sees_the_nat_public_address(lab: Lab) -> None:
         mapped = json.loads(proc.stdout)
         # port-preserving NATs (and no NAT) keep the bound port
         assert mapped == [lab.public_address(side), port]
+
+
+# ------------------------------------------------------------------ delay and detached labs
+
+
+def _connect_ms(lab: Lab, srv: socket.socket, endpoint: tuple[str, int]) -> float:
+    c = lab.socket("left")
+    with c:
+        c.settimeout(5.0)
+        start = time.monotonic()
+        c.connect(endpoint)
+        took = (time.monotonic() - start) * 1000
+        a, _ = srv.accept()
+        a.close()
+    return took
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("preset", ["fw-fw", "double-nat"])
+def test_rtt_delays_left_to_right(lab_factory: Factory, preset: str) -> None:
+    from dataclasses import replace
+
+    lab = lab_factory(replace(presets()[preset], rtt_ms=60))
+    srv = listener(lab, "right", CONTROL_PORT)
+    with srv:
+        endpoint = lab.control_endpoint("right", CONTROL_PORT)
+        samples = sorted(_connect_ms(lab, srv, endpoint) for _ in range(5))
+    # a TCP connect takes one RTT: SYN (delayed entering right), SYN-ACK (entering left)
+    assert samples[0] >= 58, samples
+    assert samples[2] < 150, samples
+    # the data path works too, and the delay stages counted the packets
+    out = run_python(lab, "left", "import socket; print('ok')")
+    assert out.stdout.strip() == b"ok"
+    lab.teardown()
+    counters = lab.delay_counters()
+    assert set(counters) == {"left", "right"}
+    assert counters["right"]["packets"] >= 10 and counters["right"]["delay_ms"] == 30
+
+
+@pytest.mark.netns
+def test_detached_lab_survives_cleanup_stale_and_attach_tears_down() -> None:
+    require_netns(need=("turnserver",))
+    code = textwrap.dedent(
+        """
+        import json
+        from dataclasses import replace
+        from holepunch_mig.lab import Lab, presets
+        spec = replace(presets()["nat-fw"], name="detach-test", rtt_ms=10)
+        lab = Lab(spec, detached=True).build()
+        print(json.dumps({"run_id": lab.run_id, "namespaces": lab.namespaces()}))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert child.returncode == 0, child.stderr
+    info = json.loads(child.stdout)
+    try:
+        # the building process is gone, yet the lab is not stale
+        assert set(info["namespaces"]) <= netns_list()
+        assert not set(Lab.cleanup_stale()) & set(info["namespaces"])
+        state = json.loads((STATE_DIR / f"{info['run_id']}.json").read_text())
+        assert state["detached"] is True and state["name"] == "detach-test"
+        listed = {st["run_id"]: st for st in Lab.list_labs()}
+        assert listed[info["run_id"]]["status"] == "detached"
+        lab = Lab.attach("detach-test")
+        assert lab.run_id == info["run_id"]
+        assert lab.spec.rtt_ms == 10 and lab.public_address("left") == "198.51.100.10"
+        # its services (coturn, delay stages) still run inside its namespaces
+        pids = subprocess.run(
+            ["ip", "netns", "pids", lab.netns("stun")], capture_output=True, text=True
+        ).stdout.split()
+        assert pids
+    finally:
+        Lab.attach(info["run_id"]).teardown()
+    assert not set(info["namespaces"]) & netns_list()
+    assert not (STATE_DIR / f"{info['run_id']}.json").exists()
+    with pytest.raises(LabError, match="no detached lab"):
+        Lab.attach(info["run_id"])

@@ -26,8 +26,17 @@ CGN's) input and forward chains for packets arriving on the WAN.  Established/re
 is always accepted.  ``allow_inbound_tcp`` ports are accepted (no NAT) or port-forwarded with
 DNAT to the same port on the host (NAT; through both layers for double NAT).
 
-Only Linux, only as root.  No delay emulation yet (``rtt_ms`` must be 0): the kernels this
-project targets have no ``tc netem``; see docs/lab-notes.md.
+Round-trip delay (``rtt_ms``): the kernels this project targets have no ``tc netem``, so
+each side's outermost namespace sends packets arriving on its outer interface through
+NFQUEUE to :mod:`holepunch_mig.delay`, which holds each one ``rtt_ms / 2`` before letting it
+continue (left <-> right sees ``rtt_ms``; a side <-> the public/stun hosts sees half).
+
+Detached labs (``Lab(spec, detached=True)``, used by ``holepunch-mig lab up``) outlive the
+process that built them: their state file says ``"detached": true``, :meth:`cleanup_stale`
+leaves them alone, and :meth:`Lab.attach` (by name; default the newest) gives back a
+:class:`Lab` whose :meth:`teardown` removes them.
+
+Only Linux, only as root.  See docs/lab-notes.md and docs/traversal.md.
 """
 
 from __future__ import annotations
@@ -42,10 +51,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -66,7 +77,10 @@ __all__ = [
     "LabUnsupported",
     "Nat",
     "SideSpec",
+    "load_spec",
     "presets",
+    "spec_from_dict",
+    "spec_to_dict",
 ]
 
 Firewall = Literal["open", "drop", "reject"]
@@ -92,6 +106,10 @@ PUBLIC_PREFIXLEN = 24
 PUBLIC_NET = "198.51.100.0/24"
 _PUBLIC_HOST = "198.51.100.2"
 _STUN_HOST = "198.51.100.3"
+#: coturn's second address (same host, same port): a second "server" for mapping tests.
+_STUN_HOST2 = "198.51.100.4"
+#: Upper bound for rtt_ms (the delay queue holds at most 16384 packets).
+MAX_RTT_MS = 2000
 _SIDE_WAN = {"left": "198.51.100.10", "right": "198.51.100.20"}
 _SIDE_INDEX = {"left": 1, "right": 2}
 
@@ -125,7 +143,8 @@ class SideSpec:
 
 @dataclass(frozen=True)
 class LabSpec:
-    """A whole lab: two sides, an optional STUN server, and (not yet) a round-trip delay."""
+    """A whole lab: two sides, an optional STUN server (coturn on two addresses) and a
+    round-trip delay between the two sides in milliseconds (0 = none)."""
 
     left: SideSpec
     right: SideSpec
@@ -189,6 +208,88 @@ def presets() -> dict[str, LabSpec]:
         spec("double-double", ("drop", "double"), ("drop", "double")),
     ]
     return {c.name: c for c in cells}
+
+
+_SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms")
+_SIDE_KEYS = ("firewall", "nat", "allow_inbound_tcp")
+
+
+def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> LabSpec:
+    """A :class:`LabSpec` from a parsed spec file (see docs/traversal.md).  Unknown keys and
+    bad values raise LabError naming the key."""
+    if not isinstance(data, Mapping):
+        raise LabError("a lab spec is a table/object with keys " + ", ".join(_SPEC_KEYS))
+    unknown = sorted(set(data) - set(_SPEC_KEYS))
+    if unknown:
+        raise LabError(f"unknown spec key(s) {unknown}; allowed: {', '.join(_SPEC_KEYS)}")
+
+    def side(key: str) -> SideSpec:
+        raw = data.get(key, {})
+        if not isinstance(raw, Mapping):
+            raise LabError(f"{key} must be a table/object with keys {', '.join(_SIDE_KEYS)}")
+        bad = sorted(set(raw) - set(_SIDE_KEYS))
+        if bad:
+            raise LabError(f"unknown key(s) {bad} in {key}; allowed: {', '.join(_SIDE_KEYS)}")
+        ports = raw.get("allow_inbound_tcp", [])
+        if not isinstance(ports, list | tuple) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in ports
+        ):
+            raise LabError(f"{key}.allow_inbound_tcp must be a list of port numbers")
+        fw, nat = raw.get("firewall", "drop"), raw.get("nat", "none")
+        if fw not in _FIREWALLS:
+            raise LabError(f"{key}.firewall must be one of {', '.join(_FIREWALLS)}, not {fw!r}")
+        if nat not in _NATS:
+            raise LabError(f"{key}.nat must be one of {', '.join(_NATS)}, not {nat!r}")
+        return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports))
+
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
+        raise LabError(f"name must be 1-40 letters, digits, '_', '.', '-', not {name!r}")
+    stun = data.get("stun", False)
+    rtt = data.get("rtt_ms", 0)
+    if not isinstance(stun, bool):
+        raise LabError(f"stun must be true or false, not {stun!r}")
+    if not isinstance(rtt, int) or isinstance(rtt, bool):
+        raise LabError(f"rtt_ms must be an integer number of milliseconds, not {rtt!r}")
+    spec = LabSpec(left=side("left"), right=side("right"), stun=stun, rtt_ms=rtt, name=name)
+    _validate(spec)
+    return spec
+
+
+def spec_to_dict(spec: LabSpec) -> dict[str, Any]:
+    """The inverse of :func:`spec_from_dict` (JSON-friendly)."""
+
+    def side(s: SideSpec) -> dict[str, Any]:
+        return {
+            "firewall": s.firewall,
+            "nat": s.nat,
+            "allow_inbound_tcp": list(s.allow_inbound_tcp),
+        }
+
+    return {
+        "name": spec.name,
+        "stun": spec.stun,
+        "rtt_ms": spec.rtt_ms,
+        "left": side(spec.left),
+        "right": side(spec.right),
+    }
+
+
+def load_spec(path: str | os.PathLike[str]) -> LabSpec:
+    """Read a lab spec file: TOML if it ends in ``.toml``, else JSON.  The name defaults to
+    the file's stem."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise LabError(f"cannot read spec file {p}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise LabError(
+            f"spec file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}"
+        ) from None
+    return spec_from_dict(data, default_name=re.sub(r"[^A-Za-z0-9_.-]", "-", p.stem)[:40] or "lab")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -404,19 +505,32 @@ class _Plan:
     routes: dict[str, str] = field(default_factory=dict)  # host -> default gateway
     rulesets: dict[str, str] = field(default_factory=dict)  # host -> nft ruleset
     forwarding: set[str] = field(default_factory=set)
+    extra_addrs: dict[str, list[str]] = field(default_factory=dict)  # host -> more on eth0
 
 
 # --------------------------------------------------------------------------- the lab
 
 
 class Lab:
-    """A built (or buildable) lab.  Use as a context manager, or build()/teardown()."""
+    """A built (or buildable) lab.  Use as a context manager, or build()/teardown().
 
-    def __init__(self, spec: LabSpec) -> None:
+    detached=True: the lab is meant to outlive this process (``holepunch-mig lab up``):
+    its background services (coturn, delay queues) run in their own sessions, and once
+    built its state file is marked detached so :meth:`cleanup_stale` never removes it;
+    :meth:`attach` finds it again and ``teardown()`` removes it."""
+
+    def __init__(
+        self, spec: LabSpec, *, detached: bool = False, _run_id: str | None = None
+    ) -> None:
         _validate(spec)
         self.spec = spec
-        self.pid = os.getpid()
-        self.token = secrets.token_hex(3)
+        self.detached = detached
+        if _run_id is None:
+            self.pid = os.getpid()
+            self.token = secrets.token_hex(3)
+        else:
+            pid, self.token = _run_id.split("-")
+            self.pid = int(pid)
         self.run_id = f"{self.pid}-{self.token}"
         self.prefix = f"{NS_PREFIX}{self.run_id}-"
         self.segment_netns = f"{self.prefix}pub"
@@ -425,7 +539,9 @@ class Lab:
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._stun_proc: subprocess.Popen[bytes] | None = None
-        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._tmpdir: Path | None = None
+        self._delay_procs: list[subprocess.Popen[bytes]] = []
+        self.created = time.time()
         self._state_file = STATE_DIR / f"{self.run_id}.json"
         self._plan = self._make_plan()
 
@@ -488,6 +604,20 @@ class Lab:
     def stun_endpoint(self) -> tuple[str, int] | None:
         """coturn's (address, port) on the public segment, TCP and UDP; None without stun."""
         return (_STUN_HOST, STUN_PORT) if self.spec.stun else None
+
+    def stun_endpoints(self) -> list[tuple[str, int]]:
+        """Both of coturn's addresses (one process, two listening IPs, same port): two
+        "servers" for comparing mappings (doctor, symmetric-NAT detection).  [] without
+        stun."""
+        return [(_STUN_HOST, STUN_PORT), (_STUN_HOST2, STUN_PORT)] if self.spec.stun else []
+
+    def edge(self, side: str) -> str:
+        """The outermost namespace of `side` (the host itself, its router, or its CGN):
+        where the side's delay stage sits."""
+        spec = self._side(side)
+        if spec.nat == "none":
+            return side
+        return f"{side}-cgn" if spec.nat == "double" else f"{side}-router"
 
     @property
     def stun_process(self) -> subprocess.Popen[bytes] | None:
@@ -561,6 +691,7 @@ class Lab:
         if self.spec.stun:
             add("stun", role="stun", address=_STUN_HOST, public_address=_STUN_HOST)
             plan.links.append(_Link(self.prefix + "stun", "eth0", f"{_STUN_HOST}/24", pub, "stun"))
+            plan.extra_addrs["stun"] = [f"{_STUN_HOST2}/24"]
 
         for side_name in ("left", "right"):
             side: Side = "left" if side_name == "left" else "right"
@@ -628,7 +759,7 @@ class Lab:
         KeyboardInterrupt) whatever was created is torn down before the error propagates."""
         if self.built:
             raise LabError(f"lab {self.spec.name!r} is already built")
-        _check_environment(need_stun=self.spec.stun)
+        _check_environment(need_stun=self.spec.stun, need_delay=self.spec.rtt_ms > 0)
         try:
             self._write_state()
             self._build()
@@ -636,10 +767,70 @@ class Lab:
             self.built = True
             if self.spec.stun:
                 self._start_stun()
+            if self.spec.rtt_ms > 0:
+                self._start_delay()
+            if self.detached:
+                # from here on no process owns the lab: only `lab down` removes it
+                self._procs.clear()
+                self._write_state(detached=True)
         except BaseException:
             self.teardown()
             raise
         return self
+
+    def _service(self, host: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+        """A background process of the lab itself (coturn, delay queue).  In a detached lab
+        it gets its own session, so the terminal's ^C does not reach it; teardown (or
+        deleting its namespace) stops it."""
+        if self.detached:
+            kw.setdefault("start_new_session", True)
+        return self.popen(host, argv, **kw)
+
+    def _start_delay(self) -> None:
+        """One NFQUEUE delay stage per side, on packets entering the side's outermost
+        namespace (before conntrack): each holds them rtt_ms / 2."""
+        tmp = self._ensure_tmpdir()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self._delay_stats = {}
+        for side in ("left", "right"):
+            edge = self.edge(side)
+            stats = tmp / f"delay-{side}.json"
+            self._delay_stats[side] = str(stats)
+            argv = [
+                sys.executable,
+                "-m",
+                "holepunch_mig.delay",
+                "--queue",
+                "0",
+                "--delay-ms",
+                f"{self.spec.rtt_ms / 2:g}",
+                "--stats",
+                str(stats),
+            ]
+            with open(tmp / f"delay-{side}.log", "wb") as log:
+                proc = self._service(edge, argv, stdout=subprocess.PIPE, stderr=log, env=env)
+            self._delay_procs.append(proc)
+            assert proc.stdout is not None
+            ready = select_line(proc.stdout, timeout=10.0)
+            proc.stdout.close()
+            if ready != b"ready\n":
+                log_text = (tmp / f"delay-{side}.log").read_text(errors="replace")[-1000:]
+                raise LabError(f"delay stage in {edge} did not start: {ready!r} {log_text}")
+            ifname = "eth0" if edge == side else "wan"
+            _run_cmd(
+                [
+                    "ip", "netns", "exec", self.netns(edge),
+                    "iptables", "-w", "5", "-t", "raw", "-A", "PREROUTING", "-i", ifname,
+                    "-j", "NFQUEUE", "--queue-num", "0",
+                ]
+            )  # fmt: skip
+
+    def _ensure_tmpdir(self) -> Path:
+        if self._tmpdir is None:
+            self._tmpdir = Path(tempfile.mkdtemp(prefix=f"hpm-{self.run_id}-turn-"))
+            self._write_state()
+        return self._tmpdir
 
     def _build(self) -> None:
         plan = self._plan
@@ -704,6 +895,8 @@ class Lab:
             else:
                 per_ns[link.peer_ns] += [f"link set {link.peer} up"]
         per_ns[self.segment_netns].append("link set br0 up")
+        for name, addrs in plan.extra_addrs.items():
+            per_ns[plan.hosts[name].netns] += [f"addr add {a} dev eth0" for a in addrs]
         for name, gw in plan.routes.items():
             per_ns[plan.hosts[name].netns].append(f"route add default via {gw}")
         # routes need the gateway's link up first: hosts' batches run after their routers'
@@ -739,8 +932,7 @@ class Lab:
             time.sleep(0.02)
 
     def _start_stun(self) -> None:
-        self._tmpdir = tempfile.TemporaryDirectory(prefix=f"hpm-{self.run_id}-turn-")
-        tmp = Path(self._tmpdir.name)
+        tmp = self._ensure_tmpdir()
         self._stun_log = tmp / "turnserver.log"
         argv = [
             "turnserver",
@@ -751,6 +943,8 @@ class Lab:
             "--no-dtls",
             "--listening-ip",
             _STUN_HOST,
+            "--listening-ip",
+            _STUN_HOST2,
             "--listening-port",
             str(STUN_PORT),
             "--log-file",
@@ -763,10 +957,11 @@ class Lab:
             str(tmp / "turndb"),
             "--no-software-attribute",
         ]
-        self._stun_proc = self.popen(
+        self._stun_proc = self._service(
             "stun", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp
         )
-        self.wait_tcp("stun", (_STUN_HOST, STUN_PORT), timeout=5.0, proc=self._stun_proc)
+        for endpoint in self.stun_endpoints():
+            self.wait_tcp("stun", endpoint, timeout=5.0, proc=self._stun_proc)
 
     def wait_tcp(
         self,
@@ -862,6 +1057,13 @@ class Lab:
                         problems.append(f"pid {proc.pid} ({proc.args!r}) would not die")
         self._procs.clear()
         self._stun_proc = None
+        # delay stages first (SIGTERM: they release what they hold and write their stats)
+        for ns in [self.netns(self.edge(side)) for side in ("left", "right")]:
+            if ns in self._namespaces and self.spec.rtt_ms > 0:
+                _kill_netns_processes(ns)
+        self._delay_procs.clear()
+        if self.spec.rtt_ms > 0:
+            self._keep_stats()
         for ns in reversed(self._namespaces):
             try:
                 _delete_netns(ns)
@@ -874,25 +1076,100 @@ class Lab:
             self._namespaces.clear()
             with contextlib.suppress(FileNotFoundError):
                 self._state_file.unlink()
-        if self._tmpdir is not None:
-            self._tmpdir.cleanup()
+        if self._tmpdir is not None and not problems:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
         self.built = False
         self.hosts = {}
         if problems:
             raise LabError("lab teardown incomplete: " + "; ".join(problems))
 
-    def _write_state(self) -> None:
+    def _keep_stats(self) -> None:
+        """Read the delay stages' counters before their temp dir goes away."""
+        kept: dict[str, Any] = {}
+        for side, path in getattr(self, "_delay_stats", {}).items():
+            with contextlib.suppress(OSError, ValueError):
+                kept[side] = json.loads(Path(path).read_text())
+        self._kept_stats = kept
+
+    def delay_counters(self) -> dict[str, Any]:
+        """After teardown: what each side's delay stage counted (packets, batches,
+        max_held, max_late_ms).  {} without delay."""
+        return dict(getattr(self, "_kept_stats", {}))
+
+    def _write_state(self, detached: bool = False) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         state = {
+            "run_id": self.run_id,
             "pid": self.pid,
             "start_time": _proc_start_time(self.pid),
             "name": self.spec.name,
             "namespaces": self._namespaces,
+            "detached": detached,
+            "created": self.created,
+            "tmpdir": str(self._tmpdir) if self._tmpdir else None,
+            "spec": spec_to_dict(self.spec),
         }
         tmp = self._state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self._state_file)
+
+    # ---------------------------------------------------------------- detached labs
+
+    @staticmethod
+    def list_labs() -> list[dict[str, Any]]:
+        """Every lab with a state file, oldest first: its state plus ``status``
+        ("detached", "running" (owned by a live process), "stale" (owner dead) or
+        "broken" (detached but namespaces missing))."""
+        out: list[dict[str, Any]] = []
+        if not STATE_DIR.is_dir():
+            return out
+        present = set(_list_netns())
+        for path in STATE_DIR.glob("*.json"):
+            try:
+                st = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(st, dict):
+                continue
+            st.setdefault("run_id", path.stem)
+            nss = st.get("namespaces") or []
+            if st.get("detached"):
+                st["status"] = "detached" if nss and set(nss) <= present else "broken"
+            else:
+                pid, start = st.get("pid"), st.get("start_time")
+                alive = isinstance(pid, int) and _pid_alive(
+                    pid, start if isinstance(start, int) else None
+                )
+                st["status"] = "running" if alive else "stale"
+            out.append(st)
+        out.sort(key=lambda st: float(st.get("created") or 0.0))
+        return out
+
+    @classmethod
+    def attach(cls, name: str | None = None) -> Lab:
+        """The detached lab called `name` (or with that run id); default: the newest.
+        Raises LabError if there is none."""
+        if os.geteuid() != 0:
+            raise LabError("lab needs root (network namespaces); run as root")
+        labs = [st for st in cls.list_labs() if st.get("detached")]
+        if name is not None:
+            labs = [st for st in labs if name in (st.get("name"), st.get("run_id"))]
+        if not labs:
+            known = ", ".join(str(st.get("name")) for st in cls.list_labs() if st.get("detached"))
+            raise (
+                LabError(f"no detached lab named {name!r}" if name else "no detached lab is up")
+                if not known
+                else LabError(f"no detached lab named {name!r}; labs: {known}")
+            )
+        st = labs[-1]
+        lab = cls(spec_from_dict(st["spec"]), detached=True, _run_id=str(st["run_id"]))
+        lab.created = float(st.get("created") or 0.0)
+        lab._namespaces = [str(ns) for ns in st.get("namespaces") or []]
+        lab._tmpdir = Path(st["tmpdir"]) if st.get("tmpdir") else None
+        lab.hosts = dict(lab._plan.hosts)
+        lab.built = True
+        return lab
 
     # ---------------------------------------------------------------- stale runs
 
@@ -911,6 +1188,8 @@ class Lab:
 
         def stale(run_id: str, pid: int) -> bool:
             st = states.get(run_id)
+            if st and st.get("detached"):
+                return False  # owned by nobody on purpose: only `lab down` removes it
             start = st.get("start_time") if st else None
             return not _pid_alive(pid, start if isinstance(start, int) else None)
 
@@ -945,6 +1224,25 @@ class Lab:
         return removed
 
 
+def select_line(pipe: Any, timeout: float) -> bytes:
+    """Read one line (up to 200 bytes) from a pipe, giving up at the deadline; returns what
+    arrived (b"" on EOF or timeout)."""
+    import select
+
+    fd = pipe.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < 200:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 def _ip_batch(netns: str, commands: Sequence[str]) -> None:
     _run_cmd(["ip", "-n", netns, "-batch", "-"], input_text="\n".join(commands) + "\n")
 
@@ -962,22 +1260,20 @@ def _validate(spec: LabSpec) -> None:
                 raise LabError(f"{side_name}.allow_inbound_tcp: bad port {port!r}")
     if spec.rtt_ms < 0:
         raise LabError(f"rtt_ms must be >= 0, not {spec.rtt_ms}")
-    if spec.rtt_ms > 0:
-        raise LabUnsupported(
-            f"rtt_ms={spec.rtt_ms}: delay emulation is not implemented yet (no tc netem on "
-            "these kernels; a userspace NFQUEUE/relay stage is planned); use rtt_ms=0"
-        )
+    if spec.rtt_ms > MAX_RTT_MS:
+        raise LabUnsupported(f"rtt_ms={spec.rtt_ms}: at most {MAX_RTT_MS} ms is supported")
 
 
-def _check_environment(need_stun: bool) -> None:
+def _check_environment(need_stun: bool, need_delay: bool = False) -> None:
     if os.geteuid() != 0:
         raise LabError("lab needs root (network namespaces); run as root")
     needed = ["ip", "nft", "sysctl"] + (["turnserver"] if need_stun else [])
+    needed += ["iptables"] if need_delay else []
     missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
         raise LabError(
             f"lab needs {', '.join(missing)} on PATH (apt-get install --no-install-recommends "
-            "iproute2 nftables procps coturn)"
+            "iproute2 nftables procps coturn iptables)"
         )
     if not Path("/proc/self/ns/net").exists():
         raise LabError("this kernel has no network namespaces (/proc/self/ns/net missing)")
