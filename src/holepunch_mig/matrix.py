@@ -55,14 +55,15 @@ EXPECTED: dict[str, Expect] = {
 #: as not matching; the CI test (tests/test_matrix.py) tolerates only these.
 KNOWN_ISSUES: dict[str, str] = {
     "reject-reject": (
-        "at rtt 0 only: both sides answer early SYNs with RST; punch.py retries refused "
-        "dials every 0.25 s on both sides in lockstep, so each SYN keeps meeting the peer's "
-        "closed window; only a new round (re-sync) breaks it. Fix: jitter the refused-retry "
-        "delay"
+        "at rtt 0 only: both sides answer unsolicited SYNs with RST, so a SYN gets through only "
+        "while the peer's own SYN for the same pair is in flight (about 100 us on the lab's "
+        "veths); the synchronised first dial of a round usually hits it, refused-retries "
+        "sometimes. Jittering the retries (uniform 0-100 ms) was tried and made it worse "
+        "(rst-rst 0/6 against 5/6): fixed 0.25 s retries keep the sync offset of the round"
     ),
     "rst-rst": (
-        "at rtt 0 only, as reject-reject: both NATs answer unsolicited SYNs with RST and "
-        "the lockstep 0.25 s retries keep colliding"
+        "at rtt 0 only, as reject-reject: both NATs answer unsolicited SYNs with RST; success "
+        "depends on the two SYNs crossing within the RST round trip"
     ),
 }
 
