@@ -242,13 +242,14 @@ def cases() -> list[Case]:
         Case("after-sync", "destination", "silent", ControlTimeout,
              r"no nominate or round-failed message .* \(round 1\)", on("sent", "sync"),
              grouped=True),
-        # the message does not name the step (test_send_failures_name_the_step)
-        Case("after-sync", "source", "close", ChannelClosed, "^control channel closed by the peer$",
+        Case("after-sync", "source", "close", ChannelClosed,
+             r"closed by the peer while sending round-failed \(round 1\)",
              on("recv", "sync")),
         Case("after-sync", "source", "silent", NoDirectPath, "no direct link after 1 rounds",
              on("recv", "sync")),
         # mid-handshake: TCP connected, then the peer closes or says nothing
-        Case("handshake", "source", "close", ChannelClosed, "^control channel closed by the peer$",
+        Case("handshake", "source", "close", ChannelClosed,
+             r"closed by the peer while sending round-failed \(round 1\)",
              in_handshake=True),
         Case("handshake", "source", "silent", NoDirectPath, "1 rounds: .*rejected",
              in_handshake=True),
@@ -368,12 +369,6 @@ async def test_peer_vanishes(case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
     assert fd_count() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._destination_rounds awaits control.receive inside a trio nursery, so "
-    "ChannelClosed/ControlTimeout reach the caller wrapped in an ExceptionGroup "
-    "(strict_exception_groups): `except HolepunchError` misses them",
-)
 @pytest.mark.parametrize("case", [c for c in cases() if c.grouped], ids=lambda c: c.id + c.mode)
 async def test_destination_round_errors_are_not_exception_groups(
     case: Case, monkeypatch: pytest.MonkeyPatch
@@ -381,13 +376,6 @@ async def test_destination_round_errors_are_not_exception_groups(
     await run_case(case, monkeypatch, unwrap_groups=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="punch.PunchRound._authenticate closes the socket only on HolepunchError/"
-    "BrokenResourceError/OSError/timeout: when the session is cancelled mid-handshake "
-    "(caller's deadline, peer gone) the socket stays open until the garbage collector "
-    "runs (ResourceWarning: unclosed socket)",
-)
 async def test_cancelled_handshake_closes_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     case = next(c for c in cases() if c.id == "handshake" and c.survivor == "destination")
     gc.collect()
@@ -400,11 +388,6 @@ async def test_cancelled_handshake_closes_its_socket(monkeypatch: pytest.MonkeyP
         gc.enable()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ControlReader.send (session.py) lets the channel's ChannelClosed through as "
-    "'control channel closed by the peer', without the message being sent or the step",
-)
 @pytest.mark.parametrize("in_handshake", [False, True])
 async def test_send_failures_name_the_step(
     monkeypatch: pytest.MonkeyPatch, in_handshake: bool

@@ -210,14 +210,14 @@ def decode(data: bytes) -> Event:
         obj = json.loads(bytes(data[1:]).decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"control message is not UTF-8: {exc.reason}") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"control message is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, nesting
+        raise ProtocolError(f"control message is not JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"control message is a JSON {type(obj).__name__}, not an object")
     version = obj.pop("v", None)
     if version is None:
         raise ProtocolError('control message has no "v" (protocol version)')
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})"
         )

@@ -47,6 +47,9 @@ class AuthenticatedLink:
     pair: PairReport
 
 
+MAX_UNOFFERED_HOSTS = 16
+"""Report entries for connections from unoffered hosts, per round; the rest are counted."""
+
 Authenticator = Callable[[trio.SocketStream, int], Awaitable[tuple[int, bytes, bytes]]]
 """(stream, proposed link id) -> (link id, send key, recv key); raises on failure."""
 
@@ -120,6 +123,8 @@ class PunchRound:
         self.log = log
         self.pairs: list[PairReport] = []
         self._next_link_id = first_link_id
+        self._unoffered: dict[str, PairReport] = {}
+        self._unoffered_counts: dict[str, int] = {}
         self.dial_delay = dial_delay
 
     def _new_link_id(self) -> int:
@@ -142,8 +147,16 @@ class PunchRound:
     ) -> None:
         async with out, trio.open_nursery() as nursery:
             while True:
-                sock, addr = await listener.accept()
+                try:
+                    sock, addr = await listener.accept()
+                except OSError as exc:  # EMFILE under a flood, ECONNABORTED: keep going
+                    self.log.warning("accept on the punch port failed: %s", exc)
+                    await trio.sleep(0.05)
+                    continue
                 peer = (_unmap(addr[0]), int(addr[1]))
+                if peer not in self.offered:
+                    self._reject_unoffered(sock, peer)
+                    continue
                 pair = PairReport(
                     self.round_no,
                     format_endpoint(*_local(sock)),
@@ -152,12 +165,30 @@ class PunchRound:
                     direction="inbound",
                 )
                 self.pairs.append(pair)
-                if peer not in self.offered:
-                    pair.outcome, pair.detail = "rejected", "source address was not offered"
-                    self.log.info("closing inbound connection from unoffered %s", pair.remote)
-                    sock.close()
-                    continue
                 nursery.start_soon(self._authenticate, sock, pair, trio.current_time(), out.clone())
+
+    def _reject_unoffered(self, sock: trio.socket.SocketType, peer: Endpoint) -> None:
+        """Close at once; one report entry per source host (a count in its detail), at
+        most MAX_UNOFFERED_HOSTS of them, so a flood cannot grow the report."""
+        local = format_endpoint(*_local(sock))
+        sock.close()
+        host = peer[0]
+        pair = self._unoffered.get(host)
+        if pair is None:
+            if len(self._unoffered) >= MAX_UNOFFERED_HOSTS:
+                host = "*"
+                pair = self._unoffered.get(host)
+            if pair is None:
+                remote = format_endpoint(*peer) if host != "*" else "other hosts"
+                pair = PairReport(self.round_no, local, remote, "rejected", direction="inbound")
+                self._unoffered[host] = pair
+                self.pairs.append(pair)
+                self.log.info("closing inbound connection from unoffered %s", pair.remote)
+        count = self._unoffered_counts.get(host, 0) + 1
+        self._unoffered_counts[host] = count
+        pair.detail = "source address was not offered" + (
+            f" ({count} connections)" if count > 1 else ""
+        )
 
     async def _dial(
         self, remote: Endpoint, family: int, out: trio.MemorySendChannel[AuthenticatedLink]
@@ -207,10 +238,14 @@ class PunchRound:
                     sock.close()
                     raise
                 break
-            if _local(sock) == (_unmap(remote[0]), remote[1]):
-                pair.outcome, pair.detail = "rejected", "self-connect"
+            try:
+                if _local(sock) == (_unmap(remote[0]), remote[1]):
+                    pair.outcome, pair.detail = "rejected", "self-connect"
+                    sock.close()
+                    return
+            except BaseException:
                 sock.close()
-                return
+                raise
             await self._authenticate(sock, pair, started, out)
 
     async def _authenticate(
@@ -220,30 +255,38 @@ class PunchRound:
         started: float,
         out: trio.MemorySendChannel[AuthenticatedLink],
     ) -> None:
-        stream = trio.SocketStream(sock)
         try:
+            stream = trio.SocketStream(sock)
             with trio.fail_after(self.timing.handshake_timeout):
                 link_id, send_key, recv_key = await self.authenticate(stream, self._new_link_id())
-        except trio.TooSlowError:
+        except (trio.TooSlowError, HolepunchError, trio.BrokenResourceError, OSError) as exc:
+            self._rejected(sock, pair, started, exc)
+            return
+        except BaseException:  # cancelled or a bug: close now, not in the GC
+            sock.close()
+            raise
+        pair.outcome, pair.detail = "connected", ""
+        pair.seconds = trio.current_time() - started
+        link = AuthenticatedLink(stream, link_id, send_key, recv_key, pair.local, pair.remote, pair)
+        try:
+            await out.send(link)
+        except BaseException as exc:
+            pair.outcome = "abandoned"
+            sock.close()
+            if not isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                raise
+
+    def _rejected(
+        self, sock: trio.socket.SocketType, pair: PairReport, started: float, exc: Exception
+    ) -> None:
+        if isinstance(exc, trio.TooSlowError):
             pair.outcome, pair.detail = "rejected", "handshake timed out"
-        except (HolepunchError, trio.BrokenResourceError, OSError) as exc:
+        else:
             detail = str(exc) if isinstance(exc, HandshakeError) else type(exc).__name__
             pair.outcome, pair.detail = "rejected", f"handshake failed: {detail}"
-        else:
-            pair.outcome, pair.detail = "connected", ""
-            pair.seconds = trio.current_time() - started
-            link = AuthenticatedLink(
-                stream, link_id, send_key, recv_key, pair.local, pair.remote, pair
-            )
-            try:
-                await out.send(link)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pair.outcome = "abandoned"
-                stream.socket.close()
-            return
         pair.seconds = trio.current_time() - started
         self.log.info("pair %s -> %s rejected: %s", pair.local, pair.remote, pair.detail)
-        stream.socket.close()
+        sock.close()
 
 
 def _local(sock: trio.socket.SocketType) -> Endpoint:

@@ -129,9 +129,13 @@ class ControlReader:
             return await self._tunnel.receive_control()
         return await self.channel.receive_message()
 
-    async def send(self, type_: str, **fields: Any) -> bytes:
+    async def send(self, type_: str, *, step: str = "", **fields: Any) -> bytes:
+        """Send one control message; a broken channel names what was being sent."""
         data = messages.encode(messages.make(type_, **fields))
-        await self.channel.send_message(data)
+        try:
+            await self.channel.send_message(data)
+        except ChannelClosed as exc:
+            raise ChannelClosed(f"{exc} while sending {type_}{_step(step)}") from None
         return data
 
     async def receive(
@@ -577,18 +581,24 @@ class _DirectAttempt:
         rounds = self.options.rounds
         for round_no in range(1, rounds + 1):
             self.report.rounds = round_no
-            await self.control.send("sync", round=round_no)
+            await self.control.send("sync", round=round_no, step=f"round {round_no}")
             await trio.sleep(rtt / 2)
             punch = self._round("source", round_no, first_link_id=1 + 1000 * (round_no - 1))
             winner = await _race(punch, self.options.timing.round_timeout)
             self.report.pairs.extend(punch.pairs)
             if winner is not None:
-                await self.control.send("nominate", round=round_no, link=winner.link_id)
+                await self.control.send(
+                    "nominate", round=round_no, link=winner.link_id, step=f"round {round_no}"
+                )
                 return winner
             reason = _round_reason(punch.pairs)
             self.log.info("round %d failed: %s", round_no, reason)
             await self.control.send(
-                "round-failed", round=round_no, retry=round_no < rounds, reason=reason
+                "round-failed",
+                round=round_no,
+                retry=round_no < rounds,
+                reason=reason,
+                step=f"round {round_no}",
             )
         raise NoDirectPath(
             f"no direct link after {rounds} rounds: {_round_reason(self.report.pairs)}"
@@ -605,19 +615,28 @@ class _DirectAttempt:
             punch = self._round("destination", round_no)
             links = _LinkBox()
             send, receive = trio.open_memory_channel[AuthenticatedLink](64)
+            failure: HolepunchError | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(punch.run, send)
                 nursery.start_soon(links.collect, receive)
-                msg, _ = await self.control.receive(
-                    "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
-                )
-                if msg.type == "nominate":
-                    # the initiator has finished, so our side of that handshake has sent
-                    # its last message; the collector may not have filed it yet
-                    with trio.move_on_after(timing.handshake_timeout):
-                        await links.wait_for(msg["link"])
+                try:
+                    msg, _ = await self.control.receive(
+                        "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
+                    )
+                except HolepunchError as exc:  # raised below, not as an exception group
+                    failure = exc
+                else:
+                    if msg.type == "nominate":
+                        # the initiator has finished, so our side of that handshake has sent
+                        # its last message; the collector may not have filed it yet
+                        with trio.move_on_after(timing.handshake_timeout):
+                            await links.wait_for(msg["link"])
                 nursery.cancel_scope.cancel()
             self.report.pairs.extend(punch.pairs)
+            if failure is not None:
+                links.close_all()
+                _close_losers(punch, None)
+                raise failure
             chosen = links.take(msg["link"]) if msg.type == "nominate" else None
             links.close_all()
             _close_losers(punch, chosen)
