@@ -554,7 +554,7 @@ def _session_pair(policy: str, digest: bool, stop_and_wait: bool = False) -> Pai
         return trio.run(main)
 
     cap = (
-        (lambda rtt: (64 << 20) if rtt >= 10 else (512 << 20) if rtt > 0 else None)
+        (lambda rtt: (32 << 20) if rtt >= 10 else (256 << 20) if rtt > 0 else None)
         if (stop_and_wait)
         else None
     )
