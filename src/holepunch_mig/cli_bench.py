@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from .benchmark import (
     GIB,
@@ -97,6 +98,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--full-verify", action="store_true", help="also SHA-256 everything the sink receives"
     )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="measure nothing: re-render the page and chart from an earlier --json",
+    )
     p.set_defaults(run=_run)
 
 
@@ -131,6 +139,11 @@ def _run(args: argparse.Namespace) -> int:
         full_verify=args.full_verify,
     )
     command = "holepunch-mig " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "holepunch-mig bench"
+    if args.from_json:
+        from .bench_report import load_result
+
+        res = load_result(args.from_json)
+        return _write(res, args, md, png)
     try:
         res = run_bench(
             cfg,
@@ -148,8 +161,12 @@ def _run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"holepunch-mig bench: FAILED: {exc}", file=sys.stderr)
         return 1
+    return _write(res, args, md, png)
+
+
+def _write(res: Any, args: argparse.Namespace, md: Path | None, png: Path | None) -> int:
     print(render_text(res))
-    if args.json:
+    if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(res.to_json())
     if md:
