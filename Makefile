@@ -25,10 +25,13 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
-# 2 GiB x 3 runs per row between two processes, then time to link in the lab (root).
+# Every row (plain, TLS, RPC tunnel, tunnel, direct), 2 GiB x 3 runs, between two
+# namespaces of the lab at 0/1/20 ms RTT, QEMU direct vs migrate-proxy, time to link;
+# writes docs/performance.md and docs/performance.png (root; loopback rows only without).
 bench: $(STAMP)
 	mkdir -p build
-	$(BIN)/python -m holepunch_mig.cli bench --json build/bench.json --markdown build/bench.md
+	$(BIN)/python -m holepunch_mig.cli bench --json build/bench.json \
+		--markdown docs/performance.md --png docs/performance.png
 
 # Coverage-guided fuzzing (atheris), every target; FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 60

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import importlib.util
 import os
 import socket
@@ -205,14 +206,36 @@ async def one_run(
 DIRECT_PORT = 7071
 
 
-def lab_spec() -> LabSpec:
+def lab_spec(rtt_ms: int = 0) -> LabSpec:
     """fw-fw, plus one inbound port on the destination for the direct baseline."""
     base = presets()["fw-fw"]
     return LabSpec(
         left=base.left,
         right=SideSpec(firewall="drop", allow_inbound_tcp=(CONTROL_PORT, DIRECT_PORT)),
         stun=False,
+        rtt_ms=rtt_ms,
         name="fw-fw+direct",
+    )
+
+
+RAM_SAMPLES = ((16 << 20, 32 << 20),)  # (guest physical start, size) compared after migration
+
+
+async def same_ram(src: QemuVM, dst: QemuVM, work: Path) -> str:
+    """pmemsave the same guest RAM ranges on both sides and compare SHA-256 (the source
+    is in postmigrate; the RAM image is random, so a wrong page shows).  Raises
+    RuntimeError on a mismatch; returns what was checked."""
+    for start, size in RAM_SAMPLES:
+        digests = []
+        for vm in (src, dst):
+            f = work / f"{vm.name}.mem"
+            await vm.qmp.execute("pmemsave", {"val": start, "size": size, "filename": str(f)})
+            digests.append(hashlib.sha256(f.read_bytes()).hexdigest())
+            f.unlink()
+        if digests[0] != digests[1]:
+            raise RuntimeError(f"destination RAM at {start:#x}+{size:#x} differs from the source")
+    return ", ".join(
+        f"RAM {start >> 20}-{(start + size) >> 20} MiB equal" for start, size in RAM_SAMPLES
     )
 
 
@@ -229,9 +252,11 @@ def _manager() -> Any:
 
 
 async def lab_direct_run(
-    lab: Lab, work: Path, image: Path, mem: int, multifd: int
-) -> MigrationResult:
-    """Plain QEMU -> QEMU over TCP through the destination's open port (no crypto)."""
+    lab: Lab, work: Path, image: Path, mem: int, multifd: int, verify: bool = False
+) -> Any:
+    """Plain QEMU -> QEMU over TCP through the destination's open port (no crypto).
+    Returns the MigrationResult, or with ``verify`` (result, what was checked) after
+    comparing guest RAM on both sides."""
     async with (
         QemuVM(work, name="src", mem_mib=mem, ram_image=image, netns=lab.netns("left")) as src,
         QemuVM(
@@ -247,15 +272,29 @@ async def lab_direct_run(
         host, port = lab.control_endpoint("right", DIRECT_PORT)
         result = await migrate(src.qmp, f"tcp:{host}:{port}", multifd_channels=multifd)
         await wait_status(dst.qmp, "running", timeout=20)
+        if verify:
+            return result, "completed, destination running, " + await same_ram(src, dst, work)
         return result
 
 
 async def lab_proxy_run(
-    lab: Lab, work: Path, image: Path, mem: int, multifd: int, digest: bool = False
-) -> MigrationResult:
+    lab: Lab,
+    work: Path,
+    image: Path,
+    mem: int,
+    multifd: int,
+    digest: bool = False,
+    verify: bool = False,
+) -> Any:
     """Through ``holepunch-mig migrate-proxy`` on both firewalled hosts (punched link,
     Noise KK, AES-256-GCM).  Wall time is QEMU's migrate..completed, as for direct; the
-    punch happens before (the proxy says ready first)."""
+    punch happens before (the proxy says ready first).  With ``verify``: (result, what
+    was checked), guest RAM compared on both sides and the proxies' byte counts."""
+    checked: list[str] = []
+
+    async def after(src: QemuVM, dst: QemuVM) -> None:
+        checked.append(await same_ram(src, dst, work))
+
     outcome = await _manager().migrate_in_lab(
         lab,
         work,
@@ -263,22 +302,33 @@ async def lab_proxy_run(
         multifd=multifd,
         ram_image=image,
         proxy_args=("--digest",) if digest else (),
+        after=after if verify else None,
     )
     if outcome.qemu.status != "completed" or outcome.destination_status != "running":
         raise RuntimeError(f"proxied migration failed: {outcome}")
     if outcome.source_exit != 0 or outcome.destination_exit != 0:
         raise RuntimeError(f"a proxy failed: {outcome.source_report} {outcome.destination_report}")
     result: MigrationResult = outcome.qemu
+    if verify:
+        s, d = outcome.source_report, outcome.destination_report
+        if not (s.get("ok") and d.get("ok")) or s.get("bytes_sent") != d.get("bytes_received"):
+            raise RuntimeError(f"proxy reports disagree: {s} {d}")
+        checked.insert(0, f"completed, destination running, proxies ok, {s['bytes_sent']} bytes")
+        return result, ", ".join(checked)
     return result
 
 
 async def lab_compare(
-    mem: int = 512, runs: int = 3, multifd: tuple[int, ...] = (0, 4), digest: bool = False
+    mem: int = 512,
+    runs: int = 3,
+    multifd: tuple[int, ...] = (0, 4),
+    digest: bool = False,
+    rtt_ms: int = 0,
 ) -> list[dict[str, Any]]:
     """Rows {case, multifd, median_wall, median_qemu_ms, mb_per_s, walls, ratio}: proxied
     and direct runs interleaved (so both see the same machine state), median of ``runs``."""
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="hpm-bench-lab-") as tmp, Lab(lab_spec()) as lab:
+    with tempfile.TemporaryDirectory(prefix="hpm-bench-lab-") as tmp, Lab(lab_spec(rtt_ms)) as lab:
         work = Path(tmp)
         image = await trio.to_thread.run_sync(make_ram_image, work / "ram.img", mem)
         for mf in multifd:
