@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+# before anything imports it, so its assertions are rewritten too
+pytest.register_assert_rewrite("labfixtures")
+pytest_plugins = ["labfixtures"]  # the `lab` and `lab_factory` fixtures
 
 settings.register_profile(
     "holepunch",

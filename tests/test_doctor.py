@@ -13,8 +13,6 @@ from labfixtures import cli_env
 
 from holepunch_mig.lab import Lab, LabSpec, presets
 
-pytest_plugins = ["labfixtures"]
-
 Factory = Callable[[LabSpec | str], Lab]
 DOCTOR = [sys.executable, "-m", "holepunch_mig.cli", "doctor"]
 

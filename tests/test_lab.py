@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from labfixtures import require_netns, run_python
 
 from holepunch_mig.lab import (
     CONTROL_PORT,
@@ -33,11 +34,6 @@ from holepunch_mig.lab import (
     spec_from_dict,
     spec_to_dict,
 )
-
-pytest.register_assert_rewrite("labfixtures")
-from labfixtures import require_netns, run_python  # noqa: E402
-
-pytest_plugins = ["labfixtures"]  # the `lab` and `lab_factory` fixtures
 
 Factory = Callable[[LabSpec | str], Lab]
 NOT_ALLOWED = 7100  # a port nobody opened in any firewall
