@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples bench
-	$(BIN)/ruff format --check src tests examples bench
+	$(BIN)/ruff check src tests examples bench fuzz
+	$(BIN)/ruff format --check src tests examples bench fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
