@@ -4,6 +4,7 @@ byte-exact, with every interruption in both reports."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -11,7 +12,6 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import trio
 
 from holepunch_mig import api
@@ -40,10 +40,8 @@ class Killer:
             sock = self.link.sock
             if self.how == "rst":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class Unseekable(io.RawIOBase):
@@ -129,7 +127,9 @@ async def test_source_side_kill_resumes() -> None:
     src, dst, got, errors = await _run(data, src_hook=killer)
     assert not errors
     _check_ok(src, dst, got, data, 1)
-    assert src.report.interruptions[0].detected_by == "local"
+    # the source's worker or the destination's (seeing FIN) may notice first
+    views = {src.report.interruptions[0].detected_by, dst.report.interruptions[0].detected_by}
+    assert "local" in views
     assert src.epoch == dst.epoch == 1
 
 

@@ -19,6 +19,7 @@ from typing import BinaryIO, Literal, TypeVar
 import trio
 
 from .errors import (
+    ControlTimeout,
     HolepunchError,
     NoDirectPath,
     PeerAbort,
@@ -327,6 +328,9 @@ class Link:
                 state.fatal = exc
                 stop(str(exc), "peer")
 
+        # (errors are raised after the nursery: inside it they would come out grouped)
+        input_failed: OSError | None = None
+        timed_out = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             try:
@@ -340,17 +344,26 @@ class Link:
                     )
                 )
             except InputFailed as exc:
-                nursery.cancel_scope.cancel()
-                await self._tell_abort(f"the source's input failed: {exc.error}")
-                raise exc.error from None
+                input_failed = exc.error
+                count, hashed = -1, b""
             except (OSError, RecordError, Interrupted) as exc:
                 stop(f"{type(exc).__name__}: {exc}", "local")
                 count, hashed = -1, b""
-            with trio.fail_after(RESULT_TIMEOUT):
-                await settled.wait()
+            if input_failed is None:
+                with trio.move_on_after(RESULT_TIMEOUT) as waited:
+                    await settled.wait()
+                timed_out = waited.cancelled_caught
             nursery.cancel_scope.cancel()
+        if input_failed is not None:
+            await self._tell_abort(f"the source's input failed: {input_failed}")
+            raise input_failed
         if state.fatal is not None:
             raise state.fatal
+        if timed_out:
+            raise ControlTimeout(
+                f"no result message from the peer within {RESULT_TIMEOUT:.1f} s "
+                "(waiting for the destination's verdict)"
+            )
         if state.result is not None and (count >= 0 or not state.result["ok"]):
             return count, hashed, state.result
         return None
@@ -471,7 +484,10 @@ class Link:
                 acker.post(total)
 
         async def report_progress(n: int) -> None:
-            await self.control.send("progress", bytes=n)
+            try:
+                await self.control.send("progress", bytes=n)
+            except HolepunchError as exc:  # the watcher sees the channel go, too
+                self.log.warning("could not send progress: %s", exc)
 
         async def watch() -> None:
             try:
@@ -486,6 +502,9 @@ class Link:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
+        # (errors are raised after the nursery: inside it they would come out grouped)
+        failure: BaseException | None = None
+        result: tuple[int, bytes] | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             nursery.start_soon(acker.run, report_progress)
@@ -495,17 +514,18 @@ class Link:
                         0, dst, digest=digest, progress=on_progress, position=position
                     )
                 )
-            except (TruncatedStream, RecordError) as exc:
-                if state.fatal is not None:
-                    raise state.fatal from None
-                if state.offer is None and not isinstance(exc, TruncatedStream):
-                    raise
-                if state.seen == "":
-                    state.seen, state.by = f"{type(exc).__name__}: {exc}", "local"
-                result = None
-            finally:
-                nursery.cancel_scope.cancel()
-        return result
+            except (OSError, HolepunchError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is None:
+            return result
+        if state.fatal is not None:
+            raise state.fatal from None
+        if state.offer is None and not isinstance(failure, TruncatedStream):
+            raise failure
+        if state.seen == "":
+            state.seen, state.by = f"{type(failure).__name__}: {failure}", "local"
+        return None
 
     def _fill(self, count: int, digest: str | None, seconds: float) -> None:
         self.report.bytes = count
