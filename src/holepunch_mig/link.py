@@ -33,7 +33,16 @@ from .messages import Message
 from .punch import AuthenticatedLink
 from .records import RecordReader, RecordWriter, StreamPosition
 from .report import Interruption, Report
-from .resume import AckPoster, InputFailed, Interrupted, ResumableSource, abort_socket, tune_link
+from .resume import (
+    AckPoster,
+    InputFailed,
+    Interrupted,
+    Output,
+    OutputFailed,
+    ResumableSource,
+    abort_socket,
+    tune_link,
+)
 from .session import ConnectOptions, ControlReader, Established, SessionLog, repunch
 from .tunnel import Tunnel
 
@@ -390,7 +399,6 @@ class Link:
                 raise
             if outcome is not None:
                 break
-            dst.flush()
             kept = position.offset
             cut = Interruption(
                 at=round(time.monotonic() - started, 3),
@@ -475,12 +483,13 @@ class Link:
         """Receive on the current link until END verified (returned) or the link is lost
         (None; ``state`` says how).  Other failures raise."""
         reader, sock = self.reader, self.sock
+        out = Output(dst)
 
         def on_progress(total: int) -> None:
             if progress is not None:
                 progress(total)
             if acker.due(total):
-                dst.flush()
+                out.flush()
                 acker.post(total)
 
         async def report_progress(n: int) -> None:
@@ -511,9 +520,16 @@ class Link:
             try:
                 result = await self._in_thread(
                     lambda: reader.receive_file(
-                        0, dst, digest=digest, progress=on_progress, position=position
+                        0,
+                        out,  # type: ignore[arg-type]  # write() is all receive_file uses
+                        digest=digest,
+                        progress=on_progress,
+                        position=position,
                     )
                 )
+            except OutputFailed as exc:
+                failure = exc.error
+                state.local_error = True
             except (OSError, HolepunchError) as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -521,10 +537,17 @@ class Link:
             return result
         if state.fatal is not None:
             raise state.fatal from None
-        if state.offer is None and not isinstance(failure, TruncatedStream):
+        # the link's socket errors (ETIMEDOUT comes as a bare TimeoutError) and EOF resume;
+        # failed authentication, END mismatches, ABORT and the output's errors do not
+        link_failure = isinstance(failure, (TruncatedStream, OSError)) and not state.local_error
+        if state.local_error or (state.offer is None and not link_failure):
             raise failure
         if state.seen == "":
             state.seen, state.by = f"{type(failure).__name__}: {failure}", "local"
+        try:
+            out.flush()  # what resume-answer will call kept must have reached the OS
+        except OutputFailed as exc:
+            raise exc.error from None
         return None
 
     def _fill(self, count: int, digest: str | None, seconds: float) -> None:
@@ -565,3 +588,4 @@ class _Epoch:
         self.result: Message | None = None
         self.offer: tuple[Message, bytes] | None = None
         self.fatal: HolepunchError | None = None
+        self.local_error = False

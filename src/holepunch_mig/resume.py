@@ -38,6 +38,34 @@ class InputFailed(Exception):
         self.error = exc
 
 
+class OutputFailed(Exception):
+    """The destination's own output failed (not the link): never resumed."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.error = exc
+
+
+class Output:
+    """The destination's output, with its errors told apart from the link's (a broken
+    pipe on stdout is a ConnectionError too)."""
+
+    def __init__(self, dst: BinaryIO) -> None:
+        self._dst = dst
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._dst.write(data)
+        except OSError as exc:
+            raise OutputFailed(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._dst.flush()
+        except OSError as exc:
+            raise OutputFailed(exc) from exc
+
+
 def tune_link(sock: socket.socket, link_timeout: float) -> None:
     """Keepalive probes after a second of silence and TCP_USER_TIMEOUT: a path that
     answers nothing for ``link_timeout`` seconds fails the socket (ETIMEDOUT) whether
