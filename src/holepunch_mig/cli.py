@@ -129,6 +129,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    """send/recv only (stream transfers resume; migrate-proxy streams cannot)."""
+    p.add_argument(
+        "--resume-attempts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="re-punch a lost link (fresh keys) and go on from the last byte the receiver "
+        "kept, at most N times per transfer (default 3; 0 = fail on the first loss)",
+    )
+    p.add_argument(
+        "--link-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="declare the link dead when the path answers nothing this long (default 10)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="holepunch-mig",
@@ -156,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the payload (default: stdout)",
     )
     _common(recv)
+    _resume_args(recv)
 
     send = sub.add_parser("send", help="send a payload (the migration source)")
     ctl = send.add_mutually_exclusive_group(required=True)
@@ -187,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--input", default="-", metavar="PATH|-", help="payload to send (default: stdin)"
     )
+    # test knob: read the input at most this many bytes per second (lab resume tests)
+    send.add_argument("--rate-limit", type=float, default=0.0, help=argparse.SUPPRESS)
     _common(send)
+    _resume_args(send)
     for register in _SUBCOMMANDS:
         register(sub)
     return parser
@@ -263,6 +286,34 @@ def _output(path: str) -> Iterator[tuple[BinaryIO, list[bool]]]:
                 os.unlink(tmp)
 
 
+class _RateLimited:
+    """The input read at most ``rate`` bytes per second (a test knob: makes a lab
+    transfer last long enough to be interrupted).  Seeks pass through."""
+
+    def __init__(self, inner: BinaryIO, rate: float) -> None:
+        self._inner = inner
+        self._rate = rate
+        self._start = time.monotonic()
+        self._done = 0
+
+    def readinto(self, view: memoryview) -> int:
+        ahead = self._done / self._rate - (time.monotonic() - self._start)
+        if ahead > 0:
+            time.sleep(ahead)  # pacing in the sender's worker thread, never in trio
+        n: int = self._inner.readinto(view[: max(1, int(self._rate / 20))])  # type: ignore[attr-defined]
+        self._done += n
+        return n
+
+    def seekable(self) -> bool:
+        return self._inner.seekable()
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._inner.seek(offset, whence)
+
+
 @contextlib.contextmanager
 def _input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
     if path == "-":
@@ -302,7 +353,7 @@ async def _run_recv(args: argparse.Namespace) -> int:
             verified[0] = True
         if progress:
             progress.finish()
-        return f"received {result.bytes} bytes, sha256 {result.sha256}, verified"
+        return f"received {result.bytes} bytes, sha256 {result.sha256}, verified" + _resumed(link)
 
     return await _session(args, channel, "destination", receive)
 
@@ -319,10 +370,14 @@ async def _run_send(args: argparse.Namespace) -> int:
 
         async def send(link: Link) -> str:
             progress = None if args.quiet else Progress("sent", total)
-            result = await link.send_file(src, progress=progress)
+            data = _RateLimited(src, args.rate_limit) if args.rate_limit > 0 else src
+            result = await link.send_file(data, progress=progress)  # type: ignore[arg-type]
             if progress:
                 progress.finish()
-            return f"sent {result.bytes} bytes, sha256 {result.sha256}, verified by the receiver"
+            return (
+                f"sent {result.bytes} bytes, sha256 {result.sha256}, verified by the receiver"
+                + _resumed(link)
+            )
 
         return await _session(args, channel, "source", send)
 
@@ -337,7 +392,9 @@ async def _session(
     codes.  Shared by ``send`` and ``recv``."""
     report: Report | None = None
     try:
-        async with api.connect(channel, role=role, **_connect_options(args)) as link:
+        options = _connect_options(args)
+        options.update(resume_attempts=args.resume_attempts, link_timeout=args.link_timeout)
+        async with api.connect(channel, role=role, **options) as link:
             report = link.report
             if not args.quiet:
                 _say(report.summary())
@@ -354,6 +411,14 @@ async def _session(
         return _fail(args, exc, report, EXIT_FAILED)
     finally:
         await channel.aclose()
+
+
+def _resumed(link: Link) -> str:
+    cuts = link.report.interruptions
+    if not cuts:
+        return ""
+    times = ", ".join(f"{c.resume_seconds or 0:.2f} s" for c in cuts)
+    return f" (link lost {len(cuts)} time(s), resumed in {times})"
 
 
 def _warn_fallback(link: Link) -> None:

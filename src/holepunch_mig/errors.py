@@ -66,3 +66,13 @@ class TransferError(HolepunchError):
 
 class PeerAbort(TransferError):
     """The peer reported a failure and stopped the session."""
+
+
+class ResumeFailed(TransferError):
+    """A stream transfer lost its link and could not resume it: the resume attempts were
+    used up, a re-punch found no path, or the peer refused.  ``attempts`` is how many
+    re-negotiations were made; the report's ``interruptions`` list each one."""
+
+    def __init__(self, message: str, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.attempts = attempts

@@ -155,6 +155,33 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "error": (_check_str_or_none, "a string or null", True),
     },
     "abort": {"reason": (_check_short_str, "a string of at most 4096 characters", True)},
+    # -- resume (docs/protocol.md section 6): stream transfers survive a dead link --
+    # destination -> source during a resumable transfer: bytes of stream 0 written out
+    "progress": {"bytes": (_check_uint, "an unsigned integer", True)},
+    # destination -> source: the link of generation `epoch` failed; `bytes` kept so far
+    "link-lost": {
+        "epoch": (_check_uint, "an unsigned integer", True),
+        "bytes": (_check_uint, "an unsigned integer", True),
+        "reason": (_check_short_str, "a string of at most 4096 characters", True),
+    },
+    # source -> destination: re-punch for link generation `epoch` (>= 1) with fresh keys
+    "resume-offer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "epoch": (_check_uint, "an unsigned integer", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+        "reason": (_check_short_str, "a string of at most 4096 characters", True),
+    },
+    # destination -> source: its fresh key and candidates, and where the stream resumes
+    "resume-answer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "epoch": (_check_uint, "an unsigned integer", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+        "bytes": (_check_uint, "an unsigned integer", True),
+    },
     # -- migrate-proxy (holepunch_mig.migration): QEMU migration streams over the link --
     # source -> destination once the link is up: how ENDs will be checked
     "migrate-offer": {

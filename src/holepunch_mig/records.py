@@ -27,8 +27,8 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import BinaryIO
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -49,6 +49,7 @@ __all__ = [
     "RecordType",
     "RecordWriter",
     "StreamMismatch",
+    "StreamPosition",
     "rekey",
 ]
 
@@ -120,6 +121,23 @@ class Record:
     payload: memoryview
 
 
+@dataclass
+class StreamPosition:
+    """Where a resumable stream transfer stands (``send_file``/``receive_file``
+    ``position=``).  Without it both start at byte 0 with a fresh SHA-256, as before.
+
+    ``offset``: bytes of the stream that precede this call (the receiver's copy is updated
+    on return *and* on failure to the bytes it handed to ``dst``); ``sha256``: a hashlib
+    object covering exactly those bytes (None = a fresh hash; the call continues it in
+    place); ``marks``: when not None, the sender appends ``(offset, sha256 copy)`` after
+    every DATA record it hashed, so a resume can restart the digest at any record
+    boundary without re-reading (hash objects are ~200 bytes; the caller prunes them)."""
+
+    offset: int = 0
+    sha256: Any = None
+    marks: list[tuple[int, Any]] | None = field(default=None)
+
+
 def rekey(key: bytes) -> bytes:
     """Noise REKEY(k): the first 32 bytes of ENCRYPT(k, 2**64-1, "", 32 zero bytes)."""
     return AESGCM(key).encrypt(_REKEY_NONCE, bytes(32), b"")[:32]
@@ -173,8 +191,17 @@ class _HashThread:
     for buffers over 2 KiB), so hashing overlaps sealing/opening and socket I/O.  Buffers
     are hashed in ``put`` order; each index goes back to ``free`` once hashed."""
 
-    def __init__(self, bufs: list[memoryview], free: queue.SimpleQueue[int]) -> None:
-        self._h = hashlib.sha256()
+    def __init__(
+        self,
+        bufs: list[memoryview],
+        free: queue.SimpleQueue[int],
+        h: Any = None,
+        marks: list[tuple[int, Any]] | None = None,
+        start: int = 0,
+    ) -> None:
+        self._h = hashlib.sha256() if h is None else h
+        self._marks = marks
+        self._pos = start
         self._bufs = bufs
         self._free = free
         self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
@@ -190,6 +217,9 @@ class _HashThread:
             i, n = item
             try:
                 update(self._bufs[i][:n])
+                if self._marks is not None:
+                    self._pos += n
+                    self._marks.append((self._pos, self._h.copy()))
             finally:
                 self._free.put(i)
 
@@ -198,9 +228,15 @@ class _HashThread:
 
     def finish(self) -> bytes:
         """Wait for everything put so far; return the digest."""
-        self._todo.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
         return self._h.digest()
+
+    @property
+    def state(self) -> Any:
+        """The hash object (complete only after ``finish``)."""
+        return self._h
 
 
 class RecordWriter:
@@ -325,6 +361,7 @@ class RecordWriter:
         digest: bool = True,
         progress: Callable[[int], None] | None = None,
         pipeline: int = 3,
+        position: StreamPosition | None = None,
     ) -> tuple[int, bytes]:
         """Send everything ``src`` yields until EOF as DATA records, then END with the count
         and (when ``digest``) the SHA-256 of the bytes.  Returns ``(count, digest or b"")``.
@@ -336,12 +373,16 @@ class RecordWriter:
         in a third thread; 0 or 1 does everything in the caller's thread.  Either way the
         bytes on the wire are the same, and when send_file returns or raises every sealed
         record has been sent (or the writer is broken).  ``progress(total)`` is called
-        after each record is sealed and queued."""
+        after each record is sealed and queued.
+
+        ``position`` (resume): the stream already holds ``position.offset`` bytes, hashed
+        into ``position.sha256``; ``src`` continues from there.  Counts, progress and END
+        cover the whole stream; see :class:`StreamPosition`."""
         self._check_record(RecordType.DATA, stream, 0)
         if pipeline < 2:
-            total, dig = self._send_serial(stream, src, digest, progress)
+            total, dig = self._send_serial(stream, src, digest, progress, position)
         else:
-            total, dig = self._send_pipelined(stream, src, digest, progress, pipeline)
+            total, dig = self._send_pipelined(stream, src, digest, progress, pipeline, position)
         self.end(stream, total, dig)
         return total, dig
 
@@ -362,12 +403,17 @@ class RecordWriter:
         src: BinaryIO,
         digest: bool,
         progress: Callable[[int], None] | None,
+        position: StreamPosition | None = None,
     ) -> tuple[int, bytes]:
         view = memoryview(bytearray(self.max_record))
-        h = hashlib.sha256() if digest else None
+        h = None
+        marks = None
+        if digest:
+            h = hashlib.sha256() if position is None or position.sha256 is None else position.sha256
+            marks = None if position is None else position.marks
         readinto = src.readinto  # type: ignore[attr-defined]
         step = self.max_record
-        total = 0
+        total = 0 if position is None else position.offset
         while True:
             got = self._fill(readinto, view)
             if got == 0:
@@ -375,6 +421,8 @@ class RecordWriter:
             chunk = view[:got]
             if h is not None:
                 h.update(chunk)
+                if marks is not None:
+                    marks.append((total + got, h.copy()))
             self._seal_send(RecordType.DATA, stream, chunk)
             total += got
             if progress is not None:
@@ -390,6 +438,7 @@ class RecordWriter:
         digest: bool,
         progress: Callable[[int], None] | None,
         depth: int,
+        position: StreamPosition | None = None,
     ) -> tuple[int, bytes]:
         step = self.max_record
         frames = [memoryview(bytearray(HEADER.size + step + TAG)) for _ in range(depth)]
@@ -417,13 +466,19 @@ class RecordWriter:
                 failed.append(exc)
                 free_frames.put(None)  # wake the sealer
 
-        hasher = _HashThread(plains, free_plain) if digest else None
+        start = 0 if position is None else position.offset
+        hasher = None
+        if digest:
+            if position is None:
+                hasher = _HashThread(plains, free_plain)
+            else:
+                hasher = _HashThread(plains, free_plain, position.sha256, position.marks, start)
         sender = threading.Thread(target=pump, name="records-send", daemon=True)
         sender.start()
         readinto = src.readinto  # type: ignore[attr-defined]
         lock = self._lock
         seal_into = self._seal_into
-        total = 0
+        total = start
         dig = b""
         try:
             try:
@@ -701,6 +756,7 @@ class RecordReader:
         digest: bool = True,
         progress: Callable[[int], None] | None = None,
         prefetch: int = 3,
+        position: StreamPosition | None = None,
     ) -> tuple[int, bytes]:
         """Write the DATA of ``stream`` to ``dst`` until its END; verify END's byte count
         (and digest, when both sides hashed).  Returns ``(count, sha256 or b"")``.
@@ -710,11 +766,15 @@ class RecordReader:
         RecordError (use ``read()`` to demultiplex).
 
         ``prefetch`` >= 2 receives up to that many records ahead in a helper thread
-        (ciphertext only: nothing is delivered before it is verified); 0 disables it."""
+        (ciphertext only: nothing is delivered before it is verified); 0 disables it.
+
+        ``position`` (resume): ``dst`` already holds ``position.offset`` bytes of the
+        stream, hashed into ``position.sha256``; on return or failure ``position`` says
+        how many bytes ``dst`` now holds (and their hash), see :class:`StreamPosition`."""
         stop = [False]
         records = self._prefetched(stream, prefetch, stop) if prefetch >= 2 else self._fetched()
         try:
-            return self._receive_loop(stream, dst, records, digest, progress, prefetch)
+            return self._receive_loop(stream, dst, records, digest, progress, prefetch, position)
         except BaseException as exc:
             # Records may have been fetched ahead and are lost: the link cannot go on.
             if self._failed is None and prefetch >= 2:
@@ -731,8 +791,10 @@ class RecordReader:
         digest: bool,
         progress: Callable[[int], None] | None,
         depth: int,
+        position: StreamPosition | None = None,
     ) -> tuple[int, bytes]:
         hasher: _HashThread | None = None
+        hstate: Any = None
         if digest:
             # DATA is decrypted into a ring of plaintext buffers that a helper thread
             # hashes while the next record is opened and written.
@@ -740,10 +802,11 @@ class RecordReader:
             free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
             for i in range(len(plains)):
                 free_plain.put(i)
-            hasher = _HashThread(plains, free_plain)
+            hasher = _HashThread(plains, free_plain, None if position is None else position.sha256)
+            hstate = hasher.state
         write = dst.write
         open_ = self._open
-        total = 0
+        total = 0 if position is None else position.offset
         try:
             for frame, t, st, length in records:
                 if t == RecordType.DATA and st == stream:
@@ -793,4 +856,7 @@ class RecordReader:
         finally:
             if hasher is not None:
                 hasher.finish()
+            if position is not None:
+                position.offset = total
+                position.sha256 = hstate
         raise AssertionError("unreachable: record iterators end only by raising")

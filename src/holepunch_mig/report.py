@@ -37,6 +37,33 @@ class PairReport:
 
 
 @dataclass
+class Interruption:
+    """One loss of the data link during a resumable stream transfer, as this side saw it.
+
+    ``at``: seconds since the transfer started; ``epoch``: the link generation that died
+    (0 = the first link); ``detected_by``: "local" (this side's socket failed) or "peer"
+    (the peer said so over the control channel); ``seen``: what failed, in words;
+    ``acked``: bytes the destination had acknowledged at that moment (on the destination:
+    bytes it had written); ``sent``: bytes this side had sent (source) or received
+    (destination); ``resumed_from``: the offset the stream went on from; ``resume_seconds``:
+    from the detection to the new link nominated; ``attempts``: re-negotiations this
+    interruption took; ``link``: the new link's endpoints; ``outcome``: "resumed" or
+    "failed"."""
+
+    at: float
+    epoch: int
+    detected_by: Literal["local", "peer"]
+    seen: str
+    acked: int
+    sent: int
+    resumed_from: int | None = None
+    resume_seconds: float | None = None
+    attempts: int = 0
+    link: str | None = None
+    outcome: Literal["resumed", "failed", "pending"] = "pending"
+
+
+@dataclass
 class Report:
     """Everything a caller, a log or a person needs to know about one session."""
 
@@ -65,6 +92,9 @@ class Report:
     bytes: int | None = None
     sha256: str | None = None
     seconds: float | None = None
+    resume: bool = False
+    """True when both sides agreed that a lost link may be re-punched (stream transfers)."""
+    interruptions: list[Interruption] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +133,19 @@ class Report:
             lines.append(f"  {self.bytes} bytes in {self.seconds or 0:.3f} s{rate}")
         if self.sha256:
             lines.append(f"  sha256 {self.sha256}")
+        for i, cut in enumerate(self.interruptions, 1):
+            how = (
+                f"resumed from byte {cut.resumed_from} in {cut.resume_seconds or 0:.3f} s"
+                f" ({cut.attempts} attempt{'s' if cut.attempts != 1 else ''}"
+                + (f", link {cut.link}" if cut.link else "")
+                + ")"
+                if cut.outcome == "resumed"
+                else f"{cut.outcome} after {cut.attempts} attempt(s)"
+            )
+            lines.append(
+                f"  interruption {i} at {cut.at:.3f} s (link {cut.epoch}, seen {cut.detected_by}"
+                f": {cut.seen}); acknowledged {cut.acked} of {cut.sent} bytes; {how}"
+            )
         for note in self.notes:
             lines.append(f"  note: {note}")
         if self.verdict:

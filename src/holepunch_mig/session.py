@@ -79,6 +79,18 @@ class ConnectOptions:
     """Bytes this side lets the peer have in flight in the tunnel (flow-control window)."""
     tunnel_credit_batch: int = DEFAULT_CREDIT_BATCH
     """This side returns tunnel credit once this many bytes reached the link."""
+    resume_attempts: int = 3
+    """Stream transfers (send_file/receive_file) over a direct link: how many times one
+    transfer may re-punch a lost link (fresh keys) and go on from the last byte the
+    destination kept; 0 turns resume off (and this side does not offer it)."""
+    link_timeout: float = 10.0
+    """Direct links: a path that answers nothing for this long is declared dead
+    (TCP_USER_TIMEOUT + keepalive probes); 0 leaves the kernel's defaults (minutes)."""
+    ack_interval: int = 8 << 20
+    """Resumable transfers: the destination reports bytes written every this many bytes."""
+    resume_buffer: int = 64 << 20
+    """Resumable transfers from an input that cannot seek (a pipe): the most bytes kept in
+    memory for replay; reading the input pauses while that much is unacknowledged."""
 
     def check(self) -> None:
         """Raise ValueError naming the first option that is out of range."""
@@ -93,6 +105,17 @@ class ConnectOptions:
         if not 0 < self.tunnel_credit_batch <= self.tunnel_window:
             raise ValueError(
                 f"tunnel_credit_batch must be in 1..tunnel_window, not {self.tunnel_credit_batch}"
+            )
+        if self.resume_attempts < 0:
+            raise ValueError(f"resume_attempts must be >= 0, not {self.resume_attempts}")
+        if self.link_timeout < 0:
+            raise ValueError(f"link_timeout must be >= 0 (0 = kernel's), not {self.link_timeout}")
+        if self.ack_interval < 1 << 20:
+            raise ValueError(f"ack_interval must be >= 1 MiB, not {self.ack_interval}")
+        if self.resume_buffer < 2 * self.ack_interval + (1 << 20):
+            raise ValueError(
+                f"resume_buffer must be >= 2 * ack_interval + 1 MiB "
+                f"({2 * self.ack_interval + (1 << 20)}), not {self.resume_buffer}"
             )
 
 
@@ -110,6 +133,10 @@ class Established:
     fell_back: bool = False
     """True when the policy was "auto" and the direct path failed: the caller asked for
     direct first and got the tunnel."""
+    session_id: bytes = b""
+    options: ConnectOptions | None = None
+    resume: bool = False
+    """Both sides offered resume (``limits.resume``) and the path is direct."""
 
 
 class ControlReader:
@@ -254,6 +281,21 @@ async def establish(
     session_id = os.urandom(16) if role == "source" else b""
     started = trio.current_time()
 
+    listeners: dict[int, trio.socket.SocketType] = {}
+    try:
+        port = await _open_listeners(options, listeners)
+        return await _negotiate(
+            control, role, options, listeners, port, session_id, started, nursery
+        )
+    finally:
+        for sock in listeners.values():
+            sock.close()
+
+
+async def _open_listeners(
+    options: ConnectOptions, listeners: dict[int, trio.socket.SocketType]
+) -> int:
+    """Bind the punch port for every usable family into ``listeners``; return the port."""
     families = [socket.AF_INET]
     if (
         options.ipv6
@@ -263,21 +305,14 @@ async def establish(
         families.append(socket.AF_INET6)
     if options.bind_host and ":" in options.bind_host:
         families = [socket.AF_INET6]
-    listeners: dict[int, trio.socket.SocketType] = {}
-    try:
-        first = await open_listener(_choose_bind(options, families[0]), options.port, families[0])
-        listeners[families[0]] = first
-        port = int(first.getsockname()[1])
-        for fam in families[1:]:
-            # no IPv6 on this host, or the port is taken there: go on with IPv4
-            with contextlib.suppress(OSError):
-                listeners[fam] = await open_listener(_choose_bind(options, fam), port, fam)
-        return await _negotiate(
-            control, role, options, listeners, port, session_id, started, nursery
-        )
-    finally:
-        for sock in listeners.values():
-            sock.close()
+    first = await open_listener(_choose_bind(options, families[0]), options.port, families[0])
+    listeners[families[0]] = first
+    port = int(first.getsockname()[1])
+    for fam in families[1:]:
+        # no IPv6 on this host, or the port is taken there: go on with IPv4
+        with contextlib.suppress(OSError):
+            listeners[fam] = await open_listener(_choose_bind(options, fam), port, fam)
+    return port
 
 
 async def _negotiate(
@@ -308,6 +343,8 @@ async def _negotiate(
         )
     static_private, static_public = generate_keypair()
     limits = {"max_record": 1 << 20}
+    if options.resume_attempts > 0:
+        limits["resume"] = 1
     lines = [c.to_line() for c in local]
 
     if role == "source":
@@ -350,6 +387,7 @@ async def _negotiate(
     report.local_candidates = lines
     report.remote_candidates = list(peer["candidates"])
     report.notes.extend(notes)
+    resume = options.resume_attempts > 0 and peer["limits"].get("resume", 0) >= 1
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
     tunnel_allowed = destination_policy != "direct"
@@ -419,9 +457,125 @@ async def _negotiate(
     report.path_reason = "direct link authenticated and nominated"
     report.local, report.remote = link.local, link.remote
     report.time_to_link = trio.current_time() - started
+    report.resume = resume
     link.pair.outcome = "nominated"
     log.info("link %s <-> %s nominated in %.3f s", link.local, link.remote, report.time_to_link)
-    return Established(link.stream, link.send_key, link.recv_key, report, control)
+    return Established(
+        link.stream,
+        link.send_key,
+        link.recv_key,
+        report,
+        control,
+        session_id=session_id,
+        options=options,
+        resume=resume,
+    )
+
+
+async def repunch(
+    control: ControlReader,
+    role: Role,
+    options: ConnectOptions,
+    session_id: bytes,
+    epoch: int,
+    log: SessionLog,
+    *,
+    kept: int = 0,
+    offer: tuple[Message, bytes] | None = None,
+    reason: str = "",
+) -> tuple[AuthenticatedLink, int, Report]:
+    """Resume (docs/protocol.md section 6): a new direct link of generation ``epoch`` for
+    the same session, with fresh keys, a fresh punch port and fresh candidates.
+
+    The source sends ``resume-offer`` and learns from ``resume-answer`` where the stream
+    goes on (returned); the destination passes the ``offer`` it received and the bytes
+    it ``kept``.  Then pings, rounds and nomination run exactly as for the first link,
+    with the Noise prologue over the resume messages.  Returns the nominated link, the
+    offset, and a scratch report holding that negotiation's rounds and pairs."""
+    scratch = Report(session=session_id.hex(), role=role)
+    listeners: dict[int, trio.socket.SocketType] = {}
+    try:
+        port = await _open_listeners(options, listeners)
+        include_loopback = options.include_loopback
+        if include_loopback is None:
+            include_loopback = _is_loopback(control.channel.peer_host)
+        local, notes = await gather(
+            port,
+            stun_servers=options.stun,
+            given=options.candidates,
+            include_loopback=include_loopback,
+            ipv6=socket.AF_INET6 in listeners,
+            stun_timeout=options.stun_timeout,
+        )
+        scratch.notes.extend(notes)
+        static_private, static_public = generate_keypair()
+        lines = [c.to_line() for c in local]
+        fields = dict(
+            session=session_id.hex(), epoch=epoch, key=static_public.hex(), port=port,
+            candidates=lines,
+        )  # fmt: skip
+        if role == "source":
+            offer_raw = await control.send("resume-offer", **fields, reason=reason[:4096])
+            while True:
+                msg, answer_raw = await control.receive(
+                    "resume-answer",
+                    "progress",
+                    "link-lost",
+                    "result",
+                    step=f"waiting for resume-answer {epoch}",
+                )
+                if msg.type == "result":
+                    if not msg["ok"]:
+                        raise PeerAbort(f"destination gave up: {msg['error']}")
+                    raise ProtocolError("destination sent result ok while a resume was pending")
+                if msg.type == "resume-answer":
+                    break
+            if msg["session"] != session_id.hex() or msg["epoch"] != epoch:
+                raise ProtocolError(
+                    f"resume-answer for session {msg['session'][:12]} epoch {msg['epoch']}, "
+                    f"expected {session_id.hex()[:12]} epoch {epoch}"
+                )
+            peer, kept = msg, msg["bytes"]
+        else:
+            if offer is None:
+                raise ValueError("the destination needs the resume-offer it received")
+            peer, offer_raw = offer
+            if peer["session"] != session_id.hex() or peer["epoch"] != epoch:
+                raise ProtocolError(
+                    f"resume-offer for session {peer['session'][:12]} epoch {peer['epoch']}, "
+                    f"expected {session_id.hex()[:12]} epoch {epoch}"
+                )
+            answer_raw = await control.send("resume-answer", **fields, bytes=kept)
+        remote_public = bytes.fromhex(peer["key"])
+        if remote_public == static_public:
+            raise HandshakeError("peer announced our own public key")
+        pro = prologue(session_id, offer_raw, answer_raw)
+        remotes = _remote_endpoints(
+            peer["candidates"], control.channel.peer_host, peer["port"], scratch
+        )
+        remotes = [
+            r for r in remotes if (socket.AF_INET6 if ":" in r[0] else socket.AF_INET) in listeners
+        ]
+        attempt = _DirectAttempt(
+            control,
+            options,
+            listeners,
+            port,
+            remotes,
+            static_private,
+            remote_public,
+            pro,
+            scratch,
+            log,
+        )
+        link = await attempt.run(role)
+    finally:
+        for sock in listeners.values():
+            sock.close()
+    link.pair.outcome = "nominated"
+    scratch.path = "direct"
+    scratch.local, scratch.remote = link.local, link.remote
+    return link, kept, scratch
 
 
 def _fail_report(report: Report, exc: HolepunchError, verdict: str) -> None:
