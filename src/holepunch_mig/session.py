@@ -510,10 +510,13 @@ async def repunch(
         scratch.notes.extend(notes)
         static_private, static_public = generate_keypair()
         lines = [c.to_line() for c in local]
-        fields = dict(
-            session=session_id.hex(), epoch=epoch, key=static_public.hex(), port=port,
-            candidates=lines,
-        )  # fmt: skip
+        fields: dict[str, Any] = {
+            "session": session_id.hex(),
+            "epoch": epoch,
+            "key": static_public.hex(),
+            "port": port,
+            "candidates": lines,
+        }
         if role == "source":
             offer_raw = await control.send("resume-offer", **fields, reason=reason[:4096])
             while True:
