@@ -122,6 +122,16 @@ class Link:
             self._shutdown()
             raise
 
+    def _arm_idle_timeout(self) -> None:
+        """Blocking calls on the data link give up after ``idle_timeout`` s of silence
+        (only for stream transfers: the migration multiplexer sets its own deadlines)."""
+        self.sock.settimeout(self._options.idle_timeout)
+
+    def _why(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError) and not isinstance(exc, HolepunchError):
+            return f"link silent for {self._options.idle_timeout:.0f} s (peer stuck or gone)"
+        return str(exc) or type(exc).__name__
+
     def _shutdown(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -134,6 +144,7 @@ class Link:
         When :attr:`resumable`, a lost link is re-punched (fresh keys) and the stream goes
         on from the last byte the destination kept; ``link.report.interruptions`` lists
         each loss.  ``progress`` then counts stream bytes (it may step back on a resume)."""
+        self._arm_idle_timeout()
         if self.resumable:
             return await self._send_resumable(src, digest, progress)
         started = time.monotonic()
@@ -142,7 +153,7 @@ class Link:
                 lambda: self.writer.send_file(0, src, digest=digest, progress=progress)
             )
         except (OSError, RecordError) as exc:
-            reason = f"sending failed after {self.writer.bytes_sent} bytes: {exc}"
+            reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(exc)}"
             await self._tell_abort(reason)
             raise TransferError(reason) from exc
         local_digest = hashed.hex() if hashed else None
@@ -168,6 +179,7 @@ class Link:
         When :attr:`resumable`, ``dst`` is only appended to: after a lost link the
         stream goes on from the bytes already written (``dst`` is flushed every
         ``ack_interval`` bytes, when it reports them to the source)."""
+        self._arm_idle_timeout()
         if self.resumable:
             return await self._receive_resumable(dst, digest, progress)
         started = time.monotonic()
@@ -176,7 +188,17 @@ class Link:
                 lambda: self.reader.receive_file(0, dst, digest=digest, progress=progress)
             )
         except (OSError, HolepunchError) as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = self._why(exc)
+            if isinstance(exc, TimeoutError):
+                exc = TruncatedStream(
+                    f"link silent for {self._options.idle_timeout:.0f} s after "
+                    f"{self.reader.bytes_received} bytes, before end-of-stream"
+                )
+                reason = str(exc)
+            await self._tell_result(False, 0, None, reason)
+            self.report.ok = False
+            self.report.verdict = reason
+            raise exc from None
             await self._tell_result(False, 0, None, reason)
             self.report.ok = False
             self.report.verdict = reason
@@ -194,6 +216,7 @@ class Link:
         """Carry on over a freshly nominated link (fresh keys, counters from 0)."""
         self.sock = _blocking_socket(link.stream)
         tune_link(self.sock, self._options.link_timeout)
+        self._arm_idle_timeout()
         self.writer = RecordWriter(self.sock, link.send_key)
         self.reader = RecordReader(self.sock, link.recv_key)
         self.report.local, self.report.remote = link.local, link.remote

@@ -86,6 +86,10 @@ class ConnectOptions:
     link_timeout: float = 10.0
     """Direct links: a path that answers nothing for this long is declared dead
     (TCP_USER_TIMEOUT + keepalive probes); 0 leaves the kernel's defaults (minutes)."""
+    idle_timeout: float = 120.0
+    """Longest silence on the data link during send_file/receive_file: a peer that is
+    alive (answers keepalives) but stuck sends nothing for this long -> the transfer
+    fails (or resumes) instead of hanging."""
     ack_interval: int = 8 << 20
     """Resumable transfers: the destination reports bytes written every this many bytes."""
     resume_buffer: int = 64 << 20
