@@ -12,14 +12,15 @@ import asyncio
 import queue
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, BinaryIO, TypeVar
 
 import trio
 
 from .control import ControlChannel, StreamChannel
+from .errors import single_exception
 from .link import Link, Progress, TransferResult
 from .report import Report
 from .session import ConnectOptions, Role, establish
@@ -35,20 +36,6 @@ def _options(**kwargs: Any) -> ConnectOptions:
     options = replace(ConnectOptions(), **kwargs)
     options.check()
     return options
-
-
-@contextmanager
-def _single_exception() -> Iterator[None]:
-    """The session nursery only hosts the tunnel's pump, which never raises expected
-    errors; unwrap a one-exception group so callers catch NoDirectPath, TransferError...
-    as before instead of an ExceptionGroup."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
-            only = group.exceptions[0]
-            raise only from only.__cause__
-        raise
 
 
 @asynccontextmanager
@@ -67,7 +54,7 @@ async def connect(channel: ControlChannel, *, role: Role, **options: Any) -> Asy
     if role not in ("source", "destination"):
         raise ValueError(f"role must be 'source' or 'destination', not {role!r}")
     opts = _options(**options)
-    with _single_exception():
+    with single_exception():
         async with trio.open_nursery() as nursery:
             established = await establish(channel, role, opts, nursery=nursery)
             link = Link(established)

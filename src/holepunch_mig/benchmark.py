@@ -173,6 +173,9 @@ class CheckingSink:
         self.pos = pos + n
         return n
 
+    def flush(self) -> None:
+        """Nothing is buffered; resumable receives flush at every acknowledgement."""
+
 
 # --------------------------------------------------------------------------- rows
 

@@ -3,6 +3,8 @@ that names what was wrong, so a migration manager can branch on type, not on tex
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -76,3 +78,16 @@ class ResumeFailed(TransferError):
     def __init__(self, message: str, attempts: int = 0) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+@contextmanager
+def single_exception() -> Iterator[None]:
+    """Unwrap a one-exception group from an internal nursery, so callers catch
+    NoDirectPath, TransferError... (or see the bug) as raised, not as an ExceptionGroup."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            only = group.exceptions[0]
+            raise only from only.__cause__
+        raise

@@ -28,6 +28,7 @@ from .errors import (
     ResumeFailed,
     TransferError,
     TruncatedStream,
+    single_exception,
 )
 from .messages import Message
 from .punch import AuthenticatedLink
@@ -146,7 +147,8 @@ class Link:
         each loss.  ``progress`` then counts stream bytes (it may step back on a resume)."""
         self._arm_idle_timeout()
         if self.resumable:
-            return await self._send_resumable(src, digest, progress)
+            with single_exception():
+                return await self._send_resumable(src, digest, progress)
         started = time.monotonic()
         try:
             count, hashed = await self._in_thread(
@@ -181,7 +183,8 @@ class Link:
         ``ack_interval`` bytes, when it reports them to the source)."""
         self._arm_idle_timeout()
         if self.resumable:
-            return await self._receive_resumable(dst, digest, progress)
+            with single_exception():
+                return await self._receive_resumable(dst, digest, progress)
         started = time.monotonic()
         try:
             count, hashed = await self._in_thread(

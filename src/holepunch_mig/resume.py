@@ -60,8 +60,11 @@ class Output:
             raise OutputFailed(exc) from exc
 
     def flush(self) -> None:
+        flush = getattr(self._dst, "flush", None)  # a bare writable need not buffer
+        if flush is None:
+            return
         try:
-            self._dst.flush()
+            flush()
         except OSError as exc:
             raise OutputFailed(exc) from exc
 
