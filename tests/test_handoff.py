@@ -309,23 +309,23 @@ def _relay(a: socket.socket, b: socket.socket, flip_at: int, seen: dict[str, Any
     seen["threads"] = threads
 
 
-def _server_hello_versions(data: bytes) -> list[int]:
-    """supported_versions in the first ServerHello of a TLS byte stream."""
+def _server_hello(data: bytes) -> tuple[int, dict[int, bytes]]:
+    """(cipher suite, {extension type: body}) of the first ServerHello in a TLS stream."""
     # record header (5) + handshake header (4) + version (2) + random (32)
     assert data[0] == 22 and data[5] == 2, data[:16].hex()
     p = 5 + 4 + 2 + 32
-    sid_len = data[p]
-    p += 1 + sid_len + 2 + 1  # session id, cipher suite, compression
+    p += 1 + data[p]  # session id
+    suite = int.from_bytes(data[p : p + 2], "big")
+    p += 2 + 1  # cipher suite, compression
     ext_end = p + 2 + int.from_bytes(data[p : p + 2], "big")
     p += 2
-    versions = []
+    exts = {}
     while p < ext_end:
         etype = int.from_bytes(data[p : p + 2], "big")
         elen = int.from_bytes(data[p + 2 : p + 4], "big")
-        if etype == 43:  # supported_versions: the selected one
-            versions.append(int.from_bytes(data[p + 4 : p + 6], "big"))
+        exts[etype] = data[p + 4 : p + 4 + elen]
         p += 4 + elen
-    return versions
+    return suite, exts
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -342,8 +342,8 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
 async def test_qemu_tls_psk_over_passed_fds(image: Path, tmp_path: Path, flip: int | None) -> None:
     """The same QEMU setup the proxies do (PskFile, install_tls, getfd, fd: URIs), over
     two TCP connections joined by a relay that can flip one bit of the source's stream:
-    clean -> completed over TLS 1.3; flipped -> QEMU's TLS rejects the record, the
-    source fails and keeps running, the destination never runs."""
+    clean -> completed over TLS 1.3 (AES-128-GCM, PSK with ECDHE); flipped -> QEMU's TLS
+    rejects the record, the source fails and keeps running, the destination never runs."""
     psk = os.urandom(32)
     seen: dict[str, Any] = {}
     src_sock, relay_a = _tcp_pair()
@@ -385,7 +385,11 @@ async def test_qemu_tls_psk_over_passed_fds(image: Path, tmp_path: Path, flip: i
         for s in (src_sock, dst_sock, relay_a, relay_b):
             s.close()
     # both ways the bytes on the wire are TLS: a 1.3 ServerHello (supported_versions)
-    assert _server_hello_versions(seen["server"]) == [0x0304]
+    suite, exts = _server_hello(seen["server"])
+    assert exts[43] == b"\x03\x04"  # supported_versions: TLS 1.3
+    assert suite == 0x1301  # TLS_AES_128_GCM_SHA256 (handoff.TLS_PRIORITY)
+    assert 41 in exts  # pre_shared_key: the PSK was used...
+    assert 51 in exts  # ...with an (EC)DHE key_share: psk_dhe_ke, forward secret
     assert seen["client"][0] == 22  # ClientHello record
     assert psk.hex().encode() not in seen["client"] + seen["server"]
 
