@@ -237,6 +237,7 @@ class HandoffProxy:
         self._handed_off = False
         self._started: float | None = None
         self._last: dict[str, Any] = {}
+        self._moved = 0
         self._abort_reason: str | None = None
         self._wake = trio.Event()
         self._peer_result: dict[str, Any] | None = None
@@ -394,6 +395,9 @@ class HandoffProxy:
                 return False, f"lost the source QEMU's QMP during the migration: {exc}"
             self._last = info
             status = info.get("status")
+            moved = (info.get("ram") or {}).get("transferred")
+            if moved:  # a cancelled or failed migration reports no ram stats
+                self._moved = max(self._moved, int(moved))
             now = time.perf_counter()
             if now - last_progress >= PROGRESS_INTERVAL or status in TERMINAL:
                 last_progress = now
@@ -402,8 +406,10 @@ class HandoffProxy:
                 if status == "completed":
                     return True, None
                 reason = info.get("error-desc") or status
+                if self._abort_reason is not None and status == "cancelled":
+                    return False, f"migration cancelled by the proxy: {self._abort_reason}"
                 if self._abort_reason is not None:
-                    return False, self._abort_reason
+                    return False, f"source QEMU: migration {status}: {reason} ({self._abort_reason})"
                 return False, f"source QEMU: migration {status}: {reason}"
             if self._abort_reason is not None and not cancelled:
                 cancelled = True
@@ -417,8 +423,8 @@ class HandoffProxy:
             except QmpError as exc:
                 self._shutdown_link()
                 return False, (
-                    "destination QEMU exited or its QMP broke during the incoming migration "
-                    f"(QEMU 7.2 exits when loading fails): {exc}"
+                    "destination QEMU exited during the incoming migration (QEMU 7.2 exits "
+                    f"when loading fails; {exc})"
                 )
             self._last = info
             status = info.get("status")
@@ -474,7 +480,7 @@ class HandoffProxy:
             ram = info.get("ram") or {}
             if self.role == "source":
                 rep.qemu_status = info.get("status")
-                rep.bytes_sent = int(ram.get("transferred") or 0)
+                rep.bytes_sent = int(ram.get("transferred") or self._moved)
                 if info.get("total-time") is not None:
                     rep.migration_seconds = info["total-time"] / 1000
             if rep.migration_seconds is None and self._started is not None:
@@ -507,8 +513,11 @@ class HandoffProxy:
             if not ok:
                 rep.ok = False
                 rep.verdict = error
-                if peer is not None and not peer["ok"] and peer["error"] not in (None, error):
-                    rep.verdict = f"{error}; peer: {peer['error']}"
+                theirs = peer["error"] if peer is not None and not peer["ok"] else None
+                # one side's failure often makes the other fail "because the peer did":
+                # name each reason once
+                if theirs and error and theirs not in error and error not in theirs:
+                    rep.verdict = f"{error}; peer: {theirs}"
             elif peer is not None and not peer["ok"]:
                 rep.ok = False
                 rep.verdict = f"peer reported failure: {peer['error']}"
