@@ -408,9 +408,10 @@ class HandoffProxy:
                 reason = info.get("error-desc") or status
                 if self._abort_reason is not None and status == "cancelled":
                     return False, f"migration cancelled by the proxy: {self._abort_reason}"
+                why = f"source QEMU: migration {status}: {reason}"
                 if self._abort_reason is not None:
-                    return False, f"source QEMU: migration {status}: {reason} ({self._abort_reason})"
-                return False, f"source QEMU: migration {status}: {reason}"
+                    why += f" ({self._abort_reason})"
+                return False, why
             if self._abort_reason is not None and not cancelled:
                 cancelled = True
                 await self._cancel_source()
