@@ -397,3 +397,99 @@ async def test_qemu_tls_psk_over_passed_fds(image: Path, tmp_path: Path, flip: i
 def test_migration_error_type() -> None:
     assert issubclass(MigrationError, HolepunchError)
     assert issubclass(HandoffRefused, HolepunchError)
+
+
+@pytest.mark.qemu
+async def test_handoff_manager_abort(image: Path, tmp_path: Path) -> None:
+    """The source manager raises inside the block while QEMU migrates: the source
+    proxy cancels, both reports fail with the manager's reason, the source VM runs,
+    the destination never does, and the key directories are gone."""
+    a, b = memory_channel_pair()
+    out: dict[str, Any] = {}
+    psk_parent = tmp_path / "psk"
+    psk_parent.mkdir()
+    with trio.fail_after(90):
+        vsrc, vdst = _vms(tmp_path, image)
+        async with vsrc as src, vdst as dst:
+            await set_migration_options(src.qmp, max_bandwidth=32 << 20)  # ~4 s
+
+            async def destination() -> None:
+                try:
+                    async with migration_destination(
+                        b, mode="handoff", qmp=dst.proxy_qmp_path, psk_dir=psk_parent
+                    ) as proxy:
+                        await proxy.wait()
+                except MigrationError as exc:
+                    out["dst"] = exc.migration
+
+            async def source() -> None:
+                class Stop(Exception):
+                    pass
+
+                try:
+                    async with migration_source(
+                        a, mode="handoff", qmp=src.proxy_qmp_path, psk_dir=psk_parent
+                    ) as proxy:
+                        out["proxy"] = proxy
+                        while True:
+                            info = await src.qmp.execute("query-migrate")
+                            if info.get("ram", {}).get("transferred", 0) > 8 << 20:
+                                break
+                            await trio.sleep(0.02)
+                        raise Stop("operator said no")
+                except Stop:
+                    out["src"] = out["proxy"].report
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(destination)
+                nursery.start_soon(source)
+            result = await wait_migration(src.qmp, timeout=30)
+            assert result.status == "cancelled", result
+            assert await query_status(src.qmp) == "running"
+            try:
+                state = await query_status(dst.qmp)
+            except HolepunchError:
+                state = "exited"
+            assert state != "running"
+    s, d = out["src"], out["dst"]
+    assert s.ok is False and "operator said no" in s.verdict
+    assert d.ok is False and "operator said no" in (d.verdict or ""), d.verdict
+    assert s.qemu_status == "cancelled" and 0 < s.bytes_sent < MEM_MIB << 20
+    assert list(psk_parent.iterdir()) == []
+
+
+@pytest.mark.qemu
+def test_handoff_blocking_twins(image: Path, tmp_path: Path) -> None:
+    """A threaded manager: migration_*_blocking(..., mode="handoff", qmp=PATH)."""
+    from holepunch_mig.migration import (
+        migration_destination_blocking,
+        migration_source_blocking,
+    )
+
+    ctl_a, ctl_b = socket.socketpair()
+
+    async def main() -> None:
+        with trio.fail_after(90):
+            vsrc, vdst = _vms(tmp_path, image)
+            async with vsrc as src, vdst as dst:
+                out: dict[str, Any] = {}
+
+                def dst_thread() -> None:
+                    proxy = migration_destination_blocking(
+                        ctl_b, mode="handoff", qmp=dst.proxy_qmp_path
+                    )
+                    out["dst"] = proxy.wait(60)
+
+                t = threading.Thread(target=dst_thread)
+                t.start()
+                proxy = await trio.to_thread.run_sync(
+                    lambda: migration_source_blocking(ctl_a, mode="handoff", qmp=src.proxy_qmp_path)
+                )
+                assert proxy.uri.startswith("fd:hpm-")
+                report = await trio.to_thread.run_sync(proxy.wait)
+                await trio.to_thread.run_sync(t.join, 60)
+                assert report.ok and out["dst"].ok
+                assert out["dst"].qemu_status == "running"
+                assert await query_status(dst.qmp) == "running"
+
+    trio.run(main)
