@@ -34,6 +34,9 @@ end (source: all streams closed; destination: the peer's CLOSE); raising inside 
 aborts the migration on both sides.  The synchronous twins
 (:func:`migration_source_blocking`, :func:`migration_destination_blocking`) run the same
 code in a background trio thread for threaded managers.
+
+``mode="handoff"`` (with ``qmp=``) instead hands the punched socket to QEMU, which
+encrypts with its own TLS-PSK keyed from the session: see :mod:`holepunch_mig.handoff`.
 """
 
 from __future__ import annotations
