@@ -13,12 +13,15 @@ link versus S links (one stream each).
 migrated (a) through ``holepunch-mig migrate-proxy`` processes over the punched,
 encrypted link between two firewalled hosts and (b) directly, unencrypted, QEMU to QEMU
 over a TCP port the destination's firewall lets in; interleaved in one run, median of
-``--runs``, without and with multifd.  Functions for a harness: :func:`lab_direct_run`,
-:func:`lab_proxy_run`, :func:`lab_compare`.
+``--runs``, without and with multifd.  ``--handoff`` adds (c) the proxies in handoff
+mode (the punched socket handed to QEMU, QEMU's own TLS 1.3-PSK; one channel, so only
+in the multifd=0 group).  Functions for a harness: :func:`lab_direct_run`,
+:func:`lab_proxy_run`, :func:`lab_handoff_run`, :func:`lab_compare`.
 
     sudo PYTHONPATH=src python bench/bench_qemu.py --mem 512 --runs 3
     sudo PYTHONPATH=src python bench/bench_qemu.py --cases mux:0,mux:4
     sudo PYTHONPATH=src python bench/bench_qemu.py --lab --mem 512 --runs 3
+    sudo PYTHONPATH=src python bench/bench_qemu.py --lab --handoff --lab-multifd 0
     PYTHONPATH=src python bench/bench_qemu.py --synthetic --streams 1,2,4
 """
 
@@ -28,6 +31,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import importlib.util
+import math
 import os
 import socket
 import statistics
@@ -318,40 +322,95 @@ async def lab_proxy_run(
     return result
 
 
+async def lab_handoff_run(lab: Lab, work: Path, image: Path, mem: int, verify: bool = False) -> Any:
+    """Through ``migrate-proxy --mode handoff`` on both firewalled hosts: the proxies
+    punch and authenticate the link, then hand the socket to QEMU with a TLS-PSK from the
+    session keys; QEMU encrypts (GnuTLS).  The source proxy issues ``migrate`` itself, so
+    the manager's wall clock starts a little late: compare ``total_time_ms`` (QEMU's
+    migrate..completed, the same clock for every case) first."""
+    checked: list[str] = []
+
+    async def after(src: QemuVM, dst: QemuVM) -> None:
+        checked.append(await same_ram(src, dst, work))
+
+    outcome = await _manager().migrate_in_lab(
+        lab,
+        work,
+        mem_mib=mem,
+        ram_image=image,
+        mode="handoff",
+        after=after if verify else None,
+    )
+    if outcome.qemu.status != "completed" or outcome.destination_status != "running":
+        raise RuntimeError(f"handoff migration failed: {outcome}")
+    if outcome.source_exit != 0 or outcome.destination_exit != 0:
+        raise RuntimeError(f"a proxy failed: {outcome.source_report} {outcome.destination_report}")
+    result: MigrationResult = outcome.qemu
+    if verify:
+        s = outcome.source_report
+        checked.insert(0, f"completed, destination running, proxies ok, {s['bytes_sent']} bytes")
+        return result, ", ".join(checked)
+    return result
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 async def lab_compare(
     mem: int = 512,
     runs: int = 3,
     multifd: tuple[int, ...] = (0, 4),
     digest: bool = False,
     rtt_ms: int = 0,
+    handoff: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows {case, multifd, median_wall, median_qemu_ms, mb_per_s, walls, ratio}: proxied
-    and direct runs interleaved (so both see the same machine state), median of ``runs``."""
+    """Rows {case, multifd, median_wall, median_qemu_ms, mb_per_s, walls, qemu_ms, ratio,
+    ratio_qemu, load}: direct, proxied (mux) and, with ``handoff`` at multifd=0, handoff
+    runs interleaved (so all see the same machine state), median of ``runs``.  ``ratio``
+    is wall / direct's wall, ``ratio_qemu`` QEMU total-time / direct's; ``load`` the
+    1-minute load average before and after the group."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hpm-bench-lab-") as tmp, Lab(lab_spec(rtt_ms)) as lab:
         work = Path(tmp)
         image = await trio.to_thread.run_sync(make_ram_image, work / "ram.img", mem)
         for mf in multifd:
+            load_before = _load()
             got: dict[str, list[MigrationResult]] = {"direct": [], "proxy": []}
+            if handoff and mf == 0:
+                got["handoff"] = []
             for _ in range(runs):
                 got["direct"].append(await lab_direct_run(lab, work, image, mem, mf))
                 got["proxy"].append(await lab_proxy_run(lab, work, image, mem, mf, digest))
-            med = {}
+                if "handoff" in got:
+                    got["handoff"].append(await lab_handoff_run(lab, work, image, mem))
+            load = f"{load_before} -> {_load()}"
+            base: dict[str, float] = {}
             for case, results in got.items():
                 walls = sorted(r.wall_seconds for r in results)
+                # total-time is occasionally absent from the manager's completed poll
+                qemu_ms = sorted(r.total_time_ms for r in results if r.total_time_ms) or [0]
                 m = sorted(results, key=lambda r: r.wall_seconds)[len(results) // 2]
-                med[case] = m.wall_seconds
-                rows.append(
-                    {
-                        "case": case,
-                        "multifd": mf,
-                        "median_wall": m.wall_seconds,
-                        "median_qemu_ms": m.total_time_ms,
-                        "mb_per_s": m.mb_per_s,
-                        "walls": walls,
-                    }
-                )
-            rows[-1]["ratio"] = med["proxy"] / med["direct"]
+                med_q = statistics.median(qemu_ms)
+                row = {
+                    "case": case,
+                    "multifd": mf,
+                    "median_wall": m.wall_seconds,
+                    "median_qemu_ms": med_q,
+                    "mb_per_s": m.mb_per_s,
+                    "walls": walls,
+                    "qemu_ms": qemu_ms,
+                    "load": load,
+                }
+                if case == "direct":
+                    base = {"wall": m.wall_seconds, "qemu": med_q}
+                else:
+                    row["ratio"] = m.wall_seconds / base["wall"]
+                    row["ratio_qemu"] = med_q / base["qemu"] if base["qemu"] else math.nan
+                rows.append(row)
     return rows
 
 
@@ -370,17 +429,32 @@ async def main() -> None:
     )
     ap.add_argument("--lab", action="store_true", help="namespace lab: proxy vs direct")
     ap.add_argument("--digest", action="store_true", help="lab: SHA-256 in END")
+    ap.add_argument("--handoff", action="store_true", help="lab: add handoff mode (mf=0)")
+    ap.add_argument(
+        "--lab-multifd", default="0,4", help="lab: comma list of multifd channel counts"
+    )
     args = ap.parse_args()
-    print(f"nproc={os.cpu_count()} mem={args.mem} MiB runs={args.runs}")
+    print(f"nproc={os.cpu_count()} mem={args.mem} MiB runs={args.runs} load {_load()}")
     if args.lab:
-        rows = await lab_compare(args.mem, args.runs, digest=args.digest)
+        rows = await lab_compare(
+            args.mem,
+            args.runs,
+            multifd=tuple(int(x) for x in args.lab_multifd.split(",")),
+            digest=args.digest,
+            handoff=args.handoff,
+        )
         for row in rows:
             walls = " ".join(f"{w:.3f}" for w in row["walls"])
-            ratio = f"  proxy/direct {row['ratio']:.2f}x" if "ratio" in row else ""
+            qms = " ".join(f"{q:.0f}" for q in row["qemu_ms"])
+            ratio = (
+                f"  /direct wall {row['ratio']:.2f}x qemu {row['ratio_qemu']:.2f}x"
+                if "ratio" in row
+                else ""
+            )
             print(
                 f"{row['case']:<7} mf={row['multifd']} wall {row['median_wall']:.3f} s "
-                f"qemu {row['median_qemu_ms']} ms {row['mb_per_s']:.0f} MB/s "
-                f"(walls {walls}){ratio}"
+                f"qemu {row['median_qemu_ms']:.0f} ms {row['mb_per_s']:.0f} MB/s "
+                f"(walls {walls}; qemu ms {qms}){ratio}  load {row['load']}"
             )
         return
     if args.synthetic:

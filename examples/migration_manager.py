@@ -11,8 +11,21 @@ could migrate to directly, so the migration goes through ``holepunch-mig migrate
 3. source: QMP ``migrate unix:OUT``; poll ``query-migrate`` until it is over
 4. check the destination VM is ``running`` and both proxies exited 0
 
+Handoff mode (``--mode handoff``; one channel, no multifd) instead gives each proxy a
+QMP monitor of its own (a second ``-qmp`` socket: QEMU serves one client per monitor
+and looks ``getfd`` names up on the monitor that received them):
+
+1. destination: QEMU with ``-incoming defer``, nothing else;
+   ``migrate-proxy destination --mode handoff --qmp DST-PROXY.qmp --control-listen :7070``
+2. source: ``migrate-proxy source --mode handoff --qmp SRC-PROXY.qmp --control DST:7070``
+   punches and authenticates the link, hands the socket to both QEMUs with a TLS-PSK
+   derived from the session, issues ``migrate fd:NAME`` and prints ``ready fd:NAME``
+3. the manager watches ``query-migrate`` on its own monitor until it is over
+4. as above
+
 Run as root (namespaces):  ``sudo PYTHONPATH=src python examples/migration_manager.py``
-Options: ``--mem 512 --multifd 4``.  The test suite runs the same ``migrate_in_lab``.
+Options: ``--mem 512 --multifd 4 --mode handoff``.  The test suite runs the same
+``migrate_in_lab``.
 """
 
 from __future__ import annotations
@@ -37,7 +50,9 @@ from holepunch_mig.qemu import (
     make_ram_image,
     migrate,
     query_status,
+    set_migration_options,
     start_incoming,
+    wait_migration,
     wait_status,
 )
 from holepunch_mig.qmp import QmpError
@@ -64,7 +79,7 @@ async def _ready_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     with trio.fail_after(timeout):
         line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
     text = line.decode().strip()
-    if not text.startswith("ready unix:"):
+    if not text.startswith(("ready unix:", "ready fd:")):
         raise RuntimeError(f"source proxy did not get ready (exit {proc.poll()}): {text!r}")
     return text.removeprefix("ready ")
 
@@ -107,11 +122,14 @@ async def migrate_in_lab(
     after: Callable[[QemuVM, QemuVM], Awaitable[None]] | None = None,
     log: IO[bytes] | None = None,
     timeout: float = 120.0,
+    mode: str = "mux",
 ) -> Outcome:
     """Migrate a fresh ``mem_mib`` guest from lab host "left" to "right" through
     migrate-proxy processes.  ``during`` runs beside the migration (tests inject
     failures with it); ``after`` runs once it is over, before the VMs are stopped
-    (tests compare RAM with it).  Every QEMU and proxy started here is gone on return."""
+    (tests compare RAM with it).  ``mode="handoff"`` runs the proxies in handoff mode
+    (see the module docstring).  Every QEMU and proxy started here is gone on return."""
+    handoff = mode == "handoff"
     if ram_image is None:
         ram_image = await trio.to_thread.run_sync(make_ram_image, work / "ram.img", mem_mib)
     incoming, outgoing = work / "incoming.sock", work / "outgoing.sock"
@@ -123,7 +141,12 @@ async def migrate_in_lab(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     async with (
         QemuVM(
-            work, name="src", mem_mib=mem_mib, ram_image=ram_image, netns=lab.netns("left")
+            work,
+            name="src",
+            mem_mib=mem_mib,
+            ram_image=ram_image,
+            netns=lab.netns("left"),
+            proxy_monitor=handoff,
         ) as src,
         QemuVM(
             work,
@@ -132,16 +155,22 @@ async def migrate_in_lab(
             ram_image=ram_image,
             incoming="defer",
             netns=lab.netns("right"),
+            proxy_monitor=handoff,
         ) as dst,
     ):
         try:
-            # 1. destination QEMU listens on a UNIX socket; its proxy feeds it
-            await start_incoming(dst.qmp, f"unix:{incoming}", multifd_channels=multifd)
+            # 1. destination QEMU listens on a UNIX socket; its proxy feeds it.  Handoff:
+            #    the proxy gives QEMU the link itself (migrate-incoming fd:NAME).
+            if handoff:
+                await set_migration_options(dst.qmp, multifd_channels=multifd)
+                dst_args = ["--mode", "handoff", "--qmp", str(dst.proxy_qmp_path)]
+            else:
+                await start_incoming(dst.qmp, f"unix:{incoming}", multifd_channels=multifd)
+                dst_args = ["--connect-unix", str(incoming)]
             procs["destination"] = lab.popen(
                 "right",
                 [
-                    *CLI, "migrate-proxy", "destination",
-                    "--connect-unix", str(incoming),
+                    *CLI, "migrate-proxy", "destination", *dst_args,
                     "--control-listen", f"0.0.0.0:{CONTROL_PORT}",
                     "--report", str(reports["destination"]),
                     "-q", *proxy_args,
@@ -150,11 +179,17 @@ async def migrate_in_lab(
             )  # fmt: skip
             # 2. source proxy: punch, authenticate, then say where QEMU should migrate to
             host, port = lab.control_endpoint("right", CONTROL_PORT)
+            if handoff:
+                await set_migration_options(
+                    src.qmp, multifd_channels=multifd, max_bandwidth=max_bandwidth
+                )
+                src_args = ["--mode", "handoff", "--qmp", str(src.proxy_qmp_path)]
+            else:
+                src_args = ["--listen-unix", str(outgoing)]
             procs["source"] = lab.popen(
                 "left",
                 [
-                    *CLI, "migrate-proxy", "source",
-                    "--listen-unix", str(outgoing),
+                    *CLI, "migrate-proxy", "source", *src_args,
                     "--control", f"{host}:{port}",
                     "--report", str(reports["source"]),
                     "--expected-size", f"{mem_mib}M",
@@ -163,18 +198,21 @@ async def migrate_in_lab(
                 stdout=subprocess.PIPE, stderr=out, env=env,
             )  # fmt: skip
             uri = await _ready_line(procs["source"], timeout=60)
-            # 3. migrate through it
+            # 3. migrate through it (handoff: the source proxy already issued migrate)
             async with trio.open_nursery() as nursery:
                 if during is not None:
                     nursery.start_soon(during, src, dst, procs)
-                result = await migrate(
-                    src.qmp,
-                    uri,
-                    multifd_channels=multifd,
-                    max_bandwidth=max_bandwidth,
-                    timeout=timeout,
-                    check=False,
-                )
+                if handoff:
+                    result = await wait_migration(src.qmp, timeout=timeout, what=uri)
+                else:
+                    result = await migrate(
+                        src.qmp,
+                        uri,
+                        multifd_channels=multifd,
+                        max_bandwidth=max_bandwidth,
+                        timeout=timeout,
+                        check=False,
+                    )
             # 4. verdicts: QEMU's, the VMs' states, the proxies'
             if result.status == "completed":
                 await wait_status(dst.qmp, "running", timeout=20)
@@ -201,10 +239,16 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mem", type=int, default=512, help="guest RAM, MiB")
     ap.add_argument("--multifd", type=int, default=0, help="multifd channels (0: off)")
+    ap.add_argument("--mode", choices=("mux", "handoff"), default="mux", help="proxy mode")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hpm-manager-") as tmp, Lab(presets()["fw-fw"]) as lab:
         outcome = await migrate_in_lab(
-            lab, Path(tmp), mem_mib=args.mem, multifd=args.multifd, log=sys.stderr.buffer
+            lab,
+            Path(tmp),
+            mem_mib=args.mem,
+            multifd=args.multifd,
+            log=sys.stderr.buffer,
+            mode=args.mode,
         )
     q = outcome.qemu
     print(

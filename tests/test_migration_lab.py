@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import socket
 import stat
@@ -335,3 +336,153 @@ def test_migrate_messages_are_strict() -> None:
         messages.make("migrate-result", ok=True, streams=1, sent=1, received=1)
     with pytest.raises(ProtocolError, match="unknown field"):
         messages.make("migrate-ready", digest=True, path="/tmp/x")
+
+
+# -- handoff mode: the punched socket handed to QEMU (its own TLS-PSK) ------------------
+
+
+def _check_handoff_success(outcome: Any) -> None:
+    assert outcome.qemu.status == "completed", outcome.qemu
+    assert outcome.source_status == "postmigrate"
+    assert outcome.destination_status == "running"
+    assert outcome.source_exit == 0, outcome.source_report
+    assert outcome.destination_exit == 0, outcome.destination_report
+    s, d = outcome.source_report, outcome.destination_report
+    for rep in (s, d):
+        assert rep["ok"] is True and rep["peer_ok"] is True
+        assert rep["mode"] == "handoff" and rep["digest"] == "tls"
+        assert rep["path"] == "direct"
+        assert rep["socket"].startswith("fd:hpm-")
+        assert rep["link"]["session"] == s["link"]["session"]
+    assert s["qemu_status"] == "completed" and d["qemu_status"] == "running"
+    assert s["bytes_sent"] == d["bytes_received"] == outcome.qemu.transferred
+    assert s["bytes_sent"] > MEM_MIB * 1024 * 1024 * 0.9
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+def test_handoff_through_firewalls(fw_lab: Lab, image: Path, tmp_path: Path) -> None:
+    async def main() -> Any:
+        with trio.fail_after(150):
+            return await manager.migrate_in_lab(
+                fw_lab,
+                tmp_path,
+                mem_mib=MEM_MIB,
+                ram_image=image,
+                mode="handoff",
+                after=lambda src, dst: _same_ram(src, dst, tmp_path),
+            )
+
+    _check_handoff_success(trio.run(main))
+    # the key directories (default /dev/shm) are gone
+    assert not list(Path("/dev/shm").glob("hpm-psk-*"))
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+@pytest.mark.parametrize("cut", ["nft-drop-link", "kill-destination-qemu"])
+def test_handoff_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: str) -> None:
+    """After the handoff QEMU owns the data path: the link dies under it (firewall drop
+    with the proxies' TCP_USER_TIMEOUT on QEMU's socket; or the destination QEMU killed).
+    The source VM keeps running, the destination never runs, both proxies report the
+    failure (the control channel carries each side's verdict to the other)."""
+    cut_at = 8 << 20
+
+    async def during(src: QemuVM, dst: QemuVM, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+        with trio.fail_after(60):
+            while True:
+                info = await src.qmp.execute("query-migrate")
+                if info.get("ram", {}).get("transferred", 0) > cut_at:
+                    break
+                assert info.get("status") in (None, "setup", "active"), info
+                await trio.sleep(0.02)
+        if cut == "nft-drop-link":
+            fw_lab.run("left", ["nft", "-f", "-"], timeout=10, input=_cut_ruleset().encode())
+        else:
+            assert dst.pid is not None
+            os.kill(dst.pid, 9)
+
+    async def main() -> Any:
+        with trio.fail_after(150):
+            return await manager.migrate_in_lab(
+                fw_lab,
+                tmp_path,
+                mem_mib=MEM_MIB,
+                ram_image=image,
+                mode="handoff",
+                max_bandwidth=32 << 20,  # ~4 s for 128 MiB: time to cut it mid-way
+                proxy_args=("--link-timeout", "3"),
+                during=during,
+            )
+
+    try:
+        outcome = trio.run(main)
+    finally:
+        fw_lab.run("left", ["nft", "delete", "table", "inet", "hpm_cut"], timeout=10,
+                   capture_output=True)  # fmt: skip
+    # "cancelled" when the destination side noticed first: its proxy reports over the
+    # control channel and the source proxy cancels at once instead of waiting for TCP
+    assert outcome.qemu.status in ("failed", "cancelled"), outcome.qemu
+    assert outcome.source_status == "running", "source VM must keep running"
+    assert outcome.destination_status != "running", "destination resumed on partial state"
+    assert outcome.source_exit == 1 and outcome.destination_exit == 1
+    s, d = outcome.source_report, outcome.destination_report
+    assert s is not None and d is not None
+    print("source:", s["verdict"], "\ndestination:", d["verdict"])
+    assert s["ok"] is False and s["verdict"] and s["qemu_status"] == outcome.qemu.status
+    assert 0 < s["bytes_sent"] < MEM_MIB << 20
+    assert d["ok"] is False and d["verdict"]
+    assert s["peer_ok"] is False and d["peer_ok"] is False, (s, d)
+    assert not list(Path("/dev/shm").glob("hpm-psk-*"))
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+def test_handoff_refuses_multifd_in_lab(fw_lab: Lab, image: Path, tmp_path: Path) -> None:
+    async def main() -> Any:
+        with trio.fail_after(120):
+            return await manager.migrate_in_lab(
+                fw_lab, tmp_path, mem_mib=MEM_MIB, ram_image=image, mode="handoff", multifd=4
+            )
+
+    with pytest.raises(RuntimeError, match="did not get ready"):
+        trio.run(main)
+    report = json.loads((tmp_path / "source-proxy.json").read_text())
+    assert report["ok"] is False and report["mode"] == "handoff"
+    assert "multifd" in report["verdict"] and "--mode mux" in report["verdict"]
+
+
+def test_cli_handoff_usage_errors(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cases = [
+        (["source", "--mode", "handoff", "--control", "127.0.0.1:1"], "needs --qmp"),
+        (
+            ["source", "--mode", "handoff", "--qmp", "q", "--listen-unix", "x",
+             "--control", "127.0.0.1:1"],
+            "takes no --listen-unix",
+        ),
+        (["destination", "--control-listen", "127.0.0.1:1"], "needs --connect-unix"),
+        (
+            ["destination", "--connect-unix", "x", "--qmp", "q",
+             "--control-listen", "127.0.0.1:1"],
+            "are for --mode handoff",
+        ),
+    ]  # fmt: skip
+    for args, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "holepunch_mig.cli", "migrate-proxy", *args],
+            capture_output=True,
+            env=env,
+            timeout=30,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr.decode(), proc.stderr
+
+
+def test_migrate_messages_carry_the_mode() -> None:
+    for kind in ("migrate-offer", "migrate-ready"):
+        for mode in ("mux", "handoff"):
+            msg = messages.make(kind, digest=False, mode=mode)
+            assert messages.decode(messages.encode(msg)) == msg
+        with pytest.raises(ProtocolError, match="mode"):
+            messages.make(kind, digest=False, mode="relay")

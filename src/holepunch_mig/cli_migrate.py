@@ -19,6 +19,18 @@ Destination host (QEMU started with ``-incoming defer`` and told
 
 ``--listen-unix PATH`` is used exactly as given (socket 0600, created atomically,
 never replacing an existing file; the caller owns the directory's permissions).
+
+Handoff mode (``--mode handoff --qmp QMP``, one channel, no multifd): once the link is
+authenticated the proxy gives the punched TCP socket itself to QEMU over QMP (``getfd``)
+with a TLS-PSK credential derived from the session keys, and QEMU migrates over it with
+its own TLS; no byte of the migration passes through Python.  QMP must be a monitor
+socket no one else is connected to (e.g. a second ``-qmp`` of the VM).  Source: the
+proxy issues ``migrate fd:NAME`` itself and prints ``ready fd:NAME`` once it has; the
+manager then only watches ``query-migrate``.  Destination: QEMU started with
+``-incoming defer`` and nothing else (the proxy issues ``migrate-incoming fd:NAME``).
+Both proxies exit when QEMU says the migration is over (0: completed and, on the
+destination, the VM resumed).  A QEMU with multifd on is refused (exit 1) before
+anything is punched: use the default ``--mode mux`` for multifd.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import trio
 from . import cli
 from .control import ControlChannel, open_tcp_channel
 from .errors import HolepunchError, NoDirectPath
+from .handoff import HandoffProxy
 from .migration import (
     DEFAULT_LINK_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -57,6 +70,31 @@ def _size(text: str) -> int:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode",
+        choices=("mux", "handoff"),
+        default="mux",
+        help="mux (default, faster on QEMU 7.2): relay every QEMU connection through "
+        "AES-GCM records in this process (multifd works); handoff: give the punched "
+        "socket to QEMU, which encrypts with its own TLS-PSK, so no migration byte "
+        "passes through this process (one channel, needs --qmp; ~3x slower than mux on "
+        "QEMU 7.2, see docs/qemu-notes.md)",
+    )
+    p.add_argument(
+        "--qmp",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="handoff mode: this host's QEMU QMP socket (a monitor no one else uses)",
+    )
+    p.add_argument(
+        "--psk-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="handoff mode: where the private (0700) key directory is made "
+        "(default /dev/shm; QEMU must be able to read it)",
+    )
     p.add_argument(
         "--digest",
         action=argparse.BooleanOptionalAction,
@@ -107,9 +145,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     src.add_argument(
         "--listen-unix",
         type=Path,
-        required=True,
+        default=None,
         metavar="PATH",
-        help="UNIX socket to create for QEMU's `migrate unix:PATH` (0600, exactly PATH)",
+        help="mux mode (required): UNIX socket to create for QEMU's `migrate unix:PATH` "
+        "(0600, exactly PATH)",
     )
     src.add_argument(
         "--control",
@@ -135,9 +174,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dst.add_argument(
         "--connect-unix",
         type=Path,
-        required=True,
+        default=None,
         metavar="PATH",
-        help="the destination QEMU's `migrate-incoming unix:PATH` socket",
+        help="mux mode (required): the destination QEMU's `migrate-incoming unix:PATH` socket",
     )
     dst.add_argument(
         "--control-listen",
@@ -164,8 +203,33 @@ def _progress(args: argparse.Namespace, label: str) -> Any:
     return report
 
 
+def _check_mode(args: argparse.Namespace) -> str | None:
+    """The usage error for this mode's arguments, or None."""
+    local = "--listen-unix" if args.migrate_role == "source" else "--connect-unix"
+    value = args.listen_unix if args.migrate_role == "source" else args.connect_unix
+    if args.mode == "handoff":
+        if args.qmp is None:
+            return "--mode handoff needs --qmp PATH (this host's QEMU monitor socket)"
+        if value is not None:
+            return f"--mode handoff takes no {local} (QEMU gets the link itself)"
+        if args.digest:
+            return "--digest is for mux mode (in handoff mode QEMU's TLS checks every record)"
+    else:
+        if value is None:
+            return f"--mode mux needs {local} PATH"
+        if args.qmp is not None or args.psk_dir is not None:
+            return "--qmp/--psk-dir are for --mode handoff"
+    return None
+
+
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    handoff = (
+        {"mode": "handoff", "qmp": args.qmp, "psk_dir": args.psk_dir}
+        if args.mode == "handoff"
+        else {}
+    )
     return {
+        **handoff,
         "expected_bytes": args.expected_size,
         "timeout": args.timeout,
         "ready_timeout": args.ready_timeout,
@@ -176,7 +240,7 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _finish(
     args: argparse.Namespace,
-    proxy: MigrationProxy | None,
+    proxy: MigrationProxy | HandoffProxy | None,
     exc: BaseException | None,
     progress: Any,
 ) -> int:
@@ -189,7 +253,7 @@ def _finish(
     if isinstance(exc, MigrationError):
         report = exc.migration
     if report is None:
-        report = MigrationReport(role=role)
+        report = MigrationReport(role=role, mode=args.mode)
         link = getattr(exc, "report", None)
         if link is not None:
             report.link = link
@@ -209,22 +273,22 @@ def _finish(
 
 async def _source_main(args: argparse.Namespace) -> int:
     progress = _progress(args, "migrated")
-    proxy: MigrationProxy | None = None
+    proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         host, port = args.control
         channel = await open_tcp_channel(host, port, wait=args.control_wait)
-        async with migration_source(
-            channel,
-            listen_unix=args.listen_unix,
-            digest=args.digest,
-            progress=progress,
-            **_common_kwargs(args),
-        ) as proxy:
+        kwargs = _common_kwargs(args)
+        if args.mode == "mux":
+            kwargs.update(listen_unix=args.listen_unix, digest=args.digest)
+        async with migration_source(channel, progress=progress, **kwargs) as proxy:
             if not args.quiet:
                 cli._say(proxy.link.report.summary())
-                cli._say(f"migration path ready: tell QEMU `migrate unix:{proxy.path}`")
-            sys.stdout.write(f"ready unix:{proxy.path}\n")
+                if args.mode == "mux":
+                    cli._say(f"migration path ready: tell QEMU `migrate {proxy.uri}`")
+                else:
+                    cli._say(f"QEMU is migrating over the handed-off link ({proxy.uri})")
+            sys.stdout.write(f"ready {proxy.uri}\n")
             sys.stdout.flush()
             await proxy.wait(args.timeout)
     except HolepunchError as exc:
@@ -240,22 +304,23 @@ async def _source_main(args: argparse.Namespace) -> int:
 
 async def _destination_main(args: argparse.Namespace) -> int:
     progress = _progress(args, "delivered")
-    proxy: MigrationProxy | None = None
+    proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         host, port = args.control_listen
         if not args.quiet:
             cli._say(f"waiting for the control connection on {host}:{port}")
         channel = await cli._accept_control(host, port)
-        async with migration_destination(
-            channel,
-            connect_unix=args.connect_unix,
-            progress=progress,
-            **_common_kwargs(args),
-        ) as proxy:
+        kwargs = _common_kwargs(args)
+        if args.mode == "mux":
+            kwargs.update(connect_unix=args.connect_unix)
+        async with migration_destination(channel, progress=progress, **kwargs) as proxy:
             if not args.quiet:
                 cli._say(proxy.link.report.summary())
-                cli._say(f"delivering the migration to {args.connect_unix}")
+                if args.mode == "mux":
+                    cli._say(f"delivering the migration to {args.connect_unix}")
+                else:
+                    cli._say(f"QEMU receives the migration on the handed-off link ({proxy.uri})")
             await proxy.wait(args.timeout)
     except HolepunchError as exc:
         return _finish(args, proxy, exc, progress)
@@ -269,6 +334,10 @@ async def _destination_main(args: argparse.Namespace) -> int:
 
 
 def _run(main: Any, args: argparse.Namespace) -> int:
+    problem = _check_mode(args)
+    if problem is not None:
+        cli._say(f"holepunch-mig migrate-proxy {args.migrate_role}: {problem}")
+        return cli.EXIT_USAGE
     try:
         code: int = trio.run(main, args)
         return code

@@ -186,10 +186,13 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
     # source -> destination once the link is up: how ENDs will be checked
     "migrate-offer": {
         "digest": (_check_bool, "true (SHA-256 in END) or false (count-only END)", True),
+        # absent = "mux"; "handoff": the punched socket goes to QEMU (its own TLS-PSK)
+        "mode": (lambda v: v in ("mux", "handoff"), '"mux" or "handoff"', False),
     },
     # destination -> source: its mux runs and the destination QEMU's socket exists
     "migrate-ready": {
         "digest": (_check_bool, "true or false, echoing migrate-offer", True),
+        "mode": (lambda v: v in ("mux", "handoff"), '"mux" or "handoff"', False),
     },
     # both ways at the end: this side's verdict on every stream it carried
     "migrate-result": {

@@ -34,6 +34,9 @@ end (source: all streams closed; destination: the peer's CLOSE); raising inside 
 aborts the migration on both sides.  The synchronous twins
 (:func:`migration_source_blocking`, :func:`migration_destination_blocking`) run the same
 code in a background trio thread for threaded managers.
+
+``mode="handoff"`` (with ``qmp=``) instead hands the punched socket to QEMU, which
+encrypts with its own TLS-PSK keyed from the session: see :mod:`holepunch_mig.handoff`.
 """
 
 from __future__ import annotations
@@ -55,17 +58,19 @@ from typing import Any, Literal
 
 import trio
 
-from . import api
+from . import api, handoff
 from .control import ControlChannel, StreamChannel
 from .errors import ChannelClosed, ControlTimeout, HolepunchError, PeerAbort, ProtocolError
 from .link import Link
 from .migrate_proxy import SourceProxy, unix_connector
 from .mux import Mux, MuxError
+from .qmp import QmpClient
 from .report import Report
 
 log = logging.getLogger(__name__)
 
 Role = Literal["source", "destination"]
+Mode = Literal["mux", "handoff"]
 
 DEFAULT_TIMEOUT = 3600.0
 """How long a migration's connections may stay open before the proxy gives up."""
@@ -127,7 +132,10 @@ class MigrationReport:
     ok: bool | None = None
     verdict: str | None = None
     socket: str | None = None
-    digest: Literal["sha256", "count-only"] = "count-only"
+    """Mux: the QEMU-side UNIX socket.  Handoff: the ``fd:NAME`` URI QEMU was given."""
+    digest: Literal["sha256", "count-only", "tls"] = "count-only"
+    """How stream ends were checked; "tls": handoff mode, QEMU's TLS authenticates."""
+    mode: Mode = "mux"
     streams: list[StreamReport] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -135,6 +143,10 @@ class MigrationReport:
     """From the first connection QEMU opened to the last one closing."""
     peer_ok: bool | None = None
     peer_error: str | None = None
+    qemu_status: str | None = None
+    """Handoff mode: source ``query-migrate`` status; destination VM run state."""
+    qemu_error: str | None = None
+    """Handoff mode: QEMU's ``error-desc`` (or the proxy's reason) after a failure."""
     notes: list[str] = field(default_factory=list)
     link: Report | None = None
 
@@ -153,7 +165,10 @@ class MigrationReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
-        lines = [f"migration ({self.role}): {'OK' if self.ok else 'FAILED'}, path {self.path}"]
+        lines = [
+            f"migration ({self.role}, {self.mode} mode): {'OK' if self.ok else 'FAILED'}, "
+            f"path {self.path}"
+        ]
         if self.link is not None and self.link.local and self.link.remote:
             lines.append(f"  link {self.link.local} <-> {self.link.remote}")
         for s in self.streams:
@@ -168,9 +183,9 @@ class MigrationReport:
         if self.migration_seconds is not None:
             moved = max(self.bytes_sent, self.bytes_received)
             rate = moved / self.migration_seconds / 1e6 if self.migration_seconds > 0 else 0
+            check = "QEMU's TLS records" if self.digest == "tls" else f"END check {self.digest}"
             lines.append(
-                f"  {moved} bytes in {self.migration_seconds:.3f} s ({rate:.0f} MB/s), "
-                f"END check {self.digest}"
+                f"  {moved} bytes in {self.migration_seconds:.3f} s ({rate:.0f} MB/s), {check}"
             )
         for note in self.notes:
             lines.append(f"  note: {note}")
@@ -277,9 +292,14 @@ class MigrationProxy:
             await control.send("migrate-offer", digest=self._digest)
             msg, _ = await control.receive(
                 "migrate-ready",
+                "migrate-result",
                 timeout=self._ready_timeout,
                 step="waiting for the destination proxy to be ready",
             )
+            if msg.type == "migrate-result":
+                raise ProtocolError(f"destination proxy refused: {msg['error']}")
+            if msg.fields.get("mode", "mux") != "mux":
+                raise ProtocolError("migrate-ready is not for mux mode")
             if msg["digest"] != self._digest:
                 raise ProtocolError("migrate-ready does not echo the offered digest mode")
             mux = Mux(
@@ -298,6 +318,13 @@ class MigrationProxy:
             msg, _ = await control.receive(
                 "migrate-offer", timeout=self._ready_timeout, step="waiting for migrate-offer"
             )
+            if msg.fields.get("mode", "mux") != "mux":
+                reason = "the destination proxy runs --mode mux, the source offered handoff"
+                with contextlib.suppress(HolepunchError):
+                    await control.send(
+                        "migrate-result", ok=False, streams=0, sent=0, received=0, error=reason
+                    )
+                raise ProtocolError(reason)
             self._digest = bool(msg["digest"])
             self.report.digest = "sha256" if self._digest else "count-only"
             assert self._connect_unix is not None
@@ -531,10 +558,22 @@ async def migration_source(
     ready_timeout: float = 60.0,
     timeout: float = DEFAULT_TIMEOUT,
     link_timeout: float = DEFAULT_LINK_TIMEOUT,
+    mode: Mode = "mux",
+    qmp: str | Path | QmpClient | None = None,
+    psk_dir: str | Path | None = None,
     **options: Any,
-) -> AsyncIterator[MigrationProxy]:
+) -> AsyncIterator[Any]:
     """Punch the link (role source), wait for the destination proxy, and yield a proxy
     whose ``path``/``uri`` the manager gives to the source QEMU's ``migrate``.
+
+    ``mode="handoff"`` (``qmp=`` required: a QMP socket path of the source QEMU that no
+    one else is connected to, or a connected QmpClient) hands the punched socket to
+    QEMU instead: the proxy itself issues ``getfd`` + ``migrate fd:NAME`` with a TLS-PSK
+    credential derived from the session, and the block is entered with the migration
+    already running (``proxy.uri`` is ``fd:NAME``); ``wait()`` polls QEMU until it is
+    over.  One channel only: a QEMU with multifd on raises HandoffRefused before the
+    link is punched.  ``psk_dir``: parent of the private key directory (default
+    /dev/shm).  See :mod:`holepunch_mig.handoff`.
 
     ``listen_unix=None`` puts the socket in a private 0700 directory; a path is used
     exactly (see :class:`~holepunch_mig.migrate_proxy.SourceProxy`).  ``digest=True``
@@ -544,6 +583,28 @@ async def migration_source(
     are :class:`~holepunch_mig.ConnectOptions` fields.  After the block ``proxy.report``
     holds the MigrationReport; a failure raises MigrationError.
     """
+    if mode == "handoff":
+        if qmp is None:
+            raise ValueError("mode='handoff' needs qmp= (the source QEMU's QMP socket)")
+        async with handoff.open_qmp(qmp) as client:
+            await handoff.refuse_multifd(client)
+            async with api.connect(channel, role="source", **options) as link:
+                hproxy = handoff.HandoffProxy(
+                    "source",
+                    link,
+                    client,
+                    progress=progress,
+                    expected_bytes=expected_bytes,
+                    ready_timeout=ready_timeout,
+                    timeout=timeout,
+                    link_timeout=link_timeout,
+                    psk_parent=Path(psk_dir) if psk_dir is not None else None,
+                )
+                async with hproxy._lifecycle():
+                    yield hproxy
+        return
+    if mode != "mux":
+        raise ValueError(f"mode must be 'mux' or 'handoff', not {mode!r}")
     async with api.connect(channel, role="source", **options) as link:
         proxy = MigrationProxy(
             "source",
@@ -565,18 +626,52 @@ async def migration_source(
 async def migration_destination(
     channel: ControlChannel,
     *,
-    connect_unix: str | Path,
+    connect_unix: str | Path | None = None,
     progress: ProgressCallback | None = None,
     expected_bytes: int | None = None,
     ready_timeout: float = 60.0,
     timeout: float = DEFAULT_TIMEOUT,
     link_timeout: float = DEFAULT_LINK_TIMEOUT,
+    mode: Mode = "mux",
+    qmp: str | Path | QmpClient | None = None,
+    psk_dir: str | Path | None = None,
     **options: Any,
-) -> AsyncIterator[MigrationProxy]:
+) -> AsyncIterator[Any]:
     """Punch the link (role destination); once ``connect_unix`` (the destination QEMU's
     ``migrate-incoming unix:PATH``) exists, tell the source it may go.  Each stream the
     source opens becomes one connection to ``connect_unix``, in order.  Use
-    ``await proxy.wait()`` in the block (leaving it does the same)."""
+    ``await proxy.wait()`` in the block (leaving it does the same).
+
+    ``mode="handoff"``: no ``connect_unix``; ``qmp=`` names the destination QEMU's QMP
+    socket (QEMU started with ``-incoming defer``, no ``migrate-incoming`` issued): the
+    proxy gives it the punched socket (``getfd``), the TLS-PSK credential and
+    ``migrate-incoming fd:NAME``, and ``wait()`` returns once QEMU completed the load
+    (``report.qemu_status`` is then the VM's run state)."""
+    if mode == "handoff":
+        if qmp is None:
+            raise ValueError("mode='handoff' needs qmp= (the destination QEMU's QMP socket)")
+        async with handoff.open_qmp(qmp) as client:
+            await handoff.refuse_multifd(client)
+            await handoff.check_destination_qemu(client)
+            async with api.connect(channel, role="destination", **options) as link:
+                hproxy = handoff.HandoffProxy(
+                    "destination",
+                    link,
+                    client,
+                    progress=progress,
+                    expected_bytes=expected_bytes,
+                    ready_timeout=ready_timeout,
+                    timeout=timeout,
+                    link_timeout=link_timeout,
+                    psk_parent=Path(psk_dir) if psk_dir is not None else None,
+                )
+                async with hproxy._lifecycle():
+                    yield hproxy
+        return
+    if mode != "mux":
+        raise ValueError(f"mode must be 'mux' or 'handoff', not {mode!r}")
+    if connect_unix is None:
+        raise ValueError("mux mode needs connect_unix= (the destination QEMU's socket)")
     async with api.connect(channel, role="destination", **options) as link:
         proxy = MigrationProxy(
             "destination",

@@ -82,7 +82,11 @@ class QemuVM:
     extra_args: Sequence[str] = ()
     binary: str = QEMU_BINARY
     start_timeout: float = 20.0
+    proxy_monitor: bool = False
+    """Add a second QMP monitor at :attr:`proxy_qmp_path` for a migrate-proxy in handoff
+    mode (QEMU's QMP socket serves one client at a time; the manager keeps ``qmp``)."""
     qmp_path: Path = field(init=False)
+    proxy_qmp_path: Path = field(init=False)
     log_path: Path = field(init=False)
     _proc: trio.Process | None = field(init=False, default=None)
     _qmp: QmpClient | None = field(init=False, default=None)
@@ -92,6 +96,7 @@ class QemuVM:
         self.workdir = Path(self.workdir)
         self.qmp_path = self.workdir / f"{self.name}.qmp"
         self.log_path = self.workdir / f"{self.name}.log"
+        self.proxy_qmp_path = self.workdir / f"{self.name}-proxy.qmp"
 
     @property
     def qmp(self) -> QmpClient:
@@ -122,6 +127,8 @@ class QemuVM:
             "-qmp",
             f"unix:{self.qmp_path},server=on,wait=off",
         ]
+        if self.proxy_monitor:
+            argv += ["-qmp", f"unix:{self.proxy_qmp_path},server=on,wait=off"]
         if self.incoming is not None:
             argv += ["-incoming", self.incoming]
         argv += list(self.extra_args)
@@ -135,6 +142,7 @@ class QemuVM:
             await trio.to_thread.run_sync(make_ram_image, image, self.mem_mib)
             self._own_image = True
         self.qmp_path.unlink(missing_ok=True)
+        self.proxy_qmp_path.unlink(missing_ok=True)
         argv = self.command(image)
         log.info("starting %s: %s", self.name, " ".join(argv))
         with open(self.log_path, "wb") as logf:
@@ -187,6 +195,7 @@ class QemuVM:
                 (self.workdir / f"{self.name}.ram").unlink(missing_ok=True)
                 self._own_image = False
             self.qmp_path.unlink(missing_ok=True)
+            self.proxy_qmp_path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -287,24 +296,59 @@ async def migrate(
         )
     await set_migration_options(src, multifd_channels=multifd_channels, max_bandwidth=max_bandwidth)
     t0 = time.perf_counter()
-    info: dict[str, Any] = {}
     try:
         with trio.fail_after(timeout):
             await src.execute("migrate", {"uri": uri})
+    except trio.TooSlowError:
+        raise QemuError(f"migrate to {uri}: no answer within {timeout} s") from None
+    result = await wait_migration(
+        src,
+        timeout=max(0.1, timeout - (time.perf_counter() - t0)),
+        poll_interval=poll_interval,
+        started=t0,
+        what=f"to {uri}",
+    )
+    if check and result.status != "completed":
+        raise MigrationFailed(
+            f"migration to {uri} {result.status}: {result.error_desc or 'no reason given'}",
+            result,
+        )
+    return result
+
+
+async def wait_migration(
+    src: QmpClient,
+    *,
+    timeout: float,
+    poll_interval: float = 0.02,
+    started: float | None = None,
+    what: str = "",
+    cancel_on_timeout: bool = True,
+) -> MigrationResult:
+    """Poll the source's ``query-migrate`` until ``completed``/``failed``/``cancelled``
+    (a migration not started yet, status absent or ``none``, is waited for too).
+    ``wall_seconds`` counts from ``started`` (a ``time.perf_counter()`` value; default:
+    now).  On timeout the migration is cancelled (unless ``cancel_on_timeout`` is false)
+    and QemuError is raised."""
+    t0 = time.perf_counter() if started is None else started
+    info: dict[str, Any] = {}
+    try:
+        with trio.fail_after(timeout):
             while True:
                 info = await src.execute("query-migrate")
                 if info.get("status") in ("completed", "failed", "cancelled"):
                     break
                 await trio.sleep(poll_interval)
     except trio.TooSlowError:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await src.execute("migrate_cancel", timeout=5)
-            except QmpError:
-                log.warning("migrate_cancel failed after timeout", exc_info=True)
+        if cancel_on_timeout:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await src.execute("migrate_cancel", timeout=5)
+                except QmpError:
+                    log.warning("migrate_cancel failed after timeout", exc_info=True)
         raise QemuError(
-            f"migration to {uri} not finished after {timeout} s "
-            f"(last status {info.get('status')!r}); cancelled"
+            f"migration {what} not finished after {timeout} s "
+            f"(last status {info.get('status')!r}){'; cancelled' if cancel_on_timeout else ''}"
         ) from None
     wall = time.perf_counter() - t0
     ram = info.get("ram", {})
@@ -317,16 +361,11 @@ async def migrate(
         error_desc=info.get("error-desc"),
     )
     log.info(
-        "migration to %s: %s in %.3f s (QEMU %s ms), %s bytes",
-        uri,
+        "migration %s: %s in %.3f s (QEMU %s ms), %s bytes",
+        what,
         result.status,
         wall,
         result.total_time_ms,
         result.transferred,
     )
-    if check and result.status != "completed":
-        raise MigrationFailed(
-            f"migration to {uri} {result.status}: {result.error_desc or 'no reason given'}",
-            result,
-        )
     return result

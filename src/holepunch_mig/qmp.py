@@ -12,9 +12,11 @@ it the project needs, written for trio.
 
 from __future__ import annotations
 
+import array
 import collections
 import json
 import logging
+import socket
 from typing import Any
 
 import trio
@@ -109,6 +111,29 @@ class QmpClient:
                 f"QMP command {command!r}: no answer within {timeout} s", command=command
             ) from None
 
+    async def execute_with_fd(
+        self,
+        command: str,
+        fd: int,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,
+    ) -> Any:
+        """Run ``command`` with the file descriptor ``fd`` attached (SCM_RIGHTS) to the
+        bytes of the request, e.g. ``execute_with_fd("getfd", sock.fileno(),
+        {"fdname": "mig"})``.  QEMU receives its own duplicate of ``fd``; the caller
+        still owns (and should close) ``fd``.  QEMU keeps a passed descriptor per
+        monitor connection: a later command naming it (``migrate fd:NAME``) must be
+        sent on this same client.  Errors and deadlines as :meth:`execute`."""
+        try:
+            with trio.fail_after(timeout):
+                async with self._lock:
+                    return await self._execute_unlocked(command, arguments, fd=fd)
+        except trio.TooSlowError:
+            raise QmpError(
+                f"QMP command {command!r}: no answer within {timeout} s", command=command
+            ) from None
+
     async def wait_event(self, name: str, *, timeout: float) -> dict[str, Any]:
         """Wait for an event called ``name`` (one already collected counts and is
         consumed).  Raises QmpError after ``timeout``."""
@@ -135,14 +160,19 @@ class QmpClient:
 
     # -- internals -------------------------------------------------------------
 
-    async def _execute_unlocked(self, command: str, arguments: dict[str, Any] | None) -> Any:
+    async def _execute_unlocked(
+        self, command: str, arguments: dict[str, Any] | None, *, fd: int | None = None
+    ) -> Any:
         self._next_id += 1
         msg_id = self._next_id
         request: dict[str, Any] = {"execute": command, "id": msg_id}
         if arguments:
             request["arguments"] = arguments
-        log.debug("QMP -> %s", request)
-        await self._send(request)
+        log.debug("QMP -> %s%s", request, "" if fd is None else " (+fd)")
+        if fd is None:
+            await self._send(request)
+        else:
+            await self._send_with_fd(request, fd)
         while True:
             msg = await self._read_message()
             if "event" in msg:
@@ -170,6 +200,18 @@ class QmpClient:
     async def _send(self, obj: dict[str, Any]) -> None:
         try:
             await self._stream.send_all(json.dumps(obj).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise QmpError(f"QMP socket broken: {exc}") from exc
+
+    async def _send_with_fd(self, obj: dict[str, Any], fd: int) -> None:
+        data = json.dumps(obj).encode() + b"\n"
+        fds = array.array("i", [fd])
+        sock = self._stream.socket
+        try:
+            # The descriptor travels with the first byte; the rest is ordinary data.
+            sent = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            if sent < len(data):
+                await self._stream.send_all(data[sent:])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise QmpError(f"QMP socket broken: {exc}") from exc
 
