@@ -95,14 +95,14 @@ def derive_psk(source_to_destination: bytes, destination_to_source: bytes, sessi
 
 
 def link_psk(link: Link, role: Role) -> bytes:
-    """Derive the PSK from the link's (still unused) record keys."""
-    writer, reader = link.writer, link.reader
-    if writer.records_sent or reader.records_received:
+    """Derive the PSK from the link's (still unused) Noise split keys."""
+    if link.report.role != role:
+        raise ValueError(f"link of the {link.report.role}, asked as the {role}")
+    try:
+        s2d, d2s = link.split_keys()
+    except ValueError as exc:
         # A rekey would have moved the keys on one side only; handoff needs them fresh.
-        raise HandoffRefused("the link already carried records; hand it off before any")
-    send_key: bytes = writer._dir.key  # the Noise split() keys; Link keeps no copy
-    recv_key: bytes = reader._dir.key
-    s2d, d2s = (send_key, recv_key) if role == "source" else (recv_key, send_key)
+        raise HandoffRefused(f"{exc}; hand it off before any") from None
     return derive_psk(s2d, d2s, link.report.session)
 
 

@@ -93,6 +93,7 @@ class Link:
         self.sock = _blocking_socket(established.stream)
         self.writer = RecordWriter(self.sock, established.send_key)
         self.reader = RecordReader(self.sock, established.recv_key)
+        self._keys = (established.send_key, established.recv_key)
         self.log = SessionLog(logger, {"session": self.report.session[:12]})
         self._closed = False
         self._options = established.options or ConnectOptions()
@@ -122,6 +123,16 @@ class Link:
         except trio.Cancelled:
             self._shutdown()
             raise
+
+    def split_keys(self) -> tuple[bytes, bytes]:
+        """This link's Noise split() keys as (source->destination, destination->source),
+        for deriving an exporter secret (migration handoff's TLS-PSK).  Secret: never log
+        them.  Only while the record layer has not used them (a rekey moves them on one
+        side only), else ValueError."""
+        if self.writer.records_sent or self.reader.records_received:
+            raise ValueError("the link already carried records: its split keys have moved on")
+        send, recv = self._keys
+        return (send, recv) if self.report.role == "source" else (recv, send)
 
     def _arm_idle_timeout(self) -> None:
         """Blocking calls on the data link give up after ``idle_timeout`` s of silence
@@ -222,6 +233,7 @@ class Link:
         self._arm_idle_timeout()
         self.writer = RecordWriter(self.sock, link.send_key)
         self.reader = RecordReader(self.sock, link.recv_key)
+        self._keys = (link.send_key, link.recv_key)
         self.report.local, self.report.remote = link.local, link.remote
 
     def _exhausted(self, attempts: int, cut: Interruption, last: str) -> ResumeFailed:
