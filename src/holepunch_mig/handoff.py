@@ -285,7 +285,7 @@ class HandoffProxy:
     # -- setup -------------------------------------------------------------------------
 
     async def _setup(self) -> None:
-        from .migration import _tune_link
+        from .resume import tune_link
 
         control = self.link.control
         if self.link.path != "direct":
@@ -293,7 +293,7 @@ class HandoffProxy:
                 f"handoff mode needs a punched TCP link, the session gave {self.link.path!r}"
             )
         # QEMU inherits these: a silent link fails its migration within link_timeout.
-        _tune_link(self.link.sock, self._link_timeout)
+        tune_link(self.link.sock, self._link_timeout)
         if self.role == "source":
             await control.send("migrate-offer", digest=False, mode="handoff")
             msg, _ = await control.receive(

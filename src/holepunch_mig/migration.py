@@ -66,6 +66,7 @@ from .migrate_proxy import SourceProxy, unix_connector
 from .mux import Mux, MuxError
 from .qmp import QmpClient
 from .report import Report
+from .resume import tune_link
 
 log = logging.getLogger(__name__)
 
@@ -194,21 +195,6 @@ class MigrationReport:
         return "\n".join(lines)
 
 
-def _tune_link(sock: socket.socket, link_timeout: float) -> None:
-    """Make a dead link (cable cut, firewall drop, peer host gone) an error within
-    ``link_timeout`` seconds instead of TCP's ~15 minutes of retransmissions."""
-    opts = [
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18), int(link_timeout * 1000)),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(link_timeout / 3))),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(link_timeout / 6))),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
-    ]
-    for level, opt, value in opts:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, opt, value)
-
-
 class MigrationProxy:
     """One side of a migration carried over the link.  Made by :func:`migration_source`
     / :func:`migration_destination`; not constructed directly."""
@@ -286,7 +272,7 @@ class MigrationProxy:
 
     async def _setup(self) -> None:
         control = self.link.control
-        _tune_link(self.link.sock, self._link_timeout)
+        tune_link(self.link.sock, self._link_timeout)
         self.report.digest = "sha256" if self._digest else "count-only"
         if self.role == "source":
             await control.send("migrate-offer", digest=self._digest)
