@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -52,16 +52,66 @@ class StreamChannel:
         self._send_lock = trio.Lock()
         self._max = max_message
         self.peer_host = peer_host if peer_host is not None else _socket_peer_host(stream)
+        self._offload: Callable[[bytes], Awaitable[None]] | None = None
+        self._send_broken: str | None = None
+        self._receive_broken: str | None = None
 
     async def send_message(self, message: bytes) -> None:
         data = frame(message)
         async with self._send_lock:
+            if self._send_broken is not None:
+                raise ChannelClosed(f"control channel broke while sending: {self._send_broken}")
+            if self._offload is not None:
+                await self._offload(data)
+                return
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ChannelClosed(f"control channel broke while sending: {exc}") from None
 
+    async def lend_socket(
+        self, send_frame: Callable[[bytes], Awaitable[None]]
+    ) -> tuple[socket.socket, bytes] | None:
+        """Hand the data path to a blocking pump (the tunnel's worker thread).
+
+        Returns None when the channel is not backed by a socket.  Otherwise returns a
+        duplicate of the socket (non-blocking, to be closed by the borrower) and the bytes
+        already read but not yet returned as messages; from now on ``send_message``
+        passes whole frames to ``send_frame`` (so they never interleave with the
+        borrower's frames) and ``receive_message`` must not be called until
+        :meth:`return_socket`.  The caller guarantees no receive is in progress.
+        """
+        stream = self._stream
+        if not isinstance(stream, trio.SocketStream) or self._offload is not None:
+            return None
+        async with self._send_lock:
+            tsock = stream.socket
+            try:
+                sock = socket.fromfd(tsock.fileno(), tsock.family, tsock.type)
+            except OSError:
+                return None
+            sock.setblocking(False)
+            self._offload = send_frame
+            return sock, self._decoder.take_buffered()
+
+    def return_socket(self, unread: bytes | None, *, send_intact: bool = True) -> None:
+        """End :meth:`lend_socket`: ``unread`` is what the borrower read but did not
+        consume (None when it stopped inside a frame it cannot give back, which ends
+        the receive side); ``send_intact`` False when it stopped inside a frame it was
+        sending (which ends the send side)."""
+        self._offload = None
+        if unread is None:
+            self._receive_broken = "the tunnel stopped inside a frame"
+        elif unread:
+            self._decoder.feed(unread)
+        if not send_intact:
+            self._send_broken = "the tunnel stopped inside a frame"
+
     async def receive_message(self) -> bytes:
+        if self._offload is not None:
+            raise RuntimeError("the control channel's socket is lent to the tunnel")
+        if self._receive_broken is not None:
+            raise ChannelClosed(f"control channel broke while receiving: {self._receive_broken}")
         while True:
             msg = self._decoder.next_message()
             if msg is not None:
