@@ -114,7 +114,20 @@ def socket_channel_pair() -> tuple[StreamChannel, StreamChannel]:
     return StreamChannel(trio.SocketStream(sa)), StreamChannel(trio.SocketStream(sb))
 
 
+def pipe_channel_pair() -> tuple[StreamChannel, StreamChannel]:
+    """Two StreamChannels over two pipes (as --control-cmd ssh ... / --control-stdio)."""
+    ab_r, ab_w = os.pipe()
+    ba_r, ba_w = os.pipe()
+    fd = trio.lowlevel.FdStream
+    return (
+        StreamChannel(trio.StapledStream(fd(ab_w), fd(ba_r))),
+        StreamChannel(trio.StapledStream(fd(ba_w), fd(ab_r))),
+    )
+
+
 def channel_pair(kind: str) -> tuple[Any, Any]:
+    if kind == "pipes":
+        return pipe_channel_pair()
     return memory_channel_pair() if kind == "memory" else socket_channel_pair()
 
 
@@ -137,7 +150,7 @@ async def tunnel_pair(
             await sb.aclose()
             await ta.aclose()
             await tb.aclose()
-    if kind == "socket":
+    if kind != "memory":
         await a.aclose()
         await b.aclose()
 
@@ -151,7 +164,7 @@ async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
-@pytest.mark.parametrize("kind", ["memory", "socket"])
+@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
 async def test_bytes_cross_both_ways_with_batched_credit(kind: str) -> None:
     data_ab, data_ba = os.urandom(24 * MiB), os.urandom(3 * MiB)
     with trio.fail_after(30):
@@ -176,7 +189,7 @@ async def test_bytes_cross_both_ways_with_batched_credit(kind: str) -> None:
     assert tb.stats.max_buffered <= 16 * MiB
 
 
-@pytest.mark.parametrize("kind", ["memory", "socket"])
+@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
 async def test_control_messages_interleave_with_tunnel_data(kind: str) -> None:
     a, b = channel_pair(kind)
     ta, tb = Tunnel(a), Tunnel(b)
@@ -291,7 +304,7 @@ async def test_worker_pump_peer_that_stops_reading_cannot_grow_memory() -> None:
     assert tb.stats.max_buffered <= window
 
 
-@pytest.mark.parametrize("kind", ["memory", "socket"])
+@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
 async def test_peer_ignoring_credit_fails_the_tunnel(kind: str) -> None:
     a, b = channel_pair(kind)
     # credit comes back only per whole window: two chunks (2 x 65535 B) cannot earn any,
@@ -361,7 +374,7 @@ async def test_worker_pump_takes_over_buffered_bytes_and_gives_the_channel_back(
     await b.aclose()
 
 
-@pytest.mark.parametrize("kind", ["memory", "socket"])
+@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
 async def test_control_channel_closing_ends_the_tunnel(kind: str) -> None:
     a, b = channel_pair(kind)
     tb = Tunnel(b)

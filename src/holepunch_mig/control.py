@@ -69,33 +69,40 @@ class StreamChannel:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ChannelClosed(f"control channel broke while sending: {exc}") from None
 
-    async def lend_socket(
+    async def lend_data_path(
         self, send_frame: Callable[[bytes], Awaitable[None]]
-    ) -> tuple[socket.socket, bytes] | None:
+    ) -> tuple[int, int, bytes] | None:
         """Hand the data path to a blocking pump (the tunnel's worker thread).
 
-        Returns None when the channel is not backed by a socket.  Otherwise returns a
-        duplicate of the socket (non-blocking, to be closed by the borrower) and the bytes
-        already read but not yet returned as messages; from now on ``send_message``
-        passes whole frames to ``send_frame`` (so they never interleave with the
-        borrower's frames) and ``receive_message`` must not be called until
-        :meth:`return_socket`.  The caller guarantees no receive is in progress.
+        Returns None unless the stream is a socket (trio.SocketStream) or a pair of file
+        descriptors (a StapledStream of FdStreams: a subprocess's or this process's
+        stdio).  Otherwise returns duplicates of the read and write descriptors (the same
+        number for a socket; non-blocking; closed by the borrower) and the bytes already
+        read but not yet returned as messages.  From then on ``send_message`` passes
+        whole frames to ``send_frame`` (so they never interleave with the borrower's
+        frames) and ``receive_message`` must not be called until :meth:`end_loan`.  The
+        caller guarantees no receive is in progress.
         """
-        stream = self._stream
-        if not isinstance(stream, trio.SocketStream) or self._offload is not None:
+        fds = _stream_fds(self._stream)
+        if fds is None or self._offload is not None:
             return None
         async with self._send_lock:
-            tsock = stream.socket
             try:
-                sock = socket.fromfd(tsock.fileno(), tsock.family, tsock.type)
+                read_fd = os.dup(fds[0])
             except OSError:
                 return None
-            sock.setblocking(False)
+            try:
+                write_fd = read_fd if fds[0] == fds[1] else os.dup(fds[1])
+            except OSError:
+                os.close(read_fd)
+                return None
+            for fd in {read_fd, write_fd}:
+                os.set_blocking(fd, False)
             self._offload = send_frame
-            return sock, self._decoder.take_buffered()
+            return read_fd, write_fd, self._decoder.take_buffered()
 
-    def return_socket(self, unread: bytes | None, *, send_intact: bool = True) -> None:
-        """End :meth:`lend_socket`: ``unread`` is what the borrower read but did not
+    def end_loan(self, unread: bytes | None, *, send_intact: bool = True) -> None:
+        """End :meth:`lend_data_path`: ``unread`` is what the borrower read but did not
         consume (None when it stopped inside a frame it cannot give back, which ends
         the receive side); ``send_intact`` False when it stopped inside a frame it was
         sending (which ends the send side)."""
@@ -131,6 +138,21 @@ class StreamChannel:
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+def _stream_fds(stream: trio.abc.Stream) -> tuple[int, int] | None:
+    """(read fd, write fd) of a socket stream or of a stapled pair of fd streams."""
+    if isinstance(stream, trio.SocketStream):
+        fd = stream.socket.fileno()
+        return (fd, fd) if fd >= 0 else None
+    if isinstance(stream, trio.StapledStream):
+        send, receive = stream.send_stream, stream.receive_stream
+        if isinstance(send, trio.lowlevel.FdStream) and isinstance(receive, trio.lowlevel.FdStream):
+            try:
+                return receive.fileno(), send.fileno()
+            except (OSError, trio.ClosedResourceError):
+                return None
+    return None
 
 
 def _socket_peer_host(stream: trio.abc.Stream) -> str | None:

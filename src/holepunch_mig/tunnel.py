@@ -175,6 +175,10 @@ class TunnelStats:
     credits_received: int = 0
     max_buffered: int = 0
     control_routed: int = 0
+    polls: int = 0
+    """Worker-thread pump: times it had to wait in poll() (nothing could move)."""
+    would_block: int = 0
+    """Worker-thread pump: socket calls that found nothing to do (EAGAIN)."""
 
 
 InboxItem = bytes | HolepunchError
@@ -268,7 +272,7 @@ class Tunnel:
                 return
             lent = None
             if self._want_threads and isinstance(self.channel, StreamChannel):
-                lent = await self.channel.lend_socket(self._thread_send)
+                lent = await self.channel.lend_data_path(self._thread_send)
             async with trio.open_nursery() as nursery:
                 if lent is not None:
                     self.pump_kind = "thread"
@@ -326,7 +330,7 @@ class Tunnel:
             # the thread has ended (or never started): give the channel back
             pump.finish()
             assert isinstance(self.channel, StreamChannel)
-            self.channel.return_socket(pump.unread_out, send_intact=pump.send_intact)
+            self.channel.end_loan(pump.unread_out, send_intact=pump.send_intact)
             self._threads = None
             if pump.error is not None:
                 self._fail(pump.error)
@@ -485,10 +489,11 @@ class _Out:
 
 class _ThreadPump:
     """The tunnel's data path in one blocking worker thread, for a control channel that is
-    a socket (StreamChannel over a trio.SocketStream).
+    a socket or a pair of pipes (StreamChannel over a trio.SocketStream, or over FdStreams:
+    ``--control-cmd ssh ...``, ``--control-stdio``).
 
-    The thread owns a duplicate of the control socket and the socketpair end; it polls
-    both and moves bytes in batches with few Python operations per MiB:
+    The thread owns duplicates of the control descriptors and the socketpair end; it
+    polls them and moves bytes in batches with few Python operations per MiB:
 
     * uplink: ``recvmsg_into`` up to 16 x 65535 bytes (as far as credit allows) into one
       preallocated buffer whose 5-byte frame heads sit between the segments, then one
@@ -506,9 +511,10 @@ class _ThreadPump:
     only have the window in flight.
     """
 
-    def __init__(self, tunnel: Tunnel, ctrl: socket.socket, unread: bytes) -> None:
+    def __init__(self, tunnel: Tunnel, read_fd: int, write_fd: int, unread: bytes) -> None:
         self.t = tunnel
-        self.ctrl = ctrl
+        self.read_fd = read_fd
+        self.write_fd = write_fd
         self.pump = tunnel._pump_sock
         self.unread = unread
         self.lock = threading.Lock()
@@ -576,8 +582,9 @@ class _ThreadPump:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
-        with contextlib.suppress(OSError):
-            self.ctrl.close()
+        for fd in {self.read_fd, self.write_fd}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full pipe: a wake-up is pending anyway
@@ -614,8 +621,8 @@ class _ThreadPump:
     def _loop(self) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        ctrl_fd, pump_fd = self.ctrl.fileno(), self.pump.fileno()
-        masks = {ctrl_fd: 0, pump_fd: 0}
+        read_fd, write_fd, pump_fd = self.read_fd, self.write_fd, self.pump.fileno()
+        masks = dict.fromkeys((read_fd, write_fd, pump_fd), 0)
         credit = self.t.credit
         while not self.stopping:
             progress = False
@@ -631,13 +638,14 @@ class _ThreadPump:
                 progress |= self._flush_pending()
             if progress:
                 continue
-            want = {
-                ctrl_fd: select.POLLIN | (select.POLLOUT if self.out else 0),
-                pump_fd: (
-                    select.POLLIN if self.up_open and not self.up_busy and credit.available else 0
-                )
-                | (select.POLLOUT if self.pending else 0),
-            }
+            want = dict.fromkeys(masks, 0)
+            want[read_fd] |= select.POLLIN
+            if self.out:
+                want[write_fd] |= select.POLLOUT
+            if self.up_open and not self.up_busy and credit.available:
+                want[pump_fd] |= select.POLLIN
+            if self.pending:
+                want[pump_fd] |= select.POLLOUT
             for fd, mask in want.items():
                 if mask != masks[fd]:
                     if mask:
@@ -645,6 +653,7 @@ class _ThreadPump:
                     else:
                         poller.unregister(fd)
                     masks[fd] = mask
+            self.t.stats.polls += 1
             for fd, _ in poller.poll():
                 if fd == self._wake_r:
                     with contextlib.suppress(OSError):
@@ -661,6 +670,7 @@ class _ThreadPump:
         try:
             got = self.pump.recvmsg_into(segments)[0]
         except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
             return False
         except OSError:
             got = 0
@@ -683,8 +693,9 @@ class _ThreadPump:
     def _flush_out(self) -> bool:
         out = self.out
         try:
-            sent = self.ctrl.sendmsg([item.view for item in islice(out, _IOV)])
+            sent = os.writev(self.write_fd, [item.view for item in islice(out, _IOV)])
         except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
             return False
         except OSError as exc:
             raise ChannelClosed(f"control channel broke while sending: {exc}") from None
@@ -712,8 +723,9 @@ class _ThreadPump:
             cur = self.cur = self.free.pop() if self.free else _Chunk(_DOWN_CHUNK)
             cur.fill = 0
         try:
-            got = self.ctrl.recv_into(cur.buf[cur.fill :])
+            got = os.readv(self.read_fd, [cur.buf[cur.fill :]])
         except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
             return False
         except OSError as exc:
             raise ChannelClosed(f"control channel broke while receiving: {exc}") from None
@@ -806,6 +818,7 @@ class _ThreadPump:
         try:
             sent = self.pump.sendmsg([view for view, _ in islice(pending, _IOV)])
         except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
             return False
         except OSError:
             # the link closed its end: drop what is buffered, stop returning credit
