@@ -16,10 +16,14 @@ Design (docs/tunnel.md):
   (default every 4 MiB it has handed on to the link), never a reply per chunk.  A sender
   never has more than the granted credit outstanding; a peer that sends beyond it breaks
   the protocol and the tunnel fails with :class:`~holepunch_mig.errors.ProtocolError`.
-* While the tunnel runs, one task owns the receive side of the control channel: it
+* While the tunnel runs, the pump owns the receive side of the control channel: it
   routes ``TunnelData`` and ``credit`` to the tunnel and every other message to a small
   bounded inbox that :class:`~holepunch_mig.session.ControlReader` reads instead of the
   channel (``result``, ``abort`` ... keep working unchanged).
+* Two pumps, one wire format: when the channel is a StreamChannel over a socket or
+  pipes, a blocking worker thread borrows its descriptors (``lend_data_path``) and moves
+  ~1 MiB per system call (:class:`_ThreadPump`); otherwise three trio tasks move one
+  message at a time.  ``HOLEPUNCH_MIG_TUNNEL_PUMP=trio`` forces the trio pump.
 
 Memory is bounded: bytes received but not yet handed to the link never exceed the window
 granted (checked on every message), the inbox holds at most ``inbox_size`` control
