@@ -128,6 +128,9 @@ def pipe_channel_pair() -> tuple[StreamChannel, StreamChannel]:
 def channel_pair(kind: str) -> tuple[Any, Any]:
     if kind == "pipes":
         return pipe_channel_pair()
+    if kind == "stream":  # a StreamChannel on no descriptor: trio pump, batched frames
+        a, b = trio.testing.memory_stream_pair()
+        return StreamChannel(a), StreamChannel(b)
     return memory_channel_pair() if kind == "memory" else socket_channel_pair()
 
 
@@ -142,7 +145,8 @@ async def tunnel_pair(
         await nursery.start(ta.run)
         await nursery.start(tb.run)
         sa, sb = ta.link_stream(), tb.link_stream()
-        assert ta.pump_kind == tb.pump_kind == ("trio" if kind == "memory" else "thread")
+        trio_pump = kind in ("memory", "stream")
+        assert ta.pump_kind == tb.pump_kind == ("trio" if trio_pump else "thread")
         try:
             yield ta, tb, sa, sb
         finally:
@@ -164,7 +168,7 @@ async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
-@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
+@pytest.mark.parametrize("kind", ["memory", "stream", "socket", "pipes"])
 async def test_bytes_cross_both_ways_with_batched_credit(kind: str) -> None:
     data_ab, data_ba = os.urandom(24 * MiB), os.urandom(3 * MiB)
     with trio.fail_after(30):
@@ -189,7 +193,7 @@ async def test_bytes_cross_both_ways_with_batched_credit(kind: str) -> None:
     assert tb.stats.max_buffered <= 16 * MiB
 
 
-@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
+@pytest.mark.parametrize("kind", ["memory", "stream", "socket", "pipes"])
 async def test_control_messages_interleave_with_tunnel_data(kind: str) -> None:
     a, b = channel_pair(kind)
     ta, tb = Tunnel(a), Tunnel(b)
