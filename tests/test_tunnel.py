@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from holepunch_mig import api, messages
-from holepunch_mig.control import ControlChannel, memory_channel_pair
+from holepunch_mig.control import ControlChannel, StreamChannel, memory_channel_pair
 from holepunch_mig.errors import ChannelClosed, NoDirectPath, PeerAbort, ProtocolError
 from holepunch_mig.punch import PunchRound, PunchTiming
 from holepunch_mig.session import ControlReader
@@ -108,16 +108,45 @@ def test_window_invariants(steps: list[tuple[int, bool]]) -> None:
 # --------------------------------------------------------------------------- the pump
 
 
+def socket_channel_pair() -> tuple[StreamChannel, StreamChannel]:
+    """Two StreamChannels over a socketpair: the tunnel runs its worker-thread pump."""
+    sa, sb = trio.socket.socketpair()
+    return StreamChannel(trio.SocketStream(sa)), StreamChannel(trio.SocketStream(sb))
+
+
+def pipe_channel_pair() -> tuple[StreamChannel, StreamChannel]:
+    """Two StreamChannels over two pipes (as --control-cmd ssh ... / --control-stdio)."""
+    ab_r, ab_w = os.pipe()
+    ba_r, ba_w = os.pipe()
+    fd = trio.lowlevel.FdStream
+    return (
+        StreamChannel(trio.StapledStream(fd(ab_w), fd(ba_r))),
+        StreamChannel(trio.StapledStream(fd(ba_w), fd(ab_r))),
+    )
+
+
+def channel_pair(kind: str) -> tuple[Any, Any]:
+    if kind == "pipes":
+        return pipe_channel_pair()
+    if kind == "stream":  # a StreamChannel on no descriptor: trio pump, batched frames
+        a, b = trio.testing.memory_stream_pair()
+        return StreamChannel(a), StreamChannel(b)
+    return memory_channel_pair() if kind == "memory" else socket_channel_pair()
+
+
 @asynccontextmanager
 async def tunnel_pair(
+    kind: str = "memory",
     **kw: Any,
 ) -> AsyncIterator[tuple[Tunnel, Tunnel, trio.SocketStream, trio.SocketStream]]:
-    a, b = memory_channel_pair()
+    a, b = channel_pair(kind)
     ta, tb = Tunnel(a, **kw), Tunnel(b, **kw)
     async with trio.open_nursery() as nursery:
         await nursery.start(ta.run)
         await nursery.start(tb.run)
         sa, sb = ta.link_stream(), tb.link_stream()
+        trio_pump = kind in ("memory", "stream")
+        assert ta.pump_kind == tb.pump_kind == ("trio" if trio_pump else "thread")
         try:
             yield ta, tb, sa, sb
         finally:
@@ -125,6 +154,9 @@ async def tunnel_pair(
             await sb.aclose()
             await ta.aclose()
             await tb.aclose()
+    if kind != "memory":
+        await a.aclose()
+        await b.aclose()
 
 
 async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
@@ -136,10 +168,11 @@ async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def test_bytes_cross_both_ways_with_batched_credit() -> None:
+@pytest.mark.parametrize("kind", ["memory", "stream", "socket", "pipes"])
+async def test_bytes_cross_both_ways_with_batched_credit(kind: str) -> None:
     data_ab, data_ba = os.urandom(24 * MiB), os.urandom(3 * MiB)
     with trio.fail_after(30):
-        async with tunnel_pair() as (ta, tb, sa, sb):
+        async with tunnel_pair(kind) as (ta, tb, sa, sb):
             got: dict[str, bytes] = {}
 
             async def read(name: str, stream: trio.SocketStream, n: int) -> None:
@@ -160,8 +193,9 @@ async def test_bytes_cross_both_ways_with_batched_credit() -> None:
     assert tb.stats.max_buffered <= 16 * MiB
 
 
-async def test_control_messages_interleave_with_tunnel_data() -> None:
-    a, b = memory_channel_pair()
+@pytest.mark.parametrize("kind", ["memory", "stream", "socket", "pipes"])
+async def test_control_messages_interleave_with_tunnel_data(kind: str) -> None:
+    a, b = channel_pair(kind)
     ta, tb = Tunnel(a), Tunnel(b)
     payload = os.urandom(8 * MiB)
     with trio.fail_after(30):
@@ -190,7 +224,7 @@ async def test_control_messages_interleave_with_tunnel_data() -> None:
             with pytest.raises(PeerAbort, match=r"peer aborted.*stop"):
                 await reader_b.receive("result")
             while not received:
-                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.01)
             for t in (ta, tb):
                 await t.aclose()
     assert received[0] == payload
@@ -226,9 +260,60 @@ async def test_peer_that_stops_reading_cannot_grow_memory() -> None:
     assert tb.stats.max_buffered <= window
 
 
-async def test_peer_ignoring_credit_fails_the_tunnel() -> None:
-    a, b = memory_channel_pair()
-    tb = Tunnel(b, window=128 * KiB, credit_batch=64 * KiB)
+async def _quiescent(*probes: Any, settle: float = 0.2) -> None:
+    """Wait until the probes stop changing (worker threads are invisible to
+    wait_all_tasks_blocked)."""
+    last, since = None, trio.current_time()
+    while True:
+        now = tuple(p() for p in probes)
+        if now != last:
+            last, since = now, trio.current_time()
+        elif trio.current_time() - since >= settle:
+            return
+        await trio.sleep(0.02)
+
+
+async def test_worker_pump_peer_that_stops_reading_cannot_grow_memory() -> None:
+    """As above, with the worker-thread pump on a socket-backed channel; control messages
+    still arrive while the link is stalled."""
+    window, batch, sockbuf = 512 * KiB, 128 * KiB, 64 * KiB
+    payload = os.urandom(32 * MiB)
+    pair = tunnel_pair("socket", window=window, credit_batch=batch, socket_buffer=sockbuf)
+    with trio.fail_after(30):
+        async with pair as (ta, tb, sa, sb), trio.open_nursery() as nursery:
+            nursery.start_soon(sa.send_all, payload)
+            await _quiescent(
+                lambda: ta.stats.bytes_sent,
+                lambda: tb.rwindow.received_total,
+                lambda: tb.buffered,
+            )
+            handed_to_link = tb.rwindow.received_total - tb.buffered
+            assert ta.credit.available == 0, "sender must be out of credit"
+            assert 0 < tb.buffered <= window
+            assert tb.stats.max_buffered <= window
+            assert ta.stats.bytes_sent <= window + handed_to_link
+            assert handed_to_link <= 8 * sockbuf
+            assert ta.stats.bytes_sent < len(payload) // 8
+            # the control plane still works both ways while the data path is stalled
+            reader_a, reader_b = ControlReader(ta.channel, 5), ControlReader(tb.channel, 5)
+            reader_a.attach(ta)
+            reader_b.attach(tb)
+            await reader_a.send("ping", seq=3)
+            assert (await reader_b.receive("ping"))[0]["seq"] == 3
+            await reader_b.send("pong", seq=3)
+            assert (await reader_a.receive("pong"))[0]["seq"] == 3
+            got = await _receive_exactly(sb, len(payload))
+            assert got == payload
+            nursery.cancel_scope.cancel()
+    assert tb.stats.max_buffered <= window
+
+
+@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
+async def test_peer_ignoring_credit_fails_the_tunnel(kind: str) -> None:
+    a, b = channel_pair(kind)
+    # credit comes back only per whole window: two chunks (2 x 65535 B) cannot earn any,
+    # so the third overruns whatever the link has read (a smaller batch made this racy)
+    tb = Tunnel(b, window=128 * KiB, credit_batch=128 * KiB)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(tb.run)
@@ -249,8 +334,53 @@ async def test_peer_ignoring_credit_fails_the_tunnel() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_control_channel_closing_ends_the_tunnel() -> None:
-    a, b = memory_channel_pair()
+async def test_worker_pump_takes_over_buffered_bytes_and_gives_the_channel_back() -> None:
+    """Frames the StreamChannel had already read when the tunnel started are routed by
+    the worker; after the tunnel closes the channel works as before."""
+    a, b = socket_channel_pair()
+    enc = messages.encode
+    burst = b"".join(
+        messages.frame(m)
+        for m in (
+            enc(messages.make("ping", seq=1)),
+            enc(messages.make("credit", bytes=5000)),
+            enc(messages.TunnelData(b"early bytes")),
+            enc(messages.make("pong", seq=2)),
+        )
+    )
+    with trio.fail_after(10):
+        await a._stream.send_all(burst)
+        assert await b.receive_message() == enc(messages.make("ping", seq=1))
+        tb = Tunnel(b, window=128 * KiB, credit_batch=64 * KiB)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tb.run)
+            assert tb.pump_kind == "thread"
+            sb = tb.link_stream()
+            assert await tb.receive_control() == enc(messages.make("pong", seq=2))
+            assert await _receive_exactly(sb, 11) == b"early bytes"
+            assert tb.credit.available == 5000
+            await sb.send_all(b"up")
+            while tb.stats.bytes_sent < 2:
+                await trio.sleep(0.01)
+            await tb.aclose()
+            await sb.aclose()
+        # the peer saw the initial grant and the uplinked bytes, then the channel is
+        # handed back intact: both directions work without the tunnel
+        assert messages.decode(await a.receive_message()) == messages.make(
+            "credit", bytes=128 * KiB
+        )
+        assert await a.receive_message() == enc(messages.TunnelData(b"up"))
+        await a.send_message(enc(messages.make("ping", seq=9)))
+        assert await b.receive_message() == enc(messages.make("ping", seq=9))
+        await b.send_message(enc(messages.make("pong", seq=9)))
+        assert await a.receive_message() == enc(messages.make("pong", seq=9))
+    await a.aclose()
+    await b.aclose()
+
+
+@pytest.mark.parametrize("kind", ["memory", "socket", "pipes"])
+async def test_control_channel_closing_ends_the_tunnel(kind: str) -> None:
+    a, b = channel_pair(kind)
     tb = Tunnel(b)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

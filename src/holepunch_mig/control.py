@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -52,16 +52,73 @@ class StreamChannel:
         self._send_lock = trio.Lock()
         self._max = max_message
         self.peer_host = peer_host if peer_host is not None else _socket_peer_host(stream)
+        self._offload: Callable[[bytes], Awaitable[None]] | None = None
+        self._send_broken: str | None = None
+        self._receive_broken: str | None = None
 
     async def send_message(self, message: bytes) -> None:
         data = frame(message)
         async with self._send_lock:
+            if self._send_broken is not None:
+                raise ChannelClosed(f"control channel broke while sending: {self._send_broken}")
+            if self._offload is not None:
+                await self._offload(data)
+                return
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ChannelClosed(f"control channel broke while sending: {exc}") from None
 
+    async def lend_data_path(
+        self, send_frame: Callable[[bytes], Awaitable[None]]
+    ) -> tuple[int, int, bytes] | None:
+        """Hand the data path to a blocking pump (the tunnel's worker thread).
+
+        Returns None unless the stream is a socket (trio.SocketStream) or a pair of file
+        descriptors (a StapledStream of FdStreams: a subprocess's or this process's
+        stdio).  Otherwise returns duplicates of the read and write descriptors (the same
+        number for a socket; non-blocking; closed by the borrower) and the bytes already
+        read but not yet returned as messages.  From then on ``send_message`` passes
+        whole frames to ``send_frame`` (so they never interleave with the borrower's
+        frames) and ``receive_message`` must not be called until :meth:`end_loan`.  The
+        caller guarantees no receive is in progress.
+        """
+        fds = _stream_fds(self._stream)
+        if fds is None or self._offload is not None:
+            return None
+        async with self._send_lock:
+            try:
+                read_fd = os.dup(fds[0])
+            except OSError:
+                return None
+            try:
+                write_fd = read_fd if fds[0] == fds[1] else os.dup(fds[1])
+            except OSError:
+                os.close(read_fd)
+                return None
+            for fd in {read_fd, write_fd}:
+                os.set_blocking(fd, False)
+            self._offload = send_frame
+            return read_fd, write_fd, self._decoder.take_buffered()
+
+    def end_loan(self, unread: bytes | None, *, send_intact: bool = True) -> None:
+        """End :meth:`lend_data_path`: ``unread`` is what the borrower read but did not
+        consume (None when it stopped inside a frame it cannot give back, which ends
+        the receive side); ``send_intact`` False when it stopped inside a frame it was
+        sending (which ends the send side)."""
+        self._offload = None
+        if unread is None:
+            self._receive_broken = "the tunnel stopped inside a frame"
+        elif unread:
+            self._decoder.feed(unread)
+        if not send_intact:
+            self._send_broken = "the tunnel stopped inside a frame"
+
     async def receive_message(self) -> bytes:
+        if self._offload is not None:
+            raise RuntimeError("the control channel's socket is lent to the tunnel")
+        if self._receive_broken is not None:
+            raise ChannelClosed(f"control channel broke while receiving: {self._receive_broken}")
         while True:
             msg = self._decoder.next_message()
             if msg is not None:
@@ -81,6 +138,21 @@ class StreamChannel:
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+def _stream_fds(stream: trio.abc.Stream) -> tuple[int, int] | None:
+    """(read fd, write fd) of a socket stream or of a stapled pair of fd streams."""
+    if isinstance(stream, trio.SocketStream):
+        fd = stream.socket.fileno()
+        return (fd, fd) if fd >= 0 else None
+    if isinstance(stream, trio.StapledStream):
+        send, receive = stream.send_stream, stream.receive_stream
+        if isinstance(send, trio.lowlevel.FdStream) and isinstance(receive, trio.lowlevel.FdStream):
+            try:
+                return receive.fileno(), send.fileno()
+            except (OSError, trio.ClosedResourceError):
+                return None
+    return None
 
 
 def _socket_peer_host(stream: trio.abc.Stream) -> str | None:

@@ -316,6 +316,13 @@ class FrameDecoder:
         """Bytes buffered that do not yet form a whole message."""
         return len(self._buf)
 
+    def take_buffered(self) -> bytes:
+        """Remove and return every buffered byte (for a reader that takes over the
+        stream, such as the tunnel's worker thread)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
 
 def frame(message: bytes) -> bytes:
     """Prefix a message with its length."""

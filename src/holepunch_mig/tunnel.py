@@ -16,10 +16,14 @@ Design (docs/tunnel.md):
   (default every 4 MiB it has handed on to the link), never a reply per chunk.  A sender
   never has more than the granted credit outstanding; a peer that sends beyond it breaks
   the protocol and the tunnel fails with :class:`~holepunch_mig.errors.ProtocolError`.
-* While the tunnel runs, one task owns the receive side of the control channel: it
+* While the tunnel runs, the pump owns the receive side of the control channel: it
   routes ``TunnelData`` and ``credit`` to the tunnel and every other message to a small
   bounded inbox that :class:`~holepunch_mig.session.ControlReader` reads instead of the
   channel (``result``, ``abort`` ... keep working unchanged).
+* Two pumps, one wire format: when the channel is a StreamChannel over a socket or
+  pipes, a blocking worker thread borrows its descriptors (``lend_data_path``) and moves
+  ~1 MiB per system call (:class:`_ThreadPump`); otherwise three trio tasks move one
+  message at a time.  ``HOLEPUNCH_MIG_TUNNEL_PUMP=trio`` forces the trio pump.
 
 Memory is bounded: bytes received but not yet handed to the link never exceed the window
 granted (checked on every message), the inbox holds at most ``inbox_size`` control
@@ -35,13 +39,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
+import select
 import socket
+import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 import trio
 
 from . import messages
-from .control import ControlChannel
+from .control import ControlChannel, StreamChannel
 from .errors import ChannelClosed, HolepunchError, NoDirectPath, ProtocolError
 
 logger = logging.getLogger("holepunch_mig")
@@ -54,7 +64,10 @@ MAX_CHUNK = messages.MAX_MESSAGE - 1
 """Payload bytes of one TunnelData message (the kind byte takes the 65536th)."""
 DEFAULT_INBOX = 64
 """Control messages (not tunnel data) buffered for ControlReader while the tunnel runs."""
-SOCKETPAIR_BUFFER = 1 << 20
+SOCKETPAIR_BUFFER = 4 << 20
+"""SO_SNDBUF/SO_RCVBUF of both socketpair ends (the link's end gets 4 MiB from Link too)."""
+PUMP_ENV = "HOLEPUNCH_MIG_TUNNEL_PUMP"
+"""Diagnostics: "trio" forces the trio pump even on a socket-backed channel (A/B runs)."""
 
 _CREDIT_MAX = 2**63 - 1
 _GATHER = 16
@@ -166,6 +179,10 @@ class TunnelStats:
     credits_received: int = 0
     max_buffered: int = 0
     control_routed: int = 0
+    polls: int = 0
+    """Worker-thread pump: times it had to wait in poll() (nothing could move)."""
+    would_block: int = 0
+    """Worker-thread pump: socket calls that found nothing to do (EAGAIN)."""
 
 
 InboxItem = bytes | HolepunchError
@@ -189,6 +206,7 @@ class Tunnel:
         chunk: int = MAX_CHUNK,
         inbox_size: int = DEFAULT_INBOX,
         socket_buffer: int = SOCKETPAIR_BUFFER,
+        threads: bool | None = None,
     ) -> None:
         if not 0 < chunk <= MAX_CHUNK:
             raise ValueError(f"tunnel chunk {chunk} must be in 1..{MAX_CHUNK}")
@@ -205,7 +223,15 @@ class Tunnel:
                     sock.setsockopt(socket.SOL_SOCKET, opt, socket_buffer)
         self.link_socket: socket.socket | None = link_end
         pump_end.setblocking(False)
+        self._pump_sock = pump_end
         self._pump = trio.SocketStream(trio.socket.from_stdlib_socket(pump_end))
+        if threads is None:
+            threads = os.environ.get(PUMP_ENV, "") != "trio"
+        self._want_threads = threads
+        self._threads: _ThreadPump | None = None
+        """The worker-thread pump while it runs (socket-backed channels)."""
+        self.pump_kind = "trio"
+        """ "thread" once the worker-thread pump took over the control socket."""
         self._inbound: collections.deque[memoryview] = collections.deque()
         self._inbound_ready = trio.Event()
         self._credit_ready = trio.Event()
@@ -248,10 +274,18 @@ class Tunnel:
                 self._fail(exc)
                 task_status.started()
                 return
+            lent = None
+            if self._want_threads and isinstance(self.channel, StreamChannel):
+                lent = await self.channel.lend_data_path(self._thread_send)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._route, nursery.cancel_scope)
-                nursery.start_soon(self._uplink, nursery.cancel_scope)
-                nursery.start_soon(self._downlink, nursery.cancel_scope)
+                if lent is not None:
+                    self.pump_kind = "thread"
+                    self._threads = _ThreadPump(self, *lent)
+                    nursery.start_soon(self._run_thread, self._threads)
+                else:
+                    nursery.start_soon(self._route, nursery.cancel_scope)
+                    nursery.start_soon(self._uplink, nursery.cancel_scope)
+                    nursery.start_soon(self._downlink, nursery.cancel_scope)
                 task_status.started()
 
     async def aclose(self) -> None:
@@ -262,6 +296,10 @@ class Tunnel:
         self._inbox_send.close()
         if self.link_socket is not None:
             self.link_socket.close()
+        if self._threads is not None:
+            # the worker owns the socketpair end until it stops (then _run_thread closes it)
+            self._threads.stop()
+            return
         with contextlib.suppress(OSError):
             self._pump.socket.close()
 
@@ -280,7 +318,55 @@ class Tunnel:
         self._inbox_send.close()
         # The link sees end of stream (a truncated record stream, reported as such).
         with contextlib.suppress(OSError):
-            self._pump.socket.shutdown(socket.SHUT_RDWR)
+            self._pump_sock.shutdown(socket.SHUT_RDWR)
+
+    # -- the worker-thread pump (socket-backed channels) ----------------------------
+
+    async def _run_thread(self, pump: _ThreadPump) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_on_cancel, pump)
+                try:
+                    await trio.to_thread.run_sync(pump.run, thread_name="holepunch-tunnel")
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # the thread has ended (or never started): give the channel back
+            pump.finish()
+            assert isinstance(self.channel, StreamChannel)
+            self.channel.end_loan(pump.unread_out, send_intact=pump.send_intact)
+            self._threads = None
+            if pump.error is not None:
+                self._fail(pump.error)
+            if self._closed:
+                with contextlib.suppress(OSError):
+                    self._pump_sock.close()
+
+    @staticmethod
+    async def _stop_on_cancel(pump: _ThreadPump) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            pump.stop()
+
+    async def _thread_send(self, data: bytes) -> None:
+        """StreamChannel.send_message while the worker owns the socket: the frame is
+        queued to the worker and sent between its data batches."""
+        pump = self._threads
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list[BaseException | None] = []
+
+        def complete(exc: BaseException | None) -> None:
+            outcome.append(exc)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        if pump is None or not pump.submit(data, complete):
+            raise ChannelClosed("control channel broke while sending: the tunnel stopped")
+        await done.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
 
     async def _send_credit(self, n: int) -> None:
         await self.channel.send_message(messages.encode(messages.make("credit", bytes=n)))
@@ -367,3 +453,400 @@ class Tunnel:
         except HolepunchError as exc:
             self._fail(exc)
             scope.cancel()
+
+
+# --------------------------------------------------------------------------- worker pump
+
+_HEADER = struct.Struct(">IB")
+"""A tunnel-data frame's head: the 4-byte length and the kind byte."""
+_UP_MESSAGES = 16
+"""TunnelData messages per uplink batch: one recvmsg_into and one send per ~1 MiB."""
+_DOWN_CHUNK = 1 << 20
+"""Control-socket reads go into pooled buffers of this size."""
+_IOV = 64
+"""Views per sendmsg."""
+_FREE_CHUNKS = 4
+
+_Done = Callable[[BaseException | None], None]
+
+
+class _Chunk:
+    __slots__ = ("buf", "fill", "refs")
+
+    def __init__(self, size: int) -> None:
+        self.buf = memoryview(bytearray(size))
+        self.fill = 0
+        self.refs = 0
+        """Views of this buffer still waiting to be written to the socketpair."""
+
+
+class _Out:
+    """One frame (or a batch of whole frames) waiting to go out on the control socket."""
+
+    __slots__ = ("done", "uplink", "view")
+
+    def __init__(self, view: memoryview, done: _Done | None, uplink: bool) -> None:
+        self.view = view
+        self.done = done
+        self.uplink = uplink
+
+
+class _ThreadPump:
+    """The tunnel's data path in one blocking worker thread, for a control channel that is
+    a socket or a pair of pipes (StreamChannel over a trio.SocketStream, or over FdStreams:
+    ``--control-cmd ssh ...``, ``--control-stdio``).
+
+    The thread owns duplicates of the control descriptors and the socketpair end; it
+    polls them and moves bytes in batches with few Python operations per MiB:
+
+    * uplink: ``recvmsg_into`` up to 16 x 65535 bytes (as far as credit allows) into one
+      preallocated buffer whose 5-byte frame heads sit between the segments, then one
+      ``sendmsg`` of the whole run of frames;
+    * downlink: ``recv_into`` pooled 1 MiB buffers, parse frames in place, hand tunnel
+      data to the socketpair as memoryviews (gathered ``sendmsg``), return credit in
+      batches, grant credit, and pass every other message to trio's inbox
+      (``trio.from_thread.run``, blocking while the inbox is full, as the trio pump's
+      router does);
+    * control frames sent from trio (``result``, ``abort`` ...) are queued to the thread
+      and go out between whole frames; credit frames likewise.
+
+    Same wire format, same accounting (SendCredit / ReceiveWindow), same memory bound:
+    tunnel data is only buffered between parse and socketpair write, and the peer can
+    only have the window in flight.
+    """
+
+    def __init__(self, tunnel: Tunnel, read_fd: int, write_fd: int, unread: bytes) -> None:
+        self.t = tunnel
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.pump = tunnel._pump_sock
+        self.unread = unread
+        self.lock = threading.Lock()
+        self.queued: collections.deque[tuple[bytes, _Done]] = collections.deque()
+        self.dead = False
+        self.stopping = False
+        self.error: HolepunchError | None = None
+        self.unread_out: bytes | None = unread
+        self.send_intact = True
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        # uplink
+        chunk = tunnel.chunk
+        self.stride = chunk + _HEADER.size
+        self.up_buf = memoryview(bytearray(self.stride * _UP_MESSAGES))
+        self.up_segments = [
+            self.up_buf[i * self.stride + _HEADER.size : (i + 1) * self.stride]
+            for i in range(_UP_MESSAGES)
+        ]
+        self.up_open = True
+        self.up_busy = False
+        # control socket output
+        self.out: collections.deque[_Out] = collections.deque()
+        self.out_partial = False
+        # downlink
+        self.down_open = True
+        self.pending: collections.deque[tuple[memoryview, _Chunk]] = collections.deque()
+        self.cur = _Chunk(max(_DOWN_CHUNK, len(unread) + messages.MAX_MESSAGE))
+        self.free: list[_Chunk] = []
+        self.head = bytearray()
+        self.body_left = 0
+        self.acc: bytearray | None = None
+        """The control message being assembled (None while inside tunnel data)."""
+        self.inbox_open = True
+
+    # -- called from trio --------------------------------------------------------------
+
+    def submit(self, frame: bytes, done: _Done) -> bool:
+        with self.lock:
+            if self.dead:
+                return False
+            self.queued.append((frame, done))
+        self._wake()
+        return True
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake()
+
+    def finish(self) -> None:
+        """After the thread ended (or never started): release what it held."""
+        with self.lock:
+            self.dead = True
+            queued = list(self.queued)
+            self.queued.clear()
+        closed = ChannelClosed("control channel broke while sending: the tunnel stopped")
+        for _, done in queued:
+            done(closed)
+        for item in self.out:
+            if item.done is not None:
+                item.done(closed)
+        self.out.clear()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        for fd in {self.read_fd, self.write_fd}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full pipe: a wake-up is pending anyway
+            os.write(self._wake_w, b"x")
+
+    # -- the thread --------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            if self.unread:
+                cur = self.cur
+                cur.buf[: len(self.unread)] = self.unread
+                cur.fill = len(self.unread)
+                self._parse(cur, 0, cur.fill)
+            self._loop()
+        except HolepunchError as exc:
+            self.error = exc
+        finally:
+            with self.lock:
+                self.dead = True
+            self.send_intact = not self.out_partial
+            self.unread_out = self._unparsed()
+
+    def _unparsed(self) -> bytes | None:
+        """What was read but not consumed, as bytes a FrameDecoder can take; None when
+        the thread stopped inside tunnel data."""
+        if self.body_left == 0:
+            return bytes(self.head)
+        if self.acc is None:
+            return None
+        length = len(self.acc) + self.body_left
+        return messages.LENGTH_PREFIX.pack(length) + bytes(self.acc)
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        read_fd, write_fd, pump_fd = self.read_fd, self.write_fd, self.pump.fileno()
+        masks = dict.fromkeys((read_fd, write_fd, pump_fd), 0)
+        credit = self.t.credit
+        while not self.stopping:
+            progress = False
+            while self.queued:
+                frame, done = self.queued.popleft()
+                self.out.append(_Out(memoryview(frame), done, False))
+            if self.up_open and not self.up_busy and credit.available:
+                progress |= self._read_uplink()
+            if self.out:
+                progress |= self._flush_out()
+            progress |= self._read_control()
+            if self.pending:
+                progress |= self._flush_pending()
+            if progress:
+                continue
+            want = dict.fromkeys(masks, 0)
+            want[read_fd] |= select.POLLIN
+            if self.out:
+                want[write_fd] |= select.POLLOUT
+            if self.up_open and not self.up_busy and credit.available:
+                want[pump_fd] |= select.POLLIN
+            if self.pending:
+                want[pump_fd] |= select.POLLOUT
+            for fd, mask in want.items():
+                if mask != masks[fd]:
+                    if mask:
+                        poller.register(fd, mask)
+                    else:
+                        poller.unregister(fd)
+                    masks[fd] = mask
+            self.t.stats.polls += 1
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+
+    def _read_uplink(self) -> bool:
+        """Link -> peer: as much as credit allows, up to 16 messages, in one call."""
+        chunk = self.t.chunk
+        n = self.t.credit.take(chunk * _UP_MESSAGES)
+        k = -(-n // chunk)
+        segments = self.up_segments[:k]
+        if n % chunk:
+            segments[-1] = segments[-1][: n - (k - 1) * chunk]
+        try:
+            got = self.pump.recvmsg_into(segments)[0]
+        except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
+            return False
+        except OSError:
+            got = 0
+        if not got:
+            self.up_open = False  # the link closed its end; nothing more to carry
+            return True
+        self.t.credit.spend(got)
+        m = -(-got // chunk)
+        for i in range(m):
+            size = min(chunk, got - i * chunk)
+            _HEADER.pack_into(self.up_buf, i * self.stride, size + 1, messages.KIND_TUNNEL)
+        total = (m - 1) * self.stride + _HEADER.size + (got - (m - 1) * chunk)
+        self.out.append(_Out(self.up_buf[:total], None, True))
+        self.up_busy = True
+        stats = self.t.stats
+        stats.bytes_sent += got
+        stats.messages_sent += m
+        return True
+
+    def _flush_out(self) -> bool:
+        out = self.out
+        try:
+            sent = os.writev(self.write_fd, [item.view for item in islice(out, _IOV)])
+        except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
+            return False
+        except OSError as exc:
+            raise ChannelClosed(f"control channel broke while sending: {exc}") from None
+        while sent:
+            head = out[0]
+            size = len(head.view)
+            if sent < size:
+                head.view = head.view[sent:]
+                self.out_partial = True
+                break
+            sent -= size
+            out.popleft()
+            self.out_partial = False
+            if head.uplink:
+                self.up_busy = False
+            if head.done is not None:
+                head.done(None)
+        return True
+
+    def _read_control(self) -> bool:
+        cur = self.cur
+        if cur.refs == 0:
+            cur.fill = 0
+        elif len(cur.buf) - cur.fill < messages.MAX_MESSAGE:
+            cur = self.cur = self.free.pop() if self.free else _Chunk(_DOWN_CHUNK)
+            cur.fill = 0
+        try:
+            got = os.readv(self.read_fd, [cur.buf[cur.fill :]])
+        except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
+            return False
+        except OSError as exc:
+            raise ChannelClosed(f"control channel broke while receiving: {exc}") from None
+        if not got:
+            if self.head or self.body_left:
+                partial = len(self.head) + (len(self.acc) if self.acc is not None else 0)
+                raise ProtocolError(
+                    "control channel ended inside a frame "
+                    f"({partial or 'some'} bytes of an incomplete frame)"
+                )
+            raise ChannelClosed("control channel closed by the peer")
+        start = cur.fill
+        cur.fill += got
+        self._parse(cur, start, cur.fill)
+        return True
+
+    def _parse(self, chunk: _Chunk, pos: int, end: int) -> None:
+        buf = chunk.buf
+        head = self.head
+        while pos < end:
+            if self.body_left:
+                take = min(self.body_left, end - pos)
+                self.body_left -= take
+                if self.acc is None:
+                    if self.down_open:
+                        self.pending.append((buf[pos : pos + take], chunk))
+                        chunk.refs += 1
+                    pos += take
+                    continue
+                self.acc += buf[pos : pos + take]
+                pos += take
+                if not self.body_left:
+                    raw, self.acc = bytes(self.acc), None
+                    self._control(raw)
+                continue
+            if not head and end - pos >= _HEADER.size:
+                length, kind = _HEADER.unpack_from(buf, pos)
+                pos += _HEADER.size
+            else:
+                take = min(_HEADER.size - len(head), end - pos)
+                head += buf[pos : pos + take]
+                pos += take
+                if len(head) < _HEADER.size:
+                    break
+                length, kind = _HEADER.unpack_from(head)
+                head.clear()
+            if length == 0:
+                raise ProtocolError("zero-length frame")
+            if length > messages.MAX_MESSAGE:
+                raise ProtocolError(
+                    f"frame of {length} bytes exceeds the {messages.MAX_MESSAGE}-byte limit"
+                )
+            if kind == messages.KIND_TUNNEL:
+                n = length - 1
+                self.t.rwindow.on_data(n)
+                stats = self.t.stats
+                stats.bytes_received += n
+                stats.messages_received += 1
+                if self.t.rwindow.buffered > stats.max_buffered:
+                    stats.max_buffered = self.t.rwindow.buffered
+                self.body_left = n
+                self.acc = None
+            else:
+                self.acc = bytearray((kind,))
+                self.body_left = length - 1
+                if not self.body_left:
+                    raw, self.acc = bytes(self.acc), None
+                    self._control(raw)
+
+    def _control(self, raw: bytes) -> None:
+        event = messages.decode(raw)
+        if isinstance(event, messages.Message) and event.type == "credit":
+            self.t.credit.grant(event["bytes"])
+            self.t.stats.credits_received += 1
+            return
+        self.t.stats.control_routed += 1
+        if not self.inbox_open:
+            return
+        try:
+            trio.from_thread.run(self.t._inbox_send.send, raw)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.inbox_open = False  # nobody will read control messages any more
+        except (trio.Cancelled, trio.RunFinishedError):
+            self.inbox_open = False
+            self.stopping = True
+
+    def _flush_pending(self) -> bool:
+        """Peer -> link: gathered writes to the socketpair, credit back in batches."""
+        pending = self.pending
+        try:
+            sent = self.pump.sendmsg([view for view, _ in islice(pending, _IOV)])
+        except (BlockingIOError, InterruptedError):
+            self.t.stats.would_block += 1
+            return False
+        except OSError:
+            # the link closed its end: drop what is buffered, stop returning credit
+            self.down_open = False
+            while pending:
+                self._release(pending.popleft()[1])
+            return True
+        consumed = sent
+        while sent:
+            view, chunk = pending[0]
+            if sent < len(view):
+                pending[0] = (view[sent:], chunk)
+                break
+            sent -= len(view)
+            pending.popleft()
+            self._release(chunk)
+        grant = self.t.rwindow.on_consumed(consumed)
+        if grant:
+            credit = messages.encode(messages.make("credit", bytes=grant))
+            self.out.append(_Out(memoryview(messages.frame(credit)), None, False))
+            self.t.stats.credits_sent += 1
+        return True
+
+    def _release(self, chunk: _Chunk) -> None:
+        chunk.refs -= 1
+        if chunk.refs == 0 and chunk is not self.cur and len(self.free) < _FREE_CHUNKS:
+            self.free.append(chunk)
