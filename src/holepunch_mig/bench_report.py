@@ -95,8 +95,11 @@ def targets(res: BenchResult) -> list[tuple[str, str, str]]:
                 f" Cause (measured): the tunnel needs {_cpu_per_gib(tunnel):.2f} CPU s/GiB "
                 f"(send {tunnel.median['send_cpu_per_gib']:.2f}, recv "
                 f"{tunnel.median['recv_cpu_per_gib']:.2f}), a 2-core ceiling of "
-                f"~{_ceiling(tunnel, cores):.0f} MB/s: every 64 KiB message crosses trio "
-                "(frame decoder copy, socketpair to the record layer) besides AES-GCM."
+                f"~{_ceiling(tunnel, cores):.0f} MB/s: the data pump is a blocking thread "
+                "(Python is ~1-2 % of its profile); each byte crosses a local socketpair "
+                "between the record layer and the pump twice per side on top of the TCP hop "
+                "(docs/tunnel-notes.md). Writing records straight into tunnel frames would "
+                "remove it."
             )
         out.append(
             (
