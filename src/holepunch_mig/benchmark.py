@@ -129,6 +129,20 @@ class PatternSource:
         self.pos += n
         return n
 
+    # Seekable like the file a migration manager would send (resume re-reads from an
+    # offset instead of keeping a replay copy of every byte, as it must for a pipe).
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or not 0 <= offset <= self.total:
+            raise ValueError(f"PatternSource.seek({offset}, {whence}): absolute 0..total only")
+        self.pos = offset
+        return self.pos
+
 
 def expected_sha256(total: int, seed: bytes) -> str:
     """SHA-256 of what a PatternSource(total, seed) yields, computed independently of any

@@ -129,7 +129,9 @@ class ResumableSource:
         self._cond = threading.Condition()
         self._cursor = 0  # next stream offset readinto yields
         self._read = 0  # stream offset up to which the input itself was read
-        self._buf = bytearray()  # pipes: input bytes [buf_start, read)
+        # pipes: input bytes [buf_start, read) in a ring of ``limit`` bytes, allocated on
+        # first use (no growth, no memmove: the ring index is the stream offset mod limit)
+        self._ring = bytearray()
         self._buf_start = 0
         self._interrupted = False
         self.acked = 0
@@ -148,13 +150,14 @@ class ResumableSource:
             if self.seekable:
                 pass
             elif self._cursor < self._read:  # replay what the last link may have lost
-                start = self._cursor - self._buf_start
                 k = min(n, self._read - self._cursor)
-                view[:k] = self._buf[start : start + k]
+                self._ring_copy_out(self._cursor, view[:k])
                 self._cursor += k
                 return k
             else:
-                while len(self._buf) + n > self.limit and not self._interrupted:
+                if not self._ring:
+                    self._ring = bytearray(self.limit)
+                while self._read - self._buf_start + n > self.limit and not self._interrupted:
                     self._cond.wait()
                 if self._interrupted:
                     raise Interrupted("link lost")
@@ -164,11 +167,27 @@ class ResumableSource:
             raise InputFailed(exc) from exc
         with self._cond:
             if not self.seekable and got:
-                self._buf += view[:got]
-                self.peak_buffered = max(self.peak_buffered, len(self._buf))
+                self._ring_copy_in(self._cursor, view[:got])
+                self.peak_buffered = max(self.peak_buffered, self._cursor + got - self._buf_start)
             self._cursor += got
             self._read = max(self._read, self._cursor)
         return got
+
+    def _ring_copy_in(self, offset: int, data: memoryview) -> None:
+        """Store input bytes at stream ``offset`` (at most two slices: the ring wraps)."""
+        at = offset % self.limit
+        first = min(len(data), self.limit - at)
+        self._ring[at : at + first] = data[:first]
+        if first < len(data):
+            self._ring[: len(data) - first] = data[first:]
+
+    def _ring_copy_out(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the stored bytes from stream ``offset``."""
+        at = offset % self.limit
+        first = min(len(out), self.limit - at)
+        out[:first] = self._ring[at : at + first]
+        if first < len(out):
+            out[first:] = self._ring[: len(out) - first]
 
     def _restart_point(self, offset: int) -> tuple[int, Any]:
         """The latest digest mark at or before ``offset``: (its offset, its hash)."""
@@ -198,7 +217,6 @@ class ResumableSource:
                     k += 1
                 del marks[:k]
             if not self.seekable and keep_from > self._buf_start:
-                del self._buf[: keep_from - self._buf_start]
                 self._buf_start = keep_from
                 self._cond.notify_all()
 
@@ -238,7 +256,9 @@ class ResumableSource:
         """Hash input bytes [start, end) (records and marks normally line up, so this
         runs only for a peer with other record boundaries)."""
         if not self.seekable:
-            h.update(self._buf[start - self._buf_start : end - self._buf_start])
+            part = bytearray(end - start)
+            self._ring_copy_out(start, memoryview(part))
+            h.update(part)
             return
         assert self._base is not None
         self._src.seek(self._base + start)
