@@ -35,7 +35,7 @@ import shutil
 import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -557,44 +557,22 @@ class HandoffProxy:
                 with contextlib.suppress(OSError):
                     os.close(self.link.sock.detach())
 
-    @asynccontextmanager
-    async def _lifecycle(self) -> AsyncIterator[HandoffProxy]:
-        from .migration import ManagerAbort, MigrationError
+    def _lifecycle(self) -> AbstractAsyncContextManager[None]:
+        from .migration import run_lifecycle
 
-        body_exc: BaseException | None = None
-        try:
-            await self._setup()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_peer)
-                try:
-                    yield self
-                except BaseException as exc:
-                    body_exc = exc
-                if not self._done.is_set():
-                    if body_exc is None:
-                        with contextlib.suppress(MigrationError):
-                            await self.wait()
-                    else:
-                        reason = (
-                            str(body_exc)
-                            if isinstance(body_exc, ManagerAbort)
-                            else f"{self.role} manager failed: {body_exc!r}"
-                        )
-                        self.abort(reason)
-                        with trio.CancelScope(shield=True):
-                            if not self._running:
-                                self._running = True
-                                _, error = await self._watch_qemu(60.0)
-                                await self._conclude(False, error or reason)
-                            else:
-                                await self._done.wait()
-                nursery.cancel_scope.cancel()
-        finally:
+        async def finish_aborted(reason: str) -> None:
+            with trio.CancelScope(shield=True):
+                if not self._running:
+                    self._running = True
+                    _, error = await self._watch_qemu(60.0)
+                    await self._conclude(False, error or reason)
+                else:
+                    await self._done.wait()
+
+        async def cleanup() -> None:
             await self._cleanup(failed=not self.report.ok)
-        if body_exc is not None:
-            raise body_exc
-        if not self.report.ok:
-            raise MigrationError(self.report.verdict or "migration failed", self.report)
+
+        return run_lifecycle(self, [self._watch_peer], finish_aborted, cleanup)
 
 
 @asynccontextmanager

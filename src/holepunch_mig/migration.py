@@ -50,11 +50,11 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import trio
 
@@ -478,42 +478,74 @@ class MigrationProxy:
             self._done.set()
             log.info("migration %s: %s", self.role, rep.verdict)
 
-    @asynccontextmanager
-    async def _lifecycle(self) -> AsyncIterator[MigrationProxy]:
-        body_exc: BaseException | None = None
-        try:
-            await self._setup()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_peer)
-                nursery.start_soon(self._progress_loop)
-                try:
-                    yield self
-                except BaseException as exc:
-                    body_exc = exc
-                if not self._done.is_set():
-                    if body_exc is None:
-                        with contextlib.suppress(MigrationError):
-                            await self.wait()
-                    else:
-                        reason = (
-                            str(body_exc)
-                            if isinstance(body_exc, ManagerAbort)
-                            else f"{self.role} manager failed: {body_exc!r}"
-                        )
-                        self.abort(reason)
-                        with trio.CancelScope(shield=True):
-                            await self._run_to_end(FINISH_TIMEOUT)
-                        await self._conclude(False, reason)
-                nursery.cancel_scope.cancel()
-        finally:
+    def _lifecycle(self) -> AbstractAsyncContextManager[None]:
+        async def finish_aborted(reason: str) -> None:
+            with trio.CancelScope(shield=True):
+                await self._run_to_end(FINISH_TIMEOUT)
+            await self._conclude(False, reason)
+
+        async def cleanup() -> None:
             if self._mux is not None:
                 self._mux.close()
             if self._listener is not None:
                 self._listener.close()
-        if body_exc is not None:
-            raise body_exc
-        if not self.report.ok:
-            raise MigrationError(self.report.verdict or "migration failed", self.report)
+
+        return run_lifecycle(self, [self._watch_peer, self._progress_loop], finish_aborted, cleanup)
+
+
+class _Proxy(Protocol):
+    @property
+    def role(self) -> str: ...
+    @property
+    def report(self) -> MigrationReport: ...
+    @property
+    def _done(self) -> trio.Event: ...
+
+    async def _setup(self) -> None: ...
+    async def wait(self) -> MigrationReport: ...
+    def abort(self, reason: str) -> None: ...
+
+
+@asynccontextmanager
+async def run_lifecycle(
+    proxy: _Proxy,
+    background: Sequence[Callable[[], Awaitable[None]]],
+    finish_aborted: Callable[[str], Awaitable[None]],
+    cleanup: Callable[[], Awaitable[None]],
+) -> AsyncIterator[None]:
+    """The manager's ``async with`` around one migration, shared by both modes: set up,
+    run the background tasks, and when the body ends either wait for the migration (a
+    normal exit) or abort both sides with the body's reason; always clean up; raise
+    MigrationError when the migration failed."""
+    body_exc: BaseException | None = None
+    try:
+        await proxy._setup()
+        async with trio.open_nursery() as nursery:
+            for task in background:
+                nursery.start_soon(task)
+            try:
+                yield
+            except BaseException as exc:
+                body_exc = exc
+            if not proxy._done.is_set():
+                if body_exc is None:
+                    with contextlib.suppress(MigrationError):
+                        await proxy.wait()
+                else:
+                    reason = (
+                        str(body_exc)
+                        if isinstance(body_exc, ManagerAbort)
+                        else f"{proxy.role} manager failed: {body_exc!r}"
+                    )
+                    proxy.abort(reason)
+                    await finish_aborted(reason)
+            nursery.cancel_scope.cancel()
+    finally:
+        await cleanup()
+    if body_exc is not None:
+        raise body_exc
+    if not proxy.report.ok:
+        raise MigrationError(proxy.report.verdict or "migration failed", proxy.report)
 
 
 async def _wait_socket(path: Path, timeout: float) -> None:
