@@ -67,7 +67,6 @@ suites only TLS_AES_128_GCM_SHA256 and TLS_CHACHA20_POLY1305_SHA256 can use it
 which took the 128 MiB loopback migration from ~0.4-1.0 s to ~1.1-1.5 s."""
 POLL_INTERVAL = 0.05
 PROGRESS_INTERVAL = 0.25
-RESULT_TIMEOUT = 10.0
 QMP_TIMEOUT = 30.0
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -488,27 +487,12 @@ class HandoffProxy:
                 rep.migration_seconds = time.perf_counter() - self._started
             if not ok:
                 rep.qemu_error = info.get("error-desc") or error
-            try:
-                with trio.fail_after(RESULT_TIMEOUT):
-                    await self.link.control.send(
-                        "migrate-result",
-                        ok=ok,
-                        streams=1 if self._handed_off else 0,
-                        sent=rep.bytes_sent,
-                        received=rep.bytes_received,
-                        error=None if error is None else error[:4000],
-                    )
-            except (HolepunchError, trio.TooSlowError) as exc:
-                rep.notes.append(f"could not send our result to the peer: {exc!r}")
-            with trio.move_on_after(RESULT_TIMEOUT):
-                await self._peer_seen.wait()
-            peer = self._peer_result
-            if peer is not None:
-                rep.peer_ok = bool(peer["ok"])
-                rep.peer_error = peer["error"]
-                if self.role == "destination":
-                    rep.bytes_received = int(peer["sent"])
-                    rep.notes.append("bytes_received is the source QEMU's ram.transferred")
+            from .migration import exchange_results
+
+            peer = await exchange_results(self, ok, 1 if self._handed_off else 0, error)
+            if peer is not None and self.role == "destination":
+                rep.bytes_received = int(peer["sent"])
+                rep.notes.append("bytes_received is the source QEMU's ram.transferred")
             if self._handed_off:
                 rep.streams = [StreamReport(0, rep.bytes_sent, rep.bytes_received)]
             if not ok:

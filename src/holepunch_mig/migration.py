@@ -430,24 +430,7 @@ class MigrationProxy:
                     rep.migration_seconds = time.perf_counter() - mux.first_open
             if ok and not rep.streams:
                 ok, error = False, "QEMU opened no migration connection"
-            try:
-                with trio.fail_after(RESULT_TIMEOUT):
-                    await self.link.control.send(
-                        "migrate-result",
-                        ok=ok,
-                        streams=len(rep.streams),
-                        sent=rep.bytes_sent,
-                        received=rep.bytes_received,
-                        error=None if error is None else error[:4000],
-                    )
-            except (HolepunchError, trio.TooSlowError) as exc:
-                rep.notes.append(f"could not send our result to the peer: {exc!r}")
-            with trio.move_on_after(RESULT_TIMEOUT):
-                await self._peer_seen.wait()
-            peer = self._peer_result
-            if peer is not None:
-                rep.peer_ok = bool(peer["ok"])
-                rep.peer_error = peer["error"]
+            peer = await exchange_results(self, ok, len(rep.streams), error)
             if not ok:
                 rep.ok = False
                 rep.verdict = error
@@ -491,6 +474,44 @@ class MigrationProxy:
                 self._listener.close()
 
         return run_lifecycle(self, [self._watch_peer, self._progress_loop], finish_aborted, cleanup)
+
+
+class _ResultParty(Protocol):
+    @property
+    def link(self) -> Link: ...
+    @property
+    def report(self) -> MigrationReport: ...
+    @property
+    def _peer_seen(self) -> trio.Event: ...
+    @property
+    def _peer_result(self) -> dict[str, Any] | None: ...
+
+
+async def exchange_results(
+    proxy: _ResultParty, ok: bool, streams: int, error: str | None
+) -> dict[str, Any] | None:
+    """Send this side's migrate-result and wait (bounded) for the peer's; both verdicts
+    end up in the report.  Shared by the mux and handoff modes."""
+    rep = proxy.report
+    try:
+        with trio.fail_after(RESULT_TIMEOUT):
+            await proxy.link.control.send(
+                "migrate-result",
+                ok=ok,
+                streams=streams,
+                sent=rep.bytes_sent,
+                received=rep.bytes_received,
+                error=None if error is None else error[:4000],
+            )
+    except (HolepunchError, trio.TooSlowError) as exc:
+        rep.notes.append(f"could not send our result to the peer: {exc!r}")
+    with trio.move_on_after(RESULT_TIMEOUT):
+        await proxy._peer_seen.wait()
+    peer = proxy._peer_result
+    if peer is not None:
+        rep.peer_ok = bool(peer["ok"])
+        rep.peer_error = peer["error"]
+    return peer
 
 
 class _Proxy(Protocol):
