@@ -169,20 +169,10 @@ class Link:
             reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(exc)}"
             await self._tell_abort(reason)
             raise TransferError(reason) from exc
-        local_digest = hashed.hex() if hashed else None
         msg, _ = await self.control.receive(
             "result", timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
         )
-        seconds = time.monotonic() - started
-        self._fill(count, local_digest, seconds)
-        if not msg["ok"]:
-            raise PeerAbort(f"destination rejected the transfer: {msg['error']}")
-        if msg["bytes"] != count:
-            raise TransferError(f"destination got {msg['bytes']} bytes, {count} were sent")
-        if local_digest and msg["sha256"] and msg["sha256"] != local_digest:
-            raise TransferError("destination's sha256 differs from what was sent")
-        self.report.ok = True
-        return TransferResult(count, local_digest, seconds)
+        return self._check_result(count, hashed, msg, started)
 
     async def receive_file(
         self, dst: BinaryIO, *, digest: bool = True, progress: Progress | None = None
@@ -326,6 +316,13 @@ class Link:
                 kept,
             )
         count, hashed, msg = outcome
+        return self._check_result(count, hashed, msg, started)
+
+    def _check_result(
+        self, count: int, hashed: bytes, msg: Message, started: float
+    ) -> TransferResult:
+        """The source succeeds only when the destination verified the same count and
+        digest that were sent."""
         local_digest = hashed.hex() if hashed else None
         seconds = time.monotonic() - started
         self._fill(count, local_digest, seconds)
