@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -413,10 +413,9 @@ async def _negotiate(
             *tunnel_args, started, log, reason="policy 'tunnel': the tunnel was asked for"
         )
 
-    remotes = _remote_endpoints(peer["candidates"], control.channel.peer_host, peer["port"], report)
-    remotes = [
-        r for r in remotes if (socket.AF_INET6 if ":" in r[0] else socket.AF_INET) in listeners
-    ]
+    remotes = _remote_endpoints(
+        peer["candidates"], control.channel.peer_host, peer["port"], report, listeners
+    )
     log.info("%d local, %d remote candidates", len(local), len(remotes))
     try:
         attempt = _DirectAttempt(
@@ -558,11 +557,8 @@ async def repunch(
             raise HandshakeError("peer announced our own public key")
         pro = prologue(session_id, offer_raw, answer_raw)
         remotes = _remote_endpoints(
-            peer["candidates"], control.channel.peer_host, peer["port"], scratch
+            peer["candidates"], control.channel.peer_host, peer["port"], scratch, listeners
         )
-        remotes = [
-            r for r in remotes if (socket.AF_INET6 if ":" in r[0] else socket.AF_INET) in listeners
-        ]
         attempt = _DirectAttempt(
             control,
             options,
@@ -663,8 +659,14 @@ async def _switch_to_tunnel(
 
 
 def _remote_endpoints(
-    lines: Sequence[str], peer_host: str | None, peer_port: int, report: Report
+    lines: Sequence[str],
+    peer_host: str | None,
+    peer_port: int,
+    report: Report,
+    families: Container[int],
 ) -> list[tuple[str, int]]:
+    """The peer's candidates plus the observed one, deduplicated, of the address families
+    this side has a listener for; bad lines are noted in the report and skipped."""
     out: list[tuple[str, int]] = []
     cands: list[Candidate] = []
     for line in lines:
@@ -675,7 +677,8 @@ def _remote_endpoints(
     cands.extend(observed_candidates(peer_host, [peer_port]))
     for cand in cands:
         endpoint = (cand.host, cand.port)
-        if endpoint not in out:
+        family = socket.AF_INET6 if ":" in cand.host else socket.AF_INET
+        if endpoint not in out and family in families:
             out.append(endpoint)
     return out
 
