@@ -9,7 +9,10 @@ Design (docs/tunnel.md):
 * A ``socket.socketpair()``.  The Noise handshake, the record layer and :class:`Link` run
   on one end (:attr:`Tunnel.link_socket`) exactly as on a direct link, so the tunnel is
   encrypted end to end even when the control channel is not.  :class:`Tunnel` pumps the
-  other end to and from the control channel.
+  other end to and from the control channel.  With the worker-thread pump the record
+  layer leaves the socketpair after the handshake: :meth:`Tunnel.link_transport` gives
+  :class:`Link` a :class:`FrameTransport` that frames records straight onto the control
+  socket and reads them from the pump's buffers (same frames, same credit rules).
 * Credit-based flow control, in the style of HTTP/2 and SSH windows.  The receiver grants
   a window (default 16 MiB, more than the bandwidth-delay product of a 1 Gb/s, 100 ms
   path) with a ``credit`` message when the tunnel opens, and grants more in batches
@@ -27,8 +30,9 @@ Design (docs/tunnel.md):
 
 Memory is bounded: bytes received but not yet handed to the link never exceed the window
 granted (checked on every message), the inbox holds at most ``inbox_size`` control
-messages, and when the local link stops reading, the socketpair fills, no credit goes
-back, and the peer's sender stops after the window.
+messages, and when the local link stops reading, the socketpair fills (or the
+FrameTransport stops consuming), no credit goes back, and the peer's sender stops after
+the window.
 
 The accounting is sans-IO (:class:`SendCredit`, :class:`ReceiveWindow`); :class:`Tunnel`
 only moves bytes.
