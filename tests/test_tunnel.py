@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +26,7 @@ from holepunch_mig.punch import PunchRound, PunchTiming
 from holepunch_mig.session import ControlReader
 from holepunch_mig.tunnel import (
     MAX_CHUNK,
+    FrameTransport,
     ReceiveWindow,
     SendCredit,
     Tunnel,
@@ -399,6 +401,160 @@ async def test_control_channel_closing_ends_the_tunnel(kind: str) -> None:
 # --------------------------------------------------------------------------- policies
 
 
+# --------------------------------------------------------------------------- FrameTransport
+
+
+def _blocking(stream: trio.SocketStream) -> socket.socket:
+    """The link's end as Link takes it after the handshake."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(True)
+    return sock
+
+
+def _transports(
+    ta: Tunnel, tb: Tunnel, sa: trio.SocketStream, sb: trio.SocketStream
+) -> tuple[FrameTransport, FrameTransport]:
+    xa, xb = ta.link_transport(_blocking(sa)), tb.link_transport(_blocking(sb))
+    assert isinstance(xa, FrameTransport) and isinstance(xb, FrameTransport)
+    return xa, xb
+
+
+def _recv_all(x: FrameTransport, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = x.recv_into(view[got:], min(n - got, 1 << 20), socket.MSG_WAITALL)
+        assert k, f"transport ended after {got} of {n} bytes"
+        got += k
+    return bytes(buf)
+
+
+async def test_trio_pump_keeps_the_socketpair_for_the_record_layer() -> None:
+    async with tunnel_pair("memory") as (ta, _tb, sa, _sb):
+        sock = _blocking(sa)
+        assert ta.link_transport(sock) is sock
+        sock.close()
+
+
+async def test_frame_transport_carries_bytes_both_ways_after_the_socketpair() -> None:
+    """Bytes still in the socketpair when the record layer switches come first, in order;
+    then records go straight into <= 64 KiB TunnelData frames with batched credit."""
+    window, batch = 512 * KiB, 128 * KiB
+    early_ab, early_ba = os.urandom(300 * KiB + 5), os.urandom(5000)
+    ab, ba = os.urandom(8 * MiB + 3), os.urandom(3 * MiB + 1)
+    with trio.fail_after(30):
+        async with tunnel_pair("socket", window=window, credit_batch=batch) as (ta, tb, sa, sb):
+            await sa.send_all(early_ab)
+            await sb.send_all(early_ba)
+            xa, xb = _transports(ta, tb, sa, sb)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, xa.sendall, ab)
+                nursery.start_soon(trio.to_thread.run_sync, xb.sendall, ba)
+                got_b = await trio.to_thread.run_sync(_recv_all, xb, len(early_ab) + len(ab))
+                got_a = await trio.to_thread.run_sync(_recv_all, xa, len(early_ba) + len(ba))
+            assert got_b == early_ab + ab
+            assert got_a == early_ba + ba
+            assert ta.stats.bytes_sent == len(early_ab) + len(ab)
+            assert ta.stats.messages_sent >= ta.stats.bytes_sent // MAX_CHUNK
+            assert tb.stats.max_buffered <= window
+            # credit in batches: about one message per batch, never one per chunk
+            assert tb.stats.credits_sent <= 2 + (len(early_ab) + len(ab)) // batch
+            xa.close()
+            xb.close()
+
+
+async def test_frame_transport_peer_that_stops_reading_cannot_grow_memory() -> None:
+    """The destination's record layer never reads: the source's sendall stalls with at
+    most the window buffered (no socketpair any more), control messages still pass."""
+    window, batch = 512 * KiB, 128 * KiB
+    payload = os.urandom(32 * MiB)
+    with trio.fail_after(30):
+        async with tunnel_pair("socket", window=window, credit_batch=batch) as (ta, tb, sa, sb):
+            xa, xb = _transports(ta, tb, sa, sb)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, xa.sendall, payload)
+                await _quiescent(
+                    lambda: ta.stats.bytes_sent,
+                    lambda: tb.rwindow.received_total,
+                    lambda: tb.buffered,
+                )
+                assert ta.credit.available == 0, "sender must be out of credit"
+                assert 0 < tb.buffered <= window
+                assert ta.stats.bytes_sent <= window
+                assert tb.stats.max_buffered <= window
+                reader_a, reader_b = ControlReader(ta.channel, 5), ControlReader(tb.channel, 5)
+                reader_a.attach(ta)
+                reader_b.attach(tb)
+                await reader_a.send("ping", seq=4)
+                assert (await reader_b.receive("ping"))[0]["seq"] == 4
+                await reader_b.send("pong", seq=4)
+                assert (await reader_a.receive("pong"))[0]["seq"] == 4
+                got = await trio.to_thread.run_sync(_recv_all, xb, len(payload))
+            assert got == payload
+            assert tb.stats.max_buffered <= window
+            xa.close()
+            xb.close()
+
+
+async def test_frame_transport_timeout_shutdown_and_tunnel_end() -> None:
+    window, batch = 256 * KiB, 64 * KiB
+    with trio.fail_after(30):
+        async with tunnel_pair("socket", window=window, credit_batch=batch) as (ta, tb, sa, sb):
+            xa, xb = _transports(ta, tb, sa, sb)
+            # an idle link times out like a socket with a timeout
+            xb.settimeout(0.2)
+            assert xb.gettimeout() == 0.2
+            with pytest.raises(TimeoutError):
+                await trio.to_thread.run_sync(xb.recv_into, bytearray(10), 10)
+            xb.settimeout(None)
+            xb.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a no-op
+            # one small round trip switches both directions to the frames
+            await trio.to_thread.run_sync(xa.sendall, b"hello")
+            assert await trio.to_thread.run_sync(_recv_all, xb, 5) == b"hello"
+            # shutdown wakes a blocked reader with end of stream
+            results: list[int] = []
+
+            async def reader() -> None:
+                results.append(await trio.to_thread.run_sync(xb.recv_into, bytearray(10), 10))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await trio.sleep(0.1)
+                xb.shutdown(socket.SHUT_RDWR)
+            assert results == [0]
+            # the reader is gone: no credit comes back, the sender blocks, then fails
+            # once its side shuts down
+            failed: list[BaseException] = []
+
+            async def writer() -> None:
+                try:
+                    await trio.to_thread.run_sync(xa.sendall, os.urandom(4 * window))
+                except OSError as exc:
+                    failed.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                await _quiescent(lambda: ta.stats.bytes_sent)
+                assert ta.credit.available == 0
+                xa.shutdown(socket.SHUT_WR)
+            assert len(failed) == 1 and isinstance(failed[0], BrokenPipeError)
+            with pytest.raises(BrokenPipeError):
+                await trio.to_thread.run_sync(xa.sendall, b"more")
+            # the tunnel stops: the transport ends the stream and refuses to send
+            await ta.aclose()
+            await ta.channel.aclose()
+            with trio.fail_after(5):
+                while tb.error is None:
+                    await trio.sleep(0.02)
+            xc = xa
+            xc.close()
+            xc.close()  # idempotent
+            with pytest.raises(OSError):
+                xc.sendall(b"x")
+            xb.close()
+
+
 def _no_direct_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every SYN vanishes: the punch race yields nothing (as behind dropping firewalls)."""
 
@@ -413,8 +569,9 @@ async def _transfer(
     data: bytes,
     src_opts: dict[str, Any],
     dst_opts: dict[str, Any],
+    kind: str = "memory",
 ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    a, b = memory_channel_pair()
+    a, b = channel_pair(kind)
     out = io.BytesIO()
     seen: dict[str, Any] = {}
 
@@ -438,9 +595,12 @@ async def _transfer(
     return seen["source"], seen["destination"], out.getvalue()
 
 
-async def test_policy_tunnel_carries_the_records_end_to_end() -> None:
+@pytest.mark.parametrize("kind", ["memory", "socket"])
+async def test_policy_tunnel_carries_the_records_end_to_end(kind: str) -> None:
+    """Over a memory pair the record layer uses the socketpair (trio pump); over a
+    socket it writes straight into tunnel frames (worker pump, FrameTransport)."""
     data = os.urandom(20 * MiB + 17)
-    src, dst, got = await _transfer(data, {"policy": "tunnel"}, {"policy": "auto"})
+    src, dst, got = await _transfer(data, {"policy": "tunnel"}, {"policy": "auto"}, kind)
     assert got == data
     digest = hashlib.sha256(data).hexdigest()
     for link in (src, dst):
@@ -450,6 +610,8 @@ async def test_policy_tunnel_carries_the_records_end_to_end() -> None:
         assert link.report.policy == "tunnel"
         assert "policy 'tunnel'" in link.report.path_reason
         assert link.report.pairs == []
+        assert isinstance(link.sock, FrameTransport) == (kind == "socket")
+        assert link.tunnel.pump_kind == ("thread" if kind == "socket" else "trio")
     # tunnel bytes are records (encrypted), never the plaintext
     assert src.tunnel.stats.bytes_sent > len(data)
 

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, TypeVar
+from typing import BinaryIO, Literal, TypeVar, cast
 
 import trio
 
@@ -91,6 +91,10 @@ class Link:
         self.tunnel: Tunnel | None = established.tunnel
         self.fell_back: bool = established.fell_back
         self.sock = _blocking_socket(established.stream)
+        if self.tunnel is not None:
+            # with the worker-thread pump, records go straight into tunnel frames (a
+            # socket-like FrameTransport: sendall/recv_into/shutdown/settimeout/close)
+            self.sock = cast(socket.socket, self.tunnel.link_transport(self.sock))
         self.writer = RecordWriter(self.sock, established.send_key)
         self.reader = RecordReader(self.sock, established.recv_key)
         self._keys = (established.send_key, established.recv_key)

@@ -9,7 +9,10 @@ Design (docs/tunnel.md):
 * A ``socket.socketpair()``.  The Noise handshake, the record layer and :class:`Link` run
   on one end (:attr:`Tunnel.link_socket`) exactly as on a direct link, so the tunnel is
   encrypted end to end even when the control channel is not.  :class:`Tunnel` pumps the
-  other end to and from the control channel.
+  other end to and from the control channel.  With the worker-thread pump the record
+  layer leaves the socketpair after the handshake: :meth:`Tunnel.link_transport` gives
+  :class:`Link` a :class:`FrameTransport` that frames records straight onto the control
+  socket and reads them from the pump's buffers (same frames, same credit rules).
 * Credit-based flow control, in the style of HTTP/2 and SSH windows.  The receiver grants
   a window (default 16 MiB, more than the bandwidth-delay product of a 1 Gb/s, 100 ms
   path) with a ``credit`` message when the tunnel opens, and grants more in batches
@@ -27,8 +30,9 @@ Design (docs/tunnel.md):
 
 Memory is bounded: bytes received but not yet handed to the link never exceed the window
 granted (checked on every message), the inbox holds at most ``inbox_size`` control
-messages, and when the local link stops reading, the socketpair fills, no credit goes
-back, and the peer's sender stops after the window.
+messages, and when the local link stops reading, the socketpair fills (or the
+FrameTransport stops consuming), no credit goes back, and the peer's sender stops after
+the window.
 
 The accounting is sans-IO (:class:`SendCredit`, :class:`ReceiveWindow`); :class:`Tunnel`
 only moves bytes.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -248,6 +253,19 @@ class Tunnel:
         sock, self.link_socket = self.link_socket, None
         sock.setblocking(False)
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+    def link_transport(self, sock: socket.socket) -> socket.socket | FrameTransport:
+        """What the record layer should use after the handshake: ``sock`` (the link's
+        socketpair end, blocking) with the trio pump; with the worker-thread pump a
+        :class:`FrameTransport` that writes records straight into TunnelData frames on
+        the control socket and reads them from the pump's buffers (no socketpair hop).
+        The bytes still in the socketpair are drained first, so nothing is lost or
+        reordered by the switch."""
+        pump = self._threads
+        if pump is None:
+            return sock
+        transport = pump.attach(sock)
+        return sock if transport is None else transport
 
     @property
     def buffered(self) -> int:
@@ -480,6 +498,28 @@ class _Chunk:
         """Views of this buffer still waiting to be written to the socketpair."""
 
 
+class _Job:
+    """One ``FrameTransport.sendall``: the caller's bytes, cut into frames by the pump."""
+
+    __slots__ = ("cancelled", "cv", "done", "error", "pos", "view")
+
+    def __init__(self, view: memoryview, cv: threading.Condition) -> None:
+        self.view = view
+        self.cv = cv
+        self.pos = 0
+        """Bytes cut into frames so far (changes only when credit arrives)."""
+        self.done = False
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def complete(self, exc: BaseException | None) -> None:
+        """The last frame is on the wire (or the pump stopped: ``exc``)."""
+        with self.cv:
+            self.done = True
+            self.error = exc
+            self.cv.notify_all()
+
+
 class _Out:
     """One frame (or a batch of whole frames) waiting to go out on the control socket."""
 
@@ -554,6 +594,91 @@ class _ThreadPump:
         self.acc: bytearray | None = None
         """The control message being assembled (None while inside tunnel data)."""
         self.inbox_open = True
+        # direct mode (FrameTransport): the record layer's threads use these
+        self.cv = threading.Condition(threading.Lock())
+        """Guards pending/free/chunk refs and the receive window against the reader
+        thread, and wakes the transport's waiting reader and writers."""
+        self.switch = False
+        self.direct = False
+        """The socketpair is retired: ``pending`` is read by the transport."""
+        self.jobs: collections.deque[_Job] = collections.deque()
+        self.ctl_out: collections.deque[bytes] = collections.deque()
+        self.transport: FrameTransport | None = None
+
+    # -- called from the record layer's threads (FrameTransport) --------------------------
+
+    def attach(self, sock: socket.socket) -> FrameTransport | None:
+        """Switch to direct mode; ``sock`` is the link's socketpair end (drained first)."""
+        with self.cv:
+            if self.dead or self.switch:
+                return None
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)  # the pump reads what is left, then EOF
+            self.transport = FrameTransport(self, sock)
+            self.switch = True
+        self._wake()
+        return self.transport
+
+    def send_direct(self, data: bytes | bytearray | memoryview, tr: FrameTransport) -> None:
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return
+        job = _Job(view, self.cv)
+        cv = self.cv
+        with cv:
+            if self.dead or tr.wr_shut:
+                raise BrokenPipeError(errno.EPIPE, "the tunnel stopped")
+            self.jobs.append(job)
+        self._wake()
+        with cv:
+            while not job.done:
+                if self.dead or tr.wr_shut:
+                    job.cancelled = True
+                    raise BrokenPipeError(errno.EPIPE, "the tunnel stopped")
+                pos = job.pos
+                if not cv.wait(tr.timeout) and not job.done and job.pos == pos:
+                    job.cancelled = True
+                    raise TimeoutError("timed out")
+            if job.error is not None:
+                raise BrokenPipeError(errno.EPIPE, f"the tunnel stopped: {job.error}")
+
+    def recv_direct(self, buf: memoryview | bytearray, nbytes: int, tr: FrameTransport) -> int:
+        view = memoryview(buf).cast("B")
+        n = min(nbytes, len(view)) if nbytes else len(view)
+        if n == 0:
+            return 0
+        pending, cv = self.pending, self.cv
+        with cv:
+            while not pending:
+                if tr.rd_shut or self.dead or not self.down_open:
+                    return 0
+                if not cv.wait(tr.timeout) and not pending:
+                    raise TimeoutError("timed out")
+        # Only this thread takes from the left of ``pending`` (the pump appends on the
+        # right), so the copies run without the lock.
+        got = 0
+        released = []
+        while got < n and pending:
+            v, chunk = pending[0]
+            take = min(len(v), n - got)
+            view[got : got + take] = v[:take]
+            got += take
+            if take == len(v):
+                pending.popleft()
+                released.append(chunk)
+            else:
+                pending[0] = (v[take:], chunk)
+        with cv:
+            for chunk in released:
+                self._release(chunk)
+            grant = self.t.rwindow.on_consumed(got)
+            if grant:
+                credit = messages.encode(messages.make("credit", bytes=grant))
+                self.ctl_out.append(messages.frame(credit))
+                self.t.stats.credits_sent += 1
+        if grant:
+            self._wake()
+        return got
 
     # -- called from trio --------------------------------------------------------------
 
@@ -575,6 +700,8 @@ class _ThreadPump:
             self.dead = True
             queued = list(self.queued)
             self.queued.clear()
+        with self.cv:
+            self.cv.notify_all()
         closed = ChannelClosed("control channel broke while sending: the tunnel stopped")
         for _, done in queued:
             done(closed)
@@ -609,6 +736,9 @@ class _ThreadPump:
         finally:
             with self.lock:
                 self.dead = True
+            with self.cv:
+                self.dead = True
+                self.cv.notify_all()
             self.send_intact = not self.out_partial
             self.unread_out = self._unparsed()
 
@@ -633,12 +763,21 @@ class _ThreadPump:
             while self.queued:
                 frame, done = self.queued.popleft()
                 self.out.append(_Out(memoryview(frame), done, False))
+            while self.ctl_out:
+                self.out.append(_Out(memoryview(self.ctl_out.popleft()), None, False))
+            if self.switch and not self.direct:
+                self.direct = True
+                # the transport reads what is in the socketpair up to this EOF, then pending
+                with contextlib.suppress(OSError):
+                    self.pump.shutdown(socket.SHUT_WR)
             if self.up_open and not self.up_busy and credit.available:
                 progress |= self._read_uplink()
+            elif self.jobs and not self.up_open and credit.available:
+                progress |= self._carve()
             if self.out:
                 progress |= self._flush_out()
             progress |= self._read_control()
-            if self.pending:
+            if self.pending and not self.direct:
                 progress |= self._flush_pending()
             if progress:
                 continue
@@ -648,7 +787,7 @@ class _ThreadPump:
                 want[write_fd] |= select.POLLOUT
             if self.up_open and not self.up_busy and credit.available:
                 want[pump_fd] |= select.POLLIN
-            if self.pending:
+            if self.pending and not self.direct:
                 want[pump_fd] |= select.POLLOUT
             for fd, mask in want.items():
                 if mask != masks[fd]:
@@ -694,6 +833,35 @@ class _ThreadPump:
         stats.messages_sent += m
         return True
 
+    def _carve(self) -> bool:
+        """Direct mode, link -> peer: cut the transport's data into TunnelData frames
+        (a 5-byte head, then a view of the caller's buffer) as far as credit allows."""
+        job = self.jobs[0]
+        if job.cancelled:
+            self.jobs.popleft()
+            return True
+        chunk = self.t.chunk
+        n = self.t.credit.take(len(job.view) - job.pos)
+        pos, end = job.pos, job.pos + n
+        out = self.out
+        m = 0
+        while pos < end:
+            size = min(chunk, end - pos)
+            out.append(_Out(memoryview(_HEADER.pack(size + 1, messages.KIND_TUNNEL)), None, False))
+            out.append(_Out(job.view[pos : pos + size], None, False))
+            pos += size
+            m += 1
+        self.t.credit.spend(n)
+        with self.cv:
+            job.pos = end
+        if end == len(job.view):
+            self.jobs.popleft()
+            out[-1].done = job.complete
+        stats = self.t.stats
+        stats.bytes_sent += n
+        stats.messages_sent += m
+        return True
+
     def _flush_out(self) -> bool:
         out = self.out
         try:
@@ -724,7 +892,9 @@ class _ThreadPump:
         if cur.refs == 0:
             cur.fill = 0
         elif len(cur.buf) - cur.fill < messages.MAX_MESSAGE:
-            cur = self.cur = self.free.pop() if self.free else _Chunk(_DOWN_CHUNK)
+            with self.cv:
+                reuse = self.free.pop() if self.free else None
+            cur = self.cur = reuse or _Chunk(_DOWN_CHUNK)
             cur.fill = 0
         try:
             got = os.readv(self.read_fd, [cur.buf[cur.fill :]])
@@ -747,16 +917,26 @@ class _ThreadPump:
         return True
 
     def _parse(self, chunk: _Chunk, pos: int, end: int) -> None:
+        try:
+            self._parse_frames(chunk, pos, end)
+        finally:
+            if self.direct:
+                with self.cv:
+                    self.cv.notify_all()
+
+    def _parse_frames(self, chunk: _Chunk, pos: int, end: int) -> None:
         buf = chunk.buf
         head = self.head
+        cv = self.cv
         while pos < end:
             if self.body_left:
                 take = min(self.body_left, end - pos)
                 self.body_left -= take
                 if self.acc is None:
                     if self.down_open:
-                        self.pending.append((buf[pos : pos + take], chunk))
-                        chunk.refs += 1
+                        with cv:
+                            self.pending.append((buf[pos : pos + take], chunk))
+                            chunk.refs += 1
                     pos += take
                     continue
                 self.acc += buf[pos : pos + take]
@@ -784,7 +964,8 @@ class _ThreadPump:
                 )
             if kind == messages.KIND_TUNNEL:
                 n = length - 1
-                self.t.rwindow.on_data(n)
+                with cv:
+                    self.t.rwindow.on_data(n)
                 stats = self.t.stats
                 stats.bytes_received += n
                 stats.messages_received += 1
@@ -850,3 +1031,93 @@ class _ThreadPump:
         chunk.refs -= 1
         if chunk.refs == 0 and chunk is not self.cur and len(self.free) < _FREE_CHUNKS:
             self.free.append(chunk)
+
+
+class FrameTransport:
+    """The record layer's "socket" while the worker-thread pump runs (after the Noise
+    handshake): :class:`~holepunch_mig.records.RecordWriter`,
+    :class:`~holepunch_mig.records.RecordReader` and :class:`~holepunch_mig.link.Link`
+    use it like a blocking socket, without the socketpair between them and the pump.
+
+    * ``sendall`` hands the caller's buffer to the pump, which cuts it into TunnelData
+      frames (<= 64 KiB each, 5-byte heads between views of the buffer, no copy) as far
+      as credit allows and writes them with its other output (credit, control messages)
+      in gathered ``writev`` calls; it returns once the last frame is on the wire.
+    * ``recv_into`` copies from the pump's received TunnelData payloads (one copy, where
+      the socketpair cost a write and a read) and returns the credit in batches as the
+      record layer consumes, exactly as the socketpair path does when it hands bytes on.
+    * It first reads what was already in the socketpair (the pump shuts its side once
+      it stops writing there), so the switch keeps every byte in order.
+
+    Same frames, same credit accounting, same memory bound (received data waits in the
+    pump's pooled buffers, at most the window).
+    """
+
+    def __init__(self, pump: _ThreadPump, drain: socket.socket) -> None:
+        self._pump = pump
+        self._drain: socket.socket | None = drain
+        self.timeout: float | None = drain.gettimeout()
+        self.rd_shut = False
+        self.wr_shut = False
+        self._closed = False
+
+    def settimeout(self, value: float | None) -> None:
+        self.timeout = value
+        drain = self._drain
+        if drain is not None:
+            with contextlib.suppress(OSError):
+                drain.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self.timeout
+
+    def setsockopt(self, *args: object) -> None:
+        """Socket options (keepalive, buffers) mean nothing here: the control channel
+        carries the data."""
+
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "transport closed")
+        self._pump.send_direct(data, self)
+
+    def recv_into(self, buffer: memoryview | bytearray, nbytes: int = 0, flags: int = 0) -> int:
+        if self._closed:
+            raise OSError(errno.EBADF, "transport closed")
+        drain = self._drain
+        if drain is not None:
+            if self.rd_shut:
+                return 0
+            got = drain.recv_into(buffer, nbytes, flags)
+            if got:
+                return got
+            self._drain = None
+            drain.close()
+        return self._pump.recv_direct(buffer, nbytes, self)
+
+    def shutdown(self, how: int) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "transport closed")
+        pump = self._pump
+        with pump.cv:
+            if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+                self.rd_shut = True
+                # as when the link closed its socketpair end: stop handing on and
+                # returning credit (the peer's sender stalls after the window)
+                pump.down_open = False
+            if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+                self.wr_shut = True
+            pump.cv.notify_all()
+        drain = self._drain
+        if drain is not None:
+            with contextlib.suppress(OSError):
+                drain.shutdown(how)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(OSError):
+            self.shutdown(socket.SHUT_RDWR)
+        self._closed = True
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.close()
