@@ -309,16 +309,9 @@ class HandoffProxy:
             self._started = time.perf_counter()
             await self.qmp.execute("migrate", {"uri": self.uri}, timeout=QMP_TIMEOUT)
         else:
-            msg, _ = await control.receive(
-                "migrate-offer", timeout=self._ready_timeout, step="waiting for migrate-offer"
-            )
-            if msg.fields.get("mode", "mux") != "handoff":
-                reason = "the destination proxy runs --mode handoff, the source offered mux"
-                with contextlib.suppress(HolepunchError):
-                    await control.send(
-                        "migrate-result", ok=False, streams=0, sent=0, received=0, error=reason
-                    )
-                raise HandoffRefused(reason)
+            from .migration import receive_offer
+
+            await receive_offer(control, "handoff", self._ready_timeout, HandoffRefused)
             await self._give_qemu("server")
             self._started = time.perf_counter()
             await self.qmp.execute("migrate-incoming", {"uri": self.uri}, timeout=QMP_TIMEOUT)

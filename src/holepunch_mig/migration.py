@@ -62,11 +62,13 @@ from . import api, handoff
 from .control import ControlChannel, StreamChannel
 from .errors import ChannelClosed, ControlTimeout, HolepunchError, PeerAbort, ProtocolError
 from .link import Link
+from .messages import Message
 from .migrate_proxy import SourceProxy, unix_connector
 from .mux import Mux, MuxError
 from .qmp import QmpClient
 from .report import Report
 from .resume import tune_link
+from .session import ControlReader
 
 log = logging.getLogger(__name__)
 
@@ -301,16 +303,7 @@ class MigrationProxy:
             await trio.to_thread.run_sync(self._listener.start)
             self.report.socket = str(self._listener.path)
         else:
-            msg, _ = await control.receive(
-                "migrate-offer", timeout=self._ready_timeout, step="waiting for migrate-offer"
-            )
-            if msg.fields.get("mode", "mux") != "mux":
-                reason = "the destination proxy runs --mode mux, the source offered handoff"
-                with contextlib.suppress(HolepunchError):
-                    await control.send(
-                        "migrate-result", ok=False, streams=0, sent=0, received=0, error=reason
-                    )
-                raise ProtocolError(reason)
+            msg = await receive_offer(control, "mux", self._ready_timeout, ProtocolError)
             self._digest = bool(msg["digest"])
             self.report.digest = "sha256" if self._digest else "count-only"
             assert self._connect_unix is not None
@@ -474,6 +467,25 @@ class MigrationProxy:
                 self._listener.close()
 
         return run_lifecycle(self, [self._watch_peer, self._progress_loop], finish_aborted, cleanup)
+
+
+async def receive_offer(
+    control: ControlReader, mode: str, timeout: float, error: type[HolepunchError]
+) -> Message:
+    """The destination's wait for migrate-offer; a source in the other mode is told why
+    (migrate-result) and the session fails with ``error``."""
+    msg, _ = await control.receive(
+        "migrate-offer", timeout=timeout, step="waiting for migrate-offer"
+    )
+    offered = msg.fields.get("mode", "mux")
+    if offered != mode:
+        reason = f"the destination proxy runs --mode {mode}, the source offered {offered}"
+        with contextlib.suppress(HolepunchError):
+            await control.send(
+                "migrate-result", ok=False, streams=0, sent=0, received=0, error=reason
+            )
+        raise error(reason)
+    return msg
 
 
 class _ResultParty(Protocol):
