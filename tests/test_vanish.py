@@ -66,8 +66,21 @@ DEADLINE = 2 * FAST.round_timeout + CONTROL_TIMEOUT + FAST.handshake_timeout + 3
 Trigger = Callable[[str, messages.Message], bool]
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def leaked_fds(before: set[str]) -> dict[str, str]:
+    """Descriptors open now that were not before, with what they point to.  (Comparing
+    sets, not counts: descriptors that other tests' leftovers close meanwhile must not
+    hide a leak or fail the test.)"""
+    out = {}
+    for fd in open_fds() - before:
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed while listing (the listing's own descriptor)
+    return out
 
 
 def port_released(port: int) -> bool:
@@ -361,7 +374,7 @@ async def run_case(
 async def test_peer_vanishes(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(link_module, "RESULT_TIMEOUT", CONTROL_TIMEOUT)
     gc.collect()  # earlier tests' garbage must not be closed (and counted) during this one
-    before = fd_count()
+    before = open_fds()
     exc = await run_case(case, monkeypatch)
     if case.in_handshake and isinstance(exc, NoDirectPath):
         # the exception only counts outcomes; the report says which step failed
@@ -370,7 +383,7 @@ async def test_peer_vanishes(case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
     # every descriptor of both sides is released (the peer's too: it ran in this process);
     # collected first so only a real leak (a live reference) can fail this
     gc.collect()
-    assert fd_count() == before
+    assert leaked_fds(before) == {}
 
 
 @pytest.mark.parametrize("case", [c for c in cases() if c.grouped], ids=lambda c: c.id + c.mode)
@@ -383,11 +396,11 @@ async def test_destination_round_errors_are_not_exception_groups(
 async def test_cancelled_handshake_closes_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     case = next(c for c in cases() if c.id == "handshake" and c.survivor == "destination")
     gc.collect()
-    before = fd_count()
+    before = open_fds()
     gc.disable()
     try:
         await run_case(case, monkeypatch)
-        assert fd_count() == before
+        assert leaked_fds(before) == {}
     finally:
         gc.enable()
 

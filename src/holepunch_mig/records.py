@@ -593,8 +593,13 @@ class RecordReader:
             except TimeoutError:
                 if got == 0 and what == "header":
                     raise  # clean boundary: the caller may retry
+                # a silent link (idle timeout) or a dead one (ETIMEDOUT from
+                # TCP_USER_TIMEOUT) mid-record: the stream is cut, as on any link failure
                 raise self._fail(
-                    RecordError(f"timed out inside the {what} of record {rec_no}")
+                    TruncatedStream(
+                        f"link timed out inside the {what} of record {rec_no}; "
+                        f"{rec_no} records / {nbytes} payload bytes verified so far"
+                    )
                 ) from None
             except OSError as exc:
                 raise self._fail(
