@@ -205,7 +205,14 @@ def test_digest_mismatch_fails_both_sides(echo: EchoServer) -> None:
         _recv_all(c)  # the local socket is shut down on failure: EOF or reset
     s_res, d_res = _finish_both(src, dst, timeout=10)
     assert isinstance(d_res, MuxError) and "mismatch" in str(d_res)
-    assert isinstance(s_res, MuxPeerAbort) and "mismatch" in str(s_res)
+    # the source fails too; usually with the destination's ABORT, but the destination's
+    # teardown can reach the source's local delivery first (a broken pipe), a race seen
+    # once in ~20 runs; either way it must fail, and a peer abort must carry the reason
+    assert isinstance(s_res, MuxError)
+    if isinstance(s_res, MuxPeerAbort):
+        assert "mismatch" in str(s_res)
+    else:
+        assert "failed" in str(s_res)
 
 
 def test_stalled_stream_does_not_block_others(tmp_path: Path, echo: EchoServer) -> None:
