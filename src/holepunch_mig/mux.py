@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import HolepunchError, PeerAbort
+from .errors import HolepunchError, PeerAbort, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,14 @@ class Mux:
             open_ = [s.id for s in self._streams.values() if not s.closed]
             self.abort(f"finish timed out after {timeout} s; streams still open: {open_}")
         self._raise_if_failed()
-        self._writer.write(CLOSE, 0, b"")
+        try:
+            self._writer.write(CLOSE, 0, b"")
+        except (OSError, RecordError) as exc:  # the peer failed and cut the link meanwhile
+            self._fail(
+                MuxError(f"{self.name}: link failed while sending CLOSE: {exc!r}"),
+                notify_peer=False,
+            )
+            self._raise_if_failed()
         with self._lock:
             ok = self._lock.wait_for(
                 lambda: self._failed is not None or self._peer_closed,
