@@ -43,8 +43,8 @@ from typing import IO, Any
 
 import trio
 
-from holepunch_mig.lab import CONTROL_PORT, Lab, presets
-from holepunch_mig.qemu import (
+from holepunch_mig.lab.topology import CONTROL_PORT, Lab, presets
+from holepunch_mig.migration.qemu import (
     MigrationResult,
     QemuVM,
     make_ram_image,
@@ -55,7 +55,7 @@ from holepunch_mig.qemu import (
     wait_migration,
     wait_status,
 )
-from holepunch_mig.qmp import QmpError
+from holepunch_mig.migration.qmp import QmpError
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 

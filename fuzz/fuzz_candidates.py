@@ -15,11 +15,11 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports(include=["holepunch_mig"]):
-        from holepunch_mig.candidates import Candidate, parse_endpoint
         from holepunch_mig.errors import CandidateError
+        from holepunch_mig.wire.candidates import Candidate, parse_endpoint
 else:
-    from holepunch_mig.candidates import Candidate, parse_endpoint
     from holepunch_mig.errors import CandidateError
+    from holepunch_mig.wire.candidates import Candidate, parse_endpoint
 
 
 # KNOWN BUG (tests/test_fuzz_properties.py::test_hostname_check_is_not_exponential, xfail):

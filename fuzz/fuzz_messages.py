@@ -21,11 +21,11 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports(include=["holepunch_mig"]):
-        from holepunch_mig import messages
         from holepunch_mig.errors import ProtocolError
+        from holepunch_mig.wire import messages
 else:
-    from holepunch_mig import messages
     from holepunch_mig.errors import ProtocolError
+    from holepunch_mig.wire import messages
 
 SMALL_MAX = 64
 

@@ -23,10 +23,10 @@ if __name__ == "__main__":
 
     with atheris.instrument_imports(include=["holepunch_mig"]):
         from holepunch_mig.errors import HandshakeError
-        from holepunch_mig.noise import HandshakeState, public_key
+        from holepunch_mig.wire.noise import HandshakeState, public_key
 else:
     from holepunch_mig.errors import HandshakeError
-    from holepunch_mig.noise import HandshakeState, public_key
+    from holepunch_mig.wire.noise import HandshakeState, public_key
 
 I_PRIV = bytes(range(1, 33))
 R_PRIV = bytes(range(33, 65))

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # before anything imports it, so its assertions are rewritten too
-pytest.register_assert_rewrite("labfixtures")
-pytest_plugins = ["labfixtures"]  # the `lab` and `lab_factory` fixtures
+pytest.register_assert_rewrite("testsupport")
+# the `lab`, `lab_factory` and `coturn` fixtures
+pytest_plugins = ["testsupport.lab", "testsupport.stun"]
 
 settings.register_profile(
     "holepunch",

@@ -6,16 +6,7 @@ Public API (see docs/api.md): :func:`connect` (trio), :func:`connect_blocking` (
 
 from __future__ import annotations
 
-from .api import BlockingLink, connect, connect_asyncio, connect_blocking
-from .control import (
-    ControlChannel,
-    StreamChannel,
-    memory_channel_pair,
-    open_process_channel,
-    open_tcp_channel,
-    stdio_channel,
-)
-from .errors import (
+from holepunch_mig.errors import (
     ChannelClosed,
     ControlTimeout,
     HandshakeError,
@@ -27,8 +18,7 @@ from .errors import (
     TransferError,
     TruncatedStream,
 )
-from .link import Link, TransferResult
-from .migration import (
+from holepunch_mig.migration.api import (
     BlockingMigrationProxy,
     MigrationError,
     MigrationProgress,
@@ -40,9 +30,24 @@ from .migration import (
     migration_source,
     migration_source_blocking,
 )
-from .punch import PunchTiming
-from .report import PairReport, Report
-from .session import ConnectOptions
+from holepunch_mig.net.control import (
+    ControlChannel,
+    StreamChannel,
+    memory_channel_pair,
+    open_process_channel,
+    open_tcp_channel,
+    stdio_channel,
+)
+from holepunch_mig.net.punch import PunchTiming
+from holepunch_mig.report import PairReport, Report
+from holepunch_mig.session.api import (
+    BlockingLink,
+    connect,
+    connect_asyncio,
+    connect_blocking,
+)
+from holepunch_mig.session.link import Link, TransferResult
+from holepunch_mig.session.negotiate import ConnectOptions
 
 __version__ = "0.1.0"
 

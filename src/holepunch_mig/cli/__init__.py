@@ -1,0 +1,1 @@
+"""The `holepunch-mig` command: one module per command family."""

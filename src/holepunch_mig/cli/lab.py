@@ -1,0 +1,348 @@
+"""``holepunch-mig lab ...`` and ``holepunch-mig doctor`` (loaded by cli._load_subcommands).
+
+lab up      build a lab from a spec file or a preset and leave it running (detached)
+lab exec    run a program inside one of its hosts (exit code passed through)
+lab down    remove it (by name; default the newest; --all for every one)
+lab list    the labs this machine has
+lab matrix  every preset x RTT with the real CLI, against expected outcomes
+doctor      this host's NAT mapping and whether a direct link is likely
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from holepunch_mig.lab.topology import (
+    CONTROL_PORT,
+    Lab,
+    LabError,
+    LabSpec,
+    load_spec,
+    presets,
+    spec_to_dict,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(f"holepunch-mig lab: {text}\n")
+    sys.stderr.flush()
+
+
+def _root_only(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapper(args: argparse.Namespace) -> int:
+        if sys.platform != "linux":
+            _err("the lab needs Linux network namespaces")
+            return EXIT_FAILED
+        if os.geteuid() != 0:
+            _err("needs root (it creates network namespaces and nftables rules); run it as root")
+            return EXIT_FAILED
+        try:
+            return fn(args)
+        except LabError as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------- lab up
+
+
+def _lab_info(lab: Lab) -> dict[str, Any]:
+    hosts = [
+        {
+            "name": h.name,
+            "role": h.role,
+            "side": h.side,
+            "netns": h.netns,
+            "address": h.address,
+            "public_address": h.public_address,
+            "wan_address": h.wan_address,
+        }
+        for h in lab.hosts.values()
+    ]
+    control = None
+    if CONTROL_PORT in lab.spec.right.allow_inbound_tcp or (
+        lab.spec.right.nat == "none" and lab.spec.right.firewall == "open"
+    ):
+        control = "{}:{}".format(*lab.control_endpoint("right", CONTROL_PORT))
+    return {
+        "name": lab.spec.name,
+        "run_id": lab.run_id,
+        "spec": spec_to_dict(lab.spec),
+        "hosts": hosts,
+        "stun": [f"{h}:{p}" for h, p in lab.stun_endpoints()],
+        "right_control": control,
+        "namespaces": lab.namespaces(),
+    }
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    spec = info["spec"]
+    out = [
+        f"lab {info['name']} is up (run {info['run_id']}): "
+        f"left {spec['left']['firewall']}/{spec['left']['nat']}, "
+        f"right {spec['right']['firewall']}/{spec['right']['nat']}, rtt {spec['rtt_ms']} ms",
+        f"  {'host':13} {'role':7} {'address':13} {'public':15} namespace",
+    ]
+    for h in info["hosts"]:
+        out.append(
+            f"  {h['name']:13} {h['role']:7} {h['address']:13} {h['public_address']:15} "
+            f"{h['netns']}"
+        )
+    if info["stun"]:
+        out.append(f"  stun (TCP+UDP): {', '.join(info['stun'])}")
+    if info["right_control"]:
+        out.append(f"  right's port {CONTROL_PORT} is reachable at {info['right_control']}")
+    out += [
+        f"run a program:  holepunch-mig lab exec --lab {info['name']} left -- CMD ...",
+        f"tear it down:   holepunch-mig lab down {info['name']}",
+    ]
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+@_root_only
+def cmd_up(args: argparse.Namespace) -> int:
+    spec: LabSpec
+    if args.spec:
+        spec = load_spec(args.spec)
+    else:
+        cells = presets()
+        if args.preset not in cells:
+            _err(f"no preset {args.preset!r}; presets: {', '.join(cells)}")
+            return EXIT_USAGE
+        spec = cells[args.preset]
+    from dataclasses import replace
+
+    if args.name:
+        spec = replace(spec, name=args.name)
+    if args.rtt is not None:
+        spec = replace(spec, rtt_ms=args.rtt)
+    if args.stun:
+        spec = replace(spec, stun=True)
+    Lab.cleanup_stale()
+    if any(st.get("detached") and st.get("name") == spec.name for st in Lab.list_labs()):
+        _err(f"a lab named {spec.name!r} is already up: `holepunch-mig lab down {spec.name}` first")
+        return EXIT_FAILED
+    lab = Lab(spec, detached=True).build()
+    info = _lab_info(lab)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    else:
+        _print_info(info)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- exec/down/list
+
+
+@_root_only
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = list(args.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        _err("nothing to run: holepunch-mig lab exec HOST -- CMD ...")
+        return EXIT_USAGE
+    lab = Lab.attach(args.lab)
+    netns = lab.netns(args.host)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
+    return EXIT_FAILED  # not reached
+
+
+@_root_only
+def cmd_down(args: argparse.Namespace) -> int:
+    if args.all:
+        labs = [st for st in Lab.list_labs() if st.get("detached")]
+        names = [str(st["run_id"]) for st in labs]
+        if not names:
+            sys.stdout.write("no detached labs\n")
+        failed = 0
+        for run_id, st in zip(names, labs, strict=True):
+            try:
+                Lab.attach(run_id).teardown()
+                sys.stdout.write(f"lab {st.get('name')} ({run_id}) removed\n")
+            except LabError as exc:
+                _err(str(exc))
+                failed += 1
+        removed = Lab.cleanup_stale()
+        if removed:
+            sys.stdout.write(f"also removed {len(removed)} stale namespace(s)\n")
+        return EXIT_FAILED if failed else EXIT_OK
+    lab = Lab.attach(args.name)
+    lab.teardown()
+    sys.stdout.write(f"lab {lab.spec.name} ({lab.run_id}) removed\n")
+    return EXIT_OK
+
+
+@_root_only
+def cmd_list(args: argparse.Namespace) -> int:
+    labs = Lab.list_labs()
+    if args.json:
+        sys.stdout.write(json.dumps(labs, indent=2) + "\n")
+        return EXIT_OK
+    if not labs:
+        sys.stdout.write("no labs\n")
+        return EXIT_OK
+    now = time.time()
+    sys.stdout.write(f"{'name':20} {'status':9} {'run':14} {'age':>8}  sides\n")
+    for st in labs:
+        spec = st.get("spec") or {}
+        left, right = spec.get("left") or {}, spec.get("right") or {}
+        sides = (
+            f"left {left.get('firewall')}/{left.get('nat')}, "
+            f"right {right.get('firewall')}/{right.get('nat')}, rtt {spec.get('rtt_ms', 0)} ms"
+        )
+        age = now - float(st.get("created") or now)
+        sys.stdout.write(
+            f"{st.get('name')!s:20} {st['status']:9} {st['run_id']!s:14} {age:7.0f}s  {sides}\n"
+        )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- matrix
+
+
+@_root_only
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from holepunch_mig.lab import heatmap, matrix
+
+    rtts = [int(r) for part in (args.rtt or ["0"]) for r in part.split(",") if r.strip()]
+    runs = 1 if args.quick and args.runs is None else (args.runs or 5)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    names = [n.strip() for n in args.presets.split(",")] if args.presets else None
+    Lab.cleanup_stale()
+
+    def progress(cell: matrix.Cell) -> None:
+        if not args.quiet:
+            sys.stderr.write(matrix.cell_line(cell) + "\n")
+            sys.stderr.flush()
+
+    result = matrix.run_matrix(
+        names,
+        rtts=rtts,
+        runs=runs,
+        rounds=rounds,
+        payload_bytes=int(args.payload_mib * (1 << 20)),
+        jobs=args.jobs,
+        progress=progress,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(matrix.to_markdown(result) + "\n")
+    if args.png:
+        Path(args.png).write_bytes(heatmap.render(result))
+    sys.stdout.write("\n".join(matrix.cell_line(c) for c in result.cells) + "\n")
+    bad = [c for c in result.cells if not c.matches]
+    known = [c.preset for c in bad if c.known_issue]
+    sys.stdout.write(
+        f"{len(result.cells) - len(bad)}/{len(result.cells)} cells as expected "
+        f"in {result.seconds:.0f} s"
+        + (f" (known issues: {', '.join(known)})" if known else "")
+        + "\n"
+    )
+    return EXIT_OK if not bad else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from holepunch_mig.lab import doctor
+
+    return doctor.run(args)
+
+
+def _named_endpoint(text: str) -> tuple[str, int]:
+    from holepunch_mig.errors import CandidateError
+    from holepunch_mig.wire.candidates import parse_endpoint
+
+    try:
+        return parse_endpoint(text, allow_hostname=True)
+    except CandidateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lab = sub.add_parser(
+        "lab",
+        help="firewall/NAT traversal labs in network namespaces (root)",
+        description="Build, use and remove traversal labs; run the traversal matrix.",
+    )
+    lsub = lab.add_subparsers(dest="lab_command", required=True)
+
+    up = lsub.add_parser("up", help="build a lab and leave it running")
+    src = up.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", metavar="FILE", help="lab spec file (.toml or .json)")
+    src.add_argument("--preset", metavar="NAME", help=f"preset: {', '.join(presets())}")
+    up.add_argument("--name", help="lab name (default: the spec's name or the preset's)")
+    up.add_argument("--rtt", type=int, metavar="MS", help="override the spec's rtt_ms")
+    up.add_argument("--stun", action="store_true", help="run STUN even if the spec does not")
+    up.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    up.set_defaults(run=cmd_up)
+
+    ex = lsub.add_parser("exec", help="run CMD inside a lab host: lab exec HOST -- CMD ...")
+    ex.add_argument("--lab", metavar="NAME", help="which lab (default: the newest)")
+    ex.add_argument("host", help="left, right, public, stun, left-router, right-cgn, ...")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- program and arguments")
+    ex.set_defaults(run=cmd_exec)
+
+    down = lsub.add_parser("down", help="remove a lab (default: the newest)")
+    down.add_argument("name", nargs="?", help="lab name or run id")
+    down.add_argument("--all", action="store_true", help="every detached lab, and stale ones")
+    down.set_defaults(run=cmd_down)
+
+    ls = lsub.add_parser("list", help="list labs")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(run=cmd_list)
+
+    mx = lsub.add_parser("matrix", help="run every preset with the real CLI")
+    mx.add_argument("--quick", action="store_true", help="every cell once (CI)")
+    mx.add_argument("--rtt", action="append", metavar="MS[,MS...]", help="RTT(s) in ms (default 0)")
+    mx.add_argument("--runs", type=int, default=None, help="runs per cell (default 5; quick 1)")
+    mx.add_argument("--presets", metavar="A,B,...", help="only these presets")
+    mx.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="send/recv --rounds (default 3, the CLI's default; --quick: 1)",
+    )
+    mx.add_argument("--payload-mib", type=float, default=4.0, help="payload size (default 4)")
+    mx.add_argument("--jobs", type=int, default=1, help="cells at a time (default 1)")
+    mx.add_argument("--json", metavar="PATH")
+    mx.add_argument("--markdown", metavar="PATH")
+    mx.add_argument("--png", metavar="PATH", help="heat map")
+    mx.add_argument("-q", "--quiet", action="store_true", help="no per-cell lines on stderr")
+    mx.set_defaults(run=cmd_matrix)
+
+    doc = sub.add_parser(
+        "doctor",
+        help="classify this host's NAT with STUN and say if a direct link is likely",
+        description="Exit code: 0 direct link likely, 3 unlikely, 1 cannot tell, 2 usage.",
+    )
+    doc.add_argument(
+        "--stun",
+        type=_named_endpoint,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="STUN server (TCP); give two, on different addresses",
+    )
+    doc.add_argument("--port", type=int, default=0, help="local port to probe from (default: any)")
+    doc.add_argument("--timeout", type=float, default=3.0, help="per-server timeout (s)")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(run=cmd_doctor)

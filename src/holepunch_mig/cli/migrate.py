@@ -1,0 +1,354 @@
+"""``holepunch-mig migrate-proxy source|destination``: QEMU migration through the link.
+
+Source host (QEMU migrates to a UNIX socket of ours)::
+
+    holepunch-mig migrate-proxy source --listen-unix /run/hpm/vm1.sock \\
+        --control dst-host:7070 [--stun HOST:PORT]... [--report r.json]
+
+prints ``ready unix:/run/hpm/vm1.sock`` on stdout once the whole path is up (link
+punched, destination proxy connected to its QEMU); the manager then issues QMP
+``migrate {"uri": "unix:/run/hpm/vm1.sock"}``.  The proxy exits when every connection
+QEMU opened has ended: 0 if every stream was delivered intact both ways, 1 otherwise
+(the verdict is on stderr and in the report), 3 if no direct path could be punched.
+
+Destination host (QEMU started with ``-incoming defer`` and told
+``migrate-incoming unix:PATH``)::
+
+    holepunch-mig migrate-proxy destination --connect-unix PATH \\
+        --control-listen 0.0.0.0:7070 [--report r.json]
+
+``--listen-unix PATH`` is used exactly as given (socket 0600, created atomically,
+never replacing an existing file; the caller owns the directory's permissions).
+
+Handoff mode (``--mode handoff --qmp QMP``, one channel, no multifd): once the link is
+authenticated the proxy gives the punched TCP socket itself to QEMU over QMP (``getfd``)
+with a TLS-PSK credential derived from the session keys, and QEMU migrates over it with
+its own TLS; no byte of the migration passes through Python.  QMP must be a monitor
+socket no one else is connected to (e.g. a second ``-qmp`` of the VM).  Source: the
+proxy issues ``migrate fd:NAME`` itself and prints ``ready fd:NAME`` once it has; the
+manager then only watches ``query-migrate``.  Destination: QEMU started with
+``-incoming defer`` and nothing else (the proxy issues ``migrate-incoming fd:NAME``).
+Both proxies exit when QEMU says the migration is over (0: completed and, on the
+destination, the VM resumed).  A QEMU with multifd on is refused (exit 1) before
+anything is punched: use the default ``--mode mux`` for multifd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from holepunch_mig.cli import main as cli
+from holepunch_mig.errors import HolepunchError, NoDirectPath
+from holepunch_mig.migration.api import (
+    DEFAULT_LINK_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    MigrationError,
+    MigrationProgress,
+    MigrationProxy,
+    MigrationReport,
+    migration_destination,
+    migration_source,
+)
+from holepunch_mig.migration.handoff import HandoffProxy
+from holepunch_mig.net.control import ControlChannel, open_tcp_channel
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+
+
+def _size(text: str) -> int:
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 536870912, 512M, 2G)")
+    mult: int = 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    return int(m.group(1)) * mult
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode",
+        choices=("mux", "handoff"),
+        default="mux",
+        help="mux (default, faster on QEMU 7.2): relay every QEMU connection through "
+        "AES-GCM records in this process (multifd works); handoff: give the punched "
+        "socket to QEMU, which encrypts with its own TLS-PSK, so no migration byte "
+        "passes through this process (one channel, needs --qmp; ~3x slower than mux on "
+        "QEMU 7.2, see docs/qemu-notes.md)",
+    )
+    p.add_argument(
+        "--qmp",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="handoff mode: this host's QEMU QMP socket (a monitor no one else uses)",
+    )
+    p.add_argument(
+        "--psk-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="handoff mode: where the private (0700) key directory is made "
+        "(default /dev/shm; QEMU must be able to read it)",
+    )
+    p.add_argument(
+        "--digest",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SHA-256 of every stream in its END record (default: count-only; AES-GCM "
+        "already rejects altered, dropped or reordered records)",
+    )
+    p.add_argument(
+        "--expected-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="about how much QEMU will send (guest RAM, e.g. 4G): enables the ETA",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up if the migration is not over after this long (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the other proxy / the destination QEMU socket (default 60)",
+    )
+    p.add_argument(
+        "--link-timeout",
+        type=float,
+        default=DEFAULT_LINK_TIMEOUT,
+        metavar="SECONDS",
+        help="declare the link dead after this long without acknowledgement "
+        f"(default {DEFAULT_LINK_TIMEOUT:g})",
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "migrate-proxy",
+        help="carry a QEMU live migration (all its channels) through the link",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    roles = p.add_subparsers(dest="migrate_role", required=True)
+
+    src = roles.add_parser("source", help="on the source host: QEMU migrates to --listen-unix")
+    src.add_argument(
+        "--listen-unix",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="mux mode (required): UNIX socket to create for QEMU's `migrate unix:PATH` "
+        "(0600, exactly PATH)",
+    )
+    src.add_argument(
+        "--control",
+        type=cli._named_endpoint,
+        required=True,
+        metavar="HOST:PORT",
+        help="the destination proxy's control port",
+    )
+    src.add_argument(
+        "--control-wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="keep trying the control port this long (default 10)",
+    )
+    _options(src)
+    cli._common(src)
+    src.set_defaults(run=run_source)
+
+    dst = roles.add_parser(
+        "destination", help="on the destination host: feed QEMU's -incoming socket"
+    )
+    dst.add_argument(
+        "--connect-unix",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="mux mode (required): the destination QEMU's `migrate-incoming unix:PATH` socket",
+    )
+    dst.add_argument(
+        "--control-listen",
+        type=cli._listen_endpoint,
+        required=True,
+        metavar="HOST:PORT",
+        help="accept the source proxy's control connection here",
+    )
+    _options(dst)
+    cli._common(dst)
+    dst.set_defaults(run=run_destination)
+
+
+def _progress(args: argparse.Namespace, label: str) -> Any:
+    if args.quiet:
+        return None
+    printer = cli.Progress(label, args.expected_size)
+
+    def report(p: MigrationProgress) -> None:
+        if p.streams:
+            printer(p.bytes)
+
+    report.finish = printer.finish  # type: ignore[attr-defined]
+    return report
+
+
+def _check_mode(args: argparse.Namespace) -> str | None:
+    """The usage error for this mode's arguments, or None."""
+    local = "--listen-unix" if args.migrate_role == "source" else "--connect-unix"
+    value = args.listen_unix if args.migrate_role == "source" else args.connect_unix
+    if args.mode == "handoff":
+        if args.qmp is None:
+            return "--mode handoff needs --qmp PATH (this host's QEMU monitor socket)"
+        if value is not None:
+            return f"--mode handoff takes no {local} (QEMU gets the link itself)"
+        if args.digest:
+            return "--digest is for mux mode (in handoff mode QEMU's TLS checks every record)"
+    else:
+        if value is None:
+            return f"--mode mux needs {local} PATH"
+        if args.qmp is not None or args.psk_dir is not None:
+            return "--qmp/--psk-dir are for --mode handoff"
+    return None
+
+
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    handoff = (
+        {"mode": "handoff", "qmp": args.qmp, "psk_dir": args.psk_dir}
+        if args.mode == "handoff"
+        else {}
+    )
+    return {
+        **handoff,
+        "expected_bytes": args.expected_size,
+        "timeout": args.timeout,
+        "ready_timeout": args.ready_timeout,
+        "link_timeout": args.link_timeout,
+        **cli._connect_options(args),
+    }
+
+
+def _finish(
+    args: argparse.Namespace,
+    proxy: MigrationProxy | HandoffProxy | None,
+    exc: BaseException | None,
+    progress: Any,
+) -> int:
+    if progress is not None:
+        progress.finish()
+    role: Literal["source", "destination"] = (
+        "source" if args.migrate_role == "source" else "destination"
+    )
+    report: MigrationReport | None = proxy.report if proxy is not None else None
+    if isinstance(exc, MigrationError):
+        report = exc.migration
+    if report is None:
+        report = MigrationReport(role=role, mode=args.mode)
+        link = getattr(exc, "report", None)
+        if link is not None:
+            report.link = link
+    if exc is not None and report.ok is not False:
+        report.ok = False
+        report.verdict = report.verdict or f"{type(exc).__name__}: {exc}"
+    if args.report:
+        Path(args.report).write_text(report.to_json() + "\n")
+    if not args.quiet or not report.ok:
+        cli._say(report.summary())
+    if report.ok:
+        return cli.EXIT_OK
+    if isinstance(exc, NoDirectPath):
+        return cli.EXIT_NO_PATH
+    return cli.EXIT_FAILED
+
+
+async def _source_main(args: argparse.Namespace) -> int:
+    progress = _progress(args, "migrated")
+    proxy: MigrationProxy | HandoffProxy | None = None
+    channel: ControlChannel | None = None
+    try:
+        host, port = args.control
+        channel = await open_tcp_channel(host, port, wait=args.control_wait)
+        kwargs = _common_kwargs(args)
+        if args.mode == "mux":
+            kwargs.update(listen_unix=args.listen_unix, digest=args.digest)
+        async with migration_source(channel, progress=progress, **kwargs) as proxy:
+            if not args.quiet:
+                cli._say(proxy.link.report.summary())
+                if args.mode == "mux":
+                    cli._say(f"migration path ready: tell QEMU `migrate {proxy.uri}`")
+                else:
+                    cli._say(f"QEMU is migrating over the handed-off link ({proxy.uri})")
+            sys.stdout.write(f"ready {proxy.uri}\n")
+            sys.stdout.flush()
+            await proxy.wait(args.timeout)
+    except HolepunchError as exc:
+        return _finish(args, proxy, exc, progress)
+    except OSError as exc:
+        return _finish(args, proxy, exc, progress)
+    finally:
+        if channel is not None:
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+    return _finish(args, proxy, None, progress)
+
+
+async def _destination_main(args: argparse.Namespace) -> int:
+    progress = _progress(args, "delivered")
+    proxy: MigrationProxy | HandoffProxy | None = None
+    channel: ControlChannel | None = None
+    try:
+        host, port = args.control_listen
+        if not args.quiet:
+            cli._say(f"waiting for the control connection on {host}:{port}")
+        channel = await cli._accept_control(host, port)
+        kwargs = _common_kwargs(args)
+        if args.mode == "mux":
+            kwargs.update(connect_unix=args.connect_unix)
+        async with migration_destination(channel, progress=progress, **kwargs) as proxy:
+            if not args.quiet:
+                cli._say(proxy.link.report.summary())
+                if args.mode == "mux":
+                    cli._say(f"delivering the migration to {args.connect_unix}")
+                else:
+                    cli._say(f"QEMU receives the migration on the handed-off link ({proxy.uri})")
+            await proxy.wait(args.timeout)
+    except HolepunchError as exc:
+        return _finish(args, proxy, exc, progress)
+    except OSError as exc:
+        return _finish(args, proxy, exc, progress)
+    finally:
+        if channel is not None:
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+    return _finish(args, proxy, None, progress)
+
+
+def _run(main: Any, args: argparse.Namespace) -> int:
+    problem = _check_mode(args)
+    if problem is not None:
+        cli._say(f"holepunch-mig migrate-proxy {args.migrate_role}: {problem}")
+        return cli.EXIT_USAGE
+    try:
+        code: int = trio.run(main, args)
+        return code
+    except KeyboardInterrupt:
+        cli._say("holepunch-mig: interrupted")
+        return 130
+
+
+def run_source(args: argparse.Namespace) -> int:
+    return _run(_source_main, args)
+
+
+def run_destination(args: argparse.Namespace) -> int:
+    return _run(_destination_main, args)

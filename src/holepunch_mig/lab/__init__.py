@@ -1,0 +1,1 @@
+"""Firewall and NAT topologies in network namespaces, the traversal matrix, the doctor."""

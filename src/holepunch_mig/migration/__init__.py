@@ -1,0 +1,1 @@
+"""QEMU live migration over the link: mux and handoff modes, proxies, QMP."""

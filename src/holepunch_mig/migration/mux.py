@@ -1,0 +1,563 @@
+"""Carry several local stream connections over ONE encrypted record link.
+
+QEMU opens one connection per migration channel (the main channel, plus one per
+multifd channel; the return path rides the main channel backwards).  The link is a
+single authenticated record stream (``records.RecordWriter``/``RecordReader``), so the
+connections are multiplexed by stream id:
+
+==========  ====================================================================
+record      meaning (stream = the connection's id, 1..65535, chosen by the opener)
+==========  ====================================================================
+OPEN 0x10   the opener accepted a new local connection; the peer connects one to
+            its local endpoint, in the order the OPENs arrive (empty payload)
+DATA        bytes of that connection, in order
+ACK         u64 BE: bytes of the stream delivered to the local socket so far
+            (credit: a sender keeps at most ``window`` bytes unacknowledged)
+END         u64 BE count + SHA-256 (or zeros): the sender saw EOF; the receiver
+            checks count and digest of what it delivered, then half-closes
+            (``shutdown(SHUT_WR)``) its local socket
+ABORT       UTF-8 reason, stream 0: the peer failed; close everything
+CLOSE       no more records: sent by ``finish()`` once every stream ended both ways
+==========  ====================================================================
+
+Threads (all blocking sockets; socket calls, AES-GCM and SHA-256 release the GIL):
+
+* one reader per link: reads records and never blocks on a local socket; DATA is
+  copied (~30 GB/s) into the stream's queue, so one stalled consumer cannot block
+  the others (head-of-line deadlock: QEMU's multifd receive threads stop reading at
+  each sync point until the main channel catches up);
+* per stream one pump (local socket -> DATA records, 1 MiB preallocated buffer,
+  filled with whatever is available without waiting) and one deliverer
+  (queue -> local socket with ``sendall``, then ACK every ``window/4`` bytes).
+
+Any failure (digest or count mismatch, peer ABORT, link error, local socket error)
+fails the whole mux loudly: every local socket is shut down at once, so QEMU sees
+its migration fail (the source keeps running), ABORT goes to the peer and the link
+is shut down.  ``finish()`` then raises :class:`MuxError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from holepunch_mig.errors import HolepunchError, PeerAbort, RecordError
+
+log = logging.getLogger(__name__)
+
+# Record types: the values of holepunch_mig.wire.records.RecordType, plus the mux's own.
+DATA = 0x01
+END = 0x02
+ABORT = 0x03
+ACK = 0x04
+CLOSE = 0x05
+OPEN = 0x10
+
+_END = struct.Struct(">Q32s")
+_ACK = struct.Struct(">Q")
+_ZERO_DIGEST = bytes(32)
+MAX_STREAM = 0xFFFF
+DEFAULT_BUFSIZE = 1 << 20
+DEFAULT_WINDOW = 16 << 20
+
+
+class RecordLike(Protocol):
+    @property
+    def type(self) -> int: ...
+    @property
+    def stream(self) -> int: ...
+    @property
+    def payload(self) -> memoryview: ...
+
+
+class LinkWriter(Protocol):
+    """What the mux needs from ``records.RecordWriter`` (thread-safe)."""
+
+    def write(self, type: int, stream: int, payload: bytes | bytearray | memoryview) -> None: ...
+
+
+class LinkReader(Protocol):
+    """What the mux needs from ``records.RecordReader`` (single consumer)."""
+
+    def read(self) -> RecordLike: ...
+
+
+class MuxError(HolepunchError):
+    """The multiplexed link failed; every local connection was shut down."""
+
+
+class MuxPeerAbort(MuxError, PeerAbort):
+    """The peer sent ABORT."""
+
+
+@dataclass
+class StreamStats:
+    stream: int
+    sent: int = 0  # local socket -> link
+    received: int = 0  # link -> local socket (delivered)
+    sent_digest: bytes = b""
+    received_digest: bytes = b""
+
+
+@dataclass
+class MuxStats:
+    streams: list[StreamStats] = field(default_factory=list)
+    seconds: float = 0.0
+    active_seconds: float | None = None
+    """From the first stream opened to the last stream closed (None before both)."""
+
+    @property
+    def sent(self) -> int:
+        return sum(s.sent for s in self.streams)
+
+    @property
+    def received(self) -> int:
+        return sum(s.received for s in self.streams)
+
+
+@dataclass
+class _End:
+    count: int
+    digest: bytes
+
+
+class _Stream:
+    def __init__(self, sid: int, sock: socket.socket) -> None:
+        self.id = sid
+        self.sock = sock
+        self.cond = threading.Condition()
+        self.stats = StreamStats(sid)
+        # tx: local socket -> link
+        self.tx_acked = 0
+        self.tx_done = False
+        # rx: link -> local socket
+        self.queue: collections.deque[bytes | _End] = collections.deque()
+        self.rx_acked_sent = 0
+        self.rx_done = False
+        self.rx_end_seen = False
+        self.closed = False
+
+
+class Mux:
+    """One end of a multiplexed link.
+
+    The *opener* side (the QEMU source) calls :meth:`add_stream` for every local
+    connection it accepts.  The other side passes ``connect``: called with the stream
+    id on each OPEN, it returns a connected local socket (the destination QEMU's
+    incoming socket).  Call :meth:`start` once, then :meth:`finish` when no more
+    streams will be opened (opener) / to wait for the peer to finish (other side).
+    """
+
+    def __init__(
+        self,
+        link: socket.socket,
+        writer: LinkWriter,
+        reader: LinkReader,
+        *,
+        connect: Callable[[int], socket.socket] | None = None,
+        window: int = DEFAULT_WINDOW,
+        bufsize: int = DEFAULT_BUFSIZE,
+        digest: bool = True,
+        name: str = "mux",
+    ) -> None:
+        if window < 4 * bufsize:
+            raise ValueError(f"window ({window}) must be at least 4 * bufsize ({bufsize})")
+        self._link = link
+        self._writer = writer
+        self._reader = reader
+        self._connect = connect
+        self._window = window
+        self._bufsize = bufsize
+        self._digest = digest
+        self.name = name
+        self._lock = threading.Condition()
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 1
+        self._no_more_opens = False
+        self._peer_closed = False
+        self._failed: MuxError | None = None
+        self._threads: list[threading.Thread] = []
+        self._reader_thread: threading.Thread | None = None
+        self._t0 = time.perf_counter()
+        self.first_open: float | None = None  # perf_counter() of the first OPEN
+        self.last_close: float | None = None  # perf_counter() when the last stream closed
+
+    # -- public ----------------------------------------------------------------------
+
+    @property
+    def failed(self) -> MuxError | None:
+        return self._failed
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._reader_thread = self._spawn(self._read_loop, "reader")
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until at least one stream was opened and every stream has closed in both
+        directions (a migration's connections all ended), or the mux failed.  Returns
+        False on timeout.  QEMU opens all its connections (main, multifd) before the
+        main channel can end, so "all closed" after the first OPEN means it is done."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: (
+                    self._failed is not None
+                    or (bool(self._streams) and all(s.closed for s in self._streams.values()))
+                ),
+                timeout=timeout,
+            )
+
+    def progress(self) -> tuple[int, int, int]:
+        """(streams, bytes local -> link, bytes link -> local) so far; cheap, lock-free
+        reads of counters the pump and deliverer threads update."""
+        streams = list(self._streams.values())
+        return (
+            len(streams),
+            sum(s.stats.sent for s in streams),
+            sum(s.stats.received for s in streams),
+        )
+
+    def add_stream(self, sock: socket.socket) -> int:
+        """Carry a newly accepted local connection; announces it with OPEN."""
+        with self._lock:
+            if self._failed is not None:
+                sock.close()
+                raise MuxError(f"{self.name}: cannot add a stream: {self._failed}")
+            if self._no_more_opens:
+                sock.close()
+                raise MuxError(f"{self.name}: finish() was called, no new streams")
+            if self._next_id > MAX_STREAM:
+                sock.close()
+                raise MuxError(f"{self.name}: stream ids exhausted")
+            sid = self._next_id
+            self._next_id += 1
+            st = _Stream(sid, sock)
+            self._streams[sid] = st
+            # OPEN under the lock so stream order on the wire is the accept order.
+            self._writer.write(OPEN, sid, b"")
+            if self.first_open is None:
+                self.first_open = time.perf_counter()
+        log.debug("%s: stream %d opened", self.name, sid)
+        self._start_stream(st)
+        return sid
+
+    def finish(self, timeout: float) -> MuxStats:
+        """Wait until every stream ended in both directions, exchange CLOSE, join the
+        threads and return the per-stream figures.  Raises MuxError on failure or when
+        ``timeout`` seconds pass (the mux is then failed)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._connect is None:
+                self._no_more_opens = True
+            ok = self._lock.wait_for(
+                lambda: (
+                    self._failed is not None
+                    or (
+                        (self._no_more_opens or self._peer_closed)
+                        and all(s.closed for s in self._streams.values())
+                    )
+                ),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            self._no_more_opens = True
+        if not ok:
+            open_ = [s.id for s in self._streams.values() if not s.closed]
+            self.abort(f"finish timed out after {timeout} s; streams still open: {open_}")
+        self._raise_if_failed()
+        try:
+            self._writer.write(CLOSE, 0, b"")
+        except (OSError, RecordError) as exc:  # the peer failed and cut the link meanwhile
+            self._fail(
+                MuxError(f"{self.name}: link failed while sending CLOSE: {exc!r}"),
+                notify_peer=False,
+            )
+            self._raise_if_failed()
+        with self._lock:
+            ok = self._lock.wait_for(
+                lambda: self._failed is not None or self._peer_closed,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+        if not ok:
+            self.abort(f"peer sent no CLOSE within {timeout} s")
+        self._raise_if_failed()
+        self._join(deadline)
+        return self.stats()
+
+    def abort(self, reason: str) -> None:
+        """Fail the mux from outside (e.g. the migration was cancelled)."""
+        self._fail(MuxError(f"{self.name}: {reason}"), notify_peer=True)
+
+    def stats(self) -> MuxStats:
+        with self._lock:
+            streams = [s.stats for s in sorted(self._streams.values(), key=lambda s: s.id)]
+            active = None
+            if self.first_open is not None and self.last_close is not None:
+                active = self.last_close - self.first_open
+        return MuxStats(
+            streams=list(streams), seconds=time.perf_counter() - self._t0, active_seconds=active
+        )
+
+    def close(self) -> None:
+        """Release everything (after finish() or a failure).  Idempotent."""
+        if self._failed is None and not self._peer_closed:
+            self.abort("closed before finish")
+        for st in list(self._streams.values()):
+            _quiet_close(st.sock)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _spawn(self, fn: Callable[[], None], what: str) -> threading.Thread:
+        t = threading.Thread(target=fn, name=f"{self.name}-{what}", daemon=True)
+        self._threads.append(t)
+        t.start()
+        return t
+
+    def _join(self, deadline: float) -> None:
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def _start_stream(self, st: _Stream) -> None:
+        self._spawn(lambda: self._pump(st), f"pump{st.id}")
+        self._spawn(lambda: self._deliver(st), f"deliver{st.id}")
+
+    def _fail(self, exc: MuxError, *, notify_peer: bool) -> None:
+        with self._lock:
+            if self._failed is not None:
+                return
+            self._failed = exc
+            streams = list(self._streams.values())
+            self._lock.notify_all()
+        log.error("%s failed: %s", self.name, exc)
+        for st in streams:
+            with contextlib.suppress(OSError):
+                st.sock.shutdown(socket.SHUT_RDWR)
+            with st.cond:
+                st.cond.notify_all()
+        if notify_peer:
+            # The writer lock may be held by a pump stuck on a full link: don't wait long.
+            t = threading.Thread(
+                target=self._send_abort, args=(str(exc),), name=f"{self.name}-abort", daemon=True
+            )
+            t.start()
+            t.join(2.0)
+        with contextlib.suppress(OSError):
+            self._link.shutdown(socket.SHUT_RDWR)
+
+    def _send_abort(self, reason: str) -> None:
+        try:
+            self._writer.write(ABORT, 0, reason.encode()[:4000])
+        except Exception:
+            log.debug("%s: could not send ABORT", self.name, exc_info=True)
+
+    def _maybe_close(self, st: _Stream) -> None:
+        # caller holds st.cond
+        if st.tx_done and st.rx_done and not st.closed:
+            st.closed = True
+            _quiet_close(st.sock)
+            log.debug("%s: stream %d closed (%s)", self.name, st.id, st.stats)
+            with self._lock:
+                if all(s.closed for s in self._streams.values()):
+                    self.last_close = time.perf_counter()
+                self._lock.notify_all()
+
+    def _pump(self, st: _Stream) -> None:
+        buf = bytearray(self._bufsize)
+        view = memoryview(buf)
+        size = self._bufsize
+        h = hashlib.sha256() if self._digest else None
+        sock = st.sock
+        write = self._writer.write
+        limit = self._window - size
+        sent = 0
+        try:
+            eof = False
+            while not eof:
+                with st.cond:
+                    while self._failed is None and sent - st.tx_acked > limit:
+                        st.cond.wait()
+                if self._failed is not None:
+                    return
+                n = sock.recv_into(view, size)
+                if n == 0:
+                    break
+                # Coalesce whatever else is already there, without waiting for more.
+                while n < size:
+                    try:
+                        k = sock.recv_into(view[n:], size - n, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    if k == 0:
+                        eof = True
+                        break
+                    n += k
+                chunk = view[:n]
+                if h is not None:
+                    h.update(chunk)
+                write(DATA, st.id, chunk)
+                sent += n
+                st.stats.sent = sent
+            dig = h.digest() if h is not None else b""
+            st.stats.sent_digest = dig
+            write(END, st.id, _END.pack(sent, dig or _ZERO_DIGEST))
+            with st.cond:
+                st.tx_done = True
+                self._maybe_close(st)
+        except Exception as exc:
+            if self._failed is None:
+                self._fail(
+                    MuxError(f"{self.name}: stream {st.id} (local -> link) failed: {exc!r}"),
+                    notify_peer=True,
+                )
+
+    def _deliver(self, st: _Stream) -> None:
+        h = hashlib.sha256() if self._digest else None
+        sock = st.sock
+        ack_every = self._window // 4
+        delivered = 0
+        try:
+            while True:
+                with st.cond:
+                    while self._failed is None and not st.queue:
+                        st.cond.wait()
+                    if self._failed is not None:
+                        return
+                    item = st.queue.popleft()
+                if isinstance(item, _End):
+                    mine = h.digest() if h is not None else b""
+                    st.stats.received_digest = mine
+                    if item.count != delivered:
+                        raise MuxError(
+                            f"stream {st.id}: END says {item.count} bytes, {delivered} arrived"
+                        )
+                    if h is not None and item.digest != _ZERO_DIGEST and item.digest != mine:
+                        raise MuxError(
+                            f"stream {st.id}: SHA-256 mismatch over {delivered} bytes "
+                            f"(sender {item.digest.hex()}, received {mine.hex()})"
+                        )
+                    sock.shutdown(socket.SHUT_WR)
+                    with st.cond:
+                        st.rx_done = True
+                        self._maybe_close(st)
+                    return
+                sock.sendall(item)
+                if h is not None:
+                    h.update(item)
+                delivered += len(item)
+                st.stats.received = delivered
+                if delivered - st.rx_acked_sent >= ack_every:
+                    st.rx_acked_sent = delivered
+                    self._writer.write(ACK, st.id, _ACK.pack(delivered))
+        except Exception as exc:
+            if self._failed is None:
+                err = exc if isinstance(exc, MuxError) else None
+                self._fail(
+                    MuxError(f"{self.name}: {err}")
+                    if err is not None
+                    else MuxError(f"{self.name}: stream {st.id} (link -> local) failed: {exc!r}"),
+                    notify_peer=True,
+                )
+
+    def _stream_for(self, sid: int, what: str) -> _Stream:
+        st = self._streams.get(sid)
+        if st is None:
+            raise MuxError(f"{what} record for unknown stream {sid}")
+        return st
+
+    def _read_loop(self) -> None:
+        read = self._reader.read
+        try:
+            while True:
+                rec = read()
+                t = rec.type
+                if t == DATA:
+                    st = self._stream_for(rec.stream, "DATA")
+                    data = bytes(rec.payload)
+                    with st.cond:
+                        if st.rx_end_seen:
+                            raise MuxError(f"DATA after END on stream {st.id}")
+                        st.queue.append(data)
+                        st.cond.notify()
+                elif t == ACK:
+                    acked = self._streams.get(rec.stream)
+                    if acked is not None:
+                        (n,) = _ACK.unpack(rec.payload)
+                        with acked.cond:
+                            acked.tx_acked = max(acked.tx_acked, n)
+                            acked.cond.notify()
+                elif t == END:
+                    st = self._stream_for(rec.stream, "END")
+                    count, dig = _END.unpack(rec.payload)
+                    with st.cond:
+                        if st.rx_end_seen:
+                            raise MuxError(f"second END on stream {st.id}")
+                        st.rx_end_seen = True
+                        st.queue.append(_End(count, dig))
+                        st.cond.notify()
+                elif t == OPEN:
+                    self._on_open(rec.stream)
+                elif t == ABORT:
+                    reason = bytes(rec.payload).decode("utf-8", "replace")
+                    self._fail(
+                        MuxPeerAbort(f"{self.name}: peer aborted: {reason}"), notify_peer=False
+                    )
+                    return
+                elif t == CLOSE:
+                    with self._lock:
+                        # The peer's ENDs precede its CLOSE; our deliverers may still be
+                        # draining them, finish() waits for that.
+                        open_ = [s.id for s in self._streams.values() if not s.rx_end_seen]
+                        if open_:
+                            raise MuxError(f"peer sent CLOSE before END of streams {open_}")
+                        self._peer_closed = True
+                        self._lock.notify_all()
+                    log.debug("%s: peer closed the link", self.name)
+                    return
+                else:
+                    raise MuxError(f"unexpected record type 0x{t:02x} on stream {rec.stream}")
+        except Exception as exc:
+            if self._failed is None:
+                self._fail(
+                    exc
+                    if isinstance(exc, MuxError)
+                    else MuxError(f"{self.name}: link read failed: {exc!r}"),
+                    notify_peer=True,
+                )
+
+    def _on_open(self, sid: int) -> None:
+        if self._connect is None:
+            raise MuxError(f"peer opened stream {sid}, but this side opens the streams")
+        with self._lock:
+            if sid in self._streams or sid < 1:
+                raise MuxError(f"peer reopened stream id {sid}")
+            if self._no_more_opens and self._peer_closed:
+                raise MuxError(f"OPEN of stream {sid} after CLOSE")
+        # Connect synchronously: the local endpoint accepts in OPEN order.
+        try:
+            sock = self._connect(sid)
+        except OSError as exc:
+            raise MuxError(f"stream {sid}: cannot connect the local endpoint: {exc}") from exc
+        st = _Stream(sid, sock)
+        with self._lock:
+            self._streams[sid] = st
+            if self.first_open is None:
+                self.first_open = time.perf_counter()
+        log.debug("%s: stream %d connected", self.name, sid)
+        self._start_stream(st)
+
+
+def _quiet_close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()

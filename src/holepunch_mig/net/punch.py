@@ -1,0 +1,294 @@
+"""Simultaneous open: one local port that listens and dials every remote candidate at once.
+
+Every connection that comes up on the port, whichever socket ends up holding it, is
+handed to an authenticator (the Noise handshake); only authenticated links leave this
+module.  What each pair did is recorded for the report.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from holepunch_mig.errors import HandshakeError, HolepunchError
+from holepunch_mig.report import Outcome, PairReport
+
+Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class PunchTiming:
+    """Deadlines for one round; defaults follow DESIGN.md section 3."""
+
+    connect_timeout: float = 5.0
+    """How long one connect() stays open: the kernel retransmits the same SYN meanwhile,
+    which conntrack needs (close-and-rebind makes it mark packets INVALID)."""
+    round_timeout: float = 6.0
+    handshake_timeout: float = 3.0
+    refused_retry_delay: float = 0.25
+    """Wait before dialing again after an RST (the peer's SYN may not have left yet)."""
+
+
+@dataclass
+class AuthenticatedLink:
+    """A connected, authenticated candidate link (still a trio stream)."""
+
+    stream: trio.SocketStream
+    link_id: int
+    send_key: bytes
+    recv_key: bytes
+    local: str
+    remote: str
+    pair: PairReport
+
+
+MAX_UNOFFERED_HOSTS = 16
+"""Report entries for connections from unoffered hosts, per round; the rest are counted."""
+
+Authenticator = Callable[[trio.SocketStream, int], Awaitable[tuple[int, bytes, bytes]]]
+"""(stream, proposed link id) -> (link id, send key, recv key); raises on failure."""
+
+
+def format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _unmap(host: str) -> str:
+    return host[7:] if host.startswith("::ffff:") else host
+
+
+def _reuse(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+async def open_listener(bind_host: str, port: int, family: int) -> trio.socket.SocketType:
+    """Bind the punch port (reusable, so dialing sockets can share it) and listen."""
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _reuse(sock)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((bind_host, port))
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _classify(exc: OSError) -> tuple[Outcome, str]:
+    code = exc.errno
+    if isinstance(exc, ConnectionRefusedError) or code == errno.ECONNREFUSED:
+        return "refused", "RST seen"
+    if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "unreachable", exc.strerror or "unreachable"
+    if code == errno.EADDRNOTAVAIL:
+        return "crossed", "the peer's own connection already holds this address pair"
+    if code == errno.ETIMEDOUT:
+        return "timed out", "kernel gave up retransmitting SYN"
+    return "error", f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+class PunchRound:
+    """One round of the race: accept on the listener, dial every remote at once."""
+
+    def __init__(
+        self,
+        *,
+        round_no: int,
+        listeners: dict[int, trio.socket.SocketType],
+        bind_host: dict[int, str],
+        port: int,
+        remotes: Sequence[Endpoint],
+        authenticate: Authenticator,
+        timing: PunchTiming,
+        log: logging.LoggerAdapter[logging.Logger],
+        first_link_id: int = 1,
+        dial_delay: float = 0.0,
+    ) -> None:
+        self.round_no = round_no
+        self.listeners = listeners
+        self.bind_host = bind_host
+        self.port = port
+        self.remotes = list(remotes)
+        self.offered = {(_unmap(h), p) for h, p in remotes}
+        self.authenticate = authenticate
+        self.timing = timing
+        self.log = log
+        self.pairs: list[PairReport] = []
+        self._next_link_id = first_link_id
+        self._unoffered: dict[str, PairReport] = {}
+        self._unoffered_counts: dict[str, int] = {}
+        self.dial_delay = dial_delay
+
+    def _new_link_id(self) -> int:
+        link_id = self._next_link_id
+        self._next_link_id += 1
+        return link_id
+
+    async def run(self, out: trio.MemorySendChannel[AuthenticatedLink]) -> None:
+        """Race until cancelled; every authenticated link is sent to ``out``."""
+        async with out, trio.open_nursery() as nursery:
+            for listener in self.listeners.values():
+                nursery.start_soon(self._accept_loop, listener, out.clone())
+            for remote in self.remotes:
+                family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
+                if family in self.listeners:
+                    nursery.start_soon(self._dial, remote, family, out.clone())
+
+    async def _accept_loop(
+        self, listener: trio.socket.SocketType, out: trio.MemorySendChannel[AuthenticatedLink]
+    ) -> None:
+        async with out, trio.open_nursery() as nursery:
+            while True:
+                try:
+                    sock, addr = await listener.accept()
+                except OSError as exc:  # EMFILE under a flood, ECONNABORTED: keep going
+                    self.log.warning("accept on the punch port failed: %s", exc)
+                    await trio.sleep(0.05)
+                    continue
+                peer = (_unmap(addr[0]), int(addr[1]))
+                if peer not in self.offered:
+                    self._reject_unoffered(sock, peer)
+                    continue
+                pair = PairReport(
+                    self.round_no,
+                    format_endpoint(*_local(sock)),
+                    format_endpoint(*peer),
+                    "abandoned",
+                    direction="inbound",
+                )
+                self.pairs.append(pair)
+                nursery.start_soon(self._authenticate, sock, pair, trio.current_time(), out.clone())
+
+    def _reject_unoffered(self, sock: trio.socket.SocketType, peer: Endpoint) -> None:
+        """Close at once; one report entry per source host (a count in its detail), at
+        most MAX_UNOFFERED_HOSTS of them, so a flood cannot grow the report."""
+        local = format_endpoint(*_local(sock))
+        sock.close()
+        host = peer[0]
+        pair = self._unoffered.get(host)
+        if pair is None:
+            if len(self._unoffered) >= MAX_UNOFFERED_HOSTS:
+                host = "*"
+                pair = self._unoffered.get(host)
+            if pair is None:
+                remote = format_endpoint(*peer) if host != "*" else "other hosts"
+                pair = PairReport(self.round_no, local, remote, "rejected", direction="inbound")
+                self._unoffered[host] = pair
+                self.pairs.append(pair)
+                self.log.info("closing inbound connection from unoffered %s", pair.remote)
+        count = self._unoffered_counts.get(host, 0) + 1
+        self._unoffered_counts[host] = count
+        pair.detail = "source address was not offered" + (
+            f" ({count} connections)" if count > 1 else ""
+        )
+
+    async def _dial(
+        self, remote: Endpoint, family: int, out: trio.MemorySendChannel[AuthenticatedLink]
+    ) -> None:
+        async with out:
+            if self.dial_delay:
+                await trio.sleep(self.dial_delay)
+            started = trio.current_time()
+            deadline = started + self.timing.round_timeout
+            pair = PairReport(
+                self.round_no,
+                format_endpoint(self.bind_host[family], self.port),
+                format_endpoint(*remote),
+                "abandoned",
+            )
+            self.pairs.append(pair)
+            attempts = 0
+            while True:
+                attempts += 1
+                sock = trio.socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    _reuse(sock)
+                    await sock.bind((self.bind_host[family], self.port))
+                    pair.local = format_endpoint(*_local(sock))
+                    budget = min(self.timing.connect_timeout, deadline - trio.current_time())
+                    with trio.fail_after(max(budget, 0.01)):
+                        await sock.connect(remote)
+                    pair.local = format_endpoint(*_local(sock))
+                except trio.TooSlowError:
+                    sock.close()
+                    pair.outcome = "timed out"
+                    pair.detail = f"no SYN-ACK within {budget:.1f} s (attempt {attempts})"
+                    pair.seconds = trio.current_time() - started
+                    return
+                except OSError as exc:
+                    sock.close()
+                    pair.outcome, pair.detail = _classify(exc)
+                    pair.detail += f" (attempt {attempts})"
+                    pair.seconds = trio.current_time() - started
+                    wait = self.timing.refused_retry_delay
+                    if pair.outcome != "refused" or trio.current_time() + wait >= deadline:
+                        # "crossed" is success seen from the other socket: no retry
+                        return
+                    await trio.sleep(wait)
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                break
+            try:
+                if _local(sock) == (_unmap(remote[0]), remote[1]):
+                    pair.outcome, pair.detail = "rejected", "self-connect"
+                    sock.close()
+                    return
+            except BaseException:
+                sock.close()
+                raise
+            await self._authenticate(sock, pair, started, out)
+
+    async def _authenticate(
+        self,
+        sock: trio.socket.SocketType,
+        pair: PairReport,
+        started: float,
+        out: trio.MemorySendChannel[AuthenticatedLink],
+    ) -> None:
+        try:
+            stream = trio.SocketStream(sock)
+            with trio.fail_after(self.timing.handshake_timeout):
+                link_id, send_key, recv_key = await self.authenticate(stream, self._new_link_id())
+        except (trio.TooSlowError, HolepunchError, trio.BrokenResourceError, OSError) as exc:
+            self._rejected(sock, pair, started, exc)
+            return
+        except BaseException:  # cancelled or a bug: close now, not in the GC
+            sock.close()
+            raise
+        pair.outcome, pair.detail = "connected", ""
+        pair.seconds = trio.current_time() - started
+        link = AuthenticatedLink(stream, link_id, send_key, recv_key, pair.local, pair.remote, pair)
+        try:
+            await out.send(link)
+        except BaseException as exc:
+            pair.outcome = "abandoned"
+            sock.close()
+            if not isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                raise
+
+    def _rejected(
+        self, sock: trio.socket.SocketType, pair: PairReport, started: float, exc: Exception
+    ) -> None:
+        if isinstance(exc, trio.TooSlowError):
+            pair.outcome, pair.detail = "rejected", "handshake timed out"
+        else:
+            detail = str(exc) if isinstance(exc, HandshakeError) else type(exc).__name__
+            pair.outcome, pair.detail = "rejected", f"handshake failed: {detail}"
+        pair.seconds = trio.current_time() - started
+        self.log.info("pair %s -> %s rejected: %s", pair.local, pair.remote, pair.detail)
+        sock.close()
+
+
+def _local(sock: trio.socket.SocketType) -> Endpoint:
+    name = sock.getsockname()
+    return _unmap(name[0]), int(name[1])

@@ -1,0 +1,1 @@
+"""One connection's life: negotiation, path decision, link, resume, diagnosis, public API."""

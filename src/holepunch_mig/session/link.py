@@ -1,0 +1,636 @@
+"""The nominated link: bulk records on a blocking socket in worker threads.
+
+trio stays on the control plane; the bytes go socket -> AES-GCM -> socket in a worker
+thread (OpenSSL and socket calls release the GIL), never through trio streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Literal, TypeVar, cast
+
+import trio
+
+from holepunch_mig.errors import (
+    ControlTimeout,
+    HolepunchError,
+    NoDirectPath,
+    PeerAbort,
+    ProtocolError,
+    RecordError,
+    ResumeFailed,
+    TransferError,
+    TruncatedStream,
+    single_exception,
+)
+from holepunch_mig.net.punch import AuthenticatedLink
+from holepunch_mig.net.tunnel import Tunnel
+from holepunch_mig.report import Interruption, Report
+from holepunch_mig.session.negotiate import (
+    ConnectOptions,
+    ControlReader,
+    Established,
+    SessionLog,
+    repunch,
+)
+from holepunch_mig.session.resume import (
+    AckPoster,
+    InputFailed,
+    Interrupted,
+    Output,
+    OutputFailed,
+    ResumableSource,
+    abort_socket,
+    tune_link,
+)
+from holepunch_mig.wire.messages import Message
+from holepunch_mig.wire.records import RecordReader, RecordWriter, StreamPosition
+
+logger = logging.getLogger("holepunch_mig")
+
+T = TypeVar("T")
+Progress = Callable[[int], None]
+
+RESULT_TIMEOUT = 120.0
+"""How long the source waits for the destination's verdict after end-of-stream."""
+
+SOCKET_BUFFER = 4 << 20
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What was moved and how it was verified."""
+
+    bytes: int
+    sha256: str | None
+    seconds: float
+
+
+def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
+    fd = stream.socket.detach()
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    return sock
+
+
+class Link:
+    """An authenticated, encrypted link to the peer plus the control channel beside it.
+
+    ``path`` is "direct" (a punched TCP link) or "tunnel" (the same records carried over
+    the control channel); ``fell_back`` is True when policy "auto" wanted direct and got
+    the tunnel, so a caller can check it got what it asked for without parsing text.
+    """
+
+    def __init__(self, established: Established) -> None:
+        self.report: Report = established.report
+        self.control: ControlReader = established.control
+        self.tunnel: Tunnel | None = established.tunnel
+        self.fell_back: bool = established.fell_back
+        self.sock = _blocking_socket(established.stream)
+        if self.tunnel is not None:
+            # with the worker-thread pump, records go straight into tunnel frames (a
+            # socket-like FrameTransport: sendall/recv_into/shutdown/settimeout/close)
+            self.sock = cast(socket.socket, self.tunnel.link_transport(self.sock))
+        self.writer = RecordWriter(self.sock, established.send_key)
+        self.reader = RecordReader(self.sock, established.recv_key)
+        self._keys = (established.send_key, established.recv_key)
+        self.log = SessionLog(logger, {"session": self.report.session[:12]})
+        self._closed = False
+        self._options = established.options or ConnectOptions()
+        self._session_id = established.session_id
+        self._resume = established.resume and self.tunnel is None
+        self.epoch = 0
+        """Generation of the current link: 0 for the first, +1 per resume negotiation."""
+        if self.tunnel is None:
+            tune_link(self.sock, self._options.link_timeout)
+
+    @property
+    def resumable(self) -> bool:
+        """Stream transfers on this link survive a lost link (both sides offered resume,
+        the path is direct, and ``resume_attempts`` > 0)."""
+        return self._resume and self._options.resume_attempts > 0
+
+    @property
+    def path(self) -> str:
+        """ "direct" or "tunnel"."""
+        return self.report.path
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """Run blocking record I/O in a worker; on cancellation shut the socket so the
+        worker returns promptly instead of blocking forever."""
+        try:
+            return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+        except trio.Cancelled:
+            self._shutdown()
+            raise
+
+    def split_keys(self) -> tuple[bytes, bytes]:
+        """This link's Noise split() keys as (source->destination, destination->source),
+        for deriving an exporter secret (migration handoff's TLS-PSK).  Secret: never log
+        them.  Only while the record layer has not used them (a rekey moves them on one
+        side only), else ValueError."""
+        if self.writer.records_sent or self.reader.records_received:
+            raise ValueError("the link already carried records: its split keys have moved on")
+        send, recv = self._keys
+        return (send, recv) if self.report.role == "source" else (recv, send)
+
+    def _arm_idle_timeout(self) -> None:
+        """Blocking calls on the data link give up after ``idle_timeout`` s of silence
+        (only for stream transfers: the migration multiplexer sets its own deadlines)."""
+        self.sock.settimeout(self._options.idle_timeout)
+
+    def _why(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError) and not isinstance(exc, HolepunchError):
+            return f"link silent for {self._options.idle_timeout:.0f} s (peer stuck or gone)"
+        return str(exc) or type(exc).__name__
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    async def send_file(
+        self, src: BinaryIO, *, digest: bool = True, progress: Progress | None = None
+    ) -> TransferResult:
+        """Send ``src`` as stream 0 and wait until the destination confirms it verified it.
+
+        When :attr:`resumable`, a lost link is re-punched (fresh keys) and the stream goes
+        on from the last byte the destination kept; ``link.report.interruptions`` lists
+        each loss.  ``progress`` then counts stream bytes (it may step back on a resume)."""
+        self._arm_idle_timeout()
+        if self.resumable:
+            with single_exception():
+                return await self._send_resumable(src, digest, progress)
+        started = time.monotonic()
+        try:
+            count, hashed = await self._in_thread(
+                lambda: self.writer.send_file(0, src, digest=digest, progress=progress)
+            )
+        except (OSError, RecordError) as exc:
+            reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(exc)}"
+            await self._tell_abort(reason)
+            raise TransferError(reason) from exc
+        msg, _ = await self.control.receive(
+            "result", timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
+        )
+        return self._check_result(count, hashed, msg, started)
+
+    async def receive_file(
+        self, dst: BinaryIO, *, digest: bool = True, progress: Progress | None = None
+    ) -> TransferResult:
+        """Receive stream 0 into ``dst``; returns only after end-of-stream verified.
+
+        When :attr:`resumable`, ``dst`` is only appended to: after a lost link the
+        stream goes on from the bytes already written (``dst`` is flushed every
+        ``ack_interval`` bytes, when it reports them to the source)."""
+        self._arm_idle_timeout()
+        if self.resumable:
+            with single_exception():
+                return await self._receive_resumable(dst, digest, progress)
+        started = time.monotonic()
+        try:
+            count, hashed = await self._in_thread(
+                lambda: self.reader.receive_file(0, dst, digest=digest, progress=progress)
+            )
+        except (OSError, HolepunchError) as exc:
+            reason = self._why(exc)
+            if isinstance(exc, TimeoutError):
+                exc = TruncatedStream(
+                    f"link silent for {self._options.idle_timeout:.0f} s after "
+                    f"{self.reader.bytes_received} bytes, before end-of-stream"
+                )
+                reason = str(exc)
+            await self._tell_result(False, 0, None, reason)
+            self.report.ok = False
+            self.report.verdict = reason
+            raise exc from None
+            await self._tell_result(False, 0, None, reason)
+            self.report.ok = False
+            self.report.verdict = reason
+            raise
+        seconds = time.monotonic() - started
+        local_digest = hashed.hex() if hashed else None
+        self._fill(count, local_digest, seconds)
+        self.report.ok = True
+        await self._tell_result(True, count, local_digest, None)
+        return TransferResult(count, local_digest, seconds)
+
+    # -- resume (docs/protocol.md section 6) ----------------------------------------------
+
+    def _adopt(self, link: AuthenticatedLink) -> None:
+        """Carry on over a freshly nominated link (fresh keys, counters from 0)."""
+        self.sock = _blocking_socket(link.stream)
+        tune_link(self.sock, self._options.link_timeout)
+        self._arm_idle_timeout()
+        self.writer = RecordWriter(self.sock, link.send_key)
+        self.reader = RecordReader(self.sock, link.recv_key)
+        self._keys = (link.send_key, link.recv_key)
+        self.report.local, self.report.remote = link.local, link.remote
+
+    def _exhausted(self, attempts: int, cut: Interruption, last: str) -> ResumeFailed:
+        cut.outcome = "failed"
+        n = len(self.report.interruptions)
+        reason = (
+            f"link lost {n} time{'s' if n != 1 else ''}; resume attempts exhausted "
+            f"({attempts} of resume_attempts={self._options.resume_attempts} used); "
+            f"last: {last}"
+        )
+        exc = ResumeFailed(reason, attempts)
+        exc.report = self.report
+        self.report.ok = False
+        self.report.verdict = reason
+        return exc
+
+    async def _send_resumable(
+        self, src: BinaryIO, digest: bool, progress: Progress | None
+    ) -> TransferResult:
+        started = time.monotonic()
+        opts = self._options
+        source = ResumableSource(src, digest=digest, limit=opts.resume_buffer)
+        attempts = 0
+        while True:
+            state = _Epoch()
+            outcome = await self._source_epoch(source, digest, progress, state)
+            if outcome is not None:
+                break
+            cut = Interruption(
+                at=round(time.monotonic() - started, 3),
+                epoch=self.epoch,
+                detected_by=state.by,
+                seen=state.seen[:500],
+                acked=source.acked,
+                sent=source.sent_upto,
+            )
+            self.report.interruptions.append(cut)
+            self.log.warning(
+                "link %d lost after %d bytes acknowledged: %s", self.epoch, cut.acked, cut.seen
+            )
+            t0 = time.monotonic()
+            abort_socket(self.sock)
+            last = state.seen
+            while True:
+                if attempts >= opts.resume_attempts:
+                    exc = self._exhausted(attempts, cut, last)
+                    await self._tell_abort(str(exc))
+                    raise exc
+                attempts += 1
+                cut.attempts += 1
+                self.epoch += 1
+                try:
+                    link, kept, scratch = await repunch(
+                        self.control,
+                        "source",
+                        opts,
+                        self._session_id,
+                        self.epoch,
+                        self.log,
+                        reason=f"link {self.epoch - 1} lost: {state.seen}",
+                    )
+                except NoDirectPath as exc:
+                    last = f"re-punch {self.epoch} found no path: {exc}"
+                    self.log.warning("%s", last)
+                    continue
+                except HolepunchError as exc:
+                    cut.outcome = "failed"
+                    exc.report = self.report
+                    self.report.ok = False
+                    self.report.verdict = f"resume failed: {exc}"
+                    raise
+                break
+            try:
+                source.rewind(kept)
+            except ValueError as exc:
+                cut.outcome = "failed"
+                reason = f"cannot resume: {exc}"
+                await self._tell_abort(reason)
+                raise ResumeFailed(reason, attempts) from exc
+            self._adopt(link)
+            cut.resumed_from = kept
+            cut.resume_seconds = round(time.monotonic() - t0, 3)
+            cut.link = f"{scratch.local} <-> {scratch.remote}"
+            cut.outcome = "resumed"
+            self.log.warning(
+                "link %d up in %.3f s (%s); resuming from byte %d",
+                self.epoch,
+                cut.resume_seconds,
+                cut.link,
+                kept,
+            )
+        count, hashed, msg = outcome
+        return self._check_result(count, hashed, msg, started)
+
+    def _check_result(
+        self, count: int, hashed: bytes, msg: Message, started: float
+    ) -> TransferResult:
+        """The source succeeds only when the destination verified the same count and
+        digest that were sent."""
+        local_digest = hashed.hex() if hashed else None
+        seconds = time.monotonic() - started
+        self._fill(count, local_digest, seconds)
+        if not msg["ok"]:
+            raise PeerAbort(f"destination rejected the transfer: {msg['error']}")
+        if msg["bytes"] != count:
+            raise TransferError(f"destination got {msg['bytes']} bytes, {count} were sent")
+        if local_digest and msg["sha256"] and msg["sha256"] != local_digest:
+            raise TransferError("destination's sha256 differs from what was sent")
+        self.report.ok = True
+        return TransferResult(count, local_digest, seconds)
+
+    async def _source_epoch(
+        self, source: ResumableSource, digest: bool, progress: Progress | None, state: _Epoch
+    ) -> tuple[int, bytes, Message] | None:
+        """Send on the current link until the destination's result (returned) or until
+        the link is lost (None; ``state`` says how)."""
+        writer, sock, epoch = self.writer, self.sock, self.epoch
+        settled = trio.Event()
+
+        def stop(seen: str, by: Literal["local", "peer"]) -> None:
+            if state.seen == "":
+                state.seen, state.by = seen, by
+            source.interrupt()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            settled.set()
+
+        async def watch() -> None:
+            try:
+                while True:
+                    msg, _ = await self.control.receive(
+                        "progress", "link-lost", "result", timeout=math.inf, step="transfer"
+                    )
+                    if msg.type == "progress":
+                        source.ack(msg["bytes"])
+                    elif msg.type == "link-lost":
+                        if msg["epoch"] == epoch:
+                            stop(f"peer: {msg['reason']}", "peer")
+                    else:
+                        state.result = msg
+                        if not msg["ok"]:
+                            stop(f"destination failed: {msg['error']}", "peer")
+                        settled.set()
+                        return
+            except HolepunchError as exc:
+                state.fatal = exc
+                stop(str(exc), "peer")
+
+        # (errors are raised after the nursery: inside it they would come out grouped)
+        input_failed: OSError | None = None
+        timed_out = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            try:
+                count, hashed = await self._in_thread(
+                    lambda: writer.send_file(
+                        0,
+                        source,  # type: ignore[arg-type]  # has readinto, all send_file uses
+                        digest=digest,
+                        progress=progress,
+                        position=source.position,
+                    )
+                )
+            except InputFailed as exc:
+                input_failed = exc.error
+                count, hashed = -1, b""
+            except (OSError, RecordError, Interrupted) as exc:
+                stop(f"{type(exc).__name__}: {exc}", "local")
+                count, hashed = -1, b""
+            if input_failed is None:
+                with trio.move_on_after(RESULT_TIMEOUT) as waited:
+                    await settled.wait()
+                timed_out = waited.cancelled_caught
+            nursery.cancel_scope.cancel()
+        if input_failed is not None:
+            await self._tell_abort(f"the source's input failed: {input_failed}")
+            raise input_failed
+        if state.fatal is not None:
+            raise state.fatal
+        if timed_out:
+            raise ControlTimeout(
+                f"no result message from the peer within {RESULT_TIMEOUT:.1f} s "
+                "(waiting for the destination's verdict)"
+            )
+        if state.result is not None and (count >= 0 or not state.result["ok"]):
+            return count, hashed, state.result
+        return None
+
+    async def _receive_resumable(
+        self, dst: BinaryIO, digest: bool, progress: Progress | None
+    ) -> TransferResult:
+        started = time.monotonic()
+        opts = self._options
+        position = StreamPosition(0, hashlib.sha256() if digest else None)
+        attempts = 0
+        while True:
+            state = _Epoch()
+            acker = AckPoster(opts.ack_interval)
+            try:
+                outcome = await self._destination_epoch(
+                    dst, digest, progress, position, acker, state
+                )
+            except (OSError, HolepunchError) as exc:
+                reason = str(exc) or type(exc).__name__
+                await self._tell_result(False, position.offset, None, reason)
+                self.report.ok = False
+                self.report.verdict = reason
+                raise
+            if outcome is not None:
+                break
+            kept = position.offset
+            cut = Interruption(
+                at=round(time.monotonic() - started, 3),
+                epoch=self.epoch,
+                detected_by=state.by,
+                seen=state.seen[:500],
+                acked=acker.sent,
+                sent=kept,
+            )
+            self.report.interruptions.append(cut)
+            self.log.warning("link %d lost with %d bytes written: %s", self.epoch, kept, cut.seen)
+            t0 = time.monotonic()
+            abort_socket(self.sock)
+            offer = state.offer
+            if offer is None:
+                await self.control.send(
+                    "link-lost", epoch=self.epoch, bytes=kept, reason=state.seen[:4096]
+                )
+            last = state.seen
+            while True:
+                if offer is None:
+                    try:
+                        offer = await self.control.receive(
+                            "resume-offer", step="waiting for the source to resume"
+                        )
+                    except PeerAbort as exc:
+                        cut.outcome = "failed"
+                        fail = ResumeFailed(f"the source gave up resuming: {exc}", attempts)
+                        fail.report = self.report
+                        self.report.ok = False
+                        self.report.verdict = str(fail)
+                        raise fail from None
+                if attempts >= opts.resume_attempts:
+                    exc2 = self._exhausted(attempts, cut, last)
+                    await self._tell_abort(str(exc2))
+                    raise exc2
+                attempts += 1
+                cut.attempts += 1
+                if offer[0]["epoch"] <= self.epoch:
+                    raise ProtocolError(
+                        f"resume-offer for link {offer[0]['epoch']}, this side is at {self.epoch}"
+                    )
+                self.epoch = offer[0]["epoch"]
+                try:
+                    link, _, scratch = await repunch(
+                        self.control,
+                        "destination",
+                        opts,
+                        self._session_id,
+                        self.epoch,
+                        self.log,
+                        kept=kept,
+                        offer=offer,
+                    )
+                except NoDirectPath as exc:
+                    last = f"re-punch {self.epoch} found no path: {exc}"
+                    offer = None
+                    continue
+                break
+            self._adopt(link)
+            cut.resumed_from = kept
+            cut.resume_seconds = round(time.monotonic() - t0, 3)
+            cut.link = f"{scratch.local} <-> {scratch.remote}"
+            cut.outcome = "resumed"
+        count, hashed = outcome
+        seconds = time.monotonic() - started
+        local_digest = hashed.hex() if hashed else None
+        self._fill(count, local_digest, seconds)
+        self.report.ok = True
+        await self._tell_result(True, count, local_digest, None)
+        return TransferResult(count, local_digest, seconds)
+
+    async def _destination_epoch(
+        self,
+        dst: BinaryIO,
+        digest: bool,
+        progress: Progress | None,
+        position: StreamPosition,
+        acker: AckPoster,
+        state: _Epoch,
+    ) -> tuple[int, bytes] | None:
+        """Receive on the current link until END verified (returned) or the link is lost
+        (None; ``state`` says how).  Other failures raise."""
+        reader, sock = self.reader, self.sock
+        out = Output(dst)
+
+        def on_progress(total: int) -> None:
+            if progress is not None:
+                progress(total)
+            if acker.due(total):
+                out.flush()
+                acker.post(total)
+
+        async def report_progress(n: int) -> None:
+            try:
+                await self.control.send("progress", bytes=n)
+            except HolepunchError as exc:  # the watcher sees the channel go, too
+                self.log.warning("could not send progress: %s", exc)
+
+        async def watch() -> None:
+            try:
+                msg, raw = await self.control.receive(
+                    "resume-offer", timeout=math.inf, step="transfer"
+                )
+            except HolepunchError as exc:
+                state.fatal = exc
+            else:
+                state.offer = (msg, raw)
+                state.seen, state.by = f"peer: {msg['reason']}", "peer"
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+        # (errors are raised after the nursery: inside it they would come out grouped)
+        failure: BaseException | None = None
+        result: tuple[int, bytes] | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            nursery.start_soon(acker.run, report_progress)
+            try:
+                result = await self._in_thread(
+                    lambda: reader.receive_file(
+                        0,
+                        out,  # type: ignore[arg-type]  # write() is all receive_file uses
+                        digest=digest,
+                        progress=on_progress,
+                        position=position,
+                    )
+                )
+            except OutputFailed as exc:
+                failure = exc.error
+                state.local_error = True
+            except (OSError, HolepunchError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is None:
+            return result
+        if state.fatal is not None:
+            raise state.fatal from None
+        # the link's socket errors (ETIMEDOUT comes as a bare TimeoutError) and EOF resume;
+        # failed authentication, END mismatches, ABORT and the output's errors do not
+        link_failure = isinstance(failure, (TruncatedStream, OSError)) and not state.local_error
+        if state.local_error or (state.offer is None and not link_failure):
+            raise failure
+        if state.seen == "":
+            state.seen, state.by = f"{type(failure).__name__}: {failure}", "local"
+        try:
+            out.flush()  # what resume-answer will call kept must have reached the OS
+        except OutputFailed as exc:
+            raise exc.error from None
+        return None
+
+    def _fill(self, count: int, digest: str | None, seconds: float) -> None:
+        self.report.bytes = count
+        self.report.sha256 = digest
+        self.report.seconds = seconds
+
+    async def _tell_result(
+        self, ok: bool, count: int, digest: str | None, error: str | None
+    ) -> None:
+        try:
+            await self.control.send("result", ok=ok, bytes=count, sha256=digest, error=error)
+        except HolepunchError as exc:
+            self.log.warning("could not send the result to the peer: %s", exc)
+
+    async def _tell_abort(self, reason: str) -> None:
+        try:
+            await self.control.send("abort", reason=reason[:4096])
+        except HolepunchError as exc:
+            self.log.warning("could not send abort to the peer: %s", exc)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._shutdown()
+        self.sock.close()
+        if self.tunnel is not None:
+            await self.tunnel.aclose()
+
+
+class _Epoch:
+    """What happened to one link generation during a resumable transfer."""
+
+    def __init__(self) -> None:
+        self.seen = ""
+        self.by: Literal["local", "peer"] = "local"
+        self.result: Message | None = None
+        self.offer: tuple[Message, bytes] | None = None
+        self.fatal: HolepunchError | None = None
+        self.local_error = False

@@ -1,0 +1,333 @@
+"""Control messages and their codec, sans-IO.
+
+A control *frame* on a byte stream is a 4-byte big-endian length followed by that many
+bytes (the *message*).  A message starts with one kind byte:
+
+* ``0x01`` — a control message: a UTF-8 JSON object with ``"v"`` (protocol version) and
+  ``"type"``, plus the fields listed in :data:`SCHEMAS`, and nothing else;
+* ``0x02`` — tunnel data: opaque bytes of the fallback tunnel (see ``tunnel``).
+
+Validation is strict on purpose: the control channel is trusted for integrity, so any
+deviation means a bug or a version skew, and saying exactly what is wrong beats guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from holepunch_mig.errors import ProtocolError
+
+PROTOCOL_VERSION: Final = 1
+MAX_MESSAGE: Final = 64 * 1024
+"""Largest message (kind byte included); libvirt's RPC allows the same."""
+LENGTH_PREFIX: Final = struct.Struct(">I")
+
+KIND_CONTROL: Final = 0x01
+KIND_TUNNEL: Final = 0x02
+
+_HEX32 = re.compile(r"[0-9a-f]{64}")
+_HEX16 = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded control message: its type name and validated fields."""
+
+    type: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+
+@dataclass(frozen=True)
+class TunnelData:
+    """Opaque bytes of the fallback tunnel."""
+
+    data: bytes
+
+
+Event = Message | TunnelData
+
+
+def _check_hex32(value: Any) -> bool:
+    return isinstance(value, str) and _HEX32.fullmatch(value) is not None
+
+
+def _check_hex16(value: Any) -> bool:
+    return isinstance(value, str) and _HEX16.fullmatch(value) is not None
+
+
+def _check_str_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= 64
+        and all(isinstance(v, str) and 0 < len(v) <= 256 for v in value)
+    )
+
+
+def _check_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _check_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def _check_short_str(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 4096
+
+
+def _check_limits(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) <= 16
+        and all(isinstance(k, str) and _check_uint(v) for k, v in value.items())
+    )
+
+
+def _check_policy(value: Any) -> bool:
+    return value in ("direct", "auto", "tunnel")
+
+
+def _check_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _check_str_or_none(value: Any) -> bool:
+    return value is None or _check_short_str(value)
+
+
+def _check_digest_or_none(value: Any) -> bool:
+    return value is None or _check_hex32(value)
+
+
+_Checker = Any  # Callable[[Any], bool]; kept loose so the table stays readable
+
+# type -> {field: (checker, description, required)}
+SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
+    "offer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+        "policy": (_check_policy, '"direct", "auto" or "tunnel"', True),
+        "limits": (_check_limits, "an object of unsigned integers", True),
+    },
+    "answer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+        "limits": (_check_limits, "an object of unsigned integers", True),
+        # the destination's own policy; "direct" forbids the tunnel.  Absent = "direct".
+        "policy": (_check_policy, '"direct", "auto" or "tunnel"', False),
+    },
+    "ping": {"seq": (_check_uint, "an unsigned integer", True)},
+    "pong": {"seq": (_check_uint, "an unsigned integer", True)},
+    "sync": {"round": (_check_uint, "an unsigned integer", True)},
+    "nominate": {
+        "round": (_check_uint, "an unsigned integer", True),
+        "link": (_check_uint, "an unsigned integer", True),
+    },
+    "round-failed": {
+        "round": (_check_uint, "an unsigned integer", True),
+        "retry": (_check_bool, "true or false", True),
+        "reason": (_check_short_str, "a string of at most 4096 characters", True),
+    },
+    "path": {
+        "path": (lambda v: v in ("direct", "tunnel"), '"direct" or "tunnel"', True),
+        "reason": (_check_short_str, "a string of at most 4096 characters", True),
+    },
+    "credit": {"bytes": (_check_uint, "an unsigned integer", True)},
+    "result": {
+        "ok": (_check_bool, "true or false", True),
+        "bytes": (_check_uint, "an unsigned integer", True),
+        "sha256": (_check_digest_or_none, "64 lowercase hex digits or null", True),
+        "error": (_check_str_or_none, "a string or null", True),
+    },
+    "abort": {"reason": (_check_short_str, "a string of at most 4096 characters", True)},
+    # -- resume (docs/protocol.md section 6): stream transfers survive a dead link --
+    # destination -> source during a resumable transfer: bytes of stream 0 written out
+    "progress": {"bytes": (_check_uint, "an unsigned integer", True)},
+    # destination -> source: the link of generation `epoch` failed; `bytes` kept so far
+    "link-lost": {
+        "epoch": (_check_uint, "an unsigned integer", True),
+        "bytes": (_check_uint, "an unsigned integer", True),
+        "reason": (_check_short_str, "a string of at most 4096 characters", True),
+    },
+    # source -> destination: re-punch for link generation `epoch` (>= 1) with fresh keys
+    "resume-offer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "epoch": (_check_uint, "an unsigned integer", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+        "reason": (_check_short_str, "a string of at most 4096 characters", True),
+    },
+    # destination -> source: its fresh key and candidates, and where the stream resumes
+    "resume-answer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "epoch": (_check_uint, "an unsigned integer", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+        "bytes": (_check_uint, "an unsigned integer", True),
+    },
+    # -- migrate-proxy (holepunch_mig.migration.api): QEMU migration streams over the link --
+    # source -> destination once the link is up: how ENDs will be checked
+    "migrate-offer": {
+        "digest": (_check_bool, "true (SHA-256 in END) or false (count-only END)", True),
+        # absent = "mux"; "handoff": the punched socket goes to QEMU (its own TLS-PSK)
+        "mode": (lambda v: v in ("mux", "handoff"), '"mux" or "handoff"', False),
+    },
+    # destination -> source: its mux runs and the destination QEMU's socket exists
+    "migrate-ready": {
+        "digest": (_check_bool, "true or false, echoing migrate-offer", True),
+        "mode": (lambda v: v in ("mux", "handoff"), '"mux" or "handoff"', False),
+    },
+    # both ways at the end: this side's verdict on every stream it carried
+    "migrate-result": {
+        "ok": (_check_bool, "true or false", True),
+        "streams": (_check_uint, "an unsigned integer", True),
+        "sent": (_check_uint, "an unsigned integer", True),
+        "received": (_check_uint, "an unsigned integer", True),
+        "error": (_check_str_or_none, "a string or null", True),
+    },
+}
+
+
+def make(type_: str, **fields: Any) -> Message:
+    """Build a message, validating it exactly as the decoder would."""
+    msg = Message(type_, dict(fields))
+    _validate(type_, msg.fields)
+    return msg
+
+
+def encode(event: Event) -> bytes:
+    """Encode one message (without the length prefix)."""
+    if isinstance(event, TunnelData):
+        out = bytes([KIND_TUNNEL]) + event.data
+    else:
+        _validate(event.type, event.fields)
+        body = {"v": PROTOCOL_VERSION, "type": event.type, **event.fields}
+        out = bytes([KIND_CONTROL]) + json.dumps(body, separators=(",", ":")).encode()
+    if len(out) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(out)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    return out
+
+
+def decode(data: bytes) -> Event:
+    """Decode one message; any deviation raises :class:`ProtocolError` naming it."""
+    if not data:
+        raise ProtocolError("empty message (no kind byte)")
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    kind = data[0]
+    if kind == KIND_TUNNEL:
+        return TunnelData(bytes(data[1:]))
+    if kind != KIND_CONTROL:
+        raise ProtocolError(f"unknown message kind 0x{kind:02x}")
+    try:
+        obj = json.loads(bytes(data[1:]).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"control message is not UTF-8: {exc.reason}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, nesting
+        raise ProtocolError(f"control message is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"control message is a JSON {type(obj).__name__}, not an object")
+    version = obj.pop("v", None)
+    if version is None:
+        raise ProtocolError('control message has no "v" (protocol version)')
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})"
+        )
+    type_ = obj.pop("type", None)
+    if not isinstance(type_, str):
+        raise ProtocolError('control message has no string "type"')
+    _validate(type_, obj)
+    return Message(type_, obj)
+
+
+def _validate(type_: str, fields: Mapping[str, Any]) -> None:
+    schema = SCHEMAS.get(type_)
+    if schema is None:
+        raise ProtocolError(f"unknown message type {type_[:64]!r}")
+    for name, (check, description, required) in schema.items():
+        if name not in fields:
+            if required:
+                raise ProtocolError(f"{type_} message lacks field {name!r}")
+            continue
+        if not check(fields[name]):
+            raise ProtocolError(f"{type_} message field {name!r} must be {description}")
+    extra = sorted(set(fields) - set(schema))
+    if extra:
+        raise ProtocolError(f"{type_} message has unknown field {extra[0][:64]!r}")
+
+
+class FrameDecoder:
+    """Splits a byte stream into messages; feed bytes, pull complete messages.
+
+    Refuses an oversized length before buffering the body, so a hostile peer cannot make
+    us allocate more than one maximal frame.
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self._buf = bytearray()
+        self._max = max_message
+
+    def feed(self, data: bytes | bytearray) -> None:
+        self._buf += data
+        if len(self._buf) >= LENGTH_PREFIX.size:
+            (length,) = LENGTH_PREFIX.unpack_from(self._buf)
+            self._check_length(length)
+
+    def _check_length(self, length: int) -> None:
+        if length == 0:
+            raise ProtocolError("zero-length frame")
+        if length > self._max:
+            raise ProtocolError(f"frame of {length} bytes exceeds the {self._max}-byte limit")
+
+    def next_message(self) -> bytes | None:
+        if len(self._buf) < LENGTH_PREFIX.size:
+            return None
+        (length,) = LENGTH_PREFIX.unpack_from(self._buf)
+        self._check_length(length)
+        end = LENGTH_PREFIX.size + length
+        if len(self._buf) < end:
+            return None
+        msg = bytes(self._buf[LENGTH_PREFIX.size : end])
+        del self._buf[:end]
+        if len(self._buf) >= LENGTH_PREFIX.size:
+            self._check_length(LENGTH_PREFIX.unpack_from(self._buf)[0])
+        return msg
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered that do not yet form a whole message."""
+        return len(self._buf)
+
+    def take_buffered(self) -> bytes:
+        """Remove and return every buffered byte (for a reader that takes over the
+        stream, such as the tunnel's worker thread)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+def frame(message: bytes) -> bytes:
+    """Prefix a message with its length."""
+    if not message:
+        raise ProtocolError("cannot frame an empty message")
+    if len(message) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    return LENGTH_PREFIX.pack(len(message)) + message

@@ -1,0 +1,127 @@
+"""The benchmark harness in a tiny mode, so it cannot rot.  No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from testsupport.lab import require_netns
+
+from holepunch_mig.bench import harness as b
+from holepunch_mig.cli.main import main
+
+TINY = 8 << 20
+
+
+ALL_ROWS = ["plain-tcp", "tls", "rpc-tunnel", "tunnel", "direct", "direct-sha256"]
+
+
+def _check_rows(res: dict[str, Any], total: int) -> None:
+    assert res["machine"]["nproc"] >= 1 and len(res["machine"]["loadavg_start"]) == 3
+    for row in res["rows"]:
+        if row["pending"]:
+            assert not row["samples"]
+            continue
+        assert len(row["samples"]) == 1
+        assert row["median"]["mbps"] > 0 and row["median"]["wall"] > 0
+        assert row["median"]["send_cpu"] >= 0 and row["median"]["recv_cpu"] >= 0
+        assert row["ratio"] is not None
+        assert f"{row['total']} bytes" in row["verified"] and "chunk stamps" in row["verified"]
+    by_key = {r["key"]: r for r in res["rows"] if r["rtt_ms"] == 0}
+    assert "TLS_AES_256_GCM_SHA384" in by_key["tls"]["verified"]
+    for key in ("rpc-tunnel", "tunnel"):
+        assert "path tunnel" in by_key[key]["verified"]
+        assert by_key[key]["time_to_link"] is not None
+    for key in ("direct", "direct-sha256"):
+        assert "path direct" in by_key[key]["verified"]
+        assert by_key[key]["time_to_link"] is not None
+    assert "sha256 both ends" in by_key["direct-sha256"]["verified"]
+    # stop-and-wait: one credit reply per 64 KiB chunk
+    rpc = by_key["rpc-tunnel"]["samples"][0]["extra"]
+    assert rpc["tunnel_credits"] >= total // (64 << 10)
+    assert by_key["plain-tcp"]["ratio"] == pytest.approx(1.0)
+
+
+def test_cli_bench_tiny_loopback_writes_verified_json_markdown_png(tmp_path: Path) -> None:
+    out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
+    code = main(
+        ["bench", "--loopback", "--gib", str(TINY / b.GIB), "--runs", "1", "--lab-runs", "0",
+         "--full-verify", "--rows", ",".join([*ALL_ROWS, "records-sha256"]),
+         "--json", str(out), "--markdown", str(md), "--png", str(png)]
+    )  # fmt: skip
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["total"] == TINY and res["config"]["runs"] == 1
+    assert res["where"] == "loopback" and res["rtts"] == [0]
+    assert [r["key"] for r in res["rows"]] == [*ALL_ROWS, "records-sha256"]
+    _check_rows(res, TINY)
+    for row in res["rows"]:
+        assert "sink sha256" in row["verified"]
+    assert set(res["crypto_only"]) >= {"aes_gcm_encrypt_into_MBps", "sha256_MBps"}
+    assert res["time_to_link"] is None
+    text = md.read_text()
+    assert "| 5b |" in text and "nproc=" in text and "2009" in text and "### Targets" in text
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.netns
+def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
+    """Every default row once between two namespaces of the lab, at 0 ms (and 20 ms,
+    reported as pending until the lab has a delay stage), no QEMU."""
+    require_netns()
+    out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
+    code = main(
+        ["bench", "--gib", str(TINY / b.GIB), "--runs", "1", "--lab-runs", "0", "--rtts", "0,20",
+         "--qemu-runs", "0", "--json", str(out), "--markdown", str(md), "--png", str(png)]
+    )  # fmt: skip
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert res["where"] == "lab" and res["rtts"] == [0, 20]
+    assert [r["key"] for r in res["rows"] if r["rtt_ms"] == 0] == ALL_ROWS
+    _check_rows(res, TINY)
+    twenty = [r for r in res["rows"] if r["rtt_ms"] == 20]
+    assert all(r["pending"] or r["samples"] for r in twenty)
+    assert "### 20 ms RTT" in md.read_text()
+    assert png.stat().st_size > 1000
+
+
+def test_pattern_and_sink_agree_and_catch_reordering() -> None:
+    seed = b"t"
+    total = 3 * b.CHUNK + 100
+    src = b.PatternSource(total, seed)
+    data = bytearray()
+    buf = memoryview(bytearray(300_000))  # odd size: chunk boundaries fall mid-buffer
+    while n := src.readinto(buf):
+        data += buf[:n]
+    assert len(data) == total
+    good = b.CheckingSink(seed, full_hash=True)
+    for off in range(0, total, 77_777):
+        good.write(data[off : off + 77_777])
+    assert good.bad is None and good.pos == total
+    assert good.hash is not None and good.hash.hexdigest() == b.expected_sha256(total, seed)
+    swapped = data[b.CHUNK : 2 * b.CHUNK] + data[: b.CHUNK] + data[2 * b.CHUNK :]
+    bad = b.CheckingSink(seed)
+    bad.write(swapped)
+    assert bad.bad is not None
+
+
+def test_a_fast_wrong_answer_fails() -> None:
+    def send(sock: socket.socket, src: b.PatternSource, cfg: b.BenchConfig) -> b.SideResult:
+        return b.REGISTRY["plain-tcp"].factory(cfg).sender(sock, src, cfg)
+
+    def drop_a_chunk(sock: socket.socket, sink: b.CheckingSink, cfg: b.BenchConfig) -> b.SideResult:
+        view = memoryview(bytearray(b.CHUNK))
+        got = chunks = 0
+        while n := sock.recv_into(view, b.CHUNK, socket.MSG_WAITALL):
+            chunks += 1
+            if chunks != 2:
+                sink.write(view[:n])
+            got += n
+        return b.SideResult(nbytes=got)
+
+    cfg = b.BenchConfig(total=4 * b.CHUNK, runs=1)
+    with pytest.raises(b.BenchError, match="byte count"):
+        b.run_pair(b.PairSpec(send, drop_a_chunk), cfg, None)
