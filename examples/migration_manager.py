@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import trio
 
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, presets
 from holepunch_mig.migration.qemu import (
     MigrationResult,
     QemuVM,

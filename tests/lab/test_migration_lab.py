@@ -27,7 +27,7 @@ from testsupport.lab import require_netns
 from testsupport.qemu import require_qemu
 
 from holepunch_mig.errors import ProtocolError
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, presets
 from holepunch_mig.migration.api import (
     MigrationError,
     MigrationProgress,
