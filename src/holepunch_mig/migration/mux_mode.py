@@ -53,7 +53,7 @@ PROGRESS_INTERVAL = 0.25
 
 
 class MigrationProxy(ProxyBase):
-    """One side of a migration carried over the link.  Made by :func:`migration_source`
+    """One side of a mux-mode migration.  Made by :func:`migration_source`
     / :func:`migration_destination`; not constructed directly."""
 
     def __init__(
