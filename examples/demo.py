@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, LabError, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, LabError, presets
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 PAYLOAD_MIB = 256

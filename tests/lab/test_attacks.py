@@ -187,7 +187,7 @@ def _rss_kib(pid: int) -> int:
 def test_flood_on_the_punch_port_during_a_session(tmp_path: Path) -> None:
     from testsupport.lab import require_netns
 
-    from holepunch_mig.lab.topology import CONTROL_PORT, Lab, presets
+    from holepunch_mig.lab import CONTROL_PORT, Lab, presets
 
     require_netns()
     data = os.urandom(8 << 20)

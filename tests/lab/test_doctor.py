@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from testsupport.lab import cli_env
 
-from holepunch_mig.lab.topology import Lab, LabSpec, presets
+from holepunch_mig.lab import Lab, LabSpec, presets
 
 Factory = Callable[[LabSpec | str], Lab]
 DOCTOR = [sys.executable, "-m", "holepunch_mig.cli", "doctor"]

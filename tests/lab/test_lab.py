@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from testsupport.lab import require_netns, run_python
 
-from holepunch_mig.lab.topology import (
+from holepunch_mig.lab import (
     CONTROL_PORT,
     STATE_DIR,
     Lab,
@@ -450,7 +450,7 @@ def test_cleanup_stale_removes_namespaces_of_dead_pid() -> None:
     code = textwrap.dedent(
         """
         import json, os, signal, subprocess, sys
-        from holepunch_mig.lab.topology import Lab, presets
+        from holepunch_mig.lab import Lab, presets
         lab = Lab(presets()["nat-nat"]).build()
         pids = subprocess.run(["ip", "netns", "pids", lab.netns("stun")],
                               capture_output=True, text=True).stdout.split()
@@ -579,7 +579,7 @@ def test_detached_lab_survives_cleanup_stale_and_attach_tears_down() -> None:
         """
         import json
         from dataclasses import replace
-        from holepunch_mig.lab.topology import Lab, presets
+        from holepunch_mig.lab import Lab, presets
         spec = replace(presets()["nat-fw"], name="detach-test", rtt_ms=10)
         lab = Lab(spec, detached=True).build()
         print(json.dumps({"run_id": lab.run_id, "namespaces": lab.namespaces()}))

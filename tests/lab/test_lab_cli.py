@@ -14,7 +14,7 @@ import pytest
 from testsupport.lab import require_netns, run_cli
 
 from holepunch_mig.cli import main as cli
-from holepunch_mig.lab.topology import STATE_DIR, Lab
+from holepunch_mig.lab import STATE_DIR, Lab
 
 SPEC = """\
 # a double NAT on the left, a firewall that rejects on the right, 20 ms between them

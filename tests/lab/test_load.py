@@ -191,7 +191,7 @@ print(json.dumps({"wall": time.monotonic() - t0, "results": results}))
 def test_fifty_concurrent_sessions_fw_fw(tmp_path: Path) -> None:
     from testsupport.lab import require_netns
 
-    from holepunch_mig.lab.topology import Lab, presets
+    from holepunch_mig.lab import Lab, presets
 
     require_netns()
     base = presets()["fw-fw"]

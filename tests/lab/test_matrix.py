@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from testsupport.lab import CLI, cli_env, require_netns
 
-from holepunch_mig.lab import heatmap, matrix
-from holepunch_mig.lab.topology import presets
+from holepunch_mig.lab import heatmap, matrix, presets
 
 
 @pytest.mark.netns

@@ -1,6 +1,7 @@
 """QEMU live migrations through ``holepunch-mig migrate-proxy`` between two firewalled
 network namespaces (lab preset fw-fw: inbound only the control port), driven by
-examples/migration_manager.py; plus the migration API on this host (no namespaces).
+:func:`holepunch_mig.lab.qemu_lab.migrate_in_lab` (the manager of
+examples/migration_manager.py); plus the migration API on this host (no namespaces).
 
 Under CI=true these must run: the lab and QEMU helpers fail instead of skipping.
 """
@@ -8,7 +9,6 @@ Under CI=true these must run: the lab and QEMU helpers fail instead of skipping.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -18,7 +18,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,7 +26,8 @@ from testsupport.lab import require_netns
 from testsupport.qemu import require_qemu
 
 from holepunch_mig.errors import ProtocolError
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, presets
+from holepunch_mig.lab.qemu_lab import migrate_in_lab
 from holepunch_mig.migration.api import (
     MigrationError,
     MigrationProgress,
@@ -50,20 +50,6 @@ from holepunch_mig.wire import messages
 
 MEM_MIB = 128
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_manager() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "migration_manager", ROOT / "examples" / "migration_manager.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-manager = _load_manager()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +108,7 @@ def test_migration_through_firewalls(
 ) -> None:
     async def main() -> Any:
         with trio.fail_after(150):
-            return await manager.migrate_in_lab(
+            return await migrate_in_lab(
                 fw_lab,
                 tmp_path,
                 mem_mib=MEM_MIB,
@@ -181,7 +167,7 @@ def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: s
 
     async def main() -> Any:
         with trio.fail_after(150):
-            return await manager.migrate_in_lab(
+            return await migrate_in_lab(
                 fw_lab,
                 tmp_path,
                 mem_mib=MEM_MIB,
@@ -370,7 +356,7 @@ def _check_handoff_success(outcome: Any) -> None:
 def test_handoff_through_firewalls(fw_lab: Lab, image: Path, tmp_path: Path) -> None:
     async def main() -> Any:
         with trio.fail_after(150):
-            return await manager.migrate_in_lab(
+            return await migrate_in_lab(
                 fw_lab,
                 tmp_path,
                 mem_mib=MEM_MIB,
@@ -410,7 +396,7 @@ def test_handoff_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path
 
     async def main() -> Any:
         with trio.fail_after(150):
-            return await manager.migrate_in_lab(
+            return await migrate_in_lab(
                 fw_lab,
                 tmp_path,
                 mem_mib=MEM_MIB,
@@ -447,7 +433,7 @@ def test_handoff_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path
 def test_handoff_refuses_multifd_in_lab(fw_lab: Lab, image: Path, tmp_path: Path) -> None:
     async def main() -> Any:
         with trio.fail_after(120):
-            return await manager.migrate_in_lab(
+            return await migrate_in_lab(
                 fw_lab, tmp_path, mem_mib=MEM_MIB, ram_image=image, mode="handoff", multifd=4
             )
 

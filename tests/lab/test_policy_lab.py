@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from testsupport.lab import require_netns
 
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, presets
 
 pytestmark = pytest.mark.netns
 

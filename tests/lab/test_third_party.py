@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from testsupport.lab import require_netns
 
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, presets
 
 pytestmark = pytest.mark.netns
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from testsupport.lab import require_netns
 
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
 
 pytestmark = pytest.mark.netns
 

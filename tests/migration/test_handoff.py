@@ -24,9 +24,9 @@ import trio
 from testsupport.qemu import require_qemu
 
 from holepunch_mig.errors import HolepunchError
+from holepunch_mig.migration import handoff
 from holepunch_mig.migration.api import (
     MigrationError,
-    handoff,
     migration_destination,
     migration_source,
 )

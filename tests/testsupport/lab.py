@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from holepunch_mig.lab.topology import NS_PREFIX, Lab, LabError, LabSpec, presets
+from holepunch_mig.lab import NS_PREFIX, Lab, LabError, LabSpec, presets
 
 __all__ = [
     "CLI",

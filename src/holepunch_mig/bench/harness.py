@@ -931,7 +931,7 @@ def time_to_link(runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 <
     if os.geteuid() != 0:
         res.skipped = "not root: the namespace lab needs root (time to link not measured)"
         return res
-    from holepunch_mig.lab.topology import CONTROL_PORT, Lab, LabError, presets
+    from holepunch_mig.lab import CONTROL_PORT, Lab, LabError, presets
 
     cli = [sys.executable, "-m", "holepunch_mig.cli"]
     try:
@@ -1125,7 +1125,7 @@ def run_bench(
             lab = None
             if where == "lab":
                 from holepunch_mig.bench.lab_cells import lab_spec
-                from holepunch_mig.lab.topology import Lab, LabUnsupported
+                from holepunch_mig.lab import Lab, LabUnsupported
 
                 try:
                     lab = Lab(lab_spec(rtt)).build()

@@ -41,7 +41,7 @@ from holepunch_mig.bench.harness import (
     run_side,
     send_with,
 )
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, LabSpec, SideSpec
+from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec
 
 __all__ = ["DATA_PORT", "QemuCell", "lab_spec", "load_bench_qemu", "qemu_cells", "run_pair_lab"]
 

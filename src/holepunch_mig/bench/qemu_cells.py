@@ -46,7 +46,7 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
+from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
 from holepunch_mig.migration.mux import Mux
 from holepunch_mig.migration.proxy import run_destination, run_source
 from holepunch_mig.migration.qemu import (

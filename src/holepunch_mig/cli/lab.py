@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from holepunch_mig.lab.topology import (
+from holepunch_mig.lab import (
     CONTROL_PORT,
     Lab,
     LabError,

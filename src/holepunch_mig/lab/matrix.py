@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from holepunch_mig.lab.topology import CONTROL_PORT, Lab, LabError, LabSpec, presets
+from holepunch_mig.lab.spec import CONTROL_PORT, LabError, LabSpec, presets
+from holepunch_mig.lab.topology import Lab
 
 Expect = Literal["direct", "fail-symmetric"]
 

@@ -36,121 +36,71 @@ process that built them: their state file says ``"detached": true``, :meth:`clea
 leaves them alone, and :meth:`Lab.attach` (by name; default the newest) gives back a
 :class:`Lab` whose :meth:`teardown` removes them.
 
-Only Linux, only as root.  See docs/lab-notes.md and docs/traversal.md.
+Specs and presets are :mod:`holepunch_mig.lab.spec`; the commands, namespace and
+nftables helpers :mod:`holepunch_mig.lab.netns`.  Only Linux, only as root.  See
+docs/lab-notes.md and docs/traversal.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from holepunch_mig.errors import HolepunchError
-
-__all__ = [
-    "CONTROL_PORT",
-    "NS_PREFIX",
-    "STATE_DIR",
-    "STUN_PORT",
-    "Firewall",
-    "Lab",
-    "LabError",
-    "LabHost",
-    "LabSpec",
-    "LabUnsupported",
-    "Nat",
-    "SideSpec",
-    "load_spec",
-    "presets",
-    "spec_from_dict",
-    "spec_to_dict",
-]
-
-Firewall = Literal["open", "drop", "reject"]
-Nat = Literal["none", "masquerade", "random", "fully-random", "rst", "double"]
-Side = Literal["left", "right"]
-
-_FIREWALLS: tuple[str, ...] = ("open", "drop", "reject")
-_NATS: tuple[str, ...] = ("none", "masquerade", "random", "fully-random", "rst", "double")
+from holepunch_mig.lab.netns import (
+    MASQUERADE,
+    call_in_netns,
+    check_environment,
+    delete_netns,
+    host_ruleset,
+    ip_batch,
+    kill_netns_processes,
+    list_netns,
+    pid_alive,
+    proc_start_time,
+    router_ruleset,
+    run_cmd,
+    select_line,
+)
+from holepunch_mig.lab.spec import (
+    LabError,
+    LabSpec,
+    Side,
+    SideSpec,
+    spec_from_dict,
+    spec_to_dict,
+    validate_spec,
+)
 
 #: Every namespace the lab creates is named ``hpm-<pid>-<token>-<role>``.
 NS_PREFIX = "hpm-"
 #: One JSON state file per live lab: ``<STATE_DIR>/<pid>-<token>.json``.
 STATE_DIR = Path("/run/holepunch-mig")
-#: The control port the presets open (firewall hole / port-forward) on the right side.
-CONTROL_PORT = 7070
 #: coturn's listening port (TCP and UDP) on the stun host.
 STUN_PORT = 3478
 
 _NS_RE = re.compile(r"^hpm-(\d+)-([0-9a-f]{6})-([a-z-]+)$")
-_CLONE_NEWNET = 0x40000000
-
-PUBLIC_PREFIXLEN = 24
-PUBLIC_NET = "198.51.100.0/24"
 _PUBLIC_HOST = "198.51.100.2"
 _STUN_HOST = "198.51.100.3"
 #: coturn's second address (same host, same port): a second "server" for mapping tests.
 _STUN_HOST2 = "198.51.100.4"
-#: Upper bound for rtt_ms (the delay queue holds at most 16384 packets).
-MAX_RTT_MS = 2000
 _SIDE_WAN = {"left": "198.51.100.10", "right": "198.51.100.20"}
 _SIDE_INDEX = {"left": 1, "right": 2}
 
-
-class LabError(HolepunchError):
-    """The lab could not be built, used or torn down (message says what and why)."""
-
-
-class LabUnsupported(LabError, NotImplementedError):
-    """The spec asks for something the lab does not implement yet (e.g. ``rtt_ms > 0``)."""
-
-
-@dataclass(frozen=True)
-class SideSpec:
-    """One side of the lab (a hypervisor host and what stands between it and the world).
-
-    firewall: policy for inbound NEW connections (established/related always pass).
-    nat: "none" puts the host on the public segment; "masquerade" is port-preserving,
-        endpoint-independent NAT; "random"/"fully-random" are nft masquerade with those
-        flags (symmetric-ish: ports not preserved); "rst" is a port-preserving NAT that
-        answers unsolicited inbound TCP SYNs with RST; "double" is a carrier-grade NAT
-        (masquerade) in front of a home NAT (masquerade).
-    allow_inbound_tcp: ports accepted inbound (no NAT) or port-forwarded to the same port on
-        the host (NAT), e.g. the receiver's control port.
-    """
-
-    firewall: Firewall = "drop"
-    nat: Nat = "none"
-    allow_inbound_tcp: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class LabSpec:
-    """A whole lab: two sides, an optional STUN server (coturn on two addresses) and a
-    round-trip delay between the two sides in milliseconds (0 = none)."""
-
-    left: SideSpec
-    right: SideSpec
-    stun: bool = False
-    rtt_ms: int = 0
-    name: str = "lab"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -171,319 +121,6 @@ class LabHost:
     public_address: str
     side: Side | None = None
     wan_address: str | None = None
-
-
-def presets() -> dict[str, LabSpec]:
-    """Named lab cells.  The right side is the destination: it has the control port
-    (:data:`CONTROL_PORT`) open / forwarded.  NAT presets run a STUN server."""
-    ctl = (CONTROL_PORT,)
-
-    def spec(
-        name: str,
-        left: tuple[Firewall, Nat],
-        right: tuple[Firewall, Nat],
-        stun: bool | None = None,
-    ) -> LabSpec:
-        natted = left[1] != "none" or right[1] != "none"
-        return LabSpec(
-            left=SideSpec(firewall=left[0], nat=left[1]),
-            right=SideSpec(firewall=right[0], nat=right[1], allow_inbound_tcp=ctl),
-            stun=natted if stun is None else stun,
-            name=name,
-        )
-
-    cells = [
-        spec("open-open", ("open", "none"), ("open", "none")),
-        spec("fw-fw", ("drop", "none"), ("drop", "none")),
-        spec("reject-reject", ("reject", "none"), ("reject", "none")),
-        spec("fw-reject", ("drop", "none"), ("reject", "none")),
-        spec("nat-open", ("drop", "masquerade"), ("open", "none")),
-        spec("nat-fw", ("drop", "masquerade"), ("drop", "none")),
-        spec("nat-nat", ("drop", "masquerade"), ("drop", "masquerade")),
-        spec("rst-rst", ("drop", "rst"), ("drop", "rst")),
-        spec("random-random", ("drop", "random"), ("drop", "random")),
-        spec("symmetric-nat", ("drop", "fully-random"), ("drop", "masquerade")),
-        spec("symmetric-symmetric", ("drop", "fully-random"), ("drop", "fully-random")),
-        spec("double-nat", ("drop", "double"), ("drop", "masquerade")),
-        spec("double-double", ("drop", "double"), ("drop", "double")),
-    ]
-    return {c.name: c for c in cells}
-
-
-_SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms")
-_SIDE_KEYS = ("firewall", "nat", "allow_inbound_tcp")
-
-
-def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> LabSpec:
-    """A :class:`LabSpec` from a parsed spec file (see docs/traversal.md).  Unknown keys and
-    bad values raise LabError naming the key."""
-    if not isinstance(data, Mapping):
-        raise LabError("a lab spec is a table/object with keys " + ", ".join(_SPEC_KEYS))
-    unknown = sorted(set(data) - set(_SPEC_KEYS))
-    if unknown:
-        raise LabError(f"unknown spec key(s) {unknown}; allowed: {', '.join(_SPEC_KEYS)}")
-
-    def side(key: str) -> SideSpec:
-        raw = data.get(key, {})
-        if not isinstance(raw, Mapping):
-            raise LabError(f"{key} must be a table/object with keys {', '.join(_SIDE_KEYS)}")
-        bad = sorted(set(raw) - set(_SIDE_KEYS))
-        if bad:
-            raise LabError(f"unknown key(s) {bad} in {key}; allowed: {', '.join(_SIDE_KEYS)}")
-        ports = raw.get("allow_inbound_tcp", [])
-        if not isinstance(ports, list | tuple) or not all(
-            isinstance(p, int) and not isinstance(p, bool) for p in ports
-        ):
-            raise LabError(f"{key}.allow_inbound_tcp must be a list of port numbers")
-        fw, nat = raw.get("firewall", "drop"), raw.get("nat", "none")
-        if fw not in _FIREWALLS:
-            raise LabError(f"{key}.firewall must be one of {', '.join(_FIREWALLS)}, not {fw!r}")
-        if nat not in _NATS:
-            raise LabError(f"{key}.nat must be one of {', '.join(_NATS)}, not {nat!r}")
-        return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports))
-
-    name = data.get("name", default_name)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
-        raise LabError(f"name must be 1-40 letters, digits, '_', '.', '-', not {name!r}")
-    stun = data.get("stun", False)
-    rtt = data.get("rtt_ms", 0)
-    if not isinstance(stun, bool):
-        raise LabError(f"stun must be true or false, not {stun!r}")
-    if not isinstance(rtt, int) or isinstance(rtt, bool):
-        raise LabError(f"rtt_ms must be an integer number of milliseconds, not {rtt!r}")
-    spec = LabSpec(left=side("left"), right=side("right"), stun=stun, rtt_ms=rtt, name=name)
-    _validate(spec)
-    return spec
-
-
-def spec_to_dict(spec: LabSpec) -> dict[str, Any]:
-    """The inverse of :func:`spec_from_dict` (JSON-friendly)."""
-
-    def side(s: SideSpec) -> dict[str, Any]:
-        return {
-            "firewall": s.firewall,
-            "nat": s.nat,
-            "allow_inbound_tcp": list(s.allow_inbound_tcp),
-        }
-
-    return {
-        "name": spec.name,
-        "stun": spec.stun,
-        "rtt_ms": spec.rtt_ms,
-        "left": side(spec.left),
-        "right": side(spec.right),
-    }
-
-
-def load_spec(path: str | os.PathLike[str]) -> LabSpec:
-    """Read a lab spec file: TOML if it ends in ``.toml``, else JSON.  The name defaults to
-    the file's stem."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise LabError(f"cannot read spec file {p}: {exc.strerror or exc}") from None
-    try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise LabError(
-            f"spec file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}"
-        ) from None
-    return spec_from_dict(data, default_name=re.sub(r"[^A-Za-z0-9_.-]", "-", p.stem)[:40] or "lab")
-
-
-# --------------------------------------------------------------------------- helpers
-
-_T = TypeVar("_T")
-
-
-def _run_cmd(
-    argv: Sequence[str], *, input_text: str | None = None, timeout: float = 10.0
-) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(
-            list(argv),
-            input=input_text,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise LabError(f"lab needs {argv[0]!r} installed: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise LabError(f"{' '.join(argv)} did not finish within {timeout} s") from exc
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()
-        where = f"\n--- input ---\n{input_text}" if input_text else ""
-        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {detail}{where}")
-    return proc
-
-
-def _list_netns() -> list[str]:
-    proc = _run_cmd(["ip", "netns", "list"])
-    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Kernel start time (clock ticks since boot) of pid, or None if it is gone/zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _pid_alive(pid: int, start_time: int | None = None) -> bool:
-    current = _proc_start_time(pid)
-    if current is None:
-        return False
-    return start_time is None or current == start_time
-
-
-def _wait_gone(pid: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        if _proc_start_time(pid) is None:
-            return True
-        time.sleep(0.02)
-    return _proc_start_time(pid) is None
-
-
-def _kill_netns_processes(netns: str, timeout: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, every process still inside a lab namespace."""
-    try:
-        proc = _run_cmd(["ip", "netns", "pids", netns])
-    except LabError:
-        return
-    pids = [int(p) for p in proc.stdout.split() if p.isdigit() and int(p) != os.getpid()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-                alive.append(pid)
-        deadline = time.monotonic() + timeout
-        pids = [pid for pid in alive if not _wait_gone(pid, deadline)]
-        if not pids:
-            return
-
-
-def _delete_netns(netns: str) -> None:
-    _kill_netns_processes(netns)
-    proc = subprocess.run(
-        ["ip", "netns", "delete", netns], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0 and Path("/run/netns", netns).exists():
-        raise LabError(f"could not delete namespace {netns}: {proc.stderr.strip()}")
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _setns(path: str) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def call_in_netns(netns: str, fn: Callable[[], _T]) -> _T:
-    """Run fn() in a fresh thread that has joined network namespace `netns`; return its
-    result (or raise its exception).  Sockets created there stay in that namespace."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            _setns(f"/run/netns/{netns}")
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    result: _T = box["value"]
-    return result
-
-
-def _nft_policy(firewall: str, rst: bool) -> str:
-    lines = []
-    if rst:
-        lines.append("meta l4proto tcp reject with tcp reset")
-    if firewall == "drop":
-        lines.append("drop")
-    elif firewall == "reject":
-        lines.append("meta l4proto tcp reject with tcp reset")
-        lines.append("reject with icmpx type port-unreachable")
-    return "\n".join(f"    {line}" for line in lines)
-
-
-def _host_ruleset(firewall: str, allowed: Sequence[int]) -> str:
-    allow = f"    tcp dport {{ {', '.join(map(str, allowed))} }} accept\n" if allowed else ""
-    return (
-        "table inet hpm {\n"
-        "  chain input {\n"
-        "    type filter hook input priority filter; policy accept;\n"
-        '    iifname "lo" accept\n'
-        "    ct state established,related accept\n"
-        f"{allow}"
-        f"{_nft_policy(firewall, rst=False)}\n"
-        "  }\n"
-        "}\n"
-    )
-
-
-def _router_ruleset(
-    firewall: str, masquerade: str, rst: bool, forward_to: str, allowed: Sequence[int]
-) -> str:
-    dnat = "".join(f'    iifname "wan" tcp dport {p} dnat to {forward_to}:{p}\n' for p in allowed)
-    policy = _nft_policy(firewall, rst)
-    guard = '    iifname != "wan" accept\n    ct state established,related accept\n'
-    return (
-        "table ip hpm_nat {\n"
-        "  chain prerouting {\n"
-        "    type nat hook prerouting priority dstnat; policy accept;\n"
-        f"{dnat}"
-        "  }\n"
-        "  chain postrouting {\n"
-        "    type nat hook postrouting priority srcnat; policy accept;\n"
-        f'    oifname "wan" {masquerade}\n'
-        "  }\n"
-        "}\n"
-        "table inet hpm_filter {\n"
-        "  chain input {\n"
-        "    type filter hook input priority filter; policy accept;\n"
-        f"{guard}"
-        f"{policy}\n"
-        "  }\n"
-        "  chain forward {\n"
-        "    type filter hook forward priority filter; policy accept;\n"
-        f"{guard}"
-        "    ct status dnat accept\n"
-        f"{policy}\n"
-        "  }\n"
-        "}\n"
-    )
-
-
-_MASQUERADE = {
-    "masquerade": "masquerade",
-    "rst": "masquerade",
-    "double": "masquerade",
-    "random": "masquerade random",
-    "fully-random": "masquerade fully-random",
-}
 
 
 @dataclass
@@ -522,7 +159,7 @@ class Lab:
     def __init__(
         self, spec: LabSpec, *, detached: bool = False, _run_id: str | None = None
     ) -> None:
-        _validate(spec)
+        validate_spec(spec)
         self.spec = spec
         self.detached = detached
         if _run_id is None:
@@ -701,11 +338,11 @@ class Lab:
             if spec.nat == "none":
                 h = add(side, role="host", address=wan, public_address=wan, side=side)
                 plan.links.append(_Link(h.netns, "eth0", f"{wan}/24", pub, side))
-                plan.rulesets[side] = _host_ruleset(spec.firewall, spec.allow_inbound_tcp)
+                plan.rulesets[side] = host_ruleset(spec.firewall, spec.allow_inbound_tcp)
                 continue
             lan_gw, host_addr = f"10.{idx}.0.1", f"10.{idx}.0.2"
             rst = spec.nat == "rst"
-            masq = _MASQUERADE[spec.nat]
+            masq = MASQUERADE[spec.nat]
             router = f"{side}-router"
             if spec.nat == "double":
                 cgn = f"{side}-cgn"
@@ -726,7 +363,7 @@ class Lab:
                     _Link(r.netns, "wan", f"{home_wan}/24", c.netns, "lan", f"{cgn_in}/24")
                 )
                 plan.routes[router] = cgn_in
-                plan.rulesets[cgn] = _router_ruleset(
+                plan.rulesets[cgn] = router_ruleset(
                     spec.firewall, masq, rst, home_wan, spec.allow_inbound_tcp
                 )
                 plan.forwarding.add(cgn)
@@ -745,7 +382,7 @@ class Lab:
                 _Link(h.netns, "eth0", f"{host_addr}/24", r.netns, "lan", f"{lan_gw}/24")
             )
             plan.routes[side] = lan_gw
-            plan.rulesets[router] = _router_ruleset(
+            plan.rulesets[router] = router_ruleset(
                 spec.firewall, masq, rst, host_addr, spec.allow_inbound_tcp
             )
             plan.forwarding.add(router)
@@ -759,7 +396,7 @@ class Lab:
         KeyboardInterrupt) whatever was created is torn down before the error propagates."""
         if self.built:
             raise LabError(f"lab {self.spec.name!r} is already built")
-        _check_environment(need_stun=self.spec.stun, need_delay=self.spec.rtt_ms > 0)
+        check_environment(need_stun=self.spec.stun, need_delay=self.spec.rtt_ms > 0)
         try:
             self._write_state()
             self._build()
@@ -818,7 +455,7 @@ class Lab:
                 log_text = (tmp / f"delay-{side}.log").read_text(errors="replace")[-1000:]
                 raise LabError(f"delay stage in {edge} did not start: {ready!r} {log_text}")
             ifname = "eth0" if edge == side else "wan"
-            _run_cmd(
+            run_cmd(
                 [
                     "ip", "netns", "exec", self.netns(edge),
                     "iptables", "-w", "5", "-t", "raw", "-A", "PREROUTING", "-i", ifname,
@@ -836,7 +473,7 @@ class Lab:
         plan = self._plan
         names = [self.segment_netns] + [h.netns for h in plan.hosts.values()]
         for ns in names:
-            _run_cmd(["ip", "netns", "add", ns])
+            run_cmd(["ip", "netns", "add", ns])
             self._namespaces.append(ns)
             self._write_state()
         # sysctls: no IPv6 (keeps the segments quiet), forwarding in routers, plain bridge.
@@ -846,22 +483,22 @@ class Lab:
                 "net.ipv6.conf.default.disable_ipv6=1",
                 f"net.ipv4.ip_forward={1 if name in plan.forwarding else 0}",
             ]
-            _run_cmd(["ip", "netns", "exec", host.netns, "sysctl", "-q", "-w", *settings])
+            run_cmd(["ip", "netns", "exec", host.netns, "sysctl", "-q", "-w", *settings])
         pub_settings = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
         if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
             pub_settings += [
                 "net.bridge.bridge-nf-call-iptables=0",
                 "net.bridge.bridge-nf-call-arptables=0",
             ]
-        _run_cmd(["ip", "netns", "exec", self.segment_netns, "sysctl", "-q", "-w", *pub_settings])
-        _ip_batch(
+        run_cmd(["ip", "netns", "exec", self.segment_netns, "sysctl", "-q", "-w", *pub_settings])
+        ip_batch(
             self.segment_netns,
             ["link set lo up", "link add br0 type bridge forward_delay 0 stp_state 0"],
         )
         # links (created from their first namespace, peer moved straight into the other)
         per_ns: dict[str, list[str]] = {ns: ["link set lo up"] for ns in names}
         for link in plan.links:
-            _run_cmd(
+            run_cmd(
                 [
                     "ip",
                     "-n",
@@ -905,9 +542,9 @@ class Lab:
         ]
         order += [ns for ns in names if ns not in order]
         for ns in order:
-            _ip_batch(ns, per_ns[ns])
+            ip_batch(ns, per_ns[ns])
         for name, ruleset in plan.rulesets.items():
-            _run_cmd(
+            run_cmd(
                 ["ip", "netns", "exec", plan.hosts[name].netns, "nft", "-f", "-"],
                 input_text=ruleset,
             )
@@ -918,7 +555,7 @@ class Lab:
         while True:
             still = []
             for ns in pending:
-                out = _run_cmd(["ip", "-n", ns, "-o", "link", "show"]).stdout
+                out = run_cmd(["ip", "-n", ns, "-o", "link", "show"]).stdout
                 for line in out.splitlines():
                     ifname = line.split(":")[1].strip().split("@")[0]
                     if ifname != "lo" and "state UP" not in line:
@@ -1009,7 +646,7 @@ class Lab:
         argv = ["ip", "netns", "exec", self.netns(host), "ss", "-Hltn", f"sport = :{port}"]
         while True:
             self._check_alive(proc, f"listening on port {port}")
-            if _run_cmd(argv).stdout.strip():
+            if run_cmd(argv).stdout.strip():
                 return
             if time.monotonic() >= deadline:
                 raise LabError(
@@ -1060,16 +697,16 @@ class Lab:
         # delay stages first (SIGTERM: they release what they hold and write their stats)
         for ns in [self.netns(self.edge(side)) for side in ("left", "right")]:
             if ns in self._namespaces and self.spec.rtt_ms > 0:
-                _kill_netns_processes(ns)
+                kill_netns_processes(ns)
         self._delay_procs.clear()
         if self.spec.rtt_ms > 0:
             self._keep_stats()
         for ns in reversed(self._namespaces):
             try:
-                _delete_netns(ns)
+                delete_netns(ns)
             except LabError as exc:
                 problems.append(str(exc))
-        remaining = set(self._namespaces) & set(_list_netns())
+        remaining = set(self._namespaces) & set(list_netns())
         if remaining:
             problems.append(f"namespaces still present: {', '.join(sorted(remaining))}")
         else:
@@ -1102,7 +739,7 @@ class Lab:
         state = {
             "run_id": self.run_id,
             "pid": self.pid,
-            "start_time": _proc_start_time(self.pid),
+            "start_time": proc_start_time(self.pid),
             "name": self.spec.name,
             "namespaces": self._namespaces,
             "detached": detached,
@@ -1124,7 +761,7 @@ class Lab:
         out: list[dict[str, Any]] = []
         if not STATE_DIR.is_dir():
             return out
-        present = set(_list_netns())
+        present = set(list_netns())
         for path in STATE_DIR.glob("*.json"):
             try:
                 st = json.loads(path.read_text())
@@ -1138,7 +775,7 @@ class Lab:
                 st["status"] = "detached" if nss and set(nss) <= present else "broken"
             else:
                 pid, start = st.get("pid"), st.get("start_time")
-                alive = isinstance(pid, int) and _pid_alive(
+                alive = isinstance(pid, int) and pid_alive(
                     pid, start if isinstance(start, int) else None
                 )
                 st["status"] = "running" if alive else "stale"
@@ -1191,18 +828,18 @@ class Lab:
             if st and st.get("detached"):
                 return False  # owned by nobody on purpose: only `lab down` removes it
             start = st.get("start_time") if st else None
-            return not _pid_alive(pid, start if isinstance(start, int) else None)
+            return not pid_alive(pid, start if isinstance(start, int) else None)
 
         removed: list[str] = []
         seen_runs: set[str] = set()
-        for ns in _list_netns():
+        for ns in list_netns():
             m = _NS_RE.match(ns)
             if not m:
                 continue
             run_id = f"{m.group(1)}-{m.group(2)}"
             seen_runs.add(run_id)
             if stale(run_id, int(m.group(1))):
-                _delete_netns(ns)
+                delete_netns(ns)
                 removed.append(ns)
         for run_id, st in states.items():
             pid = st.get("pid")
@@ -1212,7 +849,7 @@ class Lab:
             m = re.match(r"^hpm-(\d+-[0-9a-f]{6})-turn-", tmp.name)
             if m:
                 seen_runs.add(m.group(1))
-        live = _list_netns()
+        live = list_netns()
         for run_id in seen_runs:
             pid = int(run_id.split("-")[0])
             prefix = f"{NS_PREFIX}{run_id}-"
@@ -1222,58 +859,3 @@ class Lab:
                 for tmp in Path(tempfile.gettempdir()).glob(f"hpm-{run_id}-turn-*"):
                     shutil.rmtree(tmp, ignore_errors=True)
         return removed
-
-
-def select_line(pipe: Any, timeout: float) -> bytes:
-    """Read one line (up to 200 bytes) from a pipe, giving up at the deadline; returns what
-    arrived (b"" on EOF or timeout)."""
-    import select
-
-    fd = pipe.fileno()
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while not buf.endswith(b"\n") and len(buf) < 200:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        chunk = os.read(fd, 1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-def _ip_batch(netns: str, commands: Sequence[str]) -> None:
-    _run_cmd(["ip", "-n", netns, "-batch", "-"], input_text="\n".join(commands) + "\n")
-
-
-def _validate(spec: LabSpec) -> None:
-    for side_name, side in (("left", spec.left), ("right", spec.right)):
-        if side.firewall not in _FIREWALLS:
-            raise LabError(
-                f"{side_name}.firewall must be one of {_FIREWALLS}, not {side.firewall!r}"
-            )
-        if side.nat not in _NATS:
-            raise LabError(f"{side_name}.nat must be one of {_NATS}, not {side.nat!r}")
-        for port in side.allow_inbound_tcp:
-            if not isinstance(port, int) or not 0 < port < 65536:
-                raise LabError(f"{side_name}.allow_inbound_tcp: bad port {port!r}")
-    if spec.rtt_ms < 0:
-        raise LabError(f"rtt_ms must be >= 0, not {spec.rtt_ms}")
-    if spec.rtt_ms > MAX_RTT_MS:
-        raise LabUnsupported(f"rtt_ms={spec.rtt_ms}: at most {MAX_RTT_MS} ms is supported")
-
-
-def _check_environment(need_stun: bool, need_delay: bool = False) -> None:
-    if os.geteuid() != 0:
-        raise LabError("lab needs root (network namespaces); run as root")
-    needed = ["ip", "nft", "sysctl"] + (["turnserver"] if need_stun else [])
-    needed += ["iptables"] if need_delay else []
-    missing = [tool for tool in needed if shutil.which(tool) is None]
-    if missing:
-        raise LabError(
-            f"lab needs {', '.join(missing)} on PATH (apt-get install --no-install-recommends "
-            "iproute2 nftables procps coturn iptables)"
-        )
-    if not Path("/proc/self/ns/net").exists():
-        raise LabError("this kernel has no network namespaces (/proc/self/ns/net missing)")

@@ -1,6 +1,6 @@
 """Migration handoff mode: give the punched TCP socket to QEMU itself.
 
-The mux mode (:mod:`~holepunch_mig.migration.api`) relays every byte of the migration
+The mux mode (:mod:`~holepunch_mig.migration.mux_mode`) relays every byte of the migration
 through Python threads (UNIX socket -> AES-256-GCM records -> link and back).  In
 handoff mode the proxy only sets the migration up; the data path is QEMU's own:
 
@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from cryptography.hazmat.primitives import hashes
@@ -50,12 +50,20 @@ from holepunch_mig.errors import (
     PeerAbort,
     ProtocolError,
 )
+from holepunch_mig.migration.common import (
+    MigrationError,
+    MigrationProgress,
+    MigrationReport,
+    ProgressCallback,
+    ProxyBase,
+    Role,
+    StreamReport,
+    receive_offer,
+)
 from holepunch_mig.migration.proxy import private_dir
 from holepunch_mig.migration.qmp import QmpClient, QmpError
 from holepunch_mig.session.link import Link
-
-if TYPE_CHECKING:
-    from holepunch_mig.migration.api import MigrationReport, ProgressCallback, Role
+from holepunch_mig.session.resume import tune_link
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +209,7 @@ async def remove_tls(qmp: QmpClient, cred_id: str) -> None:
         await qmp.execute("object-del", {"id": cred_id}, timeout=5)
 
 
-class HandoffProxy:
+class HandoffProxy(ProxyBase):
     """One side of a handoff-mode migration; same surface as MigrationProxy
     (``uri``, ``wait()``, ``abort()``, ``report``, ``link``, ``done``).
 
@@ -223,10 +231,9 @@ class HandoffProxy:
         link_timeout: float,
         psk_parent: Path | None = None,
     ) -> None:
-        from holepunch_mig.migration.api import MigrationReport
-
-        self.role: Role = role
-        self.link = link
+        super().__init__(
+            role, link, MigrationReport(role=role, link=link.report, mode="handoff", digest="tls")
+        )
         self.qmp = qmp
         self._progress = progress
         self._expected = expected_bytes
@@ -245,13 +252,7 @@ class HandoffProxy:
         self._moved = 0
         self._abort_reason: str | None = None
         self._wake = trio.Event()
-        self._peer_result: dict[str, Any] | None = None
-        self._peer_seen = trio.Event()
-        self._done = trio.Event()
         self._running = False
-        self.report: MigrationReport = MigrationReport(
-            role=role, link=link.report, mode="handoff", digest="tls"
-        )
 
     # -- public ------------------------------------------------------------------------
 
@@ -264,10 +265,6 @@ class HandoffProxy:
     def path(self) -> Path:
         raise HolepunchError("handoff mode has no UNIX socket: QEMU holds the link itself")
 
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def abort(self, reason: str) -> None:
         """Fail the migration: the source cancels it (its VM keeps running), both sides
         shut the link down under QEMU, and the peer is told why."""
@@ -276,8 +273,6 @@ class HandoffProxy:
         self._wake.set()
 
     async def wait(self, timeout: float | None = None) -> MigrationReport:
-        from holepunch_mig.migration.api import MigrationError
-
         if not self._done.is_set() and not self._running:
             self._running = True
             ok, error = await self._watch_qemu(self._timeout if timeout is None else timeout)
@@ -290,8 +285,6 @@ class HandoffProxy:
     # -- setup -------------------------------------------------------------------------
 
     async def _setup(self) -> None:
-        from holepunch_mig.session.resume import tune_link
-
         control = self.link.control
         if self.link.path != "direct":
             raise HandoffRefused(
@@ -315,8 +308,6 @@ class HandoffProxy:
             self._started = time.perf_counter()
             await self.qmp.execute("migrate", {"uri": self.uri}, timeout=QMP_TIMEOUT)
         else:
-            from holepunch_mig.migration.api import receive_offer
-
             await receive_offer(control, "handoff", self._ready_timeout, HandoffRefused)
             await self._give_qemu("server")
             self._started = time.perf_counter()
@@ -453,8 +444,6 @@ class HandoffProxy:
         return True, None
 
     def _report_progress(self, info: dict[str, Any]) -> None:
-        from holepunch_mig.migration.api import MigrationProgress
-
         if self._progress is None or self._started is None:
             return
         ram = info.get("ram") or {}
@@ -471,8 +460,6 @@ class HandoffProxy:
     # -- the end ---------------------------------------------------------------------------
 
     async def _conclude(self, ok: bool, error: str | None) -> None:
-        from holepunch_mig.migration.api import StreamReport
-
         with trio.CancelScope(shield=True):
             rep = self.report
             info = self._last
@@ -486,9 +473,7 @@ class HandoffProxy:
                 rep.migration_seconds = time.perf_counter() - self._started
             if not ok:
                 rep.qemu_error = info.get("error-desc") or error
-            from holepunch_mig.migration.api import exchange_results
-
-            peer = await exchange_results(self, ok, 1 if self._handed_off else 0, error)
+            peer = await self._exchange_results(ok, 1 if self._handed_off else 0, error)
             if peer is not None and self.role == "destination":
                 rep.bytes_received = int(peer["sent"])
                 rep.notes.append("bytes_received is the source QEMU's ram.transferred")
@@ -541,8 +526,6 @@ class HandoffProxy:
                     os.close(self.link.sock.detach())
 
     def _lifecycle(self) -> AbstractAsyncContextManager[None]:
-        from holepunch_mig.migration.api import run_lifecycle
-
         async def finish_aborted(reason: str) -> None:
             with trio.CancelScope(shield=True):
                 if not self._running:
@@ -555,7 +538,7 @@ class HandoffProxy:
         async def cleanup() -> None:
             await self._cleanup(failed=not self.report.ok)
 
-        return run_lifecycle(self, [self._watch_peer], finish_aborted, cleanup)
+        return self._run_lifecycle([self._watch_peer], finish_aborted, cleanup)
 
 
 @asynccontextmanager

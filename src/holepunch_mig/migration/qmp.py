@@ -134,21 +134,6 @@ class QmpClient:
                 f"QMP command {command!r}: no answer within {timeout} s", command=command
             ) from None
 
-    async def wait_event(self, name: str, *, timeout: float) -> dict[str, Any]:
-        """Wait for an event called ``name`` (one already collected counts and is
-        consumed).  Raises QmpError after ``timeout``."""
-        try:
-            with trio.fail_after(timeout):
-                async with self._lock:
-                    while True:
-                        for ev in list(self.events):
-                            if ev.get("event") == name:
-                                self.events.remove(ev)
-                                return ev
-                        self._collect(await self._read_message())
-        except trio.TooSlowError:
-            raise QmpError(f"QMP: no {name} event within {timeout} s") from None
-
     async def aclose(self) -> None:
         await self._stream.aclose()
 

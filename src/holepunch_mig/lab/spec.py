@@ -1,0 +1,207 @@
+"""Lab specs: what a lab is made of (two sides, firewalls, NAT types, STUN, delay),
+the named presets, spec files (TOML or JSON) and their validation.
+
+Pure data: building a spec into namespaces is :mod:`holepunch_mig.lab.topology`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from holepunch_mig.errors import HolepunchError
+
+Firewall = Literal["open", "drop", "reject"]
+Nat = Literal["none", "masquerade", "random", "fully-random", "rst", "double"]
+Side = Literal["left", "right"]
+
+_FIREWALLS: tuple[str, ...] = ("open", "drop", "reject")
+_NATS: tuple[str, ...] = ("none", "masquerade", "random", "fully-random", "rst", "double")
+
+#: The control port the presets open (firewall hole / port-forward) on the right side.
+CONTROL_PORT = 7070
+#: Upper bound for rtt_ms (the delay queue holds at most 16384 packets).
+MAX_RTT_MS = 2000
+
+
+class LabError(HolepunchError):
+    """The lab could not be built, used or torn down (message says what and why)."""
+
+
+class LabUnsupported(LabError, NotImplementedError):
+    """The spec asks for something the lab does not implement (e.g. ``rtt_ms`` above
+    :data:`MAX_RTT_MS`)."""
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    """One side of the lab (a hypervisor host and what stands between it and the world).
+
+    firewall: policy for inbound NEW connections (established/related always pass).
+    nat: "none" puts the host on the public segment; "masquerade" is port-preserving,
+        endpoint-independent NAT; "random"/"fully-random" are nft masquerade with those
+        flags (symmetric-ish: ports not preserved); "rst" is a port-preserving NAT that
+        answers unsolicited inbound TCP SYNs with RST; "double" is a carrier-grade NAT
+        (masquerade) in front of a home NAT (masquerade).
+    allow_inbound_tcp: ports accepted inbound (no NAT) or port-forwarded to the same port on
+        the host (NAT), e.g. the receiver's control port.
+    """
+
+    firewall: Firewall = "drop"
+    nat: Nat = "none"
+    allow_inbound_tcp: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    """A whole lab: two sides, an optional STUN server (coturn on two addresses) and a
+    round-trip delay between the two sides in milliseconds (0 = none)."""
+
+    left: SideSpec
+    right: SideSpec
+    stun: bool = False
+    rtt_ms: int = 0
+    name: str = "lab"
+
+
+def presets() -> dict[str, LabSpec]:
+    """Named lab cells.  The right side is the destination: it has the control port
+    (:data:`CONTROL_PORT`) open / forwarded.  NAT presets run a STUN server."""
+    ctl = (CONTROL_PORT,)
+
+    def spec(
+        name: str,
+        left: tuple[Firewall, Nat],
+        right: tuple[Firewall, Nat],
+        stun: bool | None = None,
+    ) -> LabSpec:
+        natted = left[1] != "none" or right[1] != "none"
+        return LabSpec(
+            left=SideSpec(firewall=left[0], nat=left[1]),
+            right=SideSpec(firewall=right[0], nat=right[1], allow_inbound_tcp=ctl),
+            stun=natted if stun is None else stun,
+            name=name,
+        )
+
+    cells = [
+        spec("open-open", ("open", "none"), ("open", "none")),
+        spec("fw-fw", ("drop", "none"), ("drop", "none")),
+        spec("reject-reject", ("reject", "none"), ("reject", "none")),
+        spec("fw-reject", ("drop", "none"), ("reject", "none")),
+        spec("nat-open", ("drop", "masquerade"), ("open", "none")),
+        spec("nat-fw", ("drop", "masquerade"), ("drop", "none")),
+        spec("nat-nat", ("drop", "masquerade"), ("drop", "masquerade")),
+        spec("rst-rst", ("drop", "rst"), ("drop", "rst")),
+        spec("random-random", ("drop", "random"), ("drop", "random")),
+        spec("symmetric-nat", ("drop", "fully-random"), ("drop", "masquerade")),
+        spec("symmetric-symmetric", ("drop", "fully-random"), ("drop", "fully-random")),
+        spec("double-nat", ("drop", "double"), ("drop", "masquerade")),
+        spec("double-double", ("drop", "double"), ("drop", "double")),
+    ]
+    return {c.name: c for c in cells}
+
+
+_SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms")
+_SIDE_KEYS = ("firewall", "nat", "allow_inbound_tcp")
+
+
+def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> LabSpec:
+    """A :class:`LabSpec` from a parsed spec file (see docs/traversal.md).  Unknown keys and
+    bad values raise LabError naming the key."""
+    if not isinstance(data, Mapping):
+        raise LabError("a lab spec is a table/object with keys " + ", ".join(_SPEC_KEYS))
+    unknown = sorted(set(data) - set(_SPEC_KEYS))
+    if unknown:
+        raise LabError(f"unknown spec key(s) {unknown}; allowed: {', '.join(_SPEC_KEYS)}")
+
+    def side(key: str) -> SideSpec:
+        raw = data.get(key, {})
+        if not isinstance(raw, Mapping):
+            raise LabError(f"{key} must be a table/object with keys {', '.join(_SIDE_KEYS)}")
+        bad = sorted(set(raw) - set(_SIDE_KEYS))
+        if bad:
+            raise LabError(f"unknown key(s) {bad} in {key}; allowed: {', '.join(_SIDE_KEYS)}")
+        ports = raw.get("allow_inbound_tcp", [])
+        if not isinstance(ports, list | tuple) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in ports
+        ):
+            raise LabError(f"{key}.allow_inbound_tcp must be a list of port numbers")
+        fw, nat = raw.get("firewall", "drop"), raw.get("nat", "none")
+        if fw not in _FIREWALLS:
+            raise LabError(f"{key}.firewall must be one of {', '.join(_FIREWALLS)}, not {fw!r}")
+        if nat not in _NATS:
+            raise LabError(f"{key}.nat must be one of {', '.join(_NATS)}, not {nat!r}")
+        return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports))
+
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
+        raise LabError(f"name must be 1-40 letters, digits, '_', '.', '-', not {name!r}")
+    stun = data.get("stun", False)
+    rtt = data.get("rtt_ms", 0)
+    if not isinstance(stun, bool):
+        raise LabError(f"stun must be true or false, not {stun!r}")
+    if not isinstance(rtt, int) or isinstance(rtt, bool):
+        raise LabError(f"rtt_ms must be an integer number of milliseconds, not {rtt!r}")
+    spec = LabSpec(left=side("left"), right=side("right"), stun=stun, rtt_ms=rtt, name=name)
+    validate_spec(spec)
+    return spec
+
+
+def spec_to_dict(spec: LabSpec) -> dict[str, Any]:
+    """The inverse of :func:`spec_from_dict` (JSON-friendly)."""
+
+    def side(s: SideSpec) -> dict[str, Any]:
+        return {
+            "firewall": s.firewall,
+            "nat": s.nat,
+            "allow_inbound_tcp": list(s.allow_inbound_tcp),
+        }
+
+    return {
+        "name": spec.name,
+        "stun": spec.stun,
+        "rtt_ms": spec.rtt_ms,
+        "left": side(spec.left),
+        "right": side(spec.right),
+    }
+
+
+def load_spec(path: str | os.PathLike[str]) -> LabSpec:
+    """Read a lab spec file: TOML if it ends in ``.toml``, else JSON.  The name defaults to
+    the file's stem."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise LabError(f"cannot read spec file {p}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise LabError(
+            f"spec file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}"
+        ) from None
+    return spec_from_dict(data, default_name=re.sub(r"[^A-Za-z0-9_.-]", "-", p.stem)[:40] or "lab")
+
+
+def validate_spec(spec: LabSpec) -> None:
+    """Check a spec built in code as strictly as one read from a file."""
+    for side_name, side in (("left", spec.left), ("right", spec.right)):
+        if side.firewall not in _FIREWALLS:
+            raise LabError(
+                f"{side_name}.firewall must be one of {_FIREWALLS}, not {side.firewall!r}"
+            )
+        if side.nat not in _NATS:
+            raise LabError(f"{side_name}.nat must be one of {_NATS}, not {side.nat!r}")
+        for port in side.allow_inbound_tcp:
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise LabError(f"{side_name}.allow_inbound_tcp: bad port {port!r}")
+    if spec.rtt_ms < 0:
+        raise LabError(f"rtt_ms must be >= 0, not {spec.rtt_ms}")
+    if spec.rtt_ms > MAX_RTT_MS:
+        raise LabUnsupported(f"rtt_ms={spec.rtt_ms}: at most {MAX_RTT_MS} ms is supported")
