@@ -3,16 +3,26 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SYSTEM := .ci/system-packages.sh
+DPKG_STATUS := /var/lib/dpkg/status
 
 .PHONY: demo test lint typecheck bench fuzz clean
 
-$(STAMP): pyproject.toml
+# Debian packages of `make demo` / `make test`: as root the script installs what is
+# missing, otherwise it says what is and the tests that need it skip.  Its stamp is
+# written only when nothing is missing and redone when the script or dpkg's database
+# changes, so apt is not asked again on every run.
+$(VENV)/.system-%: $(SYSTEM) $(wildcard $(DPKG_STATUS))
+	$(SYSTEM) $* $@
+
+# the venv needs python3-venv, in the demo's (smallest) set
+$(STAMP): pyproject.toml | $(VENV)/.system-demo
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(VENV)/.system-demo $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
@@ -22,7 +32,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: $(VENV)/.system-test $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
 # Every row (plain, TLS, RPC tunnel, tunnel, direct), 2 GiB x 3 runs, between two
