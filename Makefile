@@ -26,8 +26,8 @@ demo: $(VENV)/.system-demo $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples bench fuzz
-	$(BIN)/ruff format --check src tests examples bench fuzz
+	$(BIN)/ruff check src tests examples fuzz
+	$(BIN)/ruff format --check src tests examples fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -37,11 +37,12 @@ test: $(VENV)/.system-test $(STAMP) lint typecheck
 
 # Every row (plain, TLS, RPC tunnel, tunnel, direct), 2 GiB x 3 runs, between two
 # namespaces of the lab at 0/1/20 ms RTT, QEMU direct vs migrate-proxy, time to link;
-# writes docs/performance.md and docs/performance.png (root; loopback rows only without).
+# writes docs/results/performance.md and docs/results/performance.png (root; loopback rows
+# only without).
 bench: $(STAMP)
 	mkdir -p build
 	$(BIN)/python -m holepunch_mig.cli bench --json build/bench.json \
-		--markdown docs/performance.md --png docs/performance.png
+		--markdown docs/results/performance.md --png docs/results/performance.png
 
 # Coverage-guided fuzzing (atheris), every target; FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 60
