@@ -36,7 +36,7 @@ process that built them: their state file says ``"detached": true``, :meth:`clea
 leaves them alone, and :meth:`Lab.attach` (by name; default the newest) gives back a
 :class:`Lab` whose :meth:`teardown` removes them.
 
-Only Linux, only as root.  See docs/lab-notes.md and docs/traversal.md.
+Only Linux, only as root.  See docs/dev/lab-notes.md and docs/traversal.md.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class LabError(HolepunchError):
 
 
 class LabUnsupported(LabError, NotImplementedError):
-    """The spec asks for something the lab does not implement yet (e.g. ``rtt_ms > 0``)."""
+    """The spec asks for something the lab does not implement yet (e.g. ``rtt_ms > MAX_RTT_MS``)."""
 
 
 @dataclass(frozen=True)
