@@ -3,35 +3,46 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SYSTEM := .ci/system-packages.sh
+DPKG_STATUS := /var/lib/dpkg/status
 
 .PHONY: demo test lint typecheck bench fuzz clean
 
-$(STAMP): pyproject.toml
+# Debian packages of `make demo` / `make test`: as root the script installs what is
+# missing, otherwise it says what is and the tests that need it skip.  Its stamp is
+# written only when nothing is missing and redone when the script or dpkg's database
+# changes, so apt is not asked again on every run.
+$(VENV)/.system-%: $(SYSTEM) $(wildcard $(DPKG_STATUS))
+	$(SYSTEM) $* $@
+
+# the venv needs python3-venv, in the demo's (smallest) set
+$(STAMP): pyproject.toml | $(VENV)/.system-demo
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(VENV)/.system-demo $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples bench fuzz
-	$(BIN)/ruff format --check src tests examples bench fuzz
+	$(BIN)/ruff check src tests examples fuzz
+	$(BIN)/ruff format --check src tests examples fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: $(VENV)/.system-test $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
 # Every row (plain, TLS, RPC tunnel, tunnel, direct), 2 GiB x 3 runs, between two
 # namespaces of the lab at 0/1/20 ms RTT, QEMU direct vs migrate-proxy, time to link;
-# writes docs/performance.md and docs/performance.png (root; loopback rows only without).
+# writes docs/results/performance.md and docs/results/performance.png (root; loopback rows
+# only without).
 bench: $(STAMP)
 	mkdir -p build
 	$(BIN)/python -m holepunch_mig.cli bench --json build/bench.json \
-		--markdown docs/performance.md --png docs/performance.png
+		--markdown docs/results/performance.md --png docs/results/performance.png
 
 # Coverage-guided fuzzing (atheris), every target; FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 60

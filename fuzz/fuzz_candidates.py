@@ -22,7 +22,7 @@ else:
     from holepunch_mig.wire.candidates import Candidate, parse_endpoint
 
 
-# KNOWN BUG (tests/test_fuzz_properties.py::test_hostname_check_is_not_exponential, xfail):
+# KNOWN BUG (tests/wire/test_fuzz_properties.py::test_hostname_check_is_not_exponential, xfail):
 # parse_endpoint(allow_hostname=True) backtracks exponentially on a long name with one bad
 # character (26 characters take ~10 s).  Until it is fixed, hostname mode is fuzzed with
 # short inputs only, so this target keeps finding other bugs.  Remove when fixed.

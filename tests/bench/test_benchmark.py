@@ -69,8 +69,8 @@ def test_cli_bench_tiny_loopback_writes_verified_json_markdown_png(tmp_path: Pat
 
 @pytest.mark.netns
 def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
-    """Every default row once between two namespaces of the lab, at 0 ms (and 20 ms,
-    reported as pending until the lab has a delay stage), no QEMU."""
+    """Every default row once between two namespaces of the lab, at 0 ms and at 20 ms
+    (the lab's delay stage), no QEMU."""
     require_netns()
     out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     code = main(

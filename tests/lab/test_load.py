@@ -6,7 +6,7 @@
 * N sequential in-process loopback sessions (memory_channel_pair, small payload) must not
   leak file descriptors, threads or memory (1000 in CI, ~30 s); standalone:
 
-      PYTHONPATH=src python tests/test_load.py --sessions 1000
+      PYTHONPATH=src python tests/lab/test_load.py --sessions 1000
 
 Figures: docs/reliability.md.
 """

@@ -1,4 +1,4 @@
-"""Resume of stream transfers (docs/protocol.md section 6), in-process on loopback: the
+"""Resume of stream transfers (docs/protocol.md section 7), in-process on loopback: the
 data link is killed mid-transfer from a test hook and the transfer must complete
 byte-exact, with every interruption in both reports."""
 

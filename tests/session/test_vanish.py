@@ -57,7 +57,7 @@ OPTIONS: dict[str, Any] = {
     "control_timeout": CONTROL_TIMEOUT,
     "ipv6": False,
     "idle_timeout": 2.0,
-    # the peers here stop mid-protocol by hand; resume (tests/test_resume.py) would try to
+    # the peers here stop mid-protocol by hand; resume (tests/session/test_resume.py) would try to
     # re-punch with a peer that no longer speaks the protocol
     "resume_attempts": 0,
 }

@@ -251,7 +251,7 @@ class PairSpec:
 
 @dataclass(frozen=True)
 class Measurement:
-    number: str  # the row number in DESIGN.md / docs/performance.md
+    number: str  # the row number in docs/results/performance.md
     key: str
     title: str
     factory: Callable[[BenchConfig], PairSpec]
@@ -1008,7 +1008,7 @@ class RowResult:
     ratio: float | None = None  # median MB/s over the baseline's (same RTT)
     time_to_link: float | None = None  # median, session rows
     verified: str = ""
-    pending: str | None = None  # why the cell was not measured (e.g. no delay stage yet)
+    pending: str | None = None  # why the cell was not measured (e.g. an RTT the lab cannot emulate)
 
 
 @dataclass
@@ -1344,7 +1344,7 @@ def render_text(res: BenchResult) -> str:
 
 
 def render_markdown(res: BenchResult) -> str:
-    """The whole docs/performance.md (see :mod:`holepunch_mig.bench.report`)."""
+    """The whole docs/results/performance.md (see :mod:`holepunch_mig.bench.report`)."""
     from holepunch_mig.bench.report import render_document
 
     return render_document(res)

@@ -9,8 +9,8 @@ process started with ``ip netns exec`` (``Lab.popen``).  A side sets up its conn
 row's side function under the same meters as the loopback runner and prints ``RESULT
 <json>``; the harness checks the pair exactly as on loopback.
 
-Round-trip delay is ``LabSpec.rtt_ms``: the lab's delay stage.  Until the lab implements
-it, ``Lab`` raises ``LabUnsupported`` and those cells are reported as pending.
+Round-trip delay is ``LabSpec.rtt_ms``: the lab's delay stage.  An RTT it cannot emulate
+makes ``Lab`` raise ``LabUnsupported``, and those cells are reported as pending.
 """
 
 from __future__ import annotations

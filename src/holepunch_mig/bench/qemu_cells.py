@@ -9,7 +9,7 @@ and MB/s (10**6 bytes of ``ram.transferred`` per wall second).
 ``--synthetic`` instead measures the mux alone: S streams of random bytes through one
 link versus S links (one stream each).
 
-``--lab`` (root) measures what issue 5 asks: in the namespace lab, the same guest
+``--lab`` (root) measures the proxies as they are meant to run: in the namespace lab, the same guest
 migrated (a) through ``holepunch-mig migrate-proxy`` processes over the punched,
 encrypted link between two firewalled hosts and (b) directly, unencrypted, QEMU to QEMU
 over a TCP port the destination's firewall lets in; interleaved in one run, median of
@@ -18,11 +18,11 @@ mode (the punched socket handed to QEMU, QEMU's own TLS 1.3-PSK; one channel, so
 in the multifd=0 group).  Functions for a harness: :func:`lab_direct_run`,
 :func:`lab_proxy_run`, :func:`lab_handoff_run`, :func:`lab_compare`.
 
-    sudo PYTHONPATH=src python bench/bench_qemu.py --mem 512 --runs 3
-    sudo PYTHONPATH=src python bench/bench_qemu.py --cases mux:0,mux:4
-    sudo PYTHONPATH=src python bench/bench_qemu.py --lab --mem 512 --runs 3
-    sudo PYTHONPATH=src python bench/bench_qemu.py --lab --handoff --lab-multifd 0
-    PYTHONPATH=src python bench/bench_qemu.py --synthetic --streams 1,2,4
+    sudo python -m holepunch_mig.bench.qemu_cells --mem 512 --runs 3
+    sudo python -m holepunch_mig.bench.qemu_cells --cases mux:0,mux:4
+    sudo python -m holepunch_mig.bench.qemu_cells --lab --mem 512 --runs 3
+    sudo python -m holepunch_mig.bench.qemu_cells --lab --handoff --lab-multifd 0
+    python -m holepunch_mig.bench.qemu_cells --synthetic --streams 1,2,4
 """
 
 from __future__ import annotations

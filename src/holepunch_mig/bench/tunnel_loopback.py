@@ -12,8 +12,8 @@ real loopback TCP connection with length-prefixed frames (StreamChannel), as the
 * ``stop-and-wait``: the tunnel with a one-chunk window and credit per chunk, i.e. one
   reply per 64 KiB chunk (the libvirt-style RPC tunnel baseline).
 
-``measure_tunnel(mode, size)`` returns a dict for a bench harness; ``python
-bench/bench_tunnel.py [MiB]`` prints a table.  No delay emulation (0 ms RTT only).
+``measure_tunnel(mode, size)`` returns a dict for a bench harness; ``python -m
+holepunch_mig.bench.tunnel_loopback [MiB]`` prints a table.  No delay emulation (0 ms RTT only).
 """
 
 from __future__ import annotations

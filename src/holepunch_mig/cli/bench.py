@@ -21,8 +21,8 @@ from holepunch_mig.bench.harness import (
 
 __all__ = ["register"]
 
-DOC_MD = Path("docs/performance.md")
-DOC_PNG = Path("docs/performance.png")
+DOC_MD = Path("docs/results/performance.md")
+DOC_PNG = Path("docs/results/performance.png")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "firewalled network namespaces; root) through each row: 1 plain TCP, 2 TLS 1.3, "
         "3 RPC-style stop-and-wait tunnel, 4 holepunch_mig's tunnel, 5a/5b holepunch_mig "
         "direct; at each --rtts delay; --runs times interleaved; then QEMU migrations "
-        "direct vs migrate-proxy.  Prints a table and writes docs/performance.md and "
-        "docs/performance.png (when ./docs exists; see --markdown/--png).  Every payload "
-        "is verified.  Without root: loopback rows only.",
+        "direct vs migrate-proxy.  Prints a table and writes docs/results/performance.md and "
+        "docs/results/performance.png (when ./docs/results exists; see --markdown/--png).  "
+        "Every payload is verified.  Without root: loopback rows only.",
     )
     p.add_argument(
         "--quick",
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help=f"write the chart here (default {DOC_PNG} if ./docs exists)",
     )
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/ by default")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/results/ by default")
     p.add_argument(
         "--rows",
         default=None,
@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"holepunch-mig bench: unknown row {key!r} ({', '.join(REGISTRY)})", file=sys.stderr
             )
             return 2
-    docs = Path("docs").is_dir() and not args.no_docs
+    docs = Path("docs/results").is_dir() and not args.no_docs
     md = args.markdown or (DOC_MD if docs else None)
     png = args.png or (DOC_PNG if docs else None)
     cfg = BenchConfig(

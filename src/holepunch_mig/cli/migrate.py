@@ -78,7 +78,7 @@ def _options(p: argparse.ArgumentParser) -> None:
         "AES-GCM records in this process (multifd works); handoff: give the punched "
         "socket to QEMU, which encrypts with its own TLS-PSK, so no migration byte "
         "passes through this process (one channel, needs --qmp; ~3x slower than mux on "
-        "QEMU 7.2, see docs/qemu-notes.md)",
+        "QEMU 7.2, see docs/dev/qemu-notes.md)",
     )
     p.add_argument(
         "--qmp",

@@ -53,7 +53,7 @@ EXPECTED: dict[str, Expect] = {
 }
 
 #: Cells that do not meet their expectation today, and why.  The matrix still reports them
-#: as not matching; the CI test (tests/test_matrix.py) tolerates only these.
+#: as not matching; the CI test (tests/lab/test_matrix.py) tolerates only these.
 KNOWN_ISSUES: dict[str, str] = {
     "reject-reject": (
         "at rtt 0 only: both sides answer unsolicited SYNs with RST, so a SYN gets through only "

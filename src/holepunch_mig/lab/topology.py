@@ -38,7 +38,7 @@ leaves them alone, and :meth:`Lab.attach` (by name; default the newest) gives ba
 
 Specs and presets are :mod:`holepunch_mig.lab.spec`; the commands, namespace and
 nftables helpers :mod:`holepunch_mig.lab.netns`.  Only Linux, only as root.  See
-docs/lab-notes.md and docs/traversal.md.
+docs/dev/lab-notes.md and docs/traversal.md.
 """
 
 from __future__ import annotations

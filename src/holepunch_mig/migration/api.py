@@ -119,7 +119,7 @@ async def migration_source(
     ``listen_unix=None`` puts the socket in a private 0700 directory; a path is used
     exactly (see :class:`~holepunch_mig.migration.proxy.SourceProxy`).  ``digest=True``
     adds SHA-256 of every stream to its END record (default: count-only, see
-    docs/architecture.md).  ``progress`` is called about 4 times a second from the trio
+    docs/migration.md).  ``progress`` is called about 4 times a second from the trio
     thread; ``expected_bytes`` (about the guest RAM size) enables its ETA.  Other options
     are :class:`~holepunch_mig.ConnectOptions` fields.  After the block ``proxy.report``
     holds the MigrationReport; a failure raises MigrationError.

@@ -23,7 +23,7 @@ Endpoint = tuple[str, int]
 
 @dataclass(frozen=True)
 class PunchTiming:
-    """Deadlines for one round; defaults follow DESIGN.md section 3."""
+    """Deadlines for one round; defaults measured in the lab (docs/dev/lab-notes.md)."""
 
     connect_timeout: float = 5.0
     """How long one connect() stays open: the kernel retransmits the same SYN meanwhile,

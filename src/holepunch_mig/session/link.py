@@ -224,7 +224,7 @@ class Link:
         await self._tell_result(True, count, local_digest, None)
         return TransferResult(count, local_digest, seconds)
 
-    # -- resume (docs/protocol.md section 6) ----------------------------------------------
+    # -- resume (docs/protocol.md section 7) ----------------------------------------------
 
     def _adopt(self, link: AuthenticatedLink) -> None:
         """Carry on over a freshly nominated link (fresh keys, counters from 0)."""

@@ -493,7 +493,7 @@ async def repunch(
     offer: tuple[Message, bytes] | None = None,
     reason: str = "",
 ) -> tuple[AuthenticatedLink, int, Report]:
-    """Resume (docs/protocol.md section 6): a new direct link of generation ``epoch`` for
+    """Resume (docs/protocol.md section 7): a new direct link of generation ``epoch`` for
     the same session, with fresh keys, a fresh punch port and fresh candidates.
 
     The source sends ``resume-offer`` and learns from ``resume-answer`` where the stream

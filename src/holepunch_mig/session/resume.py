@@ -1,4 +1,4 @@
-"""Resume of stream transfers after the data link died (docs/protocol.md section 6).
+"""Resume of stream transfers after the data link died (docs/protocol.md section 7).
 
 What lives here is the bookkeeping; the coordination is in ``link`` and the re-punch in
 ``session.repunch``:

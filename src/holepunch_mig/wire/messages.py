@@ -155,7 +155,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "error": (_check_str_or_none, "a string or null", True),
     },
     "abort": {"reason": (_check_short_str, "a string of at most 4096 characters", True)},
-    # -- resume (docs/protocol.md section 6): stream transfers survive a dead link --
+    # -- resume (docs/protocol.md section 7): stream transfers survive a dead link --
     # destination -> source during a resumable transfer: bytes of stream 0 written out
     "progress": {"bytes": (_check_uint, "an unsigned integer", True)},
     # destination -> source: the link of generation `epoch` failed; `bytes` kept so far
