@@ -72,8 +72,8 @@ from holepunch_mig.migration.qmp import QmpClient
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.report import Report
 from holepunch_mig.session import api
+from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.session.link import Link
-from holepunch_mig.session.negotiate import ControlReader
 from holepunch_mig.session.resume import tune_link
 from holepunch_mig.wire.messages import Message
 

@@ -33,13 +33,9 @@ from holepunch_mig.errors import (
 from holepunch_mig.net.punch import AuthenticatedLink
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Interruption, Report
-from holepunch_mig.session.negotiate import (
-    ConnectOptions,
-    ControlReader,
-    Established,
-    SessionLog,
-    repunch,
-)
+from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.session.negotiate import Established, SessionLog, repunch
+from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.resume import (
     AckPoster,
     InputFailed,
