@@ -47,7 +47,7 @@ from holepunch_mig.session.api import (
     connect_blocking,
 )
 from holepunch_mig.session.link import Link, TransferResult
-from holepunch_mig.session.negotiate import ConnectOptions
+from holepunch_mig.session.options import ConnectOptions
 
 __version__ = "0.1.0"
 

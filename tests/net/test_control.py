@@ -15,7 +15,7 @@ from holepunch_mig.net.control import (
     memory_channel_pair,
     open_process_channel,
 )
-from holepunch_mig.session.negotiate import ControlReader
+from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.wire import messages
 
 

@@ -32,7 +32,7 @@ from holepunch_mig.net.tunnel import (
     TunnelRefused,
 )
 from holepunch_mig.session import api
-from holepunch_mig.session.negotiate import ControlReader
+from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.wire import messages
 
 FAST = PunchTiming(connect_timeout=0.5, round_timeout=0.6, handshake_timeout=1.0)

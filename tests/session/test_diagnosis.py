@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from holepunch_mig.report import PairReport, Report
-from holepunch_mig.session.diagnosis import diagnose, diagnose_pairs
+from holepunch_mig.session.diagnosis import diagnose_pairs, explain_no_path
 from holepunch_mig.wire.candidates import make_candidate
 
 
@@ -170,11 +170,11 @@ def test_long_endpoint_lists_are_cut() -> None:
     assert "and 6 more" in d.verdict
 
 
-def test_diagnose_reads_the_report() -> None:
+def test_explain_no_path_reads_the_report() -> None:
     report = Report(session="00" * 16, role="destination")
     report.pairs = [_out("203.0.113.7:41234", "refused", "RST seen")]
     report.local_port, report.remote_port = 40000, 41234
-    d = diagnose(report)
+    d = explain_no_path(report)
     assert d.cause == "rst"
     assert "to the source at 203.0.113.7:41234" in d.verdict
 

@@ -44,9 +44,8 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.net.control import MemoryChannel, memory_channel_pair
 from holepunch_mig.net.punch import PunchTiming
-from holepunch_mig.session import api
+from holepunch_mig.session import api, rounds
 from holepunch_mig.session import link as link_module
-from holepunch_mig.session import negotiate as session
 from holepunch_mig.wire import messages
 
 FAST = PunchTiming(connect_timeout=1.0, round_timeout=1.5, handshake_timeout=1.0)
@@ -305,7 +304,7 @@ async def run_case(
     peer_ch = Tap(raw_peer, case.trigger, case.mode)
 
     if case.in_handshake:
-        real = session.make_authenticator
+        real = rounds.make_authenticator
 
         def make(role: str, *args: Any) -> Any:
             auth = real(role, *args)  # type: ignore[arg-type]
@@ -317,7 +316,7 @@ async def run_case(
 
             return vanish_instead
 
-        monkeypatch.setattr(session, "make_authenticator", make)
+        monkeypatch.setattr(rounds, "make_authenticator", make)
 
     async def peer() -> None:
         action = case.peer_action or (receive_all if peer_role == "destination" else send_all)

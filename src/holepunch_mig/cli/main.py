@@ -32,7 +32,7 @@ from holepunch_mig.net.control import stdio_channel as open_stdio_channel
 from holepunch_mig.report import Report
 from holepunch_mig.session import api
 from holepunch_mig.session.link import Link
-from holepunch_mig.session.negotiate import Role
+from holepunch_mig.session.options import Role
 from holepunch_mig.wire.candidates import parse_endpoint
 
 EXIT_OK = 0

@@ -20,7 +20,7 @@ import trio
 from holepunch_mig.errors import HolepunchError
 from holepunch_mig.report import Report
 from holepunch_mig.session.link import Link
-from holepunch_mig.session.negotiate import ControlReader
+from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.wire.messages import Message
 
 Role = Literal["source", "destination"]

@@ -23,7 +23,8 @@ from holepunch_mig.errors import single_exception
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.report import Report
 from holepunch_mig.session.link import Link, Progress, TransferResult
-from holepunch_mig.session.negotiate import ConnectOptions, Role, establish
+from holepunch_mig.session.negotiate import establish
+from holepunch_mig.session.options import ConnectOptions, Role
 
 T = TypeVar("T")
 

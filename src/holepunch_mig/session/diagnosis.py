@@ -295,7 +295,7 @@ def diagnose_pairs(
     return Diagnosis(tuple(findings))
 
 
-def diagnose(report: Report) -> Diagnosis:
+def explain_no_path(report: Report) -> Diagnosis:
     """:func:`diagnose_pairs` on a session report."""
     return diagnose_pairs(
         report.pairs,

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, TypeVar, cast
+from typing import BinaryIO, TypeVar, cast
 
 import trio
 
@@ -23,7 +23,6 @@ from holepunch_mig.errors import (
     HolepunchError,
     NoDirectPath,
     PeerAbort,
-    ProtocolError,
     RecordError,
     ResumeFailed,
     TransferError,
@@ -32,14 +31,10 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.net.punch import AuthenticatedLink
 from holepunch_mig.net.tunnel import Tunnel
-from holepunch_mig.report import Interruption, Report
-from holepunch_mig.session.negotiate import (
-    ConnectOptions,
-    ControlReader,
-    Established,
-    SessionLog,
-    repunch,
-)
+from holepunch_mig.report import Report
+from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.session.negotiate import Established, SessionLog, repunch
+from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.resume import (
     AckPoster,
     InputFailed,
@@ -50,6 +45,7 @@ from holepunch_mig.session.resume import (
     abort_socket,
     tune_link,
 )
+from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
 from holepunch_mig.wire.messages import Message
 from holepunch_mig.wire.records import RecordReader, RecordWriter, StreamPosition
 
@@ -236,15 +232,14 @@ class Link:
         self._keys = (link.send_key, link.recv_key)
         self.report.local, self.report.remote = link.local, link.remote
 
-    def _exhausted(self, attempts: int, cut: Interruption, last: str) -> ResumeFailed:
-        cut.outcome = "failed"
-        n = len(self.report.interruptions)
-        reason = (
-            f"link lost {n} time{'s' if n != 1 else ''}; resume attempts exhausted "
-            f"({attempts} of resume_attempts={self._options.resume_attempts} used); "
-            f"last: {last}"
+    def _resume_machine(self) -> ResumeMachine:
+        return ResumeMachine(
+            self._options.resume_attempts, self.report.interruptions, epoch=self.epoch
         )
-        exc = ResumeFailed(reason, attempts)
+
+    def _exhausted(self, machine: ResumeMachine) -> ResumeFailed:
+        reason = machine.give_up()
+        exc = ResumeFailed(reason, machine.attempts)
         exc.report = self.report
         self.report.ok = False
         self.report.verdict = reason
@@ -256,35 +251,29 @@ class Link:
         started = time.monotonic()
         opts = self._options
         source = ResumableSource(src, digest=digest, limit=opts.resume_buffer)
-        attempts = 0
+        machine = self._resume_machine()
         while True:
             state = _Epoch()
-            outcome = await self._source_epoch(source, digest, progress, state)
+            outcome = await self._source_epoch(source, digest, progress, state, machine)
             if outcome is not None:
+                machine.finish()
                 break
-            cut = Interruption(
+            cut = machine.lose(
                 at=round(time.monotonic() - started, 3),
-                epoch=self.epoch,
-                detected_by=state.by,
-                seen=state.seen[:500],
                 acked=source.acked,
                 sent=source.sent_upto,
             )
-            self.report.interruptions.append(cut)
             self.log.warning(
                 "link %d lost after %d bytes acknowledged: %s", self.epoch, cut.acked, cut.seen
             )
             t0 = time.monotonic()
             abort_socket(self.sock)
-            last = state.seen
             while True:
-                if attempts >= opts.resume_attempts:
-                    exc = self._exhausted(attempts, cut, last)
+                if machine.exhausted:
+                    exc = self._exhausted(machine)
                     await self._tell_abort(str(exc))
                     raise exc
-                attempts += 1
-                cut.attempts += 1
-                self.epoch += 1
+                self.epoch = machine.attempt()
                 try:
                     link, kept, scratch = await repunch(
                         self.control,
@@ -293,14 +282,14 @@ class Link:
                         self._session_id,
                         self.epoch,
                         self.log,
-                        reason=f"link {self.epoch - 1} lost: {state.seen}",
+                        reason=f"link {self.epoch - 1} lost: {machine.seen}",
                     )
                 except NoDirectPath as exc:
-                    last = f"re-punch {self.epoch} found no path: {exc}"
-                    self.log.warning("%s", last)
+                    machine.no_path(f"re-punch {self.epoch} found no path: {exc}")
+                    self.log.warning("%s", machine.last)
                     continue
                 except HolepunchError as exc:
-                    cut.outcome = "failed"
+                    machine.fail()
                     exc.report = self.report
                     self.report.ok = False
                     self.report.verdict = f"resume failed: {exc}"
@@ -309,15 +298,16 @@ class Link:
             try:
                 source.rewind(kept)
             except ValueError as exc:
-                cut.outcome = "failed"
+                machine.fail()
                 reason = f"cannot resume: {exc}"
                 await self._tell_abort(reason)
-                raise ResumeFailed(reason, attempts) from exc
+                raise ResumeFailed(reason, machine.attempts) from exc
             self._adopt(link)
-            cut.resumed_from = kept
-            cut.resume_seconds = round(time.monotonic() - t0, 3)
-            cut.link = f"{scratch.local} <-> {scratch.remote}"
-            cut.outcome = "resumed"
+            machine.resumed(
+                kept=kept,
+                seconds=round(time.monotonic() - t0, 3),
+                link=f"{scratch.local} <-> {scratch.remote}",
+            )
             self.log.warning(
                 "link %d up in %.3f s (%s); resuming from byte %d",
                 self.epoch,
@@ -346,16 +336,20 @@ class Link:
         return TransferResult(count, local_digest, seconds)
 
     async def _source_epoch(
-        self, source: ResumableSource, digest: bool, progress: Progress | None, state: _Epoch
+        self,
+        source: ResumableSource,
+        digest: bool,
+        progress: Progress | None,
+        state: _Epoch,
+        machine: ResumeMachine,
     ) -> tuple[int, bytes, Message] | None:
         """Send on the current link until the destination's result (returned) or until
-        the link is lost (None; ``state`` says how)."""
+        the link is lost (None; ``machine`` says how)."""
         writer, sock, epoch = self.writer, self.sock, self.epoch
         settled = trio.Event()
 
-        def stop(seen: str, by: Literal["local", "peer"]) -> None:
-            if state.seen == "":
-                state.seen, state.by = seen, by
+        def stop(seen: str, by: DetectedBy) -> None:
+            machine.halt(seen, by)
             source.interrupt()
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -428,13 +422,13 @@ class Link:
         started = time.monotonic()
         opts = self._options
         position = StreamPosition(0, hashlib.sha256() if digest else None)
-        attempts = 0
+        machine = self._resume_machine()
         while True:
             state = _Epoch()
             acker = AckPoster(opts.ack_interval)
             try:
                 outcome = await self._destination_epoch(
-                    dst, digest, progress, position, acker, state
+                    dst, digest, progress, position, acker, state, machine
                 )
             except (OSError, HolepunchError) as exc:
                 reason = str(exc) or type(exc).__name__
@@ -443,26 +437,18 @@ class Link:
                 self.report.verdict = reason
                 raise
             if outcome is not None:
+                machine.finish()
                 break
             kept = position.offset
-            cut = Interruption(
-                at=round(time.monotonic() - started, 3),
-                epoch=self.epoch,
-                detected_by=state.by,
-                seen=state.seen[:500],
-                acked=acker.sent,
-                sent=kept,
-            )
-            self.report.interruptions.append(cut)
+            cut = machine.lose(at=round(time.monotonic() - started, 3), acked=acker.sent, sent=kept)
             self.log.warning("link %d lost with %d bytes written: %s", self.epoch, kept, cut.seen)
             t0 = time.monotonic()
             abort_socket(self.sock)
             offer = state.offer
             if offer is None:
                 await self.control.send(
-                    "link-lost", epoch=self.epoch, bytes=kept, reason=state.seen[:4096]
+                    "link-lost", epoch=self.epoch, bytes=kept, reason=machine.seen[:4096]
                 )
-            last = state.seen
             while True:
                 if offer is None:
                     try:
@@ -470,23 +456,17 @@ class Link:
                             "resume-offer", step="waiting for the source to resume"
                         )
                     except PeerAbort as exc:
-                        cut.outcome = "failed"
-                        fail = ResumeFailed(f"the source gave up resuming: {exc}", attempts)
+                        machine.fail()
+                        fail = ResumeFailed(f"the source gave up resuming: {exc}", machine.attempts)
                         fail.report = self.report
                         self.report.ok = False
                         self.report.verdict = str(fail)
                         raise fail from None
-                if attempts >= opts.resume_attempts:
-                    exc2 = self._exhausted(attempts, cut, last)
+                if machine.exhausted:
+                    exc2 = self._exhausted(machine)
                     await self._tell_abort(str(exc2))
                     raise exc2
-                attempts += 1
-                cut.attempts += 1
-                if offer[0]["epoch"] <= self.epoch:
-                    raise ProtocolError(
-                        f"resume-offer for link {offer[0]['epoch']}, this side is at {self.epoch}"
-                    )
-                self.epoch = offer[0]["epoch"]
+                self.epoch = machine.attempt(offer[0]["epoch"])
                 try:
                     link, _, scratch = await repunch(
                         self.control,
@@ -499,15 +479,16 @@ class Link:
                         offer=offer,
                     )
                 except NoDirectPath as exc:
-                    last = f"re-punch {self.epoch} found no path: {exc}"
+                    machine.no_path(f"re-punch {self.epoch} found no path: {exc}")
                     offer = None
                     continue
                 break
             self._adopt(link)
-            cut.resumed_from = kept
-            cut.resume_seconds = round(time.monotonic() - t0, 3)
-            cut.link = f"{scratch.local} <-> {scratch.remote}"
-            cut.outcome = "resumed"
+            machine.resumed(
+                kept=kept,
+                seconds=round(time.monotonic() - t0, 3),
+                link=f"{scratch.local} <-> {scratch.remote}",
+            )
         count, hashed = outcome
         seconds = time.monotonic() - started
         local_digest = hashed.hex() if hashed else None
@@ -524,9 +505,10 @@ class Link:
         position: StreamPosition,
         acker: AckPoster,
         state: _Epoch,
+        machine: ResumeMachine,
     ) -> tuple[int, bytes] | None:
         """Receive on the current link until END verified (returned) or the link is lost
-        (None; ``state`` says how).  Other failures raise."""
+        (None; ``machine`` says how).  Other failures raise."""
         reader, sock = self.reader, self.sock
         out = Output(dst)
 
@@ -552,7 +534,7 @@ class Link:
                 state.fatal = exc
             else:
                 state.offer = (msg, raw)
-                state.seen, state.by = f"peer: {msg['reason']}", "peer"
+                machine.halt(f"peer: {msg['reason']}", "peer")
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
@@ -587,8 +569,7 @@ class Link:
         link_failure = isinstance(failure, (TruncatedStream, OSError)) and not state.local_error
         if state.local_error or (state.offer is None and not link_failure):
             raise failure
-        if state.seen == "":
-            state.seen, state.by = f"{type(failure).__name__}: {failure}", "local"
+        machine.halt(f"{type(failure).__name__}: {failure}", "local")  # unless halted already
         try:
             out.flush()  # what resume-answer will call kept must have reached the OS
         except OutputFailed as exc:
@@ -625,11 +606,10 @@ class Link:
 
 
 class _Epoch:
-    """What happened to one link generation during a resumable transfer."""
+    """What the control channel brought during one link generation of a resumable
+    transfer (why the link stopped is the :class:`ResumeMachine`'s)."""
 
     def __init__(self) -> None:
-        self.seen = ""
-        self.by: Literal["local", "peer"] = "local"
         self.result: Message | None = None
         self.offer: tuple[Message, bytes] | None = None
         self.fatal: HolepunchError | None = None

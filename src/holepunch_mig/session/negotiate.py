@@ -1,27 +1,22 @@
-"""Session orchestration: offer/answer, RTT, synchronised rounds, nomination.
+"""Session orchestration: offer/answer, the path decision, and resume's re-punch.
 
 The source (migration source, ``send``) is the controlling side: it measures the RTT,
 sends ``sync``, initiates every Noise handshake and nominates the link.  The destination
 answers, dials on ``sync``, responds to handshakes and keeps what it is told to keep.
+Which path is taken is :mod:`~holepunch_mig.session.policy`'s table; the rounds are in
+:mod:`~holepunch_mig.session.rounds`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import socket
-import struct
-from collections.abc import Container, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from holepunch_mig.errors import (
-    ChannelClosed,
-    ControlTimeout,
     HandshakeError,
     HolepunchError,
     NoDirectPath,
@@ -29,31 +24,19 @@ from holepunch_mig.errors import (
     ProtocolError,
 )
 from holepunch_mig.net.control import ControlChannel
-from holepunch_mig.net.punch import AuthenticatedLink, PunchRound, PunchTiming, open_listener
-from holepunch_mig.net.tunnel import (
-    DEFAULT_CREDIT_BATCH,
-    DEFAULT_WINDOW,
-    MAX_CHUNK,
-    Tunnel,
-    TunnelRefused,
-)
-from holepunch_mig.report import PairReport, Report
-from holepunch_mig.session.diagnosis import diagnose
-from holepunch_mig.wire import messages
-from holepunch_mig.wire.candidates import Candidate, gather, observed_candidates
+from holepunch_mig.net.punch import AuthenticatedLink
+from holepunch_mig.net.tunnel import Tunnel, TunnelRefused
+from holepunch_mig.report import Report
+from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.session.diagnosis import explain_no_path
+from holepunch_mig.session.handshake import make_authenticator
+from holepunch_mig.session.options import ConnectOptions, Policy, Role
+from holepunch_mig.session.policy import decide
+from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
+from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire.messages import Message
-from holepunch_mig.wire.noise import HandshakeState, generate_keypair
-
-Role = Literal["source", "destination"]
-Policy = Literal["direct", "auto", "tunnel"]
 
 logger = logging.getLogger("holepunch_mig")
-
-NOISE_PATTERN = "KK"
-PROLOGUE_LABEL = b"holepunch_mig/1\x00"
-MAX_HANDSHAKE_MESSAGE = 1024
-LINK_PAYLOAD = struct.Struct(">II")  # round, link id
-_FRAME = struct.Struct(">H")
 
 
 class SessionLog(logging.LoggerAdapter[logging.Logger]):
@@ -61,72 +44,6 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.extra['session'] if self.extra else '?'}] {msg}", kwargs
-
-
-@dataclass(frozen=True)
-class ConnectOptions:
-    """Knobs of one session; defaults suit a migration manager on a LAN or across NATs."""
-
-    port: int = 0
-    bind_host: str | None = None
-    stun: Sequence[tuple[str, int]] = ()
-    candidates: Sequence[tuple[str, int]] = ()
-    policy: Policy = "direct"
-    include_loopback: bool | None = None
-    ipv6: bool = True
-    rounds: int = 3
-    timing: PunchTiming = field(default_factory=PunchTiming)
-    control_timeout: float = 15.0
-    pings: int = 3
-    stun_timeout: float = 2.0
-    dial_delay: float = 0.0
-    """Lab knob: hold this side's dials after sync, to prove skew tolerance."""
-    tunnel_window: int = DEFAULT_WINDOW
-    """Bytes this side lets the peer have in flight in the tunnel (flow-control window)."""
-    tunnel_credit_batch: int = DEFAULT_CREDIT_BATCH
-    """This side returns tunnel credit once this many bytes reached the link."""
-    resume_attempts: int = 3
-    """Stream transfers (send_file/receive_file) over a direct link: how many times one
-    transfer may re-punch a lost link (fresh keys) and go on from the last byte the
-    destination kept; 0 turns resume off (and this side does not offer it)."""
-    link_timeout: float = 10.0
-    """Direct links: a path that answers nothing for this long is declared dead
-    (TCP_USER_TIMEOUT + keepalive probes); 0 leaves the kernel's defaults (minutes)."""
-    idle_timeout: float = 120.0
-    """Longest silence on the data link during send_file/receive_file: a peer that is
-    alive (answers keepalives) but stuck sends nothing for this long -> the transfer
-    fails (or resumes) instead of hanging."""
-    ack_interval: int = 8 << 20
-    """Resumable transfers: the destination reports bytes written every this many bytes."""
-    resume_buffer: int = 64 << 20
-    """Resumable transfers from an input that cannot seek (a pipe): the most bytes kept in
-    memory for replay; reading the input pauses while that much is unacknowledged."""
-
-    def check(self) -> None:
-        """Raise ValueError naming the first option that is out of range."""
-        if self.policy not in ("direct", "auto", "tunnel"):
-            raise ValueError(f"policy must be 'direct', 'auto' or 'tunnel', not {self.policy!r}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, not {self.rounds}")
-        if self.tunnel_window < MAX_CHUNK:
-            raise ValueError(
-                f"tunnel_window must be >= {MAX_CHUNK} bytes (one chunk), not {self.tunnel_window}"
-            )
-        if not 0 < self.tunnel_credit_batch <= self.tunnel_window:
-            raise ValueError(
-                f"tunnel_credit_batch must be in 1..tunnel_window, not {self.tunnel_credit_batch}"
-            )
-        if self.resume_attempts < 0:
-            raise ValueError(f"resume_attempts must be >= 0, not {self.resume_attempts}")
-        if self.link_timeout < 0:
-            raise ValueError(f"link_timeout must be >= 0 (0 = kernel's), not {self.link_timeout}")
-        if self.ack_interval < 1 << 20:
-            raise ValueError(f"ack_interval must be >= 1 MiB, not {self.ack_interval}")
-        if self.resume_buffer < 2 * self.ack_interval + (1 << 20):
-            raise ValueError(
-                f"resume_buffer must be >= 2 * ack_interval + 1 MiB "
-                f"({2 * self.ack_interval + (1 << 20)}), not {self.resume_buffer}"
-            )
 
 
 @dataclass
@@ -149,132 +66,6 @@ class Established:
     """Both sides offered resume (``limits.resume``) and the path is direct."""
 
 
-class ControlReader:
-    """Typed, deadline-bound access to the control channel."""
-
-    def __init__(self, channel: ControlChannel, timeout: float) -> None:
-        self.channel = channel
-        self.timeout = timeout
-        self._tunnel: Tunnel | None = None
-
-    def attach(self, tunnel: Tunnel) -> None:
-        """From now on the tunnel owns the channel's receive side; read its control inbox."""
-        self._tunnel = tunnel
-
-    async def _next(self) -> bytes:
-        if self._tunnel is not None:
-            return await self._tunnel.receive_control()
-        return await self.channel.receive_message()
-
-    async def send(self, type_: str, *, step: str = "", **fields: Any) -> bytes:
-        """Send one control message; a broken channel names what was being sent."""
-        data = messages.encode(messages.make(type_, **fields))
-        try:
-            await self.channel.send_message(data)
-        except ChannelClosed as exc:
-            raise ChannelClosed(f"{exc} while sending {type_}{_step(step)}") from None
-        return data
-
-    async def receive(
-        self, *expected: str, timeout: float | None = None, step: str = ""
-    ) -> tuple[Message, bytes]:
-        """Next control message, which must be one of ``expected``; abort raises PeerAbort."""
-        limit = self.timeout if timeout is None else timeout
-        what = " or ".join(expected)
-        try:
-            with trio.fail_after(limit):
-                raw = await self._next()
-        except trio.TooSlowError:
-            raise ControlTimeout(
-                f"no {what} message from the peer within {limit:.1f} s"
-                + (f" ({step})" if step else "")
-            ) from None
-        except ChannelClosed as exc:
-            raise ChannelClosed(f"{exc} while waiting for {what}" + _step(step)) from None
-        event = messages.decode(raw)
-        if isinstance(event, messages.TunnelData):
-            raise ProtocolError(f"tunnel data arrived while waiting for {what}")
-        if event.type == "abort" and "abort" not in expected:
-            raise PeerAbort(f"peer aborted{_step(step)}: {event['reason']}")
-        if event.type not in expected:
-            raise ProtocolError(f"expected {what} message, got {event.type}" + _step(step))
-        return event, raw
-
-
-def _step(step: str) -> str:
-    return f" ({step})" if step else ""
-
-
-def prologue(session_id: bytes, offer: bytes, answer: bytes) -> bytes:
-    """Binds every handshake to this session and to both sides' exact offers."""
-    return (
-        PROLOGUE_LABEL
-        + session_id
-        + hashlib.sha256(offer).digest()
-        + hashlib.sha256(answer).digest()
-    )
-
-
-async def _send_hs(stream: trio.SocketStream, data: bytes) -> None:
-    await stream.send_all(_FRAME.pack(len(data)) + data)
-
-
-async def _receive_exact(stream: trio.SocketStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.receive_some(n - len(buf))
-        if not chunk:
-            raise HandshakeError(f"link closed during the handshake after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-async def _receive_hs(stream: trio.SocketStream) -> bytes:
-    (length,) = _FRAME.unpack(await _receive_exact(stream, _FRAME.size))
-    if not 0 < length <= MAX_HANDSHAKE_MESSAGE:
-        raise HandshakeError(
-            f"handshake message length {length} out of range 1-{MAX_HANDSHAKE_MESSAGE}"
-        )
-    return await _receive_exact(stream, length)
-
-
-def make_authenticator(
-    role: Role, round_no: int, static_private: bytes, remote_public: bytes, pro: bytes
-) -> Any:
-    """The per-link Noise KK handshake; the source always initiates."""
-
-    async def initiate(stream: trio.SocketStream, link_id: int) -> tuple[int, bytes, bytes]:
-        hs = HandshakeState(NOISE_PATTERN, True, pro, s=static_private, rs=remote_public)
-        await _send_hs(stream, hs.write_message(LINK_PAYLOAD.pack(round_no, link_id)))
-        hs.read_message(await _receive_hs(stream))
-        k1, k2 = hs.split()
-        return link_id, k1, k2
-
-    async def respond(stream: trio.SocketStream, _proposed: int) -> tuple[int, bytes, bytes]:
-        hs = HandshakeState(NOISE_PATTERN, False, pro, s=static_private, rs=remote_public)
-        payload = hs.read_message(await _receive_hs(stream))
-        if len(payload) != LINK_PAYLOAD.size:
-            raise HandshakeError(f"handshake payload of {len(payload)} bytes, expected 8")
-        their_round, link_id = LINK_PAYLOAD.unpack(payload)
-        if their_round != round_no:
-            raise HandshakeError(f"handshake for round {their_round}, this is round {round_no}")
-        await _send_hs(stream, hs.write_message(b""))
-        k1, k2 = hs.split()
-        return link_id, k2, k1
-
-    return initiate if role == "source" else respond
-
-
-def _choose_bind(options: ConnectOptions, family: int) -> str:
-    if options.bind_host:
-        return options.bind_host
-    return "::" if family == socket.AF_INET6 else "0.0.0.0"
-
-
-def _is_loopback(host: str | None) -> bool:
-    return host is not None and (host.startswith("127.") or host == "::1")
-
-
 async def establish(
     channel: ControlChannel,
     role: Role,
@@ -291,77 +82,44 @@ async def establish(
     session_id = os.urandom(16) if role == "source" else b""
     started = trio.current_time()
 
-    listeners: dict[int, trio.socket.SocketType] = {}
+    listeners: Listeners = {}
     try:
-        port = await _open_listeners(options, listeners)
-        return await _negotiate(
-            control, role, options, listeners, port, session_id, started, nursery
-        )
+        return await _negotiate(control, role, options, listeners, session_id, started, nursery)
     finally:
         for sock in listeners.values():
             sock.close()
-
-
-async def _open_listeners(
-    options: ConnectOptions, listeners: dict[int, trio.socket.SocketType]
-) -> int:
-    """Bind the punch port for every usable family into ``listeners``; return the port."""
-    families = [socket.AF_INET]
-    if (
-        options.ipv6
-        and socket.has_ipv6
-        and not (options.bind_host and ":" not in options.bind_host)
-    ):
-        families.append(socket.AF_INET6)
-    if options.bind_host and ":" in options.bind_host:
-        families = [socket.AF_INET6]
-    first = await open_listener(_choose_bind(options, families[0]), options.port, families[0])
-    listeners[families[0]] = first
-    port = int(first.getsockname()[1])
-    for fam in families[1:]:
-        # no IPv6 on this host, or the port is taken there: go on with IPv4
-        with contextlib.suppress(OSError):
-            listeners[fam] = await open_listener(_choose_bind(options, fam), port, fam)
-    return port
 
 
 async def _negotiate(
     control: ControlReader,
     role: Role,
     options: ConnectOptions,
-    listeners: dict[int, trio.socket.SocketType],
-    port: int,
+    listeners: Listeners,
     session_id: bytes,
     started: float,
     nursery: trio.Nursery | None,
 ) -> Established:
-    include_loopback = options.include_loopback
-    if include_loopback is None:
-        include_loopback = _is_loopback(control.channel.peer_host)
-    if role == "source" and options.policy == "tunnel":
+    prepared = await prepare_round(
+        options,
+        control.channel.peer_host,
+        listeners,
         # no direct attempt will be made: don't spend time on STUN
-        local: list[Candidate] = []
-        notes = ["policy tunnel: no candidates gathered"]
-    else:
-        local, notes = await gather(
-            port,
-            stun_servers=options.stun,
-            given=options.candidates,
-            include_loopback=include_loopback,
-            ipv6=socket.AF_INET6 in listeners,
-            stun_timeout=options.stun_timeout,
-        )
-    static_private, static_public = generate_keypair()
+        skip_gather=(
+            "policy tunnel: no candidates gathered"
+            if role == "source" and options.policy == "tunnel"
+            else None
+        ),
+    )
+    port, lines = prepared.port, prepared.lines
     limits = {"max_record": 1 << 20}
     if options.resume_attempts > 0:
         limits["resume"] = 1
-    lines = [c.to_line() for c in local]
 
     if role == "source":
         offer = await control.send(
             "offer",
             session=session_id.hex(),
-            key=static_public.hex(),
+            key=prepared.static_public.hex(),
             port=port,
             candidates=lines,
             policy=options.policy,
@@ -380,7 +138,7 @@ async def _negotiate(
         answer = await control.send(
             "answer",
             session=session_id.hex(),
-            key=static_public.hex(),
+            key=prepared.static_public.hex(),
             port=port,
             candidates=lines,
             limits=limits,
@@ -396,65 +154,46 @@ async def _negotiate(
     report.local_port, report.remote_port = port, peer["port"]
     report.local_candidates = lines
     report.remote_candidates = list(peer["candidates"])
-    report.notes.extend(notes)
+    report.notes.extend(prepared.notes)
     resume = options.resume_attempts > 0 and peer["limits"].get("resume", 0) >= 1
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
-    tunnel_allowed = destination_policy != "direct"
-    remote_public = bytes.fromhex(peer["key"])
-    if remote_public == static_public:
-        raise HandshakeError("peer announced our own public key")
-    pro = prologue(session_id, offer, answer)
-    tunnel_args = (control, role, options, nursery, static_private, remote_public, pro, report)
+    keys = prepared.keys_for(peer["key"], session_id, offer, answer)
 
-    if policy == "tunnel":
-        if not tunnel_allowed:
-            exc = TunnelRefused(
-                "the source asked for the tunnel only (policy 'tunnel') but the destination's "
-                "policy 'direct' forbids the tunnel: no path allowed"
-            )
-            _fail_report(report, exc, exc.verdict)
-            raise exc
+    first = decide(policy, destination_policy, "untried")
+    if first.action == "fail":
+        exc = TunnelRefused(first.reason_for())
+        _fail_report(report, exc, exc.verdict)
+        raise exc
+    if first.action == "tunnel":
         return await _switch_to_tunnel(
-            *tunnel_args, started, log, reason="policy 'tunnel': the tunnel was asked for"
+            control, role, options, nursery, keys, report, started, log, first.reason_for()
         )
 
-    remotes = _remote_endpoints(
-        peer["candidates"], control.channel.peer_host, peer["port"], report, listeners
-    )
-    log.info("%d local, %d remote candidates", len(local), len(remotes))
+    remotes = prepared.remotes(peer["candidates"], control.channel.peer_host, peer["port"], report)
+    log.info("%d local, %d remote candidates", len(prepared.local), len(remotes))
     try:
-        attempt = _DirectAttempt(
-            control,
-            options,
-            listeners,
-            port,
-            remotes,
-            static_private,
-            remote_public,
-            pro,
-            report,
-            log,
-        )
-        link = await attempt.run(role)
+        link = await DirectAttempt(control, prepared, keys, remotes, report, log).run(role)
     except NoDirectPath as exc:
-        verdict = diagnose(report).verdict
-        if policy == "auto" and tunnel_allowed:
+        verdict = explain_no_path(report).verdict
+        after = decide(policy, destination_policy, "failed")
+        if after.action == "tunnel":
             report.verdict = verdict
             log.warning("no direct path (%s); policy auto: falling back to the tunnel", exc)
             return await _switch_to_tunnel(
-                *tunnel_args,
+                control,
+                role,
+                options,
+                nursery,
+                keys,
+                report,
                 started,
                 log,
-                reason=f"fell back to the tunnel (policy auto) because {exc}",
-                fell_back=True,
+                after.reason_for(exc),
+                fell_back=after.fell_back,
             )
-        if policy == "auto":
-            refused = TunnelRefused(
-                f"{exc}; the source allows the tunnel (policy 'auto') but the destination's "
-                "policy 'direct' forbids it",
-                verdict,
-            )
+        if after.refused:
+            refused = TunnelRefused(after.reason_for(exc), verdict)
             _fail_report(report, refused, verdict)
             raise refused from exc
         _fail_report(report, exc, verdict)
@@ -463,7 +202,7 @@ async def _negotiate(
         _fail_report(report, exc, str(exc))
         raise
     report.path = "direct"
-    report.path_reason = "direct link authenticated and nominated"
+    report.path_reason = decide(policy, destination_policy, "succeeded").reason_for()
     report.local, report.remote = link.local, link.remote
     report.time_to_link = trio.current_time() - started
     report.resume = resume
@@ -502,29 +241,16 @@ async def repunch(
     with the Noise prologue over the resume messages.  Returns the nominated link, the
     offset, and a scratch report holding that negotiation's rounds and pairs."""
     scratch = Report(session=session_id.hex(), role=role)
-    listeners: dict[int, trio.socket.SocketType] = {}
+    listeners: Listeners = {}
     try:
-        port = await _open_listeners(options, listeners)
-        include_loopback = options.include_loopback
-        if include_loopback is None:
-            include_loopback = _is_loopback(control.channel.peer_host)
-        local, notes = await gather(
-            port,
-            stun_servers=options.stun,
-            given=options.candidates,
-            include_loopback=include_loopback,
-            ipv6=socket.AF_INET6 in listeners,
-            stun_timeout=options.stun_timeout,
-        )
-        scratch.notes.extend(notes)
-        static_private, static_public = generate_keypair()
-        lines = [c.to_line() for c in local]
+        prepared = await prepare_round(options, control.channel.peer_host, listeners)
+        scratch.notes.extend(prepared.notes)
         fields: dict[str, Any] = {
             "session": session_id.hex(),
             "epoch": epoch,
-            "key": static_public.hex(),
-            "port": port,
-            "candidates": lines,
+            "key": prepared.static_public.hex(),
+            "port": prepared.port,
+            "candidates": prepared.lines,
         }
         if role == "source":
             offer_raw = await control.send("resume-offer", **fields, reason=reason[:4096])
@@ -558,25 +284,11 @@ async def repunch(
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
             answer_raw = await control.send("resume-answer", **fields, bytes=kept)
-        remote_public = bytes.fromhex(peer["key"])
-        if remote_public == static_public:
-            raise HandshakeError("peer announced our own public key")
-        pro = prologue(session_id, offer_raw, answer_raw)
-        remotes = _remote_endpoints(
-            peer["candidates"], control.channel.peer_host, peer["port"], scratch, listeners
+        keys = prepared.keys_for(peer["key"], session_id, offer_raw, answer_raw)
+        remotes = prepared.remotes(
+            peer["candidates"], control.channel.peer_host, peer["port"], scratch
         )
-        attempt = _DirectAttempt(
-            control,
-            options,
-            listeners,
-            port,
-            remotes,
-            static_private,
-            remote_public,
-            pro,
-            scratch,
-            log,
-        )
+        attempt = DirectAttempt(control, prepared, keys, remotes, scratch, log)
         link = await attempt.run(role)
     finally:
         for sock in listeners.values():
@@ -600,14 +312,12 @@ async def _switch_to_tunnel(
     role: Role,
     options: ConnectOptions,
     nursery: trio.Nursery | None,
-    static_private: bytes,
-    remote_public: bytes,
-    pro: bytes,
+    keys: PeerKeys,
     report: Report,
     started: float,
     log: SessionLog,
-    *,
     reason: str,
+    *,
     fell_back: bool = False,
 ) -> Established:
     """Announce (source) or accept (destination) the switch with a ``path`` message, start
@@ -634,7 +344,9 @@ async def _switch_to_tunnel(
         control.attach(tunnel)
         try:
             stream = tunnel.link_stream()
-            auth = make_authenticator(role, 0, static_private, remote_public, pro)
+            auth = make_authenticator(
+                role, 0, keys.static_private, keys.remote_public, keys.prologue
+            )
             try:
                 with trio.fail_after(options.control_timeout):
                     _, send_key, recv_key = await auth(stream, 0)
@@ -662,225 +374,3 @@ async def _switch_to_tunnel(
     return Established(
         stream, send_key, recv_key, report, control, tunnel=tunnel, fell_back=fell_back
     )
-
-
-def _remote_endpoints(
-    lines: Sequence[str],
-    peer_host: str | None,
-    peer_port: int,
-    report: Report,
-    families: Container[int],
-) -> list[tuple[str, int]]:
-    """The peer's candidates plus the observed one, deduplicated, of the address families
-    this side has a listener for; bad lines are noted in the report and skipped."""
-    out: list[tuple[str, int]] = []
-    cands: list[Candidate] = []
-    for line in lines:
-        try:
-            cands.append(Candidate.from_line(line))
-        except Exception as exc:
-            report.notes.append(f"ignored remote candidate {line[:80]!r}: {exc}")
-    cands.extend(observed_candidates(peer_host, [peer_port]))
-    for cand in cands:
-        endpoint = (cand.host, cand.port)
-        family = socket.AF_INET6 if ":" in cand.host else socket.AF_INET
-        if endpoint not in out and family in families:
-            out.append(endpoint)
-    return out
-
-
-async def _measure_rtt(control: ControlReader, count: int) -> float:
-    samples = []
-    for seq in range(count):
-        t0 = trio.current_time()
-        await control.send("ping", seq=seq)
-        msg, _ = await control.receive("pong", step="measuring RTT")
-        if msg["seq"] != seq:
-            raise ProtocolError(f"pong for ping {msg['seq']}, expected {seq}")
-        samples.append(trio.current_time() - t0)
-    return min(samples)
-
-
-async def _answer_pings(control: ControlReader, count: int) -> None:
-    for _ in range(count):
-        msg, _raw = await control.receive("ping", step="measuring RTT")
-        await control.send("pong", seq=msg["seq"])
-
-
-@dataclass
-class _DirectAttempt:
-    """Everything the punch rounds of one session share; the two roles' round loops."""
-
-    control: ControlReader
-    options: ConnectOptions
-    listeners: dict[int, trio.socket.SocketType]
-    port: int
-    remotes: list[tuple[str, int]]
-    static_private: bytes
-    remote_public: bytes
-    prologue: bytes
-    report: Report
-    log: SessionLog
-
-    def _round(self, role: Role, round_no: int, first_link_id: int = 1) -> PunchRound:
-        return PunchRound(
-            round_no=round_no,
-            listeners=self.listeners,
-            bind_host={f: _choose_bind(self.options, f) for f in self.listeners},
-            port=self.port,
-            remotes=self.remotes,
-            authenticate=make_authenticator(
-                role, round_no, self.static_private, self.remote_public, self.prologue
-            ),
-            timing=self.options.timing,
-            log=self.log,
-            first_link_id=first_link_id,
-            dial_delay=self.options.dial_delay,
-        )
-
-    async def run(self, role: Role) -> AuthenticatedLink:
-        if role == "source":
-            self.report.rtt = await _measure_rtt(self.control, self.options.pings)
-            return await self._as_source(self.report.rtt)
-        await _answer_pings(self.control, self.options.pings)
-        return await self._as_destination()
-
-    async def _as_source(self, rtt: float) -> AuthenticatedLink:
-        """Sync, wait RTT/2 (the destination dials on receipt), race, nominate the first
-        authenticated link; a fresh synchronisation each round."""
-        rounds = self.options.rounds
-        for round_no in range(1, rounds + 1):
-            self.report.rounds = round_no
-            await self.control.send("sync", round=round_no, step=f"round {round_no}")
-            await trio.sleep(rtt / 2)
-            punch = self._round("source", round_no, first_link_id=1 + 1000 * (round_no - 1))
-            winner = await _race(punch, self.options.timing.round_timeout)
-            self.report.pairs.extend(punch.pairs)
-            if winner is not None:
-                await self.control.send(
-                    "nominate", round=round_no, link=winner.link_id, step=f"round {round_no}"
-                )
-                return winner
-            reason = _round_reason(punch.pairs)
-            self.log.info("round %d failed: %s", round_no, reason)
-            await self.control.send(
-                "round-failed",
-                round=round_no,
-                retry=round_no < rounds,
-                reason=reason,
-                step=f"round {round_no}",
-            )
-        raise NoDirectPath(
-            f"no direct link after {rounds} rounds: {_round_reason(self.report.pairs)}"
-        )
-
-    async def _as_destination(self) -> AuthenticatedLink:
-        """Dial on each sync, answer handshakes, keep what the source nominates."""
-        timing = self.options.timing
-        wait = timing.round_timeout * 2 + self.options.control_timeout
-        msg, _ = await self.control.receive("sync", step="waiting for sync")
-        while True:
-            round_no = msg["round"]
-            self.report.rounds = round_no
-            punch = self._round("destination", round_no)
-            links = _LinkBox()
-            send, receive = trio.open_memory_channel[AuthenticatedLink](64)
-            failure: HolepunchError | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(punch.run, send)
-                nursery.start_soon(links.collect, receive)
-                try:
-                    msg, _ = await self.control.receive(
-                        "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
-                    )
-                except HolepunchError as exc:  # raised below, not as an exception group
-                    failure = exc
-                else:
-                    if msg.type == "nominate":
-                        # the initiator has finished, so our side of that handshake has sent
-                        # its last message; the collector may not have filed it yet
-                        with trio.move_on_after(timing.handshake_timeout):
-                            await links.wait_for(msg["link"])
-                nursery.cancel_scope.cancel()
-            self.report.pairs.extend(punch.pairs)
-            if failure is not None:
-                links.close_all()
-                _close_losers(punch, None)
-                raise failure
-            chosen = links.take(msg["link"]) if msg.type == "nominate" else None
-            links.close_all()
-            _close_losers(punch, chosen)
-            if msg.type == "nominate":
-                if chosen is None or msg["round"] != round_no:
-                    raise ProtocolError(
-                        f"peer nominated link {msg['link']} of round {msg['round']}, "
-                        "which this side never authenticated"
-                    )
-                return chosen
-            if not msg["retry"]:
-                raise NoDirectPath(f"no direct link: {msg['reason']}")
-            msg, _ = await self.control.receive("sync", step="waiting for the next round")
-
-
-class _LinkBox:
-    """The destination's authenticated links of one round, keyed by the source's link id."""
-
-    def __init__(self) -> None:
-        self.links: dict[int, AuthenticatedLink] = {}
-        self._changed = trio.Event()
-
-    async def collect(self, receive: trio.MemoryReceiveChannel[AuthenticatedLink]) -> None:
-        async with receive:
-            async for link in receive:
-                self.links[link.link_id] = link
-                self._changed.set()
-                self._changed = trio.Event()
-
-    async def wait_for(self, link_id: int) -> None:
-        while link_id not in self.links:
-            await self._changed.wait()
-
-    def take(self, link_id: int) -> AuthenticatedLink | None:
-        return self.links.pop(link_id, None)
-
-    def close_all(self) -> None:
-        for link in self.links.values():
-            link.stream.socket.close()
-        self.links.clear()
-
-
-async def _race(punch: PunchRound, timeout: float) -> AuthenticatedLink | None:
-    """The first authenticated link within ``timeout``; every other one is closed."""
-    send, receive = trio.open_memory_channel[AuthenticatedLink](64)
-    winner: AuthenticatedLink | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(punch.run, send)
-        with trio.move_on_after(timeout):
-            winner = await receive.receive()
-        nursery.cancel_scope.cancel()
-    while True:  # links that finished after the winner are still queued: close them
-        try:
-            late = receive.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-        late.stream.socket.close()
-    receive.close()
-    _close_losers(punch, winner)
-    return winner
-
-
-def _close_losers(punch: PunchRound, winner: AuthenticatedLink | None) -> None:
-    for pair in punch.pairs:
-        if pair.outcome == "connected" and (winner is None or pair is not winner.pair):
-            pair.outcome = "abandoned"
-            pair.detail = "authenticated, not nominated"
-
-
-def _round_reason(pairs: Sequence[PairReport]) -> str:
-    """ "2 refused, 1 timed out": what the pairs did, for round-failed and NoDirectPath."""
-    if not pairs:
-        return "no candidate pairs to try"
-    counts: dict[str, int] = {}
-    for pair in pairs:
-        counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
-    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))

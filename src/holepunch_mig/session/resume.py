@@ -1,7 +1,8 @@
 """Resume of stream transfers after the data link died (docs/protocol.md section 7).
 
-What lives here is the bookkeeping; the coordination is in ``link`` and the re-punch in
-``session.repunch``:
+What lives here is the bookkeeping; the states of a resumable transfer are
+:mod:`~holepunch_mig.session.resume_state`'s machine, which ``link`` drives, and the
+re-punch is ``negotiate.repunch``:
 
 * :class:`ResumableSource` wraps the sender's input so the stream can go on from any
   byte the destination kept: a seekable input is re-positioned with ``seek``; a pipe's

@@ -1,0 +1,69 @@
+"""Typed, deadline-bound reading of the control channel (also once the tunnel owns it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from holepunch_mig.errors import ChannelClosed, ControlTimeout, PeerAbort, ProtocolError
+from holepunch_mig.net.control import ControlChannel
+from holepunch_mig.net.tunnel import Tunnel
+from holepunch_mig.wire import messages
+from holepunch_mig.wire.messages import Message
+
+
+class ControlReader:
+    """Typed, deadline-bound access to the control channel."""
+
+    def __init__(self, channel: ControlChannel, timeout: float) -> None:
+        self.channel = channel
+        self.timeout = timeout
+        self._tunnel: Tunnel | None = None
+
+    def attach(self, tunnel: Tunnel) -> None:
+        """From now on the tunnel owns the channel's receive side; read its control inbox."""
+        self._tunnel = tunnel
+
+    async def _next(self) -> bytes:
+        if self._tunnel is not None:
+            return await self._tunnel.receive_control()
+        return await self.channel.receive_message()
+
+    async def send(self, type_: str, *, step: str = "", **fields: Any) -> bytes:
+        """Send one control message; a broken channel names what was being sent."""
+        data = messages.encode(messages.make(type_, **fields))
+        try:
+            await self.channel.send_message(data)
+        except ChannelClosed as exc:
+            raise ChannelClosed(f"{exc} while sending {type_}{_step(step)}") from None
+        return data
+
+    async def receive(
+        self, *expected: str, timeout: float | None = None, step: str = ""
+    ) -> tuple[Message, bytes]:
+        """Next control message, which must be one of ``expected``; abort raises PeerAbort."""
+        limit = self.timeout if timeout is None else timeout
+        what = " or ".join(expected)
+        try:
+            with trio.fail_after(limit):
+                raw = await self._next()
+        except trio.TooSlowError:
+            raise ControlTimeout(
+                f"no {what} message from the peer within {limit:.1f} s"
+                + (f" ({step})" if step else "")
+            ) from None
+        except ChannelClosed as exc:
+            raise ChannelClosed(f"{exc} while waiting for {what}" + _step(step)) from None
+        event = messages.decode(raw)
+        if isinstance(event, messages.TunnelData):
+            raise ProtocolError(f"tunnel data arrived while waiting for {what}")
+        if event.type == "abort" and "abort" not in expected:
+            raise PeerAbort(f"peer aborted{_step(step)}: {event['reason']}")
+        if event.type not in expected:
+            raise ProtocolError(f"expected {what} message, got {event.type}" + _step(step))
+        return event, raw
+
+
+def _step(step: str) -> str:
+    return f" ({step})" if step else ""

@@ -1,0 +1,79 @@
+"""What a caller chooses for one session: its role, its path policy and the knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from holepunch_mig.net.punch import PunchTiming
+from holepunch_mig.net.tunnel import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK
+
+Role = Literal["source", "destination"]
+Policy = Literal["direct", "auto", "tunnel"]
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """Knobs of one session; defaults suit a migration manager on a LAN or across NATs."""
+
+    port: int = 0
+    bind_host: str | None = None
+    stun: Sequence[tuple[str, int]] = ()
+    candidates: Sequence[tuple[str, int]] = ()
+    policy: Policy = "direct"
+    include_loopback: bool | None = None
+    ipv6: bool = True
+    rounds: int = 3
+    timing: PunchTiming = field(default_factory=PunchTiming)
+    control_timeout: float = 15.0
+    pings: int = 3
+    stun_timeout: float = 2.0
+    dial_delay: float = 0.0
+    """Lab knob: hold this side's dials after sync, to prove skew tolerance."""
+    tunnel_window: int = DEFAULT_WINDOW
+    """Bytes this side lets the peer have in flight in the tunnel (flow-control window)."""
+    tunnel_credit_batch: int = DEFAULT_CREDIT_BATCH
+    """This side returns tunnel credit once this many bytes reached the link."""
+    resume_attempts: int = 3
+    """Stream transfers (send_file/receive_file) over a direct link: how many times one
+    transfer may re-punch a lost link (fresh keys) and go on from the last byte the
+    destination kept; 0 turns resume off (and this side does not offer it)."""
+    link_timeout: float = 10.0
+    """Direct links: a path that answers nothing for this long is declared dead
+    (TCP_USER_TIMEOUT + keepalive probes); 0 leaves the kernel's defaults (minutes)."""
+    idle_timeout: float = 120.0
+    """Longest silence on the data link during send_file/receive_file: a peer that is
+    alive (answers keepalives) but stuck sends nothing for this long -> the transfer
+    fails (or resumes) instead of hanging."""
+    ack_interval: int = 8 << 20
+    """Resumable transfers: the destination reports bytes written every this many bytes."""
+    resume_buffer: int = 64 << 20
+    """Resumable transfers from an input that cannot seek (a pipe): the most bytes kept in
+    memory for replay; reading the input pauses while that much is unacknowledged."""
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option that is out of range."""
+        if self.policy not in ("direct", "auto", "tunnel"):
+            raise ValueError(f"policy must be 'direct', 'auto' or 'tunnel', not {self.policy!r}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, not {self.rounds}")
+        if self.tunnel_window < MAX_CHUNK:
+            raise ValueError(
+                f"tunnel_window must be >= {MAX_CHUNK} bytes (one chunk), not {self.tunnel_window}"
+            )
+        if not 0 < self.tunnel_credit_batch <= self.tunnel_window:
+            raise ValueError(
+                f"tunnel_credit_batch must be in 1..tunnel_window, not {self.tunnel_credit_batch}"
+            )
+        if self.resume_attempts < 0:
+            raise ValueError(f"resume_attempts must be >= 0, not {self.resume_attempts}")
+        if self.link_timeout < 0:
+            raise ValueError(f"link_timeout must be >= 0 (0 = kernel's), not {self.link_timeout}")
+        if self.ack_interval < 1 << 20:
+            raise ValueError(f"ack_interval must be >= 1 MiB, not {self.ack_interval}")
+        if self.resume_buffer < 2 * self.ack_interval + (1 << 20):
+            raise ValueError(
+                f"resume_buffer must be >= 2 * ack_interval + 1 MiB "
+                f"({2 * self.ack_interval + (1 << 20)}), not {self.resume_buffer}"
+            )

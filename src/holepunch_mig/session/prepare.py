@@ -1,0 +1,151 @@
+"""One side's preparation of a negotiation round, the same for the first link and for
+every re-punch: punch listeners, candidates, a fresh static keypair; then, once the
+peer's offer or answer is in, the keys and prologue the handshakes use."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from holepunch_mig.errors import HandshakeError
+from holepunch_mig.net.punch import open_listener
+from holepunch_mig.report import Report
+from holepunch_mig.session.handshake import prologue
+from holepunch_mig.session.options import ConnectOptions
+from holepunch_mig.wire.candidates import Candidate, gather, observed_candidates
+from holepunch_mig.wire.noise import generate_keypair
+
+Listeners = dict[int, trio.socket.SocketType]
+
+
+@dataclass(frozen=True)
+class PeerKeys:
+    """What every Noise handshake of the round needs: our static key, the peer's, and
+    the prologue over both sides' exact messages."""
+
+    static_private: bytes
+    remote_public: bytes
+    prologue: bytes
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """This side's half of a round, ready to be announced in an offer or answer."""
+
+    options: ConnectOptions
+    listeners: Listeners
+    port: int
+    local: list[Candidate]
+    notes: list[str]
+    static_private: bytes
+    static_public: bytes
+
+    @property
+    def lines(self) -> list[str]:
+        """The local candidates as announced on the wire."""
+        return [c.to_line() for c in self.local]
+
+    def bind_host(self, family: int) -> str:
+        return choose_bind(self.options, family)
+
+    def keys_for(self, peer_key: str, session_id: bytes, offer: bytes, answer: bytes) -> PeerKeys:
+        """The peer's announced key (hex) with the prologue; our own key back is refused."""
+        remote_public = bytes.fromhex(peer_key)
+        if remote_public == self.static_public:
+            raise HandshakeError("peer announced our own public key")
+        return PeerKeys(self.static_private, remote_public, prologue(session_id, offer, answer))
+
+    def remotes(
+        self, lines: Sequence[str], peer_host: str | None, peer_port: int, report: Report
+    ) -> list[tuple[str, int]]:
+        """The peer's endpoints this side can dial (see :func:`remote_endpoints`)."""
+        return remote_endpoints(lines, peer_host, peer_port, report, self.listeners)
+
+
+async def prepare_round(
+    options: ConnectOptions,
+    peer_host: str | None,
+    listeners: Listeners,
+    *,
+    skip_gather: str | None = None,
+) -> Prepared:
+    """Open the punch listeners into ``listeners`` (the caller closes them), gather the
+    candidates (none when ``skip_gather`` says why not) and make a fresh keypair."""
+    port = await open_listeners(options, listeners)
+    include_loopback = options.include_loopback
+    if include_loopback is None:
+        include_loopback = is_loopback(peer_host)
+    if skip_gather is not None:
+        local: list[Candidate] = []
+        notes = [skip_gather]
+    else:
+        local, notes = await gather(
+            port,
+            stun_servers=options.stun,
+            given=options.candidates,
+            include_loopback=include_loopback,
+            ipv6=socket.AF_INET6 in listeners,
+            stun_timeout=options.stun_timeout,
+        )
+    static_private, static_public = generate_keypair()
+    return Prepared(options, listeners, port, local, notes, static_private, static_public)
+
+
+def choose_bind(options: ConnectOptions, family: int) -> str:
+    if options.bind_host:
+        return options.bind_host
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
+def is_loopback(host: str | None) -> bool:
+    return host is not None and (host.startswith("127.") or host == "::1")
+
+
+async def open_listeners(options: ConnectOptions, listeners: Listeners) -> int:
+    """Bind the punch port for every usable family into ``listeners``; return the port."""
+    families = [socket.AF_INET]
+    if (
+        options.ipv6
+        and socket.has_ipv6
+        and not (options.bind_host and ":" not in options.bind_host)
+    ):
+        families.append(socket.AF_INET6)
+    if options.bind_host and ":" in options.bind_host:
+        families = [socket.AF_INET6]
+    first = await open_listener(choose_bind(options, families[0]), options.port, families[0])
+    listeners[families[0]] = first
+    port = int(first.getsockname()[1])
+    for fam in families[1:]:
+        # no IPv6 on this host, or the port is taken there: go on with IPv4
+        with contextlib.suppress(OSError):
+            listeners[fam] = await open_listener(choose_bind(options, fam), port, fam)
+    return port
+
+
+def remote_endpoints(
+    lines: Sequence[str],
+    peer_host: str | None,
+    peer_port: int,
+    report: Report,
+    families: Container[int],
+) -> list[tuple[str, int]]:
+    """The peer's candidates plus the observed one, deduplicated, of the address families
+    this side has a listener for; bad lines are noted in the report and skipped."""
+    out: list[tuple[str, int]] = []
+    cands: list[Candidate] = []
+    for line in lines:
+        try:
+            cands.append(Candidate.from_line(line))
+        except Exception as exc:
+            report.notes.append(f"ignored remote candidate {line[:80]!r}: {exc}")
+    cands.extend(observed_candidates(peer_host, [peer_port]))
+    for cand in cands:
+        endpoint = (cand.host, cand.port)
+        family = socket.AF_INET6 if ":" in cand.host else socket.AF_INET
+        if endpoint not in out and family in families:
+            out.append(endpoint)
+    return out

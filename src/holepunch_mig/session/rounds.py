@@ -1,0 +1,220 @@
+"""The punch rounds of one negotiation: RTT, synchronised rounds, racing, nomination.
+
+The source measures the RTT, sends ``sync`` and nominates the first authenticated link
+of a round; the destination dials on ``sync`` and keeps what it is told to keep.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from holepunch_mig.errors import HolepunchError, NoDirectPath, ProtocolError
+from holepunch_mig.net.punch import AuthenticatedLink, PunchRound
+from holepunch_mig.report import PairReport, Report
+from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.session.handshake import make_authenticator
+from holepunch_mig.session.options import ConnectOptions, Role
+from holepunch_mig.session.prepare import PeerKeys, Prepared
+
+
+async def _measure_rtt(control: ControlReader, count: int) -> float:
+    samples = []
+    for seq in range(count):
+        t0 = trio.current_time()
+        await control.send("ping", seq=seq)
+        msg, _ = await control.receive("pong", step="measuring RTT")
+        if msg["seq"] != seq:
+            raise ProtocolError(f"pong for ping {msg['seq']}, expected {seq}")
+        samples.append(trio.current_time() - t0)
+    return min(samples)
+
+
+async def _answer_pings(control: ControlReader, count: int) -> None:
+    for _ in range(count):
+        msg, _raw = await control.receive("ping", step="measuring RTT")
+        await control.send("pong", seq=msg["seq"])
+
+
+@dataclass
+class DirectAttempt:
+    """Everything the punch rounds of one session share; the two roles' round loops."""
+
+    control: ControlReader
+    prepared: Prepared
+    keys: PeerKeys
+    remotes: list[tuple[str, int]]
+    report: Report
+    log: logging.LoggerAdapter[logging.Logger]
+
+    @property
+    def options(self) -> ConnectOptions:
+        return self.prepared.options
+
+    def _round(self, role: Role, round_no: int, first_link_id: int = 1) -> PunchRound:
+        listeners = self.prepared.listeners
+        keys = self.keys
+        return PunchRound(
+            round_no=round_no,
+            listeners=listeners,
+            bind_host={f: self.prepared.bind_host(f) for f in listeners},
+            port=self.prepared.port,
+            remotes=self.remotes,
+            authenticate=make_authenticator(
+                role, round_no, keys.static_private, keys.remote_public, keys.prologue
+            ),
+            timing=self.options.timing,
+            log=self.log,
+            first_link_id=first_link_id,
+            dial_delay=self.options.dial_delay,
+        )
+
+    async def run(self, role: Role) -> AuthenticatedLink:
+        if role == "source":
+            self.report.rtt = await _measure_rtt(self.control, self.options.pings)
+            return await self._as_source(self.report.rtt)
+        await _answer_pings(self.control, self.options.pings)
+        return await self._as_destination()
+
+    async def _as_source(self, rtt: float) -> AuthenticatedLink:
+        """Sync, wait RTT/2 (the destination dials on receipt), race, nominate the first
+        authenticated link; a fresh synchronisation each round."""
+        rounds = self.options.rounds
+        for round_no in range(1, rounds + 1):
+            self.report.rounds = round_no
+            await self.control.send("sync", round=round_no, step=f"round {round_no}")
+            await trio.sleep(rtt / 2)
+            punch = self._round("source", round_no, first_link_id=1 + 1000 * (round_no - 1))
+            winner = await _race(punch, self.options.timing.round_timeout)
+            self.report.pairs.extend(punch.pairs)
+            if winner is not None:
+                await self.control.send(
+                    "nominate", round=round_no, link=winner.link_id, step=f"round {round_no}"
+                )
+                return winner
+            reason = _round_reason(punch.pairs)
+            self.log.info("round %d failed: %s", round_no, reason)
+            await self.control.send(
+                "round-failed",
+                round=round_no,
+                retry=round_no < rounds,
+                reason=reason,
+                step=f"round {round_no}",
+            )
+        raise NoDirectPath(
+            f"no direct link after {rounds} rounds: {_round_reason(self.report.pairs)}"
+        )
+
+    async def _as_destination(self) -> AuthenticatedLink:
+        """Dial on each sync, answer handshakes, keep what the source nominates."""
+        timing = self.options.timing
+        wait = timing.round_timeout * 2 + self.options.control_timeout
+        msg, _ = await self.control.receive("sync", step="waiting for sync")
+        while True:
+            round_no = msg["round"]
+            self.report.rounds = round_no
+            punch = self._round("destination", round_no)
+            links = _LinkBox()
+            send, receive = trio.open_memory_channel[AuthenticatedLink](64)
+            failure: HolepunchError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(punch.run, send)
+                nursery.start_soon(links.collect, receive)
+                try:
+                    msg, _ = await self.control.receive(
+                        "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
+                    )
+                except HolepunchError as exc:  # raised below, not as an exception group
+                    failure = exc
+                else:
+                    if msg.type == "nominate":
+                        # the initiator has finished, so our side of that handshake has sent
+                        # its last message; the collector may not have filed it yet
+                        with trio.move_on_after(timing.handshake_timeout):
+                            await links.wait_for(msg["link"])
+                nursery.cancel_scope.cancel()
+            self.report.pairs.extend(punch.pairs)
+            if failure is not None:
+                links.close_all()
+                _close_losers(punch, None)
+                raise failure
+            chosen = links.take(msg["link"]) if msg.type == "nominate" else None
+            links.close_all()
+            _close_losers(punch, chosen)
+            if msg.type == "nominate":
+                if chosen is None or msg["round"] != round_no:
+                    raise ProtocolError(
+                        f"peer nominated link {msg['link']} of round {msg['round']}, "
+                        "which this side never authenticated"
+                    )
+                return chosen
+            if not msg["retry"]:
+                raise NoDirectPath(f"no direct link: {msg['reason']}")
+            msg, _ = await self.control.receive("sync", step="waiting for the next round")
+
+
+class _LinkBox:
+    """The destination's authenticated links of one round, keyed by the source's link id."""
+
+    def __init__(self) -> None:
+        self.links: dict[int, AuthenticatedLink] = {}
+        self._changed = trio.Event()
+
+    async def collect(self, receive: trio.MemoryReceiveChannel[AuthenticatedLink]) -> None:
+        async with receive:
+            async for link in receive:
+                self.links[link.link_id] = link
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def wait_for(self, link_id: int) -> None:
+        while link_id not in self.links:
+            await self._changed.wait()
+
+    def take(self, link_id: int) -> AuthenticatedLink | None:
+        return self.links.pop(link_id, None)
+
+    def close_all(self) -> None:
+        for link in self.links.values():
+            link.stream.socket.close()
+        self.links.clear()
+
+
+async def _race(punch: PunchRound, timeout: float) -> AuthenticatedLink | None:
+    """The first authenticated link within ``timeout``; every other one is closed."""
+    send, receive = trio.open_memory_channel[AuthenticatedLink](64)
+    winner: AuthenticatedLink | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(punch.run, send)
+        with trio.move_on_after(timeout):
+            winner = await receive.receive()
+        nursery.cancel_scope.cancel()
+    while True:  # links that finished after the winner are still queued: close them
+        try:
+            late = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        late.stream.socket.close()
+    receive.close()
+    _close_losers(punch, winner)
+    return winner
+
+
+def _close_losers(punch: PunchRound, winner: AuthenticatedLink | None) -> None:
+    for pair in punch.pairs:
+        if pair.outcome == "connected" and (winner is None or pair is not winner.pair):
+            pair.outcome = "abandoned"
+            pair.detail = "authenticated, not nominated"
+
+
+def _round_reason(pairs: Sequence[PairReport]) -> str:
+    """ "2 refused, 1 timed out": what the pairs did, for round-failed and NoDirectPath."""
+    if not pairs:
+        return "no candidate pairs to try"
+    counts: dict[str, int] = {}
+    for pair in pairs:
+        counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
