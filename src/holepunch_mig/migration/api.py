@@ -71,6 +71,7 @@ from holepunch_mig.migration.proxy import SourceProxy, unix_connector
 from holepunch_mig.migration.qmp import QmpClient
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.report import Report
+from holepunch_mig.roles import Role
 from holepunch_mig.session import api
 from holepunch_mig.session.link import Link
 from holepunch_mig.session.negotiate import ControlReader
@@ -79,7 +80,6 @@ from holepunch_mig.wire.messages import Message
 
 log = logging.getLogger(__name__)
 
-Role = Literal["source", "destination"]
 Mode = Literal["mux", "handoff"]
 
 DEFAULT_TIMEOUT = 3600.0

@@ -52,10 +52,11 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.migration.proxy import private_dir
 from holepunch_mig.migration.qmp import QmpClient, QmpError
+from holepunch_mig.roles import Role
 from holepunch_mig.session.link import Link
 
 if TYPE_CHECKING:
-    from holepunch_mig.migration.api import MigrationReport, ProgressCallback, Role
+    from holepunch_mig.migration.api import MigrationReport, ProgressCallback
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
@@ -38,14 +38,12 @@ from holepunch_mig.net.tunnel import (
     TunnelRefused,
 )
 from holepunch_mig.report import PairReport, Report
+from holepunch_mig.roles import POLICIES, Policy, Role
 from holepunch_mig.session.diagnosis import diagnose
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.candidates import Candidate, gather, observed_candidates
 from holepunch_mig.wire.messages import Message
 from holepunch_mig.wire.noise import HandshakeState, generate_keypair
-
-Role = Literal["source", "destination"]
-Policy = Literal["direct", "auto", "tunnel"]
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -104,7 +102,7 @@ class ConnectOptions:
 
     def check(self) -> None:
         """Raise ValueError naming the first option that is out of range."""
-        if self.policy not in ("direct", "auto", "tunnel"):
+        if self.policy not in POLICIES:
             raise ValueError(f"policy must be 'direct', 'auto' or 'tunnel', not {self.policy!r}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, not {self.rounds}")

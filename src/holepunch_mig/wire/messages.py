@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from holepunch_mig.errors import ProtocolError
+from holepunch_mig.roles import POLICIES
 
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE: Final = 64 * 1024
@@ -95,7 +96,7 @@ def _check_limits(value: Any) -> bool:
 
 
 def _check_policy(value: Any) -> bool:
-    return value in ("direct", "auto", "tunnel")
+    return value in POLICIES
 
 
 def _check_bool(value: Any) -> bool:
