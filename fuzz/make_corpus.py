@@ -21,7 +21,8 @@ import fuzz_noise  # noqa: E402
 import fuzz_records  # noqa: E402
 
 from holepunch_mig import messages  # noqa: E402
-from holepunch_mig.wire.records import HEADER, RecordWriter  # noqa: E402
+from holepunch_mig.net.record_io import RecordWriter  # noqa: E402
+from holepunch_mig.wire.records import HEADER  # noqa: E402
 
 CORPUS = HERE / "corpus"
 

@@ -309,7 +309,7 @@ def test_blocking_twins_and_manager_abort(image: Path, tmp_path: Path) -> None:
 
 def test_source_socket_exact_path(tmp_path: Path) -> None:
     (a, _), (b, _) = socket.socketpair(), socket.socketpair()
-    from holepunch_mig.wire.records import RecordReader, RecordWriter
+    from holepunch_mig.net.record_io import RecordReader, RecordWriter
 
     key = os.urandom(32)
     mux = Mux(a, RecordWriter(a, key), RecordReader(a, key))

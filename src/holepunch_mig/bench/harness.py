@@ -51,7 +51,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from holepunch_mig.wire.records import MAX_RECORD, RecordReader, RecordType, RecordWriter
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
+from holepunch_mig.wire.records import MAX_RECORD, RecordType
 
 __all__ = [
     "CHUNK",

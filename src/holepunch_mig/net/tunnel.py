@@ -1035,8 +1035,8 @@ class _ThreadPump:
 
 class FrameTransport:
     """The record layer's "socket" while the worker-thread pump runs (after the Noise
-    handshake): :class:`~holepunch_mig.wire.records.RecordWriter`,
-    :class:`~holepunch_mig.wire.records.RecordReader` and :class:`~holepunch_mig.session.link.Link`
+    handshake): :class:`~holepunch_mig.net.record_io.RecordWriter`,
+    :class:`~holepunch_mig.net.record_io.RecordReader` and :class:`~holepunch_mig.session.link.Link`
     use it like a blocking socket, without the socketpair between them and the pump.
 
     * ``sendall`` hands the caller's buffer to the pump, which cuts it into TunnelData

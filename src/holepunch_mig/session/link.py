@@ -31,6 +31,7 @@ from holepunch_mig.errors import (
     single_exception,
 )
 from holepunch_mig.net.punch import AuthenticatedLink
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Interruption, Report
 from holepunch_mig.session.negotiate import (
@@ -51,7 +52,7 @@ from holepunch_mig.session.resume import (
     tune_link,
 )
 from holepunch_mig.wire.messages import Message
-from holepunch_mig.wire.records import RecordReader, RecordWriter, StreamPosition
+from holepunch_mig.wire.records import StreamPosition
 
 logger = logging.getLogger("holepunch_mig")
 
