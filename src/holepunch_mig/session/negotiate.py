@@ -31,18 +31,13 @@ from holepunch_mig.errors import (
 from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.net.gather import gather
 from holepunch_mig.net.punch import AuthenticatedLink, PunchRound, PunchTiming, open_listener
-from holepunch_mig.net.tunnel import (
-    DEFAULT_CREDIT_BATCH,
-    DEFAULT_WINDOW,
-    MAX_CHUNK,
-    Tunnel,
-    TunnelRefused,
-)
+from holepunch_mig.net.tunnel import Tunnel, TunnelRefused
 from holepunch_mig.report import PairReport, Report
 from holepunch_mig.roles import POLICIES, Policy, Role
 from holepunch_mig.session.diagnosis import diagnose
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.candidates import Candidate, observed_candidates
+from holepunch_mig.wire.credit import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK
 from holepunch_mig.wire.messages import Message
 from holepunch_mig.wire.noise import HandshakeState, generate_keypair
 
