@@ -140,15 +140,15 @@ async def test_control_messages_interleave_with_tunnel_data(kind: str) -> None:
             nursery.start_soon(sa.send_all, payload)
             nursery.start_soon(sink)
             # while the data flows, the control plane keeps working in both directions
-            await reader_b.send("result", ok=True, bytes=1, sha256=None, error=None)
-            msg, _ = await reader_a.receive("result")
-            assert msg["ok"] is True
-            await reader_a.send("ping", seq=7)
-            msg, _ = await reader_b.receive("ping")
-            assert msg["seq"] == 7
-            await reader_a.send("abort", reason="stop")
+            await reader_b.send(messages.Result(ok=True, bytes=1, sha256=None, error=None))
+            msg, _ = await reader_a.receive(messages.Result)
+            assert msg.ok is True
+            await reader_a.send(messages.Ping(seq=7))
+            msg, _ = await reader_b.receive(messages.Ping)
+            assert msg.seq == 7
+            await reader_a.send(messages.Abort(reason="stop"))
             with pytest.raises(PeerAbort, match=r"peer aborted.*stop"):
-                await reader_b.receive("result")
+                await reader_b.receive(messages.Result)
             while not received:
                 await trio.sleep(0.01)
             for t in (ta, tb):
@@ -224,10 +224,10 @@ async def test_worker_pump_peer_that_stops_reading_cannot_grow_memory() -> None:
             reader_a, reader_b = ControlReader(ta.channel, 5), ControlReader(tb.channel, 5)
             reader_a.attach(ta)
             reader_b.attach(tb)
-            await reader_a.send("ping", seq=3)
-            assert (await reader_b.receive("ping"))[0]["seq"] == 3
-            await reader_b.send("pong", seq=3)
-            assert (await reader_a.receive("pong"))[0]["seq"] == 3
+            await reader_a.send(messages.Ping(seq=3))
+            assert (await reader_b.receive(messages.Ping))[0].seq == 3
+            await reader_b.send(messages.Pong(seq=3))
+            assert (await reader_a.receive(messages.Pong))[0].seq == 3
             got = await _receive_exactly(sb, len(payload))
             assert got == payload
             nursery.cancel_scope.cancel()
@@ -245,7 +245,7 @@ async def test_peer_ignoring_credit_fails_the_tunnel(kind: str) -> None:
             await nursery.start(tb.run)
             sb = tb.link_stream()
             grant = messages.decode(await a.receive_message())
-            assert isinstance(grant, messages.Message) and grant["bytes"] == 128 * KiB
+            assert isinstance(grant, messages.Message) and grant.bytes == 128 * KiB
             chunk = messages.encode(messages.TunnelData(b"x" * MAX_CHUNK))
             for _ in range(3):  # 3 x 64 KiB > 128 KiB of credit
                 await a.send_message(chunk)
@@ -268,21 +268,21 @@ async def test_worker_pump_takes_over_buffered_bytes_and_gives_the_channel_back(
     burst = b"".join(
         messages.frame(m)
         for m in (
-            enc(messages.make("ping", seq=1)),
-            enc(messages.make("credit", bytes=5000)),
+            enc(messages.Ping(seq=1)),
+            enc(messages.Credit(bytes=5000)),
             enc(messages.TunnelData(b"early bytes")),
-            enc(messages.make("pong", seq=2)),
+            enc(messages.Pong(seq=2)),
         )
     )
     with trio.fail_after(10):
         await a._stream.send_all(burst)
-        assert await b.receive_message() == enc(messages.make("ping", seq=1))
+        assert await b.receive_message() == enc(messages.Ping(seq=1))
         tb = Tunnel(b, window=128 * KiB, credit_batch=64 * KiB)
         async with trio.open_nursery() as nursery:
             await nursery.start(tb.run)
             assert tb.pump_kind == "thread"
             sb = tb.link_stream()
-            assert await tb.receive_control() == enc(messages.make("pong", seq=2))
+            assert await tb.receive_control() == enc(messages.Pong(seq=2))
             assert await _receive_exactly(sb, 11) == b"early bytes"
             assert tb.credit.available == 5000
             await sb.send_all(b"up")
@@ -292,14 +292,12 @@ async def test_worker_pump_takes_over_buffered_bytes_and_gives_the_channel_back(
             await sb.aclose()
         # the peer saw the initial grant and the uplinked bytes, then the channel is
         # handed back intact: both directions work without the tunnel
-        assert messages.decode(await a.receive_message()) == messages.make(
-            "credit", bytes=128 * KiB
-        )
+        assert messages.decode(await a.receive_message()) == messages.Credit(bytes=128 * KiB)
         assert await a.receive_message() == enc(messages.TunnelData(b"up"))
-        await a.send_message(enc(messages.make("ping", seq=9)))
-        assert await b.receive_message() == enc(messages.make("ping", seq=9))
-        await b.send_message(enc(messages.make("pong", seq=9)))
-        assert await a.receive_message() == enc(messages.make("pong", seq=9))
+        await a.send_message(enc(messages.Ping(seq=9)))
+        assert await b.receive_message() == enc(messages.Ping(seq=9))
+        await b.send_message(enc(messages.Pong(seq=9)))
+        assert await a.receive_message() == enc(messages.Pong(seq=9))
     await a.aclose()
     await b.aclose()
 
@@ -410,10 +408,10 @@ async def test_frame_transport_peer_that_stops_reading_cannot_grow_memory() -> N
                 reader_a, reader_b = ControlReader(ta.channel, 5), ControlReader(tb.channel, 5)
                 reader_a.attach(ta)
                 reader_b.attach(tb)
-                await reader_a.send("ping", seq=4)
-                assert (await reader_b.receive("ping"))[0]["seq"] == 4
-                await reader_b.send("pong", seq=4)
-                assert (await reader_a.receive("pong"))[0]["seq"] == 4
+                await reader_a.send(messages.Ping(seq=4))
+                assert (await reader_b.receive(messages.Ping))[0].seq == 4
+                await reader_b.send(messages.Pong(seq=4))
+                assert (await reader_a.receive(messages.Pong))[0].seq == 4
                 got = await trio.to_thread.run_sync(_recv_all, xb, len(payload))
             assert got == payload
             assert tb.stats.max_buffered <= window

@@ -76,7 +76,7 @@ from holepunch_mig.session import api
 from holepunch_mig.session.link import Link
 from holepunch_mig.session.negotiate import ControlReader
 from holepunch_mig.session.resume import tune_link
-from holepunch_mig.wire.messages import Message
+from holepunch_mig.wire import messages
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class MigrationProxy:
         self._link_timeout = link_timeout
         self._mux: Mux | None = None
         self._listener: SourceProxy | None = None
-        self._peer_result: dict[str, Any] | None = None
+        self._peer_result: messages.MigrateResult | None = None
         self._peer_seen = trio.Event()
         self._done = trio.Event()
         self.report = MigrationReport(role=role, link=link.report)
@@ -284,18 +284,18 @@ class MigrationProxy:
         tune_link(self.link.sock, self._link_timeout)
         self.report.digest = "sha256" if self._digest else "count-only"
         if self.role == "source":
-            await control.send("migrate-offer", digest=self._digest)
+            await control.send(messages.MigrateOffer(digest=self._digest))
             msg, _ = await control.receive(
-                "migrate-ready",
-                "migrate-result",
+                messages.MigrateReady,
+                messages.MigrateResult,
                 timeout=self._ready_timeout,
                 step="waiting for the destination proxy to be ready",
             )
-            if msg.type == "migrate-result":
-                raise ProtocolError(f"destination proxy refused: {msg['error']}")
-            if msg.fields.get("mode", "mux") != "mux":
+            if isinstance(msg, messages.MigrateResult):
+                raise ProtocolError(f"destination proxy refused: {msg.error}")
+            if (msg.mode or "mux") != "mux":
                 raise ProtocolError("migrate-ready is not for mux mode")
-            if msg["digest"] != self._digest:
+            if msg.digest != self._digest:
                 raise ProtocolError("migrate-ready does not echo the offered digest mode")
             mux = Mux(
                 self.link.sock,
@@ -310,8 +310,8 @@ class MigrationProxy:
             await trio.to_thread.run_sync(self._listener.start)
             self.report.socket = str(self._listener.path)
         else:
-            msg = await receive_offer(control, "mux", self._ready_timeout, ProtocolError)
-            self._digest = bool(msg["digest"])
+            offer = await receive_offer(control, "mux", self._ready_timeout, ProtocolError)
+            self._digest = bool(offer.digest)
             self.report.digest = "sha256" if self._digest else "count-only"
             assert self._connect_unix is not None
             await _wait_socket(self._connect_unix, self._ready_timeout)
@@ -326,7 +326,7 @@ class MigrationProxy:
             )
             self._mux = mux
             mux.start()
-            await control.send("migrate-ready", digest=self._digest)
+            await control.send(messages.MigrateReady(digest=self._digest))
 
     # -- background tasks ----------------------------------------------------------------
 
@@ -334,11 +334,11 @@ class MigrationProxy:
         """The peer's migrate-result may come early (it failed): then fail here too."""
         try:
             msg, _ = await self.link.control.receive(
-                "migrate-result", timeout=math.inf, step="waiting for the peer's result"
+                messages.MigrateResult, timeout=math.inf, step="waiting for the peer's result"
             )
-            self._peer_result = dict(msg.fields)
-            if not msg["ok"] and not self._done.is_set():
-                self.abort(f"peer reported failure: {msg['error']}")
+            self._peer_result = msg
+            if not msg.ok and not self._done.is_set():
+                self.abort(f"peer reported failure: {msg.error}")
         except (PeerAbort, ChannelClosed, ControlTimeout, ProtocolError) as exc:
             self.report.notes.append(f"control channel: {exc}")
             if isinstance(exc, PeerAbort):
@@ -434,19 +434,19 @@ class MigrationProxy:
             if not ok:
                 rep.ok = False
                 rep.verdict = error
-                if peer is not None and not peer["ok"] and peer["error"] not in (None, error):
-                    rep.verdict = f"{error}; peer: {peer['error']}"
-            elif peer is not None and not peer["ok"]:
+                if peer is not None and not peer.ok and peer.error not in (None, error):
+                    rep.verdict = f"{error}; peer: {peer.error}"
+            elif peer is not None and not peer.ok:
                 rep.ok = False
-                rep.verdict = f"peer reported failure: {peer['error']}"
+                rep.verdict = f"peer reported failure: {peer.error}"
             elif peer is not None and (
-                peer["sent"] != rep.bytes_received or peer["received"] != rep.bytes_sent
+                peer.sent != rep.bytes_received or peer.received != rep.bytes_sent
             ):
                 rep.ok = False
                 rep.verdict = (
                     f"byte counts disagree: we sent {rep.bytes_sent} / received "
-                    f"{rep.bytes_received}, peer received {peer['received']} / sent "
-                    f"{peer['sent']}"
+                    f"{rep.bytes_received}, peer received {peer.received} / sent "
+                    f"{peer.sent}"
                 )
             else:
                 rep.ok = True
@@ -478,18 +478,18 @@ class MigrationProxy:
 
 async def receive_offer(
     control: ControlReader, mode: str, timeout: float, error: type[HolepunchError]
-) -> Message:
+) -> messages.MigrateOffer:
     """The destination's wait for migrate-offer; a source in the other mode is told why
     (migrate-result) and the session fails with ``error``."""
     msg, _ = await control.receive(
-        "migrate-offer", timeout=timeout, step="waiting for migrate-offer"
+        messages.MigrateOffer, timeout=timeout, step="waiting for migrate-offer"
     )
-    offered = msg.fields.get("mode", "mux")
+    offered = msg.mode or "mux"
     if offered != mode:
         reason = f"the destination proxy runs --mode {mode}, the source offered {offered}"
         with contextlib.suppress(HolepunchError):
             await control.send(
-                "migrate-result", ok=False, streams=0, sent=0, received=0, error=reason
+                messages.MigrateResult(ok=False, streams=0, sent=0, received=0, error=reason)
             )
         raise error(reason)
     return msg
@@ -503,24 +503,25 @@ class _ResultParty(Protocol):
     @property
     def _peer_seen(self) -> trio.Event: ...
     @property
-    def _peer_result(self) -> dict[str, Any] | None: ...
+    def _peer_result(self) -> messages.MigrateResult | None: ...
 
 
 async def exchange_results(
     proxy: _ResultParty, ok: bool, streams: int, error: str | None
-) -> dict[str, Any] | None:
+) -> messages.MigrateResult | None:
     """Send this side's migrate-result and wait (bounded) for the peer's; both verdicts
     end up in the report.  Shared by the mux and handoff modes."""
     rep = proxy.report
     try:
         with trio.fail_after(RESULT_TIMEOUT):
             await proxy.link.control.send(
-                "migrate-result",
-                ok=ok,
-                streams=streams,
-                sent=rep.bytes_sent,
-                received=rep.bytes_received,
-                error=None if error is None else error[:4000],
+                messages.MigrateResult(
+                    ok=ok,
+                    streams=streams,
+                    sent=rep.bytes_sent,
+                    received=rep.bytes_received,
+                    error=None if error is None else error[:4000],
+                )
             )
     except (HolepunchError, trio.TooSlowError) as exc:
         rep.notes.append(f"could not send our result to the peer: {exc!r}")
@@ -528,8 +529,8 @@ async def exchange_results(
         await proxy._peer_seen.wait()
     peer = proxy._peer_result
     if peer is not None:
-        rep.peer_ok = bool(peer["ok"])
-        rep.peer_error = peer["error"]
+        rep.peer_ok = bool(peer.ok)
+        rep.peer_error = peer.error
     return peer
 
 

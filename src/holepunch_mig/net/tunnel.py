@@ -279,7 +279,7 @@ class Tunnel:
             raise outcome[0]
 
     async def _send_credit(self, n: int) -> None:
-        await self.channel.send_message(messages.encode(messages.make("credit", bytes=n)))
+        await self.channel.send_message(messages.encode(messages.Credit(bytes=n)))
         self.stats.credits_sent += 1
 
     async def _route(self, scope: trio.CancelScope) -> None:
@@ -297,8 +297,8 @@ class Tunnel:
                     self._inbound_ready.set()
                     continue
                 event = messages.decode(raw)
-                if isinstance(event, messages.Message) and event.type == "credit":
-                    self.credit.grant(event["bytes"])
+                if isinstance(event, messages.Credit):
+                    self.credit.grant(event.bytes)
                     self.stats.credits_received += 1
                     self._credit_ready.set()
                     continue

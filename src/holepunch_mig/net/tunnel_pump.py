@@ -263,7 +263,7 @@ class ThreadPump:
                 self._release(chunk)
             grant = self.t.rwindow.on_consumed(got)
             if grant:
-                credit = messages.encode(messages.make("credit", bytes=grant))
+                credit = messages.encode(messages.Credit(bytes=grant))
                 self.ctl_out.append(messages.frame(credit))
                 self.t.stats.credits_sent += 1
         if grant:
@@ -572,8 +572,8 @@ class ThreadPump:
 
     def _control(self, raw: bytes) -> None:
         event = messages.decode(raw)
-        if isinstance(event, messages.Message) and event.type == "credit":
-            self.t.credit.grant(event["bytes"])
+        if isinstance(event, messages.Credit):
+            self.t.credit.grant(event.bytes)
             self.t.stats.credits_received += 1
             return
         self.t.stats.control_routed += 1
@@ -612,7 +612,7 @@ class ThreadPump:
             self._release(chunk)
         grant = self.t.rwindow.on_consumed(consumed)
         if grant:
-            credit = messages.encode(messages.make("credit", bytes=grant))
+            credit = messages.encode(messages.Credit(bytes=grant))
             self.out.append(_Out(memoryview(messages.frame(credit)), None, False))
             self.t.stats.credits_sent += 1
         return True

@@ -51,7 +51,7 @@ from holepunch_mig.session.resume import (
     abort_socket,
     tune_link,
 )
-from holepunch_mig.wire.messages import Message
+from holepunch_mig.wire import messages
 from holepunch_mig.wire.records import StreamPosition
 
 logger = logging.getLogger("holepunch_mig")
@@ -181,7 +181,7 @@ class Link:
             await self._tell_abort(reason)
             raise TransferError(reason) from exc
         msg, _ = await self.control.receive(
-            "result", timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
+            messages.Result, timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
         )
         return self._check_result(count, hashed, msg, started)
 
@@ -330,25 +330,25 @@ class Link:
         return self._check_result(count, hashed, msg, started)
 
     def _check_result(
-        self, count: int, hashed: bytes, msg: Message, started: float
+        self, count: int, hashed: bytes, msg: messages.Result, started: float
     ) -> TransferResult:
         """The source succeeds only when the destination verified the same count and
         digest that were sent."""
         local_digest = hashed.hex() if hashed else None
         seconds = time.monotonic() - started
         self._fill(count, local_digest, seconds)
-        if not msg["ok"]:
-            raise PeerAbort(f"destination rejected the transfer: {msg['error']}")
-        if msg["bytes"] != count:
-            raise TransferError(f"destination got {msg['bytes']} bytes, {count} were sent")
-        if local_digest and msg["sha256"] and msg["sha256"] != local_digest:
+        if not msg.ok:
+            raise PeerAbort(f"destination rejected the transfer: {msg.error}")
+        if msg.bytes != count:
+            raise TransferError(f"destination got {msg.bytes} bytes, {count} were sent")
+        if local_digest and msg.sha256 and msg.sha256 != local_digest:
             raise TransferError("destination's sha256 differs from what was sent")
         self.report.ok = True
         return TransferResult(count, local_digest, seconds)
 
     async def _source_epoch(
         self, source: ResumableSource, digest: bool, progress: Progress | None, state: _Epoch
-    ) -> tuple[int, bytes, Message] | None:
+    ) -> tuple[int, bytes, messages.Result] | None:
         """Send on the current link until the destination's result (returned) or until
         the link is lost (None; ``state`` says how)."""
         writer, sock, epoch = self.writer, self.sock, self.epoch
@@ -366,17 +366,21 @@ class Link:
             try:
                 while True:
                     msg, _ = await self.control.receive(
-                        "progress", "link-lost", "result", timeout=math.inf, step="transfer"
+                        messages.Progress,
+                        messages.LinkLost,
+                        messages.Result,
+                        timeout=math.inf,
+                        step="transfer",
                     )
-                    if msg.type == "progress":
-                        source.ack(msg["bytes"])
-                    elif msg.type == "link-lost":
-                        if msg["epoch"] == epoch:
-                            stop(f"peer: {msg['reason']}", "peer")
+                    if isinstance(msg, messages.Progress):
+                        source.ack(msg.bytes)
+                    elif isinstance(msg, messages.LinkLost):
+                        if msg.epoch == epoch:
+                            stop(f"peer: {msg.reason}", "peer")
                     else:
                         state.result = msg
-                        if not msg["ok"]:
-                            stop(f"destination failed: {msg['error']}", "peer")
+                        if not msg.ok:
+                            stop(f"destination failed: {msg.error}", "peer")
                         settled.set()
                         return
             except HolepunchError as exc:
@@ -419,7 +423,7 @@ class Link:
                 f"no result message from the peer within {RESULT_TIMEOUT:.1f} s "
                 "(waiting for the destination's verdict)"
             )
-        if state.result is not None and (count >= 0 or not state.result["ok"]):
+        if state.result is not None and (count >= 0 or not state.result.ok):
             return count, hashed, state.result
         return None
 
@@ -461,14 +465,14 @@ class Link:
             offer = state.offer
             if offer is None:
                 await self.control.send(
-                    "link-lost", epoch=self.epoch, bytes=kept, reason=state.seen[:4096]
+                    messages.LinkLost(epoch=self.epoch, bytes=kept, reason=state.seen[:4096])
                 )
             last = state.seen
             while True:
                 if offer is None:
                     try:
                         offer = await self.control.receive(
-                            "resume-offer", step="waiting for the source to resume"
+                            messages.ResumeOffer, step="waiting for the source to resume"
                         )
                     except PeerAbort as exc:
                         cut.outcome = "failed"
@@ -483,11 +487,11 @@ class Link:
                     raise exc2
                 attempts += 1
                 cut.attempts += 1
-                if offer[0]["epoch"] <= self.epoch:
+                if offer[0].epoch <= self.epoch:
                     raise ProtocolError(
-                        f"resume-offer for link {offer[0]['epoch']}, this side is at {self.epoch}"
+                        f"resume-offer for link {offer[0].epoch}, this side is at {self.epoch}"
                     )
-                self.epoch = offer[0]["epoch"]
+                self.epoch = offer[0].epoch
                 try:
                     link, _, scratch = await repunch(
                         self.control,
@@ -540,20 +544,20 @@ class Link:
 
         async def report_progress(n: int) -> None:
             try:
-                await self.control.send("progress", bytes=n)
+                await self.control.send(messages.Progress(bytes=n))
             except HolepunchError as exc:  # the watcher sees the channel go, too
                 self.log.warning("could not send progress: %s", exc)
 
         async def watch() -> None:
             try:
                 msg, raw = await self.control.receive(
-                    "resume-offer", timeout=math.inf, step="transfer"
+                    messages.ResumeOffer, timeout=math.inf, step="transfer"
                 )
             except HolepunchError as exc:
                 state.fatal = exc
             else:
                 state.offer = (msg, raw)
-                state.seen, state.by = f"peer: {msg['reason']}", "peer"
+                state.seen, state.by = f"peer: {msg.reason}", "peer"
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
@@ -605,13 +609,13 @@ class Link:
         self, ok: bool, count: int, digest: str | None, error: str | None
     ) -> None:
         try:
-            await self.control.send("result", ok=ok, bytes=count, sha256=digest, error=error)
+            await self.control.send(messages.Result(ok=ok, bytes=count, sha256=digest, error=error))
         except HolepunchError as exc:
             self.log.warning("could not send the result to the peer: %s", exc)
 
     async def _tell_abort(self, reason: str) -> None:
         try:
-            await self.control.send("abort", reason=reason[:4096])
+            await self.control.send(messages.Abort(reason=reason[:4096]))
         except HolepunchError as exc:
             self.log.warning("could not send abort to the peer: %s", exc)
 
@@ -631,7 +635,7 @@ class _Epoch:
     def __init__(self) -> None:
         self.seen = ""
         self.by: Literal["local", "peer"] = "local"
-        self.result: Message | None = None
-        self.offer: tuple[Message, bytes] | None = None
+        self.result: messages.Result | None = None
+        self.offer: tuple[messages.ResumeOffer, bytes] | None = None
         self.fatal: HolepunchError | None = None
         self.local_error = False

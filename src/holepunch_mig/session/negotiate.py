@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import trio
 
@@ -42,6 +42,11 @@ from holepunch_mig.wire.messages import Message
 from holepunch_mig.wire.noise import HandshakeState, generate_keypair
 
 logger = logging.getLogger("holepunch_mig")
+
+_M1 = TypeVar("_M1", bound=Message)
+_M2 = TypeVar("_M2", bound=Message)
+_M3 = TypeVar("_M3", bound=Message)
+_M4 = TypeVar("_M4", bound=Message)
 
 NOISE_PATTERN = "KK"
 PROLOGUE_LABEL = b"holepunch_mig/1\x00"
@@ -160,21 +165,56 @@ class ControlReader:
             return await self._tunnel.receive_control()
         return await self.channel.receive_message()
 
-    async def send(self, type_: str, *, step: str = "", **fields: Any) -> bytes:
+    async def send(self, message: Message, *, step: str = "") -> bytes:
         """Send one control message; a broken channel names what was being sent."""
-        data = messages.encode(messages.make(type_, **fields))
+        data = messages.encode(message)
         try:
             await self.channel.send_message(data)
         except ChannelClosed as exc:
-            raise ChannelClosed(f"{exc} while sending {type_}{_step(step)}") from None
+            raise ChannelClosed(f"{exc} while sending {message.TYPE}{_step(step)}") from None
         return data
 
+    @overload
     async def receive(
-        self, *expected: str, timeout: float | None = None, step: str = ""
+        self, a: type[_M1], /, *, timeout: float | None = None, step: str = ""
+    ) -> tuple[_M1, bytes]: ...
+
+    @overload
+    async def receive(
+        self, a: type[_M1], b: type[_M2], /, *, timeout: float | None = None, step: str = ""
+    ) -> tuple[_M1 | _M2, bytes]: ...
+
+    @overload
+    async def receive(
+        self,
+        a: type[_M1],
+        b: type[_M2],
+        c: type[_M3],
+        /,
+        *,
+        timeout: float | None = None,
+        step: str = "",
+    ) -> tuple[_M1 | _M2 | _M3, bytes]: ...
+
+    @overload
+    async def receive(
+        self,
+        a: type[_M1],
+        b: type[_M2],
+        c: type[_M3],
+        d: type[_M4],
+        /,
+        *,
+        timeout: float | None = None,
+        step: str = "",
+    ) -> tuple[_M1 | _M2 | _M3 | _M4, bytes]: ...
+
+    async def receive(
+        self, *expected: type[Message], timeout: float | None = None, step: str = ""
     ) -> tuple[Message, bytes]:
         """Next control message, which must be one of ``expected``; abort raises PeerAbort."""
         limit = self.timeout if timeout is None else timeout
-        what = " or ".join(expected)
+        what = " or ".join(t.TYPE for t in expected)
         try:
             with trio.fail_after(limit):
                 raw = await self._next()
@@ -188,9 +228,9 @@ class ControlReader:
         event = messages.decode(raw)
         if isinstance(event, messages.TunnelData):
             raise ProtocolError(f"tunnel data arrived while waiting for {what}")
-        if event.type == "abort" and "abort" not in expected:
-            raise PeerAbort(f"peer aborted{_step(step)}: {event['reason']}")
-        if event.type not in expected:
+        if isinstance(event, messages.Abort) and messages.Abort not in expected:
+            raise PeerAbort(f"peer aborted{_step(step)}: {event.reason}")
+        if not isinstance(event, expected):
             raise ProtocolError(f"expected {what} message, got {event.type}" + _step(step))
         return event, raw
 
@@ -353,49 +393,51 @@ async def _negotiate(
 
     if role == "source":
         offer = await control.send(
-            "offer",
-            session=session_id.hex(),
-            key=static_public.hex(),
-            port=port,
-            candidates=lines,
-            policy=options.policy,
-            limits=limits,
+            messages.Offer(
+                session=session_id.hex(),
+                key=static_public.hex(),
+                port=port,
+                candidates=lines,
+                policy=options.policy,
+                limits=limits,
+            )
         )
-        answer_msg, answer = await control.receive("answer", step="waiting for the answer")
-        if answer_msg["session"] != session_id.hex():
+        answer_msg, answer = await control.receive(messages.Answer, step="waiting for the answer")
+        if answer_msg.session != session_id.hex():
             raise ProtocolError("answer names a different session id")
-        peer = answer_msg
+        peer: messages.Answer | messages.Offer = answer_msg
         policy: Policy = options.policy
         # a destination that does not say (older version) cannot tunnel
-        destination_policy: Policy = answer_msg.get("policy", "direct")
+        destination_policy: Policy = answer_msg.policy or "direct"
     else:
-        offer_msg, offer = await control.receive("offer", step="waiting for the offer")
-        session_id = bytes.fromhex(offer_msg["session"])
+        offer_msg, offer = await control.receive(messages.Offer, step="waiting for the offer")
+        session_id = bytes.fromhex(offer_msg.session)
         answer = await control.send(
-            "answer",
-            session=session_id.hex(),
-            key=static_public.hex(),
-            port=port,
-            candidates=lines,
-            limits=limits,
-            policy=options.policy,
+            messages.Answer(
+                session=session_id.hex(),
+                key=static_public.hex(),
+                port=port,
+                candidates=lines,
+                limits=limits,
+                policy=options.policy,
+            )
         )
         peer = offer_msg
-        policy = offer_msg["policy"]  # the destination follows the source
+        policy = offer_msg.policy  # the destination follows the source
         destination_policy = options.policy
 
     sid = session_id.hex()
     log = SessionLog(logger, {"session": sid[:12]})
     report = Report(session=sid, role=role, policy=policy)
-    report.local_port, report.remote_port = port, peer["port"]
+    report.local_port, report.remote_port = port, peer.port
     report.local_candidates = lines
-    report.remote_candidates = list(peer["candidates"])
+    report.remote_candidates = list(peer.candidates)
     report.notes.extend(notes)
-    resume = options.resume_attempts > 0 and peer["limits"].get("resume", 0) >= 1
+    resume = options.resume_attempts > 0 and peer.limits.get("resume", 0) >= 1
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
     tunnel_allowed = destination_policy != "direct"
-    remote_public = bytes.fromhex(peer["key"])
+    remote_public = bytes.fromhex(peer.key)
     if remote_public == static_public:
         raise HandshakeError("peer announced our own public key")
     pro = prologue(session_id, offer, answer)
@@ -414,7 +456,7 @@ async def _negotiate(
         )
 
     remotes = _remote_endpoints(
-        peer["candidates"], control.channel.peer_host, peer["port"], report, listeners
+        peer.candidates, control.channel.peer_host, peer.port, report, listeners
     )
     log.info("%d local, %d remote candidates", len(local), len(remotes))
     try:
@@ -484,7 +526,7 @@ async def repunch(
     log: SessionLog,
     *,
     kept: int = 0,
-    offer: tuple[Message, bytes] | None = None,
+    offer: tuple[messages.ResumeOffer, bytes] | None = None,
     reason: str = "",
 ) -> tuple[AuthenticatedLink, int, Report]:
     """Resume (docs/protocol.md section 6): a new direct link of generation ``epoch`` for
@@ -521,43 +563,44 @@ async def repunch(
             "candidates": lines,
         }
         if role == "source":
-            offer_raw = await control.send("resume-offer", **fields, reason=reason[:4096])
+            offer_raw = await control.send(messages.ResumeOffer(**fields, reason=reason[:4096]))
             while True:
                 msg, answer_raw = await control.receive(
-                    "resume-answer",
-                    "progress",
-                    "link-lost",
-                    "result",
+                    messages.ResumeAnswer,
+                    messages.Progress,
+                    messages.LinkLost,
+                    messages.Result,
                     step=f"waiting for resume-answer {epoch}",
                 )
-                if msg.type == "result":
-                    if not msg["ok"]:
-                        raise PeerAbort(f"destination gave up: {msg['error']}")
+                if isinstance(msg, messages.Result):
+                    if not msg.ok:
+                        raise PeerAbort(f"destination gave up: {msg.error}")
                     raise ProtocolError("destination sent result ok while a resume was pending")
-                if msg.type == "resume-answer":
+                if isinstance(msg, messages.ResumeAnswer):
                     break
-            if msg["session"] != session_id.hex() or msg["epoch"] != epoch:
+            if msg.session != session_id.hex() or msg.epoch != epoch:
                 raise ProtocolError(
-                    f"resume-answer for session {msg['session'][:12]} epoch {msg['epoch']}, "
+                    f"resume-answer for session {msg.session[:12]} epoch {msg.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
-            peer, kept = msg, msg["bytes"]
+            peer: messages.ResumeAnswer | messages.ResumeOffer = msg
+            kept = msg.bytes
         else:
             if offer is None:
                 raise ValueError("the destination needs the resume-offer it received")
             peer, offer_raw = offer
-            if peer["session"] != session_id.hex() or peer["epoch"] != epoch:
+            if peer.session != session_id.hex() or peer.epoch != epoch:
                 raise ProtocolError(
-                    f"resume-offer for session {peer['session'][:12]} epoch {peer['epoch']}, "
+                    f"resume-offer for session {peer.session[:12]} epoch {peer.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
-            answer_raw = await control.send("resume-answer", **fields, bytes=kept)
-        remote_public = bytes.fromhex(peer["key"])
+            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept))
+        remote_public = bytes.fromhex(peer.key)
         if remote_public == static_public:
             raise HandshakeError("peer announced our own public key")
         pro = prologue(session_id, offer_raw, answer_raw)
         remotes = _remote_endpoints(
-            peer["candidates"], control.channel.peer_host, peer["port"], scratch, listeners
+            peer.candidates, control.channel.peer_host, peer.port, scratch, listeners
         )
         attempt = _DirectAttempt(
             control,
@@ -613,12 +656,14 @@ async def _switch_to_tunnel(
                 "or use holepunch_mig.connect"
             )
         if role == "source":
-            await control.send("path", path="tunnel", reason=reason[:4096])
+            await control.send(messages.Path(path="tunnel", reason=reason[:4096]))
         else:
-            msg, _ = await control.receive("path", step="waiting for the switch to the tunnel")
-            if msg["path"] != "tunnel":
-                raise ProtocolError(f"source announced path {msg['path']!r}, expected 'tunnel'")
-            reason = msg["reason"]
+            msg, _ = await control.receive(
+                messages.Path, step="waiting for the switch to the tunnel"
+            )
+            if msg.path != "tunnel":
+                raise ProtocolError(f"source announced path {msg.path!r}, expected 'tunnel'")
+            reason = msg.reason
         tunnel = Tunnel(
             control.channel,
             window=options.tunnel_window,
@@ -687,18 +732,18 @@ async def _measure_rtt(control: ControlReader, count: int) -> float:
     samples = []
     for seq in range(count):
         t0 = trio.current_time()
-        await control.send("ping", seq=seq)
-        msg, _ = await control.receive("pong", step="measuring RTT")
-        if msg["seq"] != seq:
-            raise ProtocolError(f"pong for ping {msg['seq']}, expected {seq}")
+        await control.send(messages.Ping(seq=seq))
+        msg, _ = await control.receive(messages.Pong, step="measuring RTT")
+        if msg.seq != seq:
+            raise ProtocolError(f"pong for ping {msg.seq}, expected {seq}")
         samples.append(trio.current_time() - t0)
     return min(samples)
 
 
 async def _answer_pings(control: ControlReader, count: int) -> None:
     for _ in range(count):
-        msg, _raw = await control.receive("ping", step="measuring RTT")
-        await control.send("pong", seq=msg["seq"])
+        msg, _raw = await control.receive(messages.Ping, step="measuring RTT")
+        await control.send(messages.Pong(seq=msg.seq))
 
 
 @dataclass
@@ -745,23 +790,20 @@ class _DirectAttempt:
         rounds = self.options.rounds
         for round_no in range(1, rounds + 1):
             self.report.rounds = round_no
-            await self.control.send("sync", round=round_no, step=f"round {round_no}")
+            await self.control.send(messages.Sync(round=round_no), step=f"round {round_no}")
             await trio.sleep(rtt / 2)
             punch = self._round("source", round_no, first_link_id=1 + 1000 * (round_no - 1))
             winner = await _race(punch, self.options.timing.round_timeout)
             self.report.pairs.extend(punch.pairs)
             if winner is not None:
                 await self.control.send(
-                    "nominate", round=round_no, link=winner.link_id, step=f"round {round_no}"
+                    messages.Nominate(round=round_no, link=winner.link_id), step=f"round {round_no}"
                 )
                 return winner
             reason = _round_reason(punch.pairs)
             self.log.info("round %d failed: %s", round_no, reason)
             await self.control.send(
-                "round-failed",
-                round=round_no,
-                retry=round_no < rounds,
-                reason=reason,
+                messages.RoundFailed(round=round_no, retry=round_no < rounds, reason=reason),
                 step=f"round {round_no}",
             )
         raise NoDirectPath(
@@ -772,9 +814,9 @@ class _DirectAttempt:
         """Dial on each sync, answer handshakes, keep what the source nominates."""
         timing = self.options.timing
         wait = timing.round_timeout * 2 + self.options.control_timeout
-        msg, _ = await self.control.receive("sync", step="waiting for sync")
+        sync, _ = await self.control.receive(messages.Sync, step="waiting for sync")
         while True:
-            round_no = msg["round"]
+            round_no = sync.round
             self.report.rounds = round_no
             punch = self._round("destination", round_no)
             links = _LinkBox()
@@ -785,35 +827,38 @@ class _DirectAttempt:
                 nursery.start_soon(links.collect, receive)
                 try:
                     msg, _ = await self.control.receive(
-                        "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
+                        messages.Nominate,
+                        messages.RoundFailed,
+                        timeout=wait,
+                        step=f"round {round_no}",
                     )
                 except HolepunchError as exc:  # raised below, not as an exception group
                     failure = exc
                 else:
-                    if msg.type == "nominate":
+                    if isinstance(msg, messages.Nominate):
                         # the initiator has finished, so our side of that handshake has sent
                         # its last message; the collector may not have filed it yet
                         with trio.move_on_after(timing.handshake_timeout):
-                            await links.wait_for(msg["link"])
+                            await links.wait_for(msg.link)
                 nursery.cancel_scope.cancel()
             self.report.pairs.extend(punch.pairs)
             if failure is not None:
                 links.close_all()
                 _close_losers(punch, None)
                 raise failure
-            chosen = links.take(msg["link"]) if msg.type == "nominate" else None
+            chosen = links.take(msg.link) if isinstance(msg, messages.Nominate) else None
             links.close_all()
             _close_losers(punch, chosen)
-            if msg.type == "nominate":
-                if chosen is None or msg["round"] != round_no:
+            if isinstance(msg, messages.Nominate):
+                if chosen is None or msg.round != round_no:
                     raise ProtocolError(
-                        f"peer nominated link {msg['link']} of round {msg['round']}, "
+                        f"peer nominated link {msg.link} of round {msg.round}, "
                         "which this side never authenticated"
                     )
                 return chosen
-            if not msg["retry"]:
-                raise NoDirectPath(f"no direct link: {msg['reason']}")
-            msg, _ = await self.control.receive("sync", step="waiting for the next round")
+            if not msg.retry:
+                raise NoDirectPath(f"no direct link: {msg.reason}")
+            sync, _ = await self.control.receive(messages.Sync, step="waiting for the next round")
 
 
 class _LinkBox:
