@@ -22,10 +22,12 @@ if __name__ == "__main__":
 
     with atheris.instrument_imports(include=["holepunch_mig"]):
         from holepunch_mig.errors import RecordError
-        from holepunch_mig.wire.records import MAX_RECORD, RecordReader, RecordType
+        from holepunch_mig.net.record_io import RecordReader
+        from holepunch_mig.wire.records import MAX_RECORD, RecordType
 else:
     from holepunch_mig.errors import RecordError
-    from holepunch_mig.wire.records import MAX_RECORD, RecordReader, RecordType
+    from holepunch_mig.net.record_io import RecordReader
+    from holepunch_mig.wire.records import MAX_RECORD, RecordType
 
 KEY = bytes(range(32))
 SMALL = 1024

@@ -20,8 +20,9 @@ sys.path.insert(0, str(HERE))
 import fuzz_noise  # noqa: E402
 import fuzz_records  # noqa: E402
 
-from holepunch_mig import messages  # noqa: E402
-from holepunch_mig.wire.records import HEADER, RecordWriter  # noqa: E402
+from holepunch_mig.net.record_io import RecordWriter  # noqa: E402
+from holepunch_mig.wire import messages  # noqa: E402
+from holepunch_mig.wire.records import HEADER  # noqa: E402
 
 CORPUS = HERE / "corpus"
 
@@ -40,8 +41,7 @@ def message_seeds() -> list[bytes]:
     key, session = "ab" * 32, "cd" * 16
     line = "candidate:1 1 tcp 2130706431 192.0.2.1 40000 typ host tcptype so"
     msgs = [
-        messages.make(
-            "offer",
+        messages.Offer(
             session=session,
             key=key,
             port=40000,
@@ -49,17 +49,17 @@ def message_seeds() -> list[bytes]:
             policy="direct",
             limits={"max_record": 1 << 20},
         ),
-        messages.make("answer", session=session, key=key, port=40001, candidates=[], limits={}),
-        messages.make("ping", seq=0),
-        messages.make("pong", seq=2),
-        messages.make("sync", round=1),
-        messages.make("nominate", round=1, link=1),
-        messages.make("round-failed", round=1, retry=True, reason="2 refused"),
-        messages.make("path", path="direct", reason="ok"),
-        messages.make("credit", bytes=4 << 20),
-        messages.make("result", ok=True, bytes=10, sha256=key, error=None),
-        messages.make("result", ok=False, bytes=0, sha256=None, error="boom"),
-        messages.make("abort", reason="stop"),
+        messages.Answer(session=session, key=key, port=40001, candidates=[], limits={}),
+        messages.Ping(seq=0),
+        messages.Pong(seq=2),
+        messages.Sync(round=1),
+        messages.Nominate(round=1, link=1),
+        messages.RoundFailed(round=1, retry=True, reason="2 refused"),
+        messages.Path(path="direct", reason="ok"),
+        messages.Credit(bytes=4 << 20),
+        messages.Result(ok=True, bytes=10, sha256=key, error=None),
+        messages.Result(ok=False, bytes=0, sha256=None, error="boom"),
+        messages.Abort(reason="stop"),
     ]
     encoded = [messages.encode(m) for m in msgs] + [b"\x02tunnel bytes"]
     seeds = [b"\x00" + e for e in encoded]  # decode path

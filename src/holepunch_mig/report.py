@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from holepunch_mig.roles import Role
+
 Outcome = Literal[
     "connected",  # TCP connected and the Noise handshake succeeded
     "nominated",  # connected, authenticated and chosen
@@ -68,7 +70,7 @@ class Report:
     """Everything a caller, a log or a person needs to know about one session."""
 
     session: str
-    role: Literal["source", "destination"]
+    role: Role
     policy: str = "direct"
     path: Literal["direct", "tunnel", "none"] = "none"
     path_reason: str = ""

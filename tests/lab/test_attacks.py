@@ -86,8 +86,7 @@ async def test_slowloris_control_peer_hits_the_message_deadline() -> None:
     channel, attacker = await _stream_pair()
     offer = messages.frame(
         messages.encode(
-            messages.make(
-                "offer",
+            messages.Offer(
                 session="ab" * 16,
                 key="cd" * 32,
                 port=40000,

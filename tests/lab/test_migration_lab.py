@@ -295,7 +295,7 @@ def test_blocking_twins_and_manager_abort(image: Path, tmp_path: Path) -> None:
 
 def test_source_socket_exact_path(tmp_path: Path) -> None:
     (a, _), (b, _) = socket.socketpair(), socket.socketpair()
-    from holepunch_mig.wire.records import RecordReader, RecordWriter
+    from holepunch_mig.net.record_io import RecordReader, RecordWriter
 
     key = os.urandom(32)
     mux = Mux(a, RecordWriter(a, key), RecordReader(a, key))
@@ -317,17 +317,21 @@ def test_source_socket_exact_path(tmp_path: Path) -> None:
 
 def test_migrate_messages_are_strict() -> None:
     for msg in (
-        messages.make("migrate-offer", digest=False),
-        messages.make("migrate-ready", digest=True),
-        messages.make("migrate-result", ok=False, streams=5, sent=1, received=0, error="x"),
+        messages.MigrateOffer(digest=False),
+        messages.MigrateReady(digest=True),
+        messages.MigrateResult(ok=False, streams=5, sent=1, received=0, error="x"),
     ):
         assert messages.decode(messages.encode(msg)) == msg
     with pytest.raises(ProtocolError, match="digest"):
-        messages.make("migrate-offer", digest=1)
+        messages.MigrateOffer(digest=1)  # type: ignore[arg-type]
     with pytest.raises(ProtocolError, match="lacks field 'error'"):
-        messages.make("migrate-result", ok=True, streams=1, sent=1, received=1)
+        _decode_json({"type": "migrate-result", "ok": True, "streams": 1, "sent": 1, "received": 1})
     with pytest.raises(ProtocolError, match="unknown field"):
-        messages.make("migrate-ready", digest=True, path="/tmp/x")
+        _decode_json({"type": "migrate-ready", "digest": True, "path": "/tmp/x"})
+
+
+def _decode_json(body: dict[str, object]) -> messages.Event:
+    return messages.decode(b"\x01" + json.dumps({"v": 1, **body}).encode())
 
 
 # -- handoff mode: the punched socket handed to QEMU (its own TLS-PSK) ------------------
@@ -472,9 +476,9 @@ def test_cli_handoff_usage_errors(tmp_path: Path) -> None:
 
 
 def test_migrate_messages_carry_the_mode() -> None:
-    for kind in ("migrate-offer", "migrate-ready"):
+    for kind in (messages.MigrateOffer, messages.MigrateReady):
         for mode in ("mux", "handoff"):
-            msg = messages.make(kind, digest=False, mode=mode)
+            msg = kind(digest=False, mode=mode)
             assert messages.decode(messages.encode(msg)) == msg
         with pytest.raises(ProtocolError, match="mode"):
-            messages.make(kind, digest=False, mode="relay")
+            kind(digest=False, mode="relay")  # type: ignore[arg-type]

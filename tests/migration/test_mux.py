@@ -23,7 +23,7 @@ import trio
 
 from holepunch_mig.migration.mux import DATA, Mux, MuxError, MuxPeerAbort
 from holepunch_mig.migration.proxy import run_destination, run_source, unix_connector
-from holepunch_mig.wire.records import RecordReader, RecordWriter
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
 
 
 def link_pair() -> tuple[tuple[socket.socket, Any, Any], tuple[socket.socket, Any, Any]]:

@@ -61,25 +61,25 @@ async def test_reader_deadline_names_what_was_awaited() -> None:
     a, _b = memory_channel_pair()
     reader = ControlReader(a, timeout=0.05)
     with pytest.raises(ControlTimeout, match=r"no answer message .* \(waiting for the answer\)"):
-        await reader.receive("answer", step="waiting for the answer")
+        await reader.receive(messages.Answer, step="waiting for the answer")
 
 
 async def test_reader_rejects_unexpected_type_and_garbage() -> None:
     a, b = memory_channel_pair()
     reader = ControlReader(a, timeout=1)
-    await b.send_message(messages.encode(messages.make("ping", seq=1)))
+    await b.send_message(messages.encode(messages.Ping(seq=1)))
     with pytest.raises(ProtocolError, match="expected answer message, got ping"):
-        await reader.receive("answer")
+        await reader.receive(messages.Answer)
     await b.send_message(b"\x01garbage")
     with pytest.raises(ProtocolError, match="not JSON"):
-        await reader.receive("answer")
+        await reader.receive(messages.Answer)
 
 
 async def test_reader_surfaces_peer_abort() -> None:
     a, b = memory_channel_pair()
-    await b.send_message(messages.encode(messages.make("abort", reason="disk full")))
+    await b.send_message(messages.encode(messages.Abort(reason="disk full")))
     with pytest.raises(PeerAbort, match="disk full"):
-        await ControlReader(a, timeout=1).receive("result")
+        await ControlReader(a, timeout=1).receive(messages.Result)
 
 
 async def test_memory_pair_close() -> None:

@@ -16,96 +16,19 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
-from hypothesis import strategies as st
 
 from holepunch_mig.errors import ChannelClosed, NoDirectPath, PeerAbort, ProtocolError
 from holepunch_mig.net.control import ControlChannel, StreamChannel, memory_channel_pair
 from holepunch_mig.net.punch import PunchRound, PunchTiming
-from holepunch_mig.net.tunnel import (
-    MAX_CHUNK,
-    FrameTransport,
-    ReceiveWindow,
-    SendCredit,
-    Tunnel,
-    TunnelClosed,
-    TunnelRefused,
-)
+from holepunch_mig.net.tunnel import Tunnel, TunnelClosed, TunnelRefused
+from holepunch_mig.net.tunnel_pump import FrameTransport
 from holepunch_mig.session import api
 from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.credit import MAX_CHUNK
 
 FAST = PunchTiming(connect_timeout=0.5, round_timeout=0.6, handshake_timeout=1.0)
 KiB, MiB = 1 << 10, 1 << 20
-
-
-# --------------------------------------------------------------------------- sans-IO
-
-
-def test_send_credit_accounting() -> None:
-    credit = SendCredit()
-    assert credit.take(MAX_CHUNK) == 0
-    credit.grant(100_000)
-    assert credit.take(MAX_CHUNK) == MAX_CHUNK
-    credit.spend(MAX_CHUNK)
-    assert credit.take(MAX_CHUNK) == 100_000 - MAX_CHUNK
-    with pytest.raises(ValueError, match="credit"):
-        credit.spend(100_000)
-    with pytest.raises(ProtocolError, match="positive"):
-        credit.grant(0)
-
-
-def test_receive_window_returns_credit_in_batches_not_per_chunk() -> None:
-    win = ReceiveWindow(window=16 * MiB, batch=4 * MiB)
-    assert win.initial_grant() == 16 * MiB
-    grants = []
-    for _ in range((64 * MiB) // MAX_CHUNK):
-        win.on_data(MAX_CHUNK)
-        grant = win.on_consumed(MAX_CHUNK)
-        if grant:
-            grants.append(grant)
-    # 1024 chunks, 15 credit messages: one per 4 MiB consumed
-    assert len(grants) == (64 * MiB // MAX_CHUNK * MAX_CHUNK) // (4 * MiB)
-    assert all(g >= 4 * MiB for g in grants)
-
-
-def test_receive_window_refuses_overrun() -> None:
-    win = ReceiveWindow(window=128 * KiB, batch=64 * KiB)
-    win.initial_grant()
-    win.on_data(100 * KiB)
-    with pytest.raises(ProtocolError, match="ignores flow control"):
-        win.on_data(29 * KiB)
-    with pytest.raises(ProtocolError, match="empty"):
-        win.on_data(0)
-
-
-def test_receive_window_rejects_bad_parameters() -> None:
-    with pytest.raises(ValueError, match="smaller than one chunk"):
-        ReceiveWindow(window=1000, batch=500)
-    with pytest.raises(ValueError, match="batch"):
-        ReceiveWindow(window=MiB, batch=2 * MiB)
-
-
-@given(st.lists(st.tuples(st.integers(1, MAX_CHUNK), st.booleans()), max_size=300))
-def test_window_invariants(steps: list[tuple[int, bool]]) -> None:
-    """Whatever the pattern of arrivals and consumption, an honest sender (spending only
-    its credit) never overruns, buffered bytes never exceed the window, and credit in
-    flight + buffered + not yet returned always adds up to the window."""
-    window, batch = 256 * KiB, 64 * KiB
-    win, credit = ReceiveWindow(window, batch), SendCredit()
-    credit.grant(win.initial_grant())
-    for size, consume in steps:
-        n = credit.take(size)
-        if n:
-            credit.spend(n)
-            win.on_data(n)
-        if consume and win.buffered:
-            grant = win.on_consumed(win.buffered)
-            if grant:
-                credit.grant(grant)
-        assert win.buffered <= window
-        assert credit.available + win.buffered + win.unreturned == window
-        assert credit.available == win.outstanding
 
 
 # --------------------------------------------------------------------------- the pump
@@ -217,15 +140,15 @@ async def test_control_messages_interleave_with_tunnel_data(kind: str) -> None:
             nursery.start_soon(sa.send_all, payload)
             nursery.start_soon(sink)
             # while the data flows, the control plane keeps working in both directions
-            await reader_b.send("result", ok=True, bytes=1, sha256=None, error=None)
-            msg, _ = await reader_a.receive("result")
-            assert msg["ok"] is True
-            await reader_a.send("ping", seq=7)
-            msg, _ = await reader_b.receive("ping")
-            assert msg["seq"] == 7
-            await reader_a.send("abort", reason="stop")
+            await reader_b.send(messages.Result(ok=True, bytes=1, sha256=None, error=None))
+            msg, _ = await reader_a.receive(messages.Result)
+            assert msg.ok is True
+            await reader_a.send(messages.Ping(seq=7))
+            msg, _ = await reader_b.receive(messages.Ping)
+            assert msg.seq == 7
+            await reader_a.send(messages.Abort(reason="stop"))
             with pytest.raises(PeerAbort, match=r"peer aborted.*stop"):
-                await reader_b.receive("result")
+                await reader_b.receive(messages.Result)
             while not received:
                 await trio.sleep(0.01)
             for t in (ta, tb):
@@ -301,10 +224,10 @@ async def test_worker_pump_peer_that_stops_reading_cannot_grow_memory() -> None:
             reader_a, reader_b = ControlReader(ta.channel, 5), ControlReader(tb.channel, 5)
             reader_a.attach(ta)
             reader_b.attach(tb)
-            await reader_a.send("ping", seq=3)
-            assert (await reader_b.receive("ping"))[0]["seq"] == 3
-            await reader_b.send("pong", seq=3)
-            assert (await reader_a.receive("pong"))[0]["seq"] == 3
+            await reader_a.send(messages.Ping(seq=3))
+            assert (await reader_b.receive(messages.Ping))[0].seq == 3
+            await reader_b.send(messages.Pong(seq=3))
+            assert (await reader_a.receive(messages.Pong))[0].seq == 3
             got = await _receive_exactly(sb, len(payload))
             assert got == payload
             nursery.cancel_scope.cancel()
@@ -322,7 +245,7 @@ async def test_peer_ignoring_credit_fails_the_tunnel(kind: str) -> None:
             await nursery.start(tb.run)
             sb = tb.link_stream()
             grant = messages.decode(await a.receive_message())
-            assert isinstance(grant, messages.Message) and grant["bytes"] == 128 * KiB
+            assert isinstance(grant, messages.Message) and grant.bytes == 128 * KiB
             chunk = messages.encode(messages.TunnelData(b"x" * MAX_CHUNK))
             for _ in range(3):  # 3 x 64 KiB > 128 KiB of credit
                 await a.send_message(chunk)
@@ -345,21 +268,21 @@ async def test_worker_pump_takes_over_buffered_bytes_and_gives_the_channel_back(
     burst = b"".join(
         messages.frame(m)
         for m in (
-            enc(messages.make("ping", seq=1)),
-            enc(messages.make("credit", bytes=5000)),
+            enc(messages.Ping(seq=1)),
+            enc(messages.Credit(bytes=5000)),
             enc(messages.TunnelData(b"early bytes")),
-            enc(messages.make("pong", seq=2)),
+            enc(messages.Pong(seq=2)),
         )
     )
     with trio.fail_after(10):
         await a._stream.send_all(burst)
-        assert await b.receive_message() == enc(messages.make("ping", seq=1))
+        assert await b.receive_message() == enc(messages.Ping(seq=1))
         tb = Tunnel(b, window=128 * KiB, credit_batch=64 * KiB)
         async with trio.open_nursery() as nursery:
             await nursery.start(tb.run)
             assert tb.pump_kind == "thread"
             sb = tb.link_stream()
-            assert await tb.receive_control() == enc(messages.make("pong", seq=2))
+            assert await tb.receive_control() == enc(messages.Pong(seq=2))
             assert await _receive_exactly(sb, 11) == b"early bytes"
             assert tb.credit.available == 5000
             await sb.send_all(b"up")
@@ -369,14 +292,12 @@ async def test_worker_pump_takes_over_buffered_bytes_and_gives_the_channel_back(
             await sb.aclose()
         # the peer saw the initial grant and the uplinked bytes, then the channel is
         # handed back intact: both directions work without the tunnel
-        assert messages.decode(await a.receive_message()) == messages.make(
-            "credit", bytes=128 * KiB
-        )
+        assert messages.decode(await a.receive_message()) == messages.Credit(bytes=128 * KiB)
         assert await a.receive_message() == enc(messages.TunnelData(b"up"))
-        await a.send_message(enc(messages.make("ping", seq=9)))
-        assert await b.receive_message() == enc(messages.make("ping", seq=9))
-        await b.send_message(enc(messages.make("pong", seq=9)))
-        assert await a.receive_message() == enc(messages.make("pong", seq=9))
+        await a.send_message(enc(messages.Ping(seq=9)))
+        assert await b.receive_message() == enc(messages.Ping(seq=9))
+        await b.send_message(enc(messages.Pong(seq=9)))
+        assert await a.receive_message() == enc(messages.Pong(seq=9))
     await a.aclose()
     await b.aclose()
 
@@ -487,10 +408,10 @@ async def test_frame_transport_peer_that_stops_reading_cannot_grow_memory() -> N
                 reader_a, reader_b = ControlReader(ta.channel, 5), ControlReader(tb.channel, 5)
                 reader_a.attach(ta)
                 reader_b.attach(tb)
-                await reader_a.send("ping", seq=4)
-                assert (await reader_b.receive("ping"))[0]["seq"] == 4
-                await reader_b.send("pong", seq=4)
-                assert (await reader_a.receive("pong"))[0]["seq"] == 4
+                await reader_a.send(messages.Ping(seq=4))
+                assert (await reader_b.receive(messages.Ping))[0].seq == 4
+                await reader_b.send(messages.Pong(seq=4))
+                assert (await reader_a.receive(messages.Pong))[0].seq == 4
                 got = await trio.to_thread.run_sync(_recv_all, xb, len(payload))
             assert got == payload
             assert tb.stats.max_buffered <= window

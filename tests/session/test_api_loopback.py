@@ -4,6 +4,7 @@ and the failures a caller must see (wrong keys, a vanished peer)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
@@ -168,10 +169,9 @@ class KeySwapper:
     async def receive_message(self) -> bytes:
         raw = await self.inner.receive_message()
         event = messages.decode(raw)
-        if isinstance(event, messages.Message) and event.type == "answer":
-            fields = dict(event.fields)
-            fields["key"] = generate_keypair()[1].hex()
-            return messages.encode(messages.make("answer", **fields))
+        if isinstance(event, messages.Answer):
+            forged = dataclasses.replace(event, key=generate_keypair()[1].hex())
+            return messages.encode(forged)
         return raw
 
     async def aclose(self) -> None:

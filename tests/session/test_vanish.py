@@ -125,8 +125,8 @@ class Tap:
         event = messages.decode(raw)
         if not isinstance(event, messages.Message):
             return False
-        if direction == "send" and event.type in ("offer", "answer"):
-            self.port = event["port"]
+        if direction == "send" and isinstance(event, messages.Offer | messages.Answer):
+            self.port = event.port
         return self.when is not None and not self.fired.is_set() and self.when(direction, event)
 
     async def send_message(self, message: bytes) -> None:
@@ -156,9 +156,13 @@ async def close_fully(channel: MemoryChannel) -> None:
         await channel.aclose()
 
 
-def on(direction: str, type_: str, **fields: Any) -> Trigger:
+def on(direction: str, type_: type[messages.Message], **fields: Any) -> Trigger:
     def when(d: str, m: messages.Message) -> bool:
-        return d == direction and m.type == type_ and all(m[k] == v for k, v in fields.items())
+        return (
+            d == direction
+            and isinstance(m, type_)
+            and all(getattr(m, k) == v for k, v in fields.items())
+        )
 
     return when
 
@@ -237,34 +241,35 @@ def cases() -> list[Case]:
     c = [
         # before the offer: the source never sends it
         Case("before-offer", "destination", "close", ChannelClosed, "waiting for the offer",
-             on("send", "offer")),
+             on("send", messages.Offer)),
         Case("before-offer", "destination", "silent", ControlTimeout,
-             r"no offer message .* \(waiting for the offer\)", on("send", "offer")),
+             r"no offer message .* \(waiting for the offer\)", on("send", messages.Offer)),
         # after the offer, before the answer
         Case("after-offer", "source", "close", ChannelClosed, "waiting for the answer",
-             on("recv", "offer")),
+             on("recv", messages.Offer)),
         Case("after-offer", "source", "silent", ControlTimeout,
-             r"no answer message .* \(waiting for the answer\)", on("recv", "offer")),
+             r"no answer message .* \(waiting for the answer\)", on("recv", messages.Offer)),
         # RTT pings
         Case("rtt", "source", "close", ChannelClosed, r"waiting for pong \(measuring RTT\)",
-             on("recv", "ping", seq=1)),
+             on("recv", messages.Ping, seq=1)),
         Case("rtt", "source", "silent", ControlTimeout, r"no pong .*\(measuring RTT\)",
-             on("recv", "ping", seq=1)),
+             on("recv", messages.Ping, seq=1)),
         Case("rtt", "destination", "close", ChannelClosed, r"waiting for ping \(measuring RTT\)",
-             on("recv", "pong", seq=0)),
+             on("recv", messages.Pong, seq=0)),
         Case("rtt", "destination", "silent", ControlTimeout, r"no ping .*\(measuring RTT\)",
-             on("recv", "pong", seq=0)),
+             on("recv", messages.Pong, seq=0)),
         # mid-punch: sync went out / came in, then the peer is gone
         Case("after-sync", "destination", "close", ChannelClosed,
-             r"waiting for nominate or round-failed \(round 1\)", on("sent", "sync"), grouped=True),
+             r"waiting for nominate or round-failed \(round 1\)", on("sent", messages.Sync),
+             grouped=True),
         Case("after-sync", "destination", "silent", ControlTimeout,
-             r"no nominate or round-failed message .* \(round 1\)", on("sent", "sync"),
+             r"no nominate or round-failed message .* \(round 1\)", on("sent", messages.Sync),
              grouped=True),
         Case("after-sync", "source", "close", ChannelClosed,
              r"closed by the peer while sending round-failed \(round 1\)",
-             on("recv", "sync")),
+             on("recv", messages.Sync)),
         Case("after-sync", "source", "silent", NoDirectPath, "no direct link after 1 rounds",
-             on("recv", "sync")),
+             on("recv", messages.Sync)),
         # mid-handshake: TCP connected, then the peer closes or says nothing
         Case("handshake", "source", "close", ChannelClosed,
              r"closed by the peer while sending round-failed \(round 1\)",
@@ -416,7 +421,7 @@ async def test_send_failures_name_the_step(
         "close",
         ChannelClosed,
         r"round-failed.*round 1",
-        None if in_handshake else on("recv", "sync"),
+        None if in_handshake else on("recv", messages.Sync),
         in_handshake=in_handshake,
     )
     await run_case(case, monkeypatch)

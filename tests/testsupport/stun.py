@@ -1,4 +1,5 @@
-"""A real coturn STUN server on loopback (the `coturn` fixture) and a free-port helper."""
+"""A real coturn STUN server on loopback (the `coturn` fixture), a free-port helper and
+hand-made Binding answers for fake servers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aioice import stun as aiostun
+
+
+def binding_response(
+    tid: bytes,
+    cls: aiostun.Class = aiostun.Class.RESPONSE,
+    **attrs: object,
+) -> bytes:
+    """A Binding message of class ``cls``; ``XOR_MAPPED_ADDRESS=`` becomes XOR-MAPPED-ADDRESS."""
+    msg = aiostun.Message(aiostun.Method.BINDING, cls, transaction_id=tid)
+    for k, v in attrs.items():
+        msg.attributes[k.replace("_", "-")] = v
+    return bytes(msg)
 
 
 def free_port() -> int:

@@ -69,9 +69,9 @@ def test_messages_target(data: bytes) -> None:
 
 
 VALID = [
-    messages.encode(messages.make("ping", seq=7)),
-    messages.encode(messages.make("nominate", round=2, link=1001)),
-    messages.encode(messages.make("result", ok=True, bytes=3, sha256="ab" * 32, error=None)),
+    messages.encode(messages.Ping(seq=7)),
+    messages.encode(messages.Nominate(round=2, link=1001)),
+    messages.encode(messages.Result(ok=True, bytes=3, sha256="ab" * 32, error=None)),
 ]
 
 

@@ -4,6 +4,7 @@ names what was wrong; nothing else escapes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from holepunch_mig.errors import ProtocolError
 from holepunch_mig.wire import messages
-from holepunch_mig.wire.messages import FrameDecoder, decode, encode, frame, make
+from holepunch_mig.wire.messages import FrameDecoder, decode, encode, frame
 
 KEY = "ab" * 32
 SESSION = "cd" * 16
@@ -38,20 +39,21 @@ def _raw(body: object) -> bytes:
 
 
 def test_round_trip_every_type() -> None:
-    samples = [
-        make("offer", **{k: v for k, v in _offer().items() if k not in ("v", "type")}),
-        make("ping", seq=3),
-        make("pong", seq=3),
-        make("sync", round=1),
-        make("nominate", round=2, link=7),
-        make("round-failed", round=1, retry=True, reason="2 timed out"),
-        make("result", ok=True, bytes=10, sha256="00" * 32, error=None),
-        make("abort", reason="disk full"),
-        make("credit", bytes=1 << 20),
-        make("path", path="direct", reason="ok"),
+    samples: list[messages.Message] = [
+        messages.Offer(**{k: v for k, v in _offer().items() if k not in ("v", "type")}),  # type: ignore[arg-type]
+        messages.Ping(seq=3),
+        messages.Pong(seq=3),
+        messages.Sync(round=1),
+        messages.Nominate(round=2, link=7),
+        messages.RoundFailed(round=1, retry=True, reason="2 timed out"),
+        messages.Result(ok=True, bytes=10, sha256="00" * 32, error=None),
+        messages.Abort(reason="disk full"),
+        messages.Credit(bytes=1 << 20),
+        messages.Path(path="direct", reason="ok"),
     ]
     for msg in samples:
         assert decode(encode(msg)) == msg
+        assert type(decode(encode(msg))) is type(msg)
     assert decode(encode(messages.TunnelData(b"\x00\xff"))) == messages.TunnelData(b"\x00\xff")
 
 
@@ -92,9 +94,66 @@ def test_deep_nesting_is_a_protocol_error() -> None:
         decode(b"\x01" + b"[" * 30000 + b"]" * 30000)
 
 
-def test_make_refuses_what_decode_would_refuse() -> None:
-    with pytest.raises(ProtocolError, match="lacks field 'round'"):
-        make("sync")
+def test_constructors_refuse_what_decode_would_refuse() -> None:
+    with pytest.raises(ProtocolError, match="field 'round' must be an unsigned"):
+        messages.Sync(round=-1)
+    with pytest.raises(ProtocolError, match="field 'policy'"):
+        messages.Answer(session=SESSION, key=KEY, port=1, candidates=[], limits={}, policy="x")  # type: ignore[arg-type]
+
+
+def test_one_class_per_schema_type_with_the_schema_fields() -> None:
+    assert set(messages.MESSAGE_TYPES) == set(messages.SCHEMAS)
+    for name, cls in messages.MESSAGE_TYPES.items():
+        assert name == cls.TYPE
+        schema = messages.SCHEMAS[name]
+        declared = dataclasses.fields(cls)
+        assert [f.name for f in declared] == list(schema), name
+        for f in declared:
+            required = schema[f.name][2]
+            # required fields have no default; optional ones default to None (= absent)
+            assert (f.default is dataclasses.MISSING) is required, (name, f.name)
+            if not required:
+                assert f.default is None, (name, f.name)
+
+
+def test_wire_bytes_are_the_schema_order_json() -> None:
+    offer = messages.Offer(
+        session=SESSION,
+        key=KEY,
+        port=4000,
+        candidates=["c"],
+        policy="direct",
+        limits={"resume": 1},
+    )
+    assert (
+        encode(offer)
+        == b"\x01"
+        + json.dumps(
+            {"v": 1, "type": "offer", "session": SESSION, "key": KEY, "port": 4000}
+            | {"candidates": ["c"], "policy": "direct", "limits": {"resume": 1}},
+            separators=(",", ":"),
+        ).encode()
+    )
+    assert encode(messages.RoundFailed(round=1, retry=False, reason="r")) == (
+        b'\x01{"v":1,"type":"round-failed","round":1,"retry":false,"reason":"r"}'
+    )
+    # an absent optional field stays absent on the wire; a null required one is sent
+    assert encode(messages.MigrateOffer(digest=True)) == (
+        b'\x01{"v":1,"type":"migrate-offer","digest":true}'
+    )
+    assert encode(messages.Result(ok=True, bytes=0, sha256=None, error=None)) == (
+        b'\x01{"v":1,"type":"result","ok":true,"bytes":0,"sha256":null,"error":null}'
+    )
+    answer = decode(
+        _raw(
+            {
+                "v": 1,
+                "type": "answer",
+                **{k: v for k, v in _offer().items() if k not in ("v", "type", "policy")},
+            }
+        )
+    )
+    assert isinstance(answer, messages.Answer) and answer.policy is None
 
 
 def test_encode_refuses_oversize() -> None:

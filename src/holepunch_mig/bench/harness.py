@@ -51,7 +51,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from holepunch_mig.wire.records import MAX_RECORD, RecordReader, RecordType, RecordWriter
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
+from holepunch_mig.wire.records import MAX_RECORD, RecordType
 
 __all__ = [
     "CHUNK",
@@ -498,7 +499,7 @@ def _tls_row(cfg: BenchConfig) -> PairSpec:
 def _session_options(policy: str, stop_and_wait: bool) -> dict[str, Any]:
     opts: dict[str, Any] = {"policy": policy}
     if stop_and_wait:
-        from holepunch_mig.net.tunnel import MAX_CHUNK
+        from holepunch_mig.wire.credit import MAX_CHUNK
 
         opts.update(tunnel_window=MAX_CHUNK, tunnel_credit_batch=MAX_CHUNK)
     return opts

@@ -57,7 +57,7 @@ from holepunch_mig.migration.qemu import (
     start_incoming,
     wait_status,
 )
-from holepunch_mig.wire.records import RecordReader, RecordWriter
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
 
 
 def free_tcp_port() -> int:

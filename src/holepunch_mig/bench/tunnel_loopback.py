@@ -28,8 +28,8 @@ from typing import Any
 import trio
 
 from holepunch_mig.net.control import StreamChannel
-from holepunch_mig.net.tunnel import MAX_CHUNK
 from holepunch_mig.session import api
+from holepunch_mig.wire.credit import MAX_CHUNK
 
 MODES = ("direct", "tunnel", "stop-and-wait")
 

@@ -30,9 +30,9 @@ from holepunch_mig.net.control import (
 )
 from holepunch_mig.net.control import stdio_channel as open_stdio_channel
 from holepunch_mig.report import Report
+from holepunch_mig.roles import POLICIES, Role
 from holepunch_mig.session import api
 from holepunch_mig.session.link import Link
-from holepunch_mig.session.options import Role
 from holepunch_mig.wire.candidates import parse_endpoint
 
 EXIT_OK = 0
@@ -122,7 +122,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
     p.add_argument(
         "--policy",
-        choices=["direct", "auto", "tunnel"],
+        choices=list(POLICIES),
         default="direct",
         help="path policy: 'direct' (default) a punched link or exit 3; 'auto' direct "
         "first, then the tunnel over the control channel (with a warning); 'tunnel' the "

@@ -39,7 +39,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
@@ -57,6 +57,7 @@ from holepunch_mig.migration.api import (
 )
 from holepunch_mig.migration.handoff import HandoffProxy
 from holepunch_mig.net.control import ControlChannel, open_tcp_channel
+from holepunch_mig.roles import Role
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 
@@ -246,9 +247,7 @@ def _finish(
 ) -> int:
     if progress is not None:
         progress.finish()
-    role: Literal["source", "destination"] = (
-        "source" if args.migrate_role == "source" else "destination"
-    )
+    role: Role = "source" if args.migrate_role == "source" else "destination"
     report: MigrationReport | None = proxy.report if proxy is not None else None
     if isinstance(exc, MigrationError):
         report = exc.migration

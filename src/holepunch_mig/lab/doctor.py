@@ -26,8 +26,9 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.net.stun import format_endpoint, probe_mapping
-from holepunch_mig.wire.candidates import host_candidates
+from holepunch_mig.net.gather import host_candidates
+from holepunch_mig.net.stun import probe_mapping
+from holepunch_mig.wire.endpoints import format_endpoint
 
 EXIT_LIKELY = 0
 EXIT_UNKNOWN = 1

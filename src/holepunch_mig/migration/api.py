@@ -56,12 +56,12 @@ from holepunch_mig.migration.common import (
     MigrationReport,
     Mode,
     ProgressCallback,
-    Role,
     StreamReport,
 )
 from holepunch_mig.migration.mux_mode import MigrationProxy
 from holepunch_mig.migration.qmp import QmpClient
 from holepunch_mig.net.control import ControlChannel, StreamChannel
+from holepunch_mig.roles import Role
 from holepunch_mig.session import api
 
 __all__ = [

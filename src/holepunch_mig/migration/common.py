@@ -19,11 +19,11 @@ import trio
 
 from holepunch_mig.errors import HolepunchError
 from holepunch_mig.report import Report
-from holepunch_mig.session.link import Link
+from holepunch_mig.roles import Role
 from holepunch_mig.session.control_reader import ControlReader
-from holepunch_mig.wire.messages import Message
+from holepunch_mig.session.link import Link
+from holepunch_mig.wire import messages
 
-Role = Literal["source", "destination"]
 Mode = Literal["mux", "handoff"]
 
 RESULT_TIMEOUT = 10.0
@@ -144,18 +144,18 @@ class MigrationReport:
 
 async def receive_offer(
     control: ControlReader, mode: str, timeout: float, error: type[HolepunchError]
-) -> Message:
+) -> messages.MigrateOffer:
     """The destination's wait for migrate-offer; a source in the other mode is told why
     (migrate-result) and the session fails with ``error``."""
     msg, _ = await control.receive(
-        "migrate-offer", timeout=timeout, step="waiting for migrate-offer"
+        messages.MigrateOffer, timeout=timeout, step="waiting for migrate-offer"
     )
-    offered = msg.fields.get("mode", "mux")
+    offered = msg.mode or "mux"
     if offered != mode:
         reason = f"the destination proxy runs --mode {mode}, the source offered {offered}"
         with contextlib.suppress(HolepunchError):
             await control.send(
-                "migrate-result", ok=False, streams=0, sent=0, received=0, error=reason
+                messages.MigrateResult(ok=False, streams=0, sent=0, received=0, error=reason)
             )
         raise error(reason)
     return msg
@@ -173,7 +173,7 @@ class ProxyBase(ABC):
         self.role: Role = role
         self.link = link
         self.report = report
-        self._peer_result: dict[str, Any] | None = None
+        self._peer_result: messages.MigrateResult | None = None
         self._peer_seen = trio.Event()
         self._done = trio.Event()
 
@@ -195,19 +195,20 @@ class ProxyBase(ABC):
 
     async def _exchange_results(
         self, ok: bool, streams: int, error: str | None
-    ) -> dict[str, Any] | None:
+    ) -> messages.MigrateResult | None:
         """Send this side's migrate-result and wait (bounded) for the peer's; both verdicts
         end up in the report."""
         rep = self.report
         try:
             with trio.fail_after(RESULT_TIMEOUT):
                 await self.link.control.send(
-                    "migrate-result",
-                    ok=ok,
-                    streams=streams,
-                    sent=rep.bytes_sent,
-                    received=rep.bytes_received,
-                    error=None if error is None else error[:4000],
+                    messages.MigrateResult(
+                        ok=ok,
+                        streams=streams,
+                        sent=rep.bytes_sent,
+                        received=rep.bytes_received,
+                        error=None if error is None else error[:4000],
+                    )
                 )
         except (HolepunchError, trio.TooSlowError) as exc:
             rep.notes.append(f"could not send our result to the peer: {exc!r}")
@@ -215,8 +216,8 @@ class ProxyBase(ABC):
             await self._peer_seen.wait()
         peer = self._peer_result
         if peer is not None:
-            rep.peer_ok = bool(peer["ok"])
-            rep.peer_error = peer["error"]
+            rep.peer_ok = bool(peer.ok)
+            rep.peer_error = peer.error
         return peer
 
     @asynccontextmanager

@@ -56,14 +56,15 @@ from holepunch_mig.migration.common import (
     MigrationReport,
     ProgressCallback,
     ProxyBase,
-    Role,
     StreamReport,
     receive_offer,
 )
 from holepunch_mig.migration.proxy import private_dir
 from holepunch_mig.migration.qmp import QmpClient, QmpError
+from holepunch_mig.roles import Role
 from holepunch_mig.session.link import Link
 from holepunch_mig.session.resume import tune_link
+from holepunch_mig.wire import messages
 
 log = logging.getLogger(__name__)
 
@@ -293,16 +294,16 @@ class HandoffProxy(ProxyBase):
         # QEMU inherits these: a silent link fails its migration within link_timeout.
         tune_link(self.link.sock, self._link_timeout)
         if self.role == "source":
-            await control.send("migrate-offer", digest=False, mode="handoff")
+            await control.send(messages.MigrateOffer(digest=False, mode="handoff"))
             msg, _ = await control.receive(
-                "migrate-ready",
-                "migrate-result",
+                messages.MigrateReady,
+                messages.MigrateResult,
                 timeout=self._ready_timeout,
                 step="waiting for the destination proxy to be ready",
             )
-            if msg.type == "migrate-result":
-                raise HandoffRefused(f"destination proxy refused: {msg['error']}")
-            if msg.fields.get("mode", "mux") != "handoff":
+            if isinstance(msg, messages.MigrateResult):
+                raise HandoffRefused(f"destination proxy refused: {msg.error}")
+            if (msg.mode or "mux") != "handoff":
                 raise ProtocolError("migrate-ready does not confirm handoff mode")
             await self._give_qemu("client")
             self._started = time.perf_counter()
@@ -312,7 +313,7 @@ class HandoffProxy(ProxyBase):
             await self._give_qemu("server")
             self._started = time.perf_counter()
             await self.qmp.execute("migrate-incoming", {"uri": self.uri}, timeout=QMP_TIMEOUT)
-            await control.send("migrate-ready", digest=False, mode="handoff")
+            await control.send(messages.MigrateReady(digest=False, mode="handoff"))
         self.report.socket = self.uri
 
     async def _give_qemu(self, endpoint: str) -> None:
@@ -332,11 +333,11 @@ class HandoffProxy(ProxyBase):
     async def _watch_peer(self) -> None:
         try:
             msg, _ = await self.link.control.receive(
-                "migrate-result", timeout=math.inf, step="waiting for the peer's result"
+                messages.MigrateResult, timeout=math.inf, step="waiting for the peer's result"
             )
-            self._peer_result = dict(msg.fields)
-            if not msg["ok"] and not self._done.is_set():
-                self.abort(f"peer reported failure: {msg['error']}")
+            self._peer_result = msg
+            if not msg.ok and not self._done.is_set():
+                self.abort(f"peer reported failure: {msg.error}")
         except (PeerAbort, ChannelClosed, ControlTimeout, ProtocolError) as exc:
             self.report.notes.append(f"control channel: {exc}")
         finally:
@@ -475,21 +476,21 @@ class HandoffProxy(ProxyBase):
                 rep.qemu_error = info.get("error-desc") or error
             peer = await self._exchange_results(ok, 1 if self._handed_off else 0, error)
             if peer is not None and self.role == "destination":
-                rep.bytes_received = int(peer["sent"])
+                rep.bytes_received = int(peer.sent)
                 rep.notes.append("bytes_received is the source QEMU's ram.transferred")
             if self._handed_off:
                 rep.streams = [StreamReport(0, rep.bytes_sent, rep.bytes_received)]
             if not ok:
                 rep.ok = False
                 rep.verdict = error
-                theirs = peer["error"] if peer is not None and not peer["ok"] else None
+                theirs = peer.error if peer is not None and not peer.ok else None
                 # one side's failure often makes the other fail "because the peer did":
                 # name each reason once
                 if theirs and error and theirs not in error and error not in theirs:
                     rep.verdict = f"{error}; peer: {theirs}"
-            elif peer is not None and not peer["ok"]:
+            elif peer is not None and not peer.ok:
                 rep.ok = False
-                rep.verdict = f"peer reported failure: {peer['error']}"
+                rep.verdict = f"peer reported failure: {peer.error}"
             else:
                 rep.ok = True
                 where = (

@@ -51,16 +51,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from holepunch_mig.errors import HolepunchError, PeerAbort, RecordError
+from holepunch_mig.wire.records import RecordType
 
 log = logging.getLogger(__name__)
 
-# Record types: the values of holepunch_mig.wire.records.RecordType, plus the mux's own.
-DATA = 0x01
-END = 0x02
-ABORT = 0x03
-ACK = 0x04
-CLOSE = 0x05
-OPEN = 0x10
+DATA = RecordType.DATA
+END = RecordType.END
+ABORT = RecordType.ABORT
+ACK = RecordType.ACK
+CLOSE = RecordType.CLOSE
+OPEN = RecordType.OPEN
 
 _END = struct.Struct(">Q32s")
 _ACK = struct.Struct(">Q")

@@ -37,14 +37,15 @@ from holepunch_mig.migration.common import (
     MigrationReport,
     ProgressCallback,
     ProxyBase,
-    Role,
     StreamReport,
     receive_offer,
 )
 from holepunch_mig.migration.mux import Mux, MuxError
 from holepunch_mig.migration.proxy import SourceProxy, unix_connector
+from holepunch_mig.roles import Role
 from holepunch_mig.session.link import Link
 from holepunch_mig.session.resume import tune_link
+from holepunch_mig.wire import messages
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +124,18 @@ class MigrationProxy(ProxyBase):
         tune_link(self.link.sock, self._link_timeout)
         self.report.digest = "sha256" if self._digest else "count-only"
         if self.role == "source":
-            await control.send("migrate-offer", digest=self._digest)
+            await control.send(messages.MigrateOffer(digest=self._digest))
             msg, _ = await control.receive(
-                "migrate-ready",
-                "migrate-result",
+                messages.MigrateReady,
+                messages.MigrateResult,
                 timeout=self._ready_timeout,
                 step="waiting for the destination proxy to be ready",
             )
-            if msg.type == "migrate-result":
-                raise ProtocolError(f"destination proxy refused: {msg['error']}")
-            if msg.fields.get("mode", "mux") != "mux":
+            if isinstance(msg, messages.MigrateResult):
+                raise ProtocolError(f"destination proxy refused: {msg.error}")
+            if (msg.mode or "mux") != "mux":
                 raise ProtocolError("migrate-ready is not for mux mode")
-            if msg["digest"] != self._digest:
+            if msg.digest != self._digest:
                 raise ProtocolError("migrate-ready does not echo the offered digest mode")
             mux = Mux(
                 self.link.sock,
@@ -149,8 +150,8 @@ class MigrationProxy(ProxyBase):
             await trio.to_thread.run_sync(self._listener.start)
             self.report.socket = str(self._listener.path)
         else:
-            msg = await receive_offer(control, "mux", self._ready_timeout, ProtocolError)
-            self._digest = bool(msg["digest"])
+            offer = await receive_offer(control, "mux", self._ready_timeout, ProtocolError)
+            self._digest = bool(offer.digest)
             self.report.digest = "sha256" if self._digest else "count-only"
             assert self._connect_unix is not None
             await _wait_socket(self._connect_unix, self._ready_timeout)
@@ -165,7 +166,7 @@ class MigrationProxy(ProxyBase):
             )
             self._mux = mux
             mux.start()
-            await control.send("migrate-ready", digest=self._digest)
+            await control.send(messages.MigrateReady(digest=self._digest))
 
     # -- background tasks ----------------------------------------------------------------
 
@@ -173,11 +174,11 @@ class MigrationProxy(ProxyBase):
         """The peer's migrate-result may come early (it failed): then fail here too."""
         try:
             msg, _ = await self.link.control.receive(
-                "migrate-result", timeout=math.inf, step="waiting for the peer's result"
+                messages.MigrateResult, timeout=math.inf, step="waiting for the peer's result"
             )
-            self._peer_result = dict(msg.fields)
-            if not msg["ok"] and not self._done.is_set():
-                self.abort(f"peer reported failure: {msg['error']}")
+            self._peer_result = msg
+            if not msg.ok and not self._done.is_set():
+                self.abort(f"peer reported failure: {msg.error}")
         except (PeerAbort, ChannelClosed, ControlTimeout, ProtocolError) as exc:
             self.report.notes.append(f"control channel: {exc}")
             if isinstance(exc, PeerAbort):
@@ -273,19 +274,19 @@ class MigrationProxy(ProxyBase):
             if not ok:
                 rep.ok = False
                 rep.verdict = error
-                if peer is not None and not peer["ok"] and peer["error"] not in (None, error):
-                    rep.verdict = f"{error}; peer: {peer['error']}"
-            elif peer is not None and not peer["ok"]:
+                if peer is not None and not peer.ok and peer.error not in (None, error):
+                    rep.verdict = f"{error}; peer: {peer.error}"
+            elif peer is not None and not peer.ok:
                 rep.ok = False
-                rep.verdict = f"peer reported failure: {peer['error']}"
+                rep.verdict = f"peer reported failure: {peer.error}"
             elif peer is not None and (
-                peer["sent"] != rep.bytes_received or peer["received"] != rep.bytes_sent
+                peer.sent != rep.bytes_received or peer.received != rep.bytes_sent
             ):
                 rep.ok = False
                 rep.verdict = (
                     f"byte counts disagree: we sent {rep.bytes_sent} / received "
-                    f"{rep.bytes_received}, peer received {peer['received']} / sent "
-                    f"{peer['sent']}"
+                    f"{rep.bytes_received}, peer received {peer.received} / sent "
+                    f"{peer.sent}"
                 )
             else:
                 rep.ok = True

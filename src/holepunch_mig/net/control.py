@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import trio
 
 from holepunch_mig.errors import ChannelClosed, ProtocolError
+from holepunch_mig.wire.endpoints import unmap_ipv4
 from holepunch_mig.wire.messages import MAX_MESSAGE, FrameDecoder, frame
 
 
@@ -164,12 +165,8 @@ def _socket_peer_host(stream: trio.abc.Stream) -> str | None:
     except OSError:
         return None
     if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
-        return _unmap(peer[0])
+        return unmap_ipv4(peer[0])
     return None
-
-
-def _unmap(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") else host
 
 
 def ssh_client_host() -> str | None:

@@ -17,6 +17,7 @@ import trio
 
 from holepunch_mig.errors import HandshakeError, HolepunchError
 from holepunch_mig.report import Outcome, PairReport
+from holepunch_mig.wire.endpoints import format_endpoint, unmap_ipv4
 
 Endpoint = tuple[str, int]
 
@@ -52,14 +53,6 @@ MAX_UNOFFERED_HOSTS = 16
 
 Authenticator = Callable[[trio.SocketStream, int], Awaitable[tuple[int, bytes, bytes]]]
 """(stream, proposed link id) -> (link id, send key, recv key); raises on failure."""
-
-
-def format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _unmap(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") else host
 
 
 def _reuse(sock: trio.socket.SocketType) -> None:
@@ -117,7 +110,7 @@ class PunchRound:
         self.bind_host = bind_host
         self.port = port
         self.remotes = list(remotes)
-        self.offered = {(_unmap(h), p) for h, p in remotes}
+        self.offered = {(unmap_ipv4(h), p) for h, p in remotes}
         self.authenticate = authenticate
         self.timing = timing
         self.log = log
@@ -153,7 +146,7 @@ class PunchRound:
                     self.log.warning("accept on the punch port failed: %s", exc)
                     await trio.sleep(0.05)
                     continue
-                peer = (_unmap(addr[0]), int(addr[1]))
+                peer = (unmap_ipv4(addr[0]), int(addr[1]))
                 if peer not in self.offered:
                     self._reject_unoffered(sock, peer)
                     continue
@@ -239,7 +232,7 @@ class PunchRound:
                     raise
                 break
             try:
-                if _local(sock) == (_unmap(remote[0]), remote[1]):
+                if _local(sock) == (unmap_ipv4(remote[0]), remote[1]):
                     pair.outcome, pair.detail = "rejected", "self-connect"
                     sock.close()
                     return
@@ -291,4 +284,4 @@ class PunchRound:
 
 def _local(sock: trio.socket.SocketType) -> Endpoint:
     name = sock.getsockname()
-    return _unmap(name[0]), int(name[1])
+    return unmap_ipv4(name[0]), int(name[1])

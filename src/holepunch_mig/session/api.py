@@ -22,9 +22,10 @@ import trio
 from holepunch_mig.errors import single_exception
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.report import Report
+from holepunch_mig.roles import ROLES, Role
 from holepunch_mig.session.link import Link, Progress, TransferResult
 from holepunch_mig.session.negotiate import establish
-from holepunch_mig.session.options import ConnectOptions, Role
+from holepunch_mig.session.options import ConnectOptions
 
 T = TypeVar("T")
 
@@ -52,7 +53,7 @@ async def connect(channel: ControlChannel, *, role: Role, **options: Any) -> Asy
     tunnel only.  Raises ``NoDirectPath`` (``TunnelRefused`` when the destination forbids
     the tunnel), with ``.report`` and ``.verdict``, when no allowed path works.
     """
-    if role not in ("source", "destination"):
+    if role not in ROLES:
         raise ValueError(f"role must be 'source' or 'destination', not {role!r}")
     opts = _options(**options)
     with single_exception():

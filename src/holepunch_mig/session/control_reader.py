@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar, overload
 
 import trio
 
@@ -11,6 +11,11 @@ from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.messages import Message
+
+_M1 = TypeVar("_M1", bound=Message)
+_M2 = TypeVar("_M2", bound=Message)
+_M3 = TypeVar("_M3", bound=Message)
+_M4 = TypeVar("_M4", bound=Message)
 
 
 class ControlReader:
@@ -30,21 +35,56 @@ class ControlReader:
             return await self._tunnel.receive_control()
         return await self.channel.receive_message()
 
-    async def send(self, type_: str, *, step: str = "", **fields: Any) -> bytes:
+    async def send(self, message: Message, *, step: str = "") -> bytes:
         """Send one control message; a broken channel names what was being sent."""
-        data = messages.encode(messages.make(type_, **fields))
+        data = messages.encode(message)
         try:
             await self.channel.send_message(data)
         except ChannelClosed as exc:
-            raise ChannelClosed(f"{exc} while sending {type_}{_step(step)}") from None
+            raise ChannelClosed(f"{exc} while sending {message.TYPE}{_step(step)}") from None
         return data
 
+    @overload
     async def receive(
-        self, *expected: str, timeout: float | None = None, step: str = ""
+        self, a: type[_M1], /, *, timeout: float | None = None, step: str = ""
+    ) -> tuple[_M1, bytes]: ...
+
+    @overload
+    async def receive(
+        self, a: type[_M1], b: type[_M2], /, *, timeout: float | None = None, step: str = ""
+    ) -> tuple[_M1 | _M2, bytes]: ...
+
+    @overload
+    async def receive(
+        self,
+        a: type[_M1],
+        b: type[_M2],
+        c: type[_M3],
+        /,
+        *,
+        timeout: float | None = None,
+        step: str = "",
+    ) -> tuple[_M1 | _M2 | _M3, bytes]: ...
+
+    @overload
+    async def receive(
+        self,
+        a: type[_M1],
+        b: type[_M2],
+        c: type[_M3],
+        d: type[_M4],
+        /,
+        *,
+        timeout: float | None = None,
+        step: str = "",
+    ) -> tuple[_M1 | _M2 | _M3 | _M4, bytes]: ...
+
+    async def receive(
+        self, *expected: type[Message], timeout: float | None = None, step: str = ""
     ) -> tuple[Message, bytes]:
         """Next control message, which must be one of ``expected``; abort raises PeerAbort."""
         limit = self.timeout if timeout is None else timeout
-        what = " or ".join(expected)
+        what = " or ".join(t.TYPE for t in expected)
         try:
             with trio.fail_after(limit):
                 raw = await self._next()
@@ -58,9 +98,9 @@ class ControlReader:
         event = messages.decode(raw)
         if isinstance(event, messages.TunnelData):
             raise ProtocolError(f"tunnel data arrived while waiting for {what}")
-        if event.type == "abort" and "abort" not in expected:
-            raise PeerAbort(f"peer aborted{_step(step)}: {event['reason']}")
-        if event.type not in expected:
+        if isinstance(event, messages.Abort) and messages.Abort not in expected:
+            raise PeerAbort(f"peer aborted{_step(step)}: {event.reason}")
+        if not isinstance(event, expected):
             raise ProtocolError(f"expected {what} message, got {event.type}" + _step(step))
         return event, raw
 

@@ -30,6 +30,7 @@ from holepunch_mig.errors import (
     single_exception,
 )
 from holepunch_mig.net.punch import AuthenticatedLink
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Report
 from holepunch_mig.session.control_reader import ControlReader
@@ -46,8 +47,8 @@ from holepunch_mig.session.resume import (
     tune_link,
 )
 from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
-from holepunch_mig.wire.messages import Message
-from holepunch_mig.wire.records import RecordReader, RecordWriter, StreamPosition
+from holepunch_mig.wire import messages
+from holepunch_mig.wire.records import StreamPosition
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -176,7 +177,7 @@ class Link:
             await self._tell_abort(reason)
             raise TransferError(reason) from exc
         msg, _ = await self.control.receive(
-            "result", timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
+            messages.Result, timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
         )
         return self._check_result(count, hashed, msg, started)
 
@@ -319,18 +320,18 @@ class Link:
         return self._check_result(count, hashed, msg, started)
 
     def _check_result(
-        self, count: int, hashed: bytes, msg: Message, started: float
+        self, count: int, hashed: bytes, msg: messages.Result, started: float
     ) -> TransferResult:
         """The source succeeds only when the destination verified the same count and
         digest that were sent."""
         local_digest = hashed.hex() if hashed else None
         seconds = time.monotonic() - started
         self._fill(count, local_digest, seconds)
-        if not msg["ok"]:
-            raise PeerAbort(f"destination rejected the transfer: {msg['error']}")
-        if msg["bytes"] != count:
-            raise TransferError(f"destination got {msg['bytes']} bytes, {count} were sent")
-        if local_digest and msg["sha256"] and msg["sha256"] != local_digest:
+        if not msg.ok:
+            raise PeerAbort(f"destination rejected the transfer: {msg.error}")
+        if msg.bytes != count:
+            raise TransferError(f"destination got {msg.bytes} bytes, {count} were sent")
+        if local_digest and msg.sha256 and msg.sha256 != local_digest:
             raise TransferError("destination's sha256 differs from what was sent")
         self.report.ok = True
         return TransferResult(count, local_digest, seconds)
@@ -342,7 +343,7 @@ class Link:
         progress: Progress | None,
         state: _Epoch,
         machine: ResumeMachine,
-    ) -> tuple[int, bytes, Message] | None:
+    ) -> tuple[int, bytes, messages.Result] | None:
         """Send on the current link until the destination's result (returned) or until
         the link is lost (None; ``machine`` says how)."""
         writer, sock, epoch = self.writer, self.sock, self.epoch
@@ -359,17 +360,21 @@ class Link:
             try:
                 while True:
                     msg, _ = await self.control.receive(
-                        "progress", "link-lost", "result", timeout=math.inf, step="transfer"
+                        messages.Progress,
+                        messages.LinkLost,
+                        messages.Result,
+                        timeout=math.inf,
+                        step="transfer",
                     )
-                    if msg.type == "progress":
-                        source.ack(msg["bytes"])
-                    elif msg.type == "link-lost":
-                        if msg["epoch"] == epoch:
-                            stop(f"peer: {msg['reason']}", "peer")
+                    if isinstance(msg, messages.Progress):
+                        source.ack(msg.bytes)
+                    elif isinstance(msg, messages.LinkLost):
+                        if msg.epoch == epoch:
+                            stop(f"peer: {msg.reason}", "peer")
                     else:
                         state.result = msg
-                        if not msg["ok"]:
-                            stop(f"destination failed: {msg['error']}", "peer")
+                        if not msg.ok:
+                            stop(f"destination failed: {msg.error}", "peer")
                         settled.set()
                         return
             except HolepunchError as exc:
@@ -412,7 +417,7 @@ class Link:
                 f"no result message from the peer within {RESULT_TIMEOUT:.1f} s "
                 "(waiting for the destination's verdict)"
             )
-        if state.result is not None and (count >= 0 or not state.result["ok"]):
+        if state.result is not None and (count >= 0 or not state.result.ok):
             return count, hashed, state.result
         return None
 
@@ -447,13 +452,13 @@ class Link:
             offer = state.offer
             if offer is None:
                 await self.control.send(
-                    "link-lost", epoch=self.epoch, bytes=kept, reason=machine.seen[:4096]
+                    messages.LinkLost(epoch=self.epoch, bytes=kept, reason=machine.seen[:4096])
                 )
             while True:
                 if offer is None:
                     try:
                         offer = await self.control.receive(
-                            "resume-offer", step="waiting for the source to resume"
+                            messages.ResumeOffer, step="waiting for the source to resume"
                         )
                     except PeerAbort as exc:
                         machine.fail()
@@ -466,7 +471,7 @@ class Link:
                     exc2 = self._exhausted(machine)
                     await self._tell_abort(str(exc2))
                     raise exc2
-                self.epoch = machine.attempt(offer[0]["epoch"])
+                self.epoch = machine.attempt(offer[0].epoch)
                 try:
                     link, _, scratch = await repunch(
                         self.control,
@@ -521,20 +526,20 @@ class Link:
 
         async def report_progress(n: int) -> None:
             try:
-                await self.control.send("progress", bytes=n)
+                await self.control.send(messages.Progress(bytes=n))
             except HolepunchError as exc:  # the watcher sees the channel go, too
                 self.log.warning("could not send progress: %s", exc)
 
         async def watch() -> None:
             try:
                 msg, raw = await self.control.receive(
-                    "resume-offer", timeout=math.inf, step="transfer"
+                    messages.ResumeOffer, timeout=math.inf, step="transfer"
                 )
             except HolepunchError as exc:
                 state.fatal = exc
             else:
                 state.offer = (msg, raw)
-                machine.halt(f"peer: {msg['reason']}", "peer")
+                machine.halt(f"peer: {msg.reason}", "peer")
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
@@ -585,13 +590,13 @@ class Link:
         self, ok: bool, count: int, digest: str | None, error: str | None
     ) -> None:
         try:
-            await self.control.send("result", ok=ok, bytes=count, sha256=digest, error=error)
+            await self.control.send(messages.Result(ok=ok, bytes=count, sha256=digest, error=error))
         except HolepunchError as exc:
             self.log.warning("could not send the result to the peer: %s", exc)
 
     async def _tell_abort(self, reason: str) -> None:
         try:
-            await self.control.send("abort", reason=reason[:4096])
+            await self.control.send(messages.Abort(reason=reason[:4096]))
         except HolepunchError as exc:
             self.log.warning("could not send abort to the peer: %s", exc)
 
@@ -610,7 +615,7 @@ class _Epoch:
     transfer (why the link stopped is the :class:`ResumeMachine`'s)."""
 
     def __init__(self) -> None:
-        self.result: Message | None = None
-        self.offer: tuple[Message, bytes] | None = None
+        self.result: messages.Result | None = None
+        self.offer: tuple[messages.ResumeOffer, bytes] | None = None
         self.fatal: HolepunchError | None = None
         self.local_error = False

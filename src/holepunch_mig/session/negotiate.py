@@ -27,14 +27,15 @@ from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.net.punch import AuthenticatedLink
 from holepunch_mig.net.tunnel import Tunnel, TunnelRefused
 from holepunch_mig.report import Report
+from holepunch_mig.roles import Policy, Role
 from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.session.diagnosis import explain_no_path
 from holepunch_mig.session.handshake import make_authenticator
-from holepunch_mig.session.options import ConnectOptions, Policy, Role
+from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.policy import decide
 from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
 from holepunch_mig.session.rounds import DirectAttempt
-from holepunch_mig.wire.messages import Message
+from holepunch_mig.wire import messages
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -117,48 +118,50 @@ async def _negotiate(
 
     if role == "source":
         offer = await control.send(
-            "offer",
-            session=session_id.hex(),
-            key=prepared.static_public.hex(),
-            port=port,
-            candidates=lines,
-            policy=options.policy,
-            limits=limits,
+            messages.Offer(
+                session=session_id.hex(),
+                key=prepared.static_public.hex(),
+                port=port,
+                candidates=lines,
+                policy=options.policy,
+                limits=limits,
+            )
         )
-        answer_msg, answer = await control.receive("answer", step="waiting for the answer")
-        if answer_msg["session"] != session_id.hex():
+        answer_msg, answer = await control.receive(messages.Answer, step="waiting for the answer")
+        if answer_msg.session != session_id.hex():
             raise ProtocolError("answer names a different session id")
-        peer = answer_msg
+        peer: messages.Answer | messages.Offer = answer_msg
         policy: Policy = options.policy
         # a destination that does not say (older version) cannot tunnel
-        destination_policy: Policy = answer_msg.get("policy", "direct")
+        destination_policy: Policy = answer_msg.policy or "direct"
     else:
-        offer_msg, offer = await control.receive("offer", step="waiting for the offer")
-        session_id = bytes.fromhex(offer_msg["session"])
+        offer_msg, offer = await control.receive(messages.Offer, step="waiting for the offer")
+        session_id = bytes.fromhex(offer_msg.session)
         answer = await control.send(
-            "answer",
-            session=session_id.hex(),
-            key=prepared.static_public.hex(),
-            port=port,
-            candidates=lines,
-            limits=limits,
-            policy=options.policy,
+            messages.Answer(
+                session=session_id.hex(),
+                key=prepared.static_public.hex(),
+                port=port,
+                candidates=lines,
+                limits=limits,
+                policy=options.policy,
+            )
         )
         peer = offer_msg
-        policy = offer_msg["policy"]  # the destination follows the source
+        policy = offer_msg.policy  # the destination follows the source
         destination_policy = options.policy
 
     sid = session_id.hex()
     log = SessionLog(logger, {"session": sid[:12]})
     report = Report(session=sid, role=role, policy=policy)
-    report.local_port, report.remote_port = port, peer["port"]
+    report.local_port, report.remote_port = port, peer.port
     report.local_candidates = lines
-    report.remote_candidates = list(peer["candidates"])
+    report.remote_candidates = list(peer.candidates)
     report.notes.extend(prepared.notes)
-    resume = options.resume_attempts > 0 and peer["limits"].get("resume", 0) >= 1
+    resume = options.resume_attempts > 0 and peer.limits.get("resume", 0) >= 1
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
-    keys = prepared.keys_for(peer["key"], session_id, offer, answer)
+    keys = prepared.keys_for(peer.key, session_id, offer, answer)
 
     first = decide(policy, destination_policy, "untried")
     if first.action == "fail":
@@ -170,7 +173,7 @@ async def _negotiate(
             control, role, options, nursery, keys, report, started, log, first.reason_for()
         )
 
-    remotes = prepared.remotes(peer["candidates"], control.channel.peer_host, peer["port"], report)
+    remotes = prepared.remotes(peer.candidates, control.channel.peer_host, peer.port, report)
     log.info("%d local, %d remote candidates", len(prepared.local), len(remotes))
     try:
         link = await DirectAttempt(control, prepared, keys, remotes, report, log).run(role)
@@ -229,7 +232,7 @@ async def repunch(
     log: SessionLog,
     *,
     kept: int = 0,
-    offer: tuple[Message, bytes] | None = None,
+    offer: tuple[messages.ResumeOffer, bytes] | None = None,
     reason: str = "",
 ) -> tuple[AuthenticatedLink, int, Report]:
     """Resume (docs/protocol.md section 7): a new direct link of generation ``epoch`` for
@@ -253,41 +256,40 @@ async def repunch(
             "candidates": prepared.lines,
         }
         if role == "source":
-            offer_raw = await control.send("resume-offer", **fields, reason=reason[:4096])
+            offer_raw = await control.send(messages.ResumeOffer(**fields, reason=reason[:4096]))
             while True:
                 msg, answer_raw = await control.receive(
-                    "resume-answer",
-                    "progress",
-                    "link-lost",
-                    "result",
+                    messages.ResumeAnswer,
+                    messages.Progress,
+                    messages.LinkLost,
+                    messages.Result,
                     step=f"waiting for resume-answer {epoch}",
                 )
-                if msg.type == "result":
-                    if not msg["ok"]:
-                        raise PeerAbort(f"destination gave up: {msg['error']}")
+                if isinstance(msg, messages.Result):
+                    if not msg.ok:
+                        raise PeerAbort(f"destination gave up: {msg.error}")
                     raise ProtocolError("destination sent result ok while a resume was pending")
-                if msg.type == "resume-answer":
+                if isinstance(msg, messages.ResumeAnswer):
                     break
-            if msg["session"] != session_id.hex() or msg["epoch"] != epoch:
+            if msg.session != session_id.hex() or msg.epoch != epoch:
                 raise ProtocolError(
-                    f"resume-answer for session {msg['session'][:12]} epoch {msg['epoch']}, "
+                    f"resume-answer for session {msg.session[:12]} epoch {msg.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
-            peer, kept = msg, msg["bytes"]
+            peer: messages.ResumeAnswer | messages.ResumeOffer = msg
+            kept = msg.bytes
         else:
             if offer is None:
                 raise ValueError("the destination needs the resume-offer it received")
             peer, offer_raw = offer
-            if peer["session"] != session_id.hex() or peer["epoch"] != epoch:
+            if peer.session != session_id.hex() or peer.epoch != epoch:
                 raise ProtocolError(
-                    f"resume-offer for session {peer['session'][:12]} epoch {peer['epoch']}, "
+                    f"resume-offer for session {peer.session[:12]} epoch {peer.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
-            answer_raw = await control.send("resume-answer", **fields, bytes=kept)
-        keys = prepared.keys_for(peer["key"], session_id, offer_raw, answer_raw)
-        remotes = prepared.remotes(
-            peer["candidates"], control.channel.peer_host, peer["port"], scratch
-        )
+            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept))
+        keys = prepared.keys_for(peer.key, session_id, offer_raw, answer_raw)
+        remotes = prepared.remotes(peer.candidates, control.channel.peer_host, peer.port, scratch)
         attempt = DirectAttempt(control, prepared, keys, remotes, scratch, log)
         link = await attempt.run(role)
     finally:
@@ -329,12 +331,14 @@ async def _switch_to_tunnel(
                 "or use holepunch_mig.connect"
             )
         if role == "source":
-            await control.send("path", path="tunnel", reason=reason[:4096])
+            await control.send(messages.Path(path="tunnel", reason=reason[:4096]))
         else:
-            msg, _ = await control.receive("path", step="waiting for the switch to the tunnel")
-            if msg["path"] != "tunnel":
-                raise ProtocolError(f"source announced path {msg['path']!r}, expected 'tunnel'")
-            reason = msg["reason"]
+            msg, _ = await control.receive(
+                messages.Path, step="waiting for the switch to the tunnel"
+            )
+            if msg.path != "tunnel":
+                raise ProtocolError(f"source announced path {msg.path!r}, expected 'tunnel'")
+            reason = msg.reason
         tunnel = Tunnel(
             control.channel,
             window=options.tunnel_window,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from holepunch_mig.net.punch import PunchTiming
-from holepunch_mig.net.tunnel import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK
+from holepunch_mig.roles import Policy, Role
+from holepunch_mig.wire.credit import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK
 
-Role = Literal["source", "destination"]
-Policy = Literal["direct", "auto", "tunnel"]
+__all__ = ["ConnectOptions", "Policy", "Role"]
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import trio
 
 from holepunch_mig.errors import HandshakeError
+from holepunch_mig.net.gather import gather
 from holepunch_mig.net.punch import open_listener
 from holepunch_mig.report import Report
 from holepunch_mig.session.handshake import prologue
 from holepunch_mig.session.options import ConnectOptions
-from holepunch_mig.wire.candidates import Candidate, gather, observed_candidates
+from holepunch_mig.wire.candidates import Candidate, observed_candidates
 from holepunch_mig.wire.noise import generate_keypair
 
 Listeners = dict[int, trio.socket.SocketType]

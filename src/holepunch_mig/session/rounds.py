@@ -15,28 +15,30 @@ import trio
 from holepunch_mig.errors import HolepunchError, NoDirectPath, ProtocolError
 from holepunch_mig.net.punch import AuthenticatedLink, PunchRound
 from holepunch_mig.report import PairReport, Report
+from holepunch_mig.roles import Role
 from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.session.handshake import make_authenticator
-from holepunch_mig.session.options import ConnectOptions, Role
+from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.prepare import PeerKeys, Prepared
+from holepunch_mig.wire import messages
 
 
 async def _measure_rtt(control: ControlReader, count: int) -> float:
     samples = []
     for seq in range(count):
         t0 = trio.current_time()
-        await control.send("ping", seq=seq)
-        msg, _ = await control.receive("pong", step="measuring RTT")
-        if msg["seq"] != seq:
-            raise ProtocolError(f"pong for ping {msg['seq']}, expected {seq}")
+        await control.send(messages.Ping(seq=seq))
+        msg, _ = await control.receive(messages.Pong, step="measuring RTT")
+        if msg.seq != seq:
+            raise ProtocolError(f"pong for ping {msg.seq}, expected {seq}")
         samples.append(trio.current_time() - t0)
     return min(samples)
 
 
 async def _answer_pings(control: ControlReader, count: int) -> None:
     for _ in range(count):
-        msg, _raw = await control.receive("ping", step="measuring RTT")
-        await control.send("pong", seq=msg["seq"])
+        msg, _raw = await control.receive(messages.Ping, step="measuring RTT")
+        await control.send(messages.Pong(seq=msg.seq))
 
 
 @dataclass
@@ -85,23 +87,20 @@ class DirectAttempt:
         rounds = self.options.rounds
         for round_no in range(1, rounds + 1):
             self.report.rounds = round_no
-            await self.control.send("sync", round=round_no, step=f"round {round_no}")
+            await self.control.send(messages.Sync(round=round_no), step=f"round {round_no}")
             await trio.sleep(rtt / 2)
             punch = self._round("source", round_no, first_link_id=1 + 1000 * (round_no - 1))
             winner = await _race(punch, self.options.timing.round_timeout)
             self.report.pairs.extend(punch.pairs)
             if winner is not None:
                 await self.control.send(
-                    "nominate", round=round_no, link=winner.link_id, step=f"round {round_no}"
+                    messages.Nominate(round=round_no, link=winner.link_id), step=f"round {round_no}"
                 )
                 return winner
             reason = _round_reason(punch.pairs)
             self.log.info("round %d failed: %s", round_no, reason)
             await self.control.send(
-                "round-failed",
-                round=round_no,
-                retry=round_no < rounds,
-                reason=reason,
+                messages.RoundFailed(round=round_no, retry=round_no < rounds, reason=reason),
                 step=f"round {round_no}",
             )
         raise NoDirectPath(
@@ -112,9 +111,9 @@ class DirectAttempt:
         """Dial on each sync, answer handshakes, keep what the source nominates."""
         timing = self.options.timing
         wait = timing.round_timeout * 2 + self.options.control_timeout
-        msg, _ = await self.control.receive("sync", step="waiting for sync")
+        sync, _ = await self.control.receive(messages.Sync, step="waiting for sync")
         while True:
-            round_no = msg["round"]
+            round_no = sync.round
             self.report.rounds = round_no
             punch = self._round("destination", round_no)
             links = _LinkBox()
@@ -125,35 +124,38 @@ class DirectAttempt:
                 nursery.start_soon(links.collect, receive)
                 try:
                     msg, _ = await self.control.receive(
-                        "nominate", "round-failed", timeout=wait, step=f"round {round_no}"
+                        messages.Nominate,
+                        messages.RoundFailed,
+                        timeout=wait,
+                        step=f"round {round_no}",
                     )
                 except HolepunchError as exc:  # raised below, not as an exception group
                     failure = exc
                 else:
-                    if msg.type == "nominate":
+                    if isinstance(msg, messages.Nominate):
                         # the initiator has finished, so our side of that handshake has sent
                         # its last message; the collector may not have filed it yet
                         with trio.move_on_after(timing.handshake_timeout):
-                            await links.wait_for(msg["link"])
+                            await links.wait_for(msg.link)
                 nursery.cancel_scope.cancel()
             self.report.pairs.extend(punch.pairs)
             if failure is not None:
                 links.close_all()
                 _close_losers(punch, None)
                 raise failure
-            chosen = links.take(msg["link"]) if msg.type == "nominate" else None
+            chosen = links.take(msg.link) if isinstance(msg, messages.Nominate) else None
             links.close_all()
             _close_losers(punch, chosen)
-            if msg.type == "nominate":
-                if chosen is None or msg["round"] != round_no:
+            if isinstance(msg, messages.Nominate):
+                if chosen is None or msg.round != round_no:
                     raise ProtocolError(
-                        f"peer nominated link {msg['link']} of round {msg['round']}, "
+                        f"peer nominated link {msg.link} of round {msg.round}, "
                         "which this side never authenticated"
                     )
                 return chosen
-            if not msg["retry"]:
-                raise NoDirectPath(f"no direct link: {msg['reason']}")
-            msg, _ = await self.control.receive("sync", step="waiting for the next round")
+            if not msg.retry:
+                raise NoDirectPath(f"no direct link: {msg.reason}")
+            sync, _ = await self.control.receive(messages.Sync, step="waiting for the next round")
 
 
 class _LinkBox:

@@ -4,7 +4,9 @@ A control *frame* on a byte stream is a 4-byte big-endian length followed by tha
 bytes (the *message*).  A message starts with one kind byte:
 
 * ``0x01`` — a control message: a UTF-8 JSON object with ``"v"`` (protocol version) and
-  ``"type"``, plus the fields listed in :data:`SCHEMAS`, and nothing else;
+  ``"type"``, plus the fields listed in :data:`SCHEMAS`, and nothing else; decoded into
+  the frozen dataclass of its type (:class:`Offer`, :class:`Answer` ...), whose fields are
+  the schema's (a test holds them equal);
 * ``0x02`` — tunnel data: opaque bytes of the fallback tunnel (see ``tunnel``).
 
 Validation is strict on purpose: the control channel is trusted for integrity, so any
@@ -17,10 +19,11 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final, Literal
 
 from holepunch_mig.errors import ProtocolError
+from holepunch_mig.roles import POLICIES, Policy
 
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE: Final = 64 * 1024
@@ -32,30 +35,6 @@ KIND_TUNNEL: Final = 0x02
 
 _HEX32 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{32}")
-
-
-@dataclass(frozen=True)
-class Message:
-    """A decoded control message: its type name and validated fields."""
-
-    type: str
-    fields: Mapping[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> Any:
-        return self.fields[name]
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.fields.get(name, default)
-
-
-@dataclass(frozen=True)
-class TunnelData:
-    """Opaque bytes of the fallback tunnel."""
-
-    data: bytes
-
-
-Event = Message | TunnelData
 
 
 def _check_hex32(value: Any) -> bool:
@@ -95,7 +74,7 @@ def _check_limits(value: Any) -> bool:
 
 
 def _check_policy(value: Any) -> bool:
-    return value in ("direct", "auto", "tunnel")
+    return value in POLICIES
 
 
 def _check_bool(value: Any) -> bool:
@@ -205,11 +184,213 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
 }
 
 
-def make(type_: str, **fields: Any) -> Message:
-    """Build a message, validating it exactly as the decoder would."""
-    msg = Message(type_, dict(fields))
-    _validate(type_, msg.fields)
-    return msg
+Mode = Literal["mux", "handoff"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """A control message.  Each subclass is one type of :data:`SCHEMAS`: ``TYPE`` is its
+    wire name and its fields are the schema's, in order; an optional field is ``None``
+    when absent (never sent).  Built messages are validated as the decoder would."""
+
+    TYPE: ClassVar[str] = ""
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+    def __post_init__(self) -> None:
+        _validate(self.TYPE, _present(self))
+
+
+@dataclass(frozen=True)
+class Offer(Message):
+    TYPE: ClassVar[str] = "offer"
+    session: str
+    key: str
+    port: int
+    candidates: list[str]
+    policy: Policy
+    limits: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Answer(Message):
+    TYPE: ClassVar[str] = "answer"
+    session: str
+    key: str
+    port: int
+    candidates: list[str]
+    limits: dict[str, int]
+    policy: Policy | None = None
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    seq: int
+
+
+@dataclass(frozen=True)
+class Sync(Message):
+    TYPE: ClassVar[str] = "sync"
+    round: int
+
+
+@dataclass(frozen=True)
+class Nominate(Message):
+    TYPE: ClassVar[str] = "nominate"
+    round: int
+    link: int
+
+
+@dataclass(frozen=True)
+class RoundFailed(Message):
+    TYPE: ClassVar[str] = "round-failed"
+    round: int
+    retry: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Path(Message):
+    TYPE: ClassVar[str] = "path"
+    path: Literal["direct", "tunnel"]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Credit(Message):
+    TYPE: ClassVar[str] = "credit"
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    TYPE: ClassVar[str] = "result"
+    ok: bool
+    bytes: int
+    sha256: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    TYPE: ClassVar[str] = "abort"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Progress(Message):
+    TYPE: ClassVar[str] = "progress"
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LinkLost(Message):
+    TYPE: ClassVar[str] = "link-lost"
+    epoch: int
+    bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResumeOffer(Message):
+    TYPE: ClassVar[str] = "resume-offer"
+    session: str
+    epoch: int
+    key: str
+    port: int
+    candidates: list[str]
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResumeAnswer(Message):
+    TYPE: ClassVar[str] = "resume-answer"
+    session: str
+    epoch: int
+    key: str
+    port: int
+    candidates: list[str]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MigrateOffer(Message):
+    TYPE: ClassVar[str] = "migrate-offer"
+    digest: bool
+    mode: Mode | None = None
+
+
+@dataclass(frozen=True)
+class MigrateReady(Message):
+    TYPE: ClassVar[str] = "migrate-ready"
+    digest: bool
+    mode: Mode | None = None
+
+
+@dataclass(frozen=True)
+class MigrateResult(Message):
+    TYPE: ClassVar[str] = "migrate-result"
+    ok: bool
+    streams: int
+    sent: int
+    received: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class TunnelData:
+    """Opaque bytes of the fallback tunnel."""
+
+    data: bytes
+
+
+Event = Message | TunnelData
+
+MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
+    cls.TYPE: cls
+    for cls in (
+        Offer,
+        Answer,
+        Ping,
+        Pong,
+        Sync,
+        Nominate,
+        RoundFailed,
+        Path,
+        Credit,
+        Result,
+        Abort,
+        Progress,
+        LinkLost,
+        ResumeOffer,
+        ResumeAnswer,
+        MigrateOffer,
+        MigrateReady,
+        MigrateResult,
+    )
+}
+"""Wire name -> message class, one per :data:`SCHEMAS` entry."""
+
+
+def _present(message: Message) -> dict[str, Any]:
+    """The fields that go on the wire, in schema order (an absent optional one is None)."""
+    schema = SCHEMAS.get(message.TYPE, {})
+    out: dict[str, Any] = {}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if value is None and f.name in schema and not schema[f.name][2]:
+            continue
+        out[f.name] = value
+    return out
 
 
 def encode(event: Event) -> bytes:
@@ -217,8 +398,9 @@ def encode(event: Event) -> bytes:
     if isinstance(event, TunnelData):
         out = bytes([KIND_TUNNEL]) + event.data
     else:
-        _validate(event.type, event.fields)
-        body = {"v": PROTOCOL_VERSION, "type": event.type, **event.fields}
+        present = _present(event)
+        _validate(event.TYPE, present)
+        body = {"v": PROTOCOL_VERSION, "type": event.TYPE, **present}
         out = bytes([KIND_CONTROL]) + json.dumps(body, separators=(",", ":")).encode()
     if len(out) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(out)} bytes exceeds the {MAX_MESSAGE}-byte limit")
@@ -255,7 +437,7 @@ def decode(data: bytes) -> Event:
     if not isinstance(type_, str):
         raise ProtocolError('control message has no string "type"')
     _validate(type_, obj)
-    return Message(type_, obj)
+    return MESSAGE_TYPES[type_](**obj)
 
 
 def _validate(type_: str, fields: Mapping[str, Any]) -> None:

@@ -340,10 +340,6 @@ class HandshakeState:
     def remote_static(self) -> bytes | None:
         return self._rs
 
-    @property
-    def local_static(self) -> bytes | None:
-        return self._s_pub or None
-
     def split(self) -> tuple[bytes, bytes]:
         """Raw transport keys (initiator->responder, responder->initiator)."""
         if self._failed:

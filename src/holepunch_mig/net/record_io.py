@@ -1,0 +1,588 @@
+"""The record layer on blocking sockets: pipelined writer and prefetching reader.
+
+The codec is ``wire.records``.  The writer seals a record into a preallocated frame and
+sends it with a single ``sendall``; the reader ``recv_into``\\ s the header and then the
+body with ``MSG_WAITALL`` and decrypts into a preallocated plaintext buffer.  Helper
+threads overlap sealing/opening with socket I/O and SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import socket
+import threading
+from collections.abc import Callable, Generator
+from typing import Any, BinaryIO
+
+from holepunch_mig.errors import RecordError, TruncatedStream
+from holepunch_mig.wire.records import (
+    ACK_PAYLOAD,
+    HEADER,
+    MAX_RECORD,
+    REKEY_INTERVAL,
+    TAG,
+    PeerAborted,
+    Record,
+    RecordOpener,
+    RecordSealer,
+    RecordType,
+    StreamPosition,
+    abort_payload,
+    end_payload,
+    record_type_name,
+    verify_end,
+)
+
+__all__ = ["RecordReader", "RecordWriter"]
+
+_Fetched = Generator[tuple[memoryview, int, int, int], None, None]
+"""Fetched, not yet verified records: (frame, type, stream, length)."""
+
+
+class _HashThread:
+    """SHA-256 of a sequence of buffers in a thread of its own (hashlib releases the GIL
+    for buffers over 2 KiB), so hashing overlaps sealing/opening and socket I/O.  Buffers
+    are hashed in ``put`` order; each index goes back to ``free`` once hashed."""
+
+    def __init__(
+        self,
+        bufs: list[memoryview],
+        free: queue.SimpleQueue[int],
+        h: Any = None,
+        marks: list[tuple[int, Any]] | None = None,
+        start: int = 0,
+    ) -> None:
+        self._h = hashlib.sha256() if h is None else h
+        self._marks = marks
+        self._pos = start
+        self._bufs = bufs
+        self._free = free
+        self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="records-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self._h.update
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            i, n = item
+            try:
+                update(self._bufs[i][:n])
+                if self._marks is not None:
+                    self._pos += n
+                    self._marks.append((self._pos, self._h.copy()))
+            finally:
+                self._free.put(i)
+
+    def put(self, i: int, n: int) -> None:
+        self._todo.put((i, n))
+
+    def finish(self) -> bytes:
+        """Wait for everything put so far; return the digest."""
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+        return self._h.digest()
+
+    @property
+    def state(self) -> Any:
+        """The hash object (complete only after ``finish``)."""
+        return self._h
+
+
+class RecordWriter(RecordSealer):
+    """Sends records on a blocking socket.  Thread-safe: every record is sealed and sent
+    under one lock, so several pump threads may share a link (records interleave whole)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        key: bytes,
+        *,
+        max_record: int = MAX_RECORD,
+        rekey_interval: int = REKEY_INTERVAL,
+    ) -> None:
+        super().__init__(key, max_record=max_record, rekey_interval=rekey_interval)
+        self._sock = sock
+        self._frame = bytearray(HEADER.size + max_record + TAG)
+        self._fview = memoryview(self._frame)
+        # _lock: counter assignment, sealing into the shared frame.  _turn: records go on
+        # the wire in counter order; _next_send is the counter of the next record to send
+        # (only a pipelined send_file has sealed records not yet sent).
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(threading.Lock())
+        self._next_send = 0
+        self.records_sent = 0
+        self.bytes_sent = 0  # plaintext payload bytes of all records
+        self.wire_bytes_sent = 0  # header + ciphertext + tag
+
+    # -- core -------------------------------------------------------------------------------
+
+    def _send_in_turn(self, counter: int, frame: memoryview) -> None:
+        """Send a sealed frame once every record before it is on the wire."""
+        turn = self._turn
+        with turn:
+            while self._next_send != counter:
+                if self._broken is not None:
+                    raise RecordError(f"link unusable: {self._broken}")
+                turn.wait()
+            if self._broken is not None:
+                raise RecordError(f"link unusable: {self._broken}")
+        try:
+            self._sock.sendall(frame)
+        except BaseException as exc:
+            # Part of a record may be on the wire: nothing sent afterwards can be valid.
+            with turn:
+                self._broken = f"send of record {counter} failed: {exc!r}"
+                turn.notify_all()
+            raise
+        with turn:
+            self._next_send = counter + 1
+            self.records_sent += 1
+            self.bytes_sent += len(frame) - HEADER.size - TAG
+            self.wire_bytes_sent += len(frame)
+            turn.notify_all()
+
+    def _seal_send(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
+        """Seal one record into the shared frame and send it.  Caller validated it."""
+        with self._lock:
+            counter, end = self._seal_into(self._fview, type, stream, payload)
+            # Still under _lock (the shared frame is in use): wait for a pipelined
+            # send_file's earlier records, which never need _lock to go out.
+            self._send_in_turn(counter, self._fview[:end])
+
+    # -- public API -------------------------------------------------------------------------
+
+    def write(self, type: int, stream: int, payload: bytes | memoryview | bytearray) -> None:
+        """Send one record; ``len(payload) <= max_record``."""
+        self._check_record(type, stream, len(payload))
+        self._seal_send(type, stream, payload)
+
+    def write_data(self, stream: int, data: bytes | memoryview | bytearray) -> None:
+        """Send ``data`` on ``stream`` as DATA records of at most ``max_record`` bytes
+        (nothing is sent for empty data)."""
+        self._check_record(RecordType.DATA, stream, 0)
+        view = memoryview(data).cast("B")
+        step = self.max_record
+        for off in range(0, len(view), step):
+            self._seal_send(RecordType.DATA, stream, view[off : off + step])
+
+    def send_file(
+        self,
+        stream: int,
+        src: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Callable[[int], None] | None = None,
+        pipeline: int = 3,
+        position: StreamPosition | None = None,
+    ) -> tuple[int, bytes]:
+        """Send everything ``src`` yields until EOF as DATA records, then END with the count
+        and (when ``digest``) the SHA-256 of the bytes.  Returns ``(count, digest or b"")``.
+
+        ``src`` must support ``readinto`` (files, sockets' makefile, BytesIO...).
+
+        ``pipeline`` >= 2: the caller's thread reads and seals records into a ring of that
+        many frames while a helper thread sends them (in counter order), and SHA-256 runs
+        in a third thread; 0 or 1 does everything in the caller's thread.  Either way the
+        bytes on the wire are the same, and when send_file returns or raises every sealed
+        record has been sent (or the writer is broken).  ``progress(total)`` is called
+        after each record is sealed and queued.
+
+        ``position`` (resume): the stream already holds ``position.offset`` bytes, hashed
+        into ``position.sha256``; ``src`` continues from there.  Counts, progress and END
+        cover the whole stream; see :class:`StreamPosition`."""
+        self._check_record(RecordType.DATA, stream, 0)
+        if pipeline < 2:
+            total, dig = self._send_serial(stream, src, digest, progress, position)
+        else:
+            total, dig = self._send_pipelined(stream, src, digest, progress, pipeline, position)
+        self.end(stream, total, dig)
+        return total, dig
+
+    def _fill(self, readinto: Callable[[memoryview], int | None], view: memoryview) -> int:
+        """Fill ``view`` (pipes and sockets return short reads) so records stay big."""
+        step = len(view)
+        got = 0
+        while got < step:
+            k = readinto(view[got:])
+            if not k:
+                break
+            got += k
+        return got
+
+    def _send_serial(
+        self,
+        stream: int,
+        src: BinaryIO,
+        digest: bool,
+        progress: Callable[[int], None] | None,
+        position: StreamPosition | None = None,
+    ) -> tuple[int, bytes]:
+        view = memoryview(bytearray(self.max_record))
+        h = None
+        marks = None
+        if digest:
+            h = hashlib.sha256() if position is None or position.sha256 is None else position.sha256
+            marks = None if position is None else position.marks
+        readinto = src.readinto  # type: ignore[attr-defined]
+        step = self.max_record
+        total = 0 if position is None else position.offset
+        while True:
+            got = self._fill(readinto, view)
+            if got == 0:
+                break
+            chunk = view[:got]
+            if h is not None:
+                h.update(chunk)
+                if marks is not None:
+                    marks.append((total + got, h.copy()))
+            self._seal_send(RecordType.DATA, stream, chunk)
+            total += got
+            if progress is not None:
+                progress(total)
+            if got < step:
+                break
+        return total, (h.digest() if h is not None else b"")
+
+    def _send_pipelined(
+        self,
+        stream: int,
+        src: BinaryIO,
+        digest: bool,
+        progress: Callable[[int], None] | None,
+        depth: int,
+        position: StreamPosition | None = None,
+    ) -> tuple[int, bytes]:
+        step = self.max_record
+        frames = [memoryview(bytearray(HEADER.size + step + TAG)) for _ in range(depth)]
+        # Plaintext is needed until sealed and (when hashing) hashed.
+        plains = [memoryview(bytearray(step)) for _ in range(depth + 1 if digest else 1)]
+        free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(plains)):
+            free_plain.put(i)
+        free_frames: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for i in range(depth):
+            free_frames.put(i)
+        to_send: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        failed: list[BaseException] = []
+
+        def pump() -> None:
+            try:
+                while True:
+                    item = to_send.get()
+                    if item is None:
+                        return
+                    i, counter, end = item
+                    self._send_in_turn(counter, frames[i][:end])
+                    free_frames.put(i)
+            except BaseException as exc:
+                failed.append(exc)
+                free_frames.put(None)  # wake the sealer
+
+        start = 0 if position is None else position.offset
+        hasher = None
+        if digest:
+            if position is None:
+                hasher = _HashThread(plains, free_plain)
+            else:
+                hasher = _HashThread(plains, free_plain, position.sha256, position.marks, start)
+        sender = threading.Thread(target=pump, name="records-send", daemon=True)
+        sender.start()
+        readinto = src.readinto  # type: ignore[attr-defined]
+        lock = self._lock
+        seal_into = self._seal_into
+        total = start
+        dig = b""
+        try:
+            try:
+                while True:
+                    pi = free_plain.get()
+                    plain = plains[pi]
+                    got = self._fill(readinto, plain)
+                    if got == 0:
+                        free_plain.put(pi)
+                        break
+                    chunk = plain[:got]
+                    if hasher is not None:
+                        hasher.put(pi, got)  # hashes while we seal; frees pi when done
+                    fi = free_frames.get()
+                    if fi is None:
+                        break  # the send thread failed; raised below
+                    with lock:
+                        counter, end = seal_into(frames[fi], RecordType.DATA, stream, chunk)
+                    to_send.put((fi, counter, end))
+                    if hasher is None:
+                        free_plain.put(pi)
+                    total += got
+                    if progress is not None:
+                        progress(total)
+                    if got < step:
+                        break
+            finally:
+                # Every sealed record must reach the wire before anyone else writes (or the
+                # send fails and the writer is broken): wait for the send thread to drain.
+                to_send.put(None)
+                sender.join()
+                if hasher is not None:
+                    dig = hasher.finish()
+        except RecordError:
+            if failed:  # sealing saw the writer broken by the send thread: report why
+                raise failed[0] from None
+            raise
+        if failed:
+            raise failed[0]
+        return total, dig
+
+    def end(self, stream: int, total: int, digest: bytes = b"") -> None:
+        """Send END for ``stream``: ``total`` bytes, SHA-256 ``digest`` (or b"" = not hashed)."""
+        self.write(RecordType.END, stream, end_payload(total, digest))
+
+    def ack(self, stream: int, received: int) -> None:
+        """Send ACK: ``received`` bytes of ``stream`` arrived so far."""
+        self.write(RecordType.ACK, stream, ACK_PAYLOAD.pack(received))
+
+    def abort(self, stream: int, reason: str) -> None:
+        """Send ABORT with a UTF-8 reason (cut to 4096 bytes at a character boundary)."""
+        self.write(RecordType.ABORT, stream, abort_payload(reason))
+
+    def close(self) -> None:
+        """Send CLOSE: no more records in this direction.  Does not close the socket."""
+        self.write(RecordType.CLOSE, 0, b"")
+
+
+class RecordReader(RecordOpener):
+    """Receives and verifies records from a blocking socket.  Single consumer.
+
+    After any error the reader is unusable (the record sequence is lost) and every later
+    call re-raises a RecordError.  A socket timeout at a record boundary is not an error
+    of the stream: the ``TimeoutError`` propagates and ``read()`` may be called again."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        key: bytes,
+        *,
+        max_record: int = MAX_RECORD,
+        rekey_interval: int = REKEY_INTERVAL,
+    ) -> None:
+        super().__init__(key, max_record=max_record, rekey_interval=rekey_interval)
+        self._sock = sock
+        self._fview = memoryview(bytearray(HEADER.size + max_record + TAG))
+
+    def _truncated(self, where: str, rec_no: int, nbytes: int) -> RecordError:
+        # rec_no == number of records verified before it (the counter starts at 0).
+        return self._fail(
+            TruncatedStream(
+                f"link ended {where} record {rec_no}, before CLOSE; "
+                f"{rec_no} records / {nbytes} payload bytes verified so far"
+            )
+        )
+
+    def _recv_exact(self, view: memoryview, n: int, what: str, rec_no: int, nbytes: int) -> None:
+        recv_into = self._sock.recv_into
+        got = 0
+        while got < n:
+            try:
+                k = recv_into(view[got:n], n - got, socket.MSG_WAITALL)
+            except TimeoutError:
+                if got == 0 and what == "header":
+                    raise  # clean boundary: the caller may retry
+                # a silent link (idle timeout) or a dead one (ETIMEDOUT from
+                # TCP_USER_TIMEOUT) mid-record: the stream is cut, as on any link failure
+                raise self._fail(
+                    TruncatedStream(
+                        f"link timed out inside the {what} of record {rec_no}; "
+                        f"{rec_no} records / {nbytes} payload bytes verified so far"
+                    )
+                ) from None
+            except OSError as exc:
+                raise self._fail(
+                    TruncatedStream(
+                        f"link failed ({exc!r}) in the {what} of record {rec_no}; "
+                        f"{rec_no} records / {nbytes} payload bytes verified so far"
+                    )
+                ) from exc
+            if k == 0:
+                if what == "header" and got == 0:
+                    raise self._truncated("at the start of", rec_no, nbytes)
+                raise self._truncated(f"after {got}/{n} bytes of the {what} of", rec_no, nbytes)
+            got += k
+
+    def _fetch(self, frame: memoryview, rec_no: int, nbytes: int) -> tuple[int, int, int]:
+        """Receive one record's header and body into ``frame`` (header at 0, body at 8),
+        validating the header before the body is read.  Returns (type, stream, length)."""
+        self._recv_exact(frame, HEADER.size, "header", rec_no, nbytes)
+        rtype, stream, length = self._check_header(frame, rec_no)
+        self._recv_exact(frame[HEADER.size :], length + TAG, "body", rec_no, nbytes)
+        return rtype, stream, length
+
+    def read(self) -> Record:
+        """Read and verify the next record.  The payload view is valid until the next read."""
+        self._check_usable()
+        rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
+        return self._open(self._fview, rtype, stream, length)
+
+    def _fetched(self) -> _Fetched:
+        """Yield fetched (not yet verified) records ``(frame, type, stream, length)``, one
+        at a time into the reader's frame; open each before asking for the next."""
+        while True:
+            self._check_usable()
+            fetched = self._fetch(self._fview, self._dir.counter, self.bytes_received)
+            yield (self._fview, *fetched)
+
+    def _prefetched(self, stream: int, depth: int, stop: list[bool]) -> _Fetched:
+        """Yield fetched records ``(frame, type, stream, length)`` (open each before
+        asking for the next) while a helper thread receives the next ones into a ring
+        of ``depth`` frames (socket I/O overlaps decryption/hashing/writing).  The helper
+        only reads ahead past DATA of ``stream`` and ACK (cleartext header types), so it
+        stops exactly after the END/ABORT/other record that ends receive_file: no byte
+        beyond it is consumed from the socket on the success path."""
+        self._check_usable()
+        frames = [memoryview(bytearray(HEADER.size + self.max_record + TAG)) for _ in range(depth)]
+        free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        ready: queue.SimpleQueue[tuple[int, int, int, int] | BaseException] = queue.SimpleQueue()
+        for i in range(depth):
+            free.put(i)
+        rec_no0, nbytes0 = self._dir.counter, self.bytes_received
+
+        def pump() -> None:
+            rec_no, nbytes = rec_no0, nbytes0
+            try:
+                while True:
+                    i = free.get()
+                    if i is None or stop[0]:
+                        return
+                    rtype, st, length = self._fetch(frames[i], rec_no, nbytes)
+                    ready.put((i, rtype, st, length))
+                    rec_no += 1
+                    nbytes += length
+                    if not ((rtype == RecordType.DATA and st == stream) or rtype == RecordType.ACK):
+                        return
+            except BaseException as exc:
+                ready.put(exc)
+
+        t = threading.Thread(target=pump, name="records-recv", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                i, rtype, st, length = item
+                yield frames[i], rtype, st, length
+                free.put(i)
+        finally:
+            stop[0] = True
+            free.put(None)
+            # On the success path the helper has already returned; on an error path it may
+            # be blocked in recv: the reader is then unusable anyway, so don't wait for it.
+            if self._failed is None:
+                t.join()
+
+    def receive_file(
+        self,
+        stream: int,
+        dst: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Callable[[int], None] | None = None,
+        prefetch: int = 3,
+        position: StreamPosition | None = None,
+    ) -> tuple[int, bytes]:
+        """Write the DATA of ``stream`` to ``dst`` until its END; verify END's byte count
+        (and digest, when both sides hashed).  Returns ``(count, sha256 or b"")``.
+
+        Only verified records reach ``dst``.  ACK records are skipped; ABORT raises
+        PeerAborted; DATA/END of another stream, CLOSE or multiplexing records raise
+        RecordError (use ``read()`` to demultiplex).
+
+        ``prefetch`` >= 2 receives up to that many records ahead in a helper thread
+        (ciphertext only: nothing is delivered before it is verified); 0 disables it.
+
+        ``position`` (resume): ``dst`` already holds ``position.offset`` bytes of the
+        stream, hashed into ``position.sha256``; on return or failure ``position`` says
+        how many bytes ``dst`` now holds (and their hash), see :class:`StreamPosition`."""
+        stop = [False]
+        records = self._prefetched(stream, prefetch, stop) if prefetch >= 2 else self._fetched()
+        try:
+            return self._receive_loop(stream, dst, records, digest, progress, prefetch, position)
+        except BaseException as exc:
+            # Records may have been fetched ahead and are lost: the link cannot go on.
+            if self._failed is None and prefetch >= 2:
+                self._failed = RecordError(f"receive_file of stream {stream} failed: {exc!r}")
+            raise
+        finally:
+            records.close()
+
+    def _receive_loop(
+        self,
+        stream: int,
+        dst: BinaryIO,
+        records: _Fetched,
+        digest: bool,
+        progress: Callable[[int], None] | None,
+        depth: int,
+        position: StreamPosition | None = None,
+    ) -> tuple[int, bytes]:
+        hasher: _HashThread | None = None
+        hstate: Any = None
+        if digest:
+            # DATA is decrypted into a ring of plaintext buffers that a helper thread
+            # hashes while the next record is opened and written.
+            plains = [memoryview(bytearray(self.max_record)) for _ in range(max(2, depth) + 1)]
+            free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
+            for i in range(len(plains)):
+                free_plain.put(i)
+            hasher = _HashThread(plains, free_plain, None if position is None else position.sha256)
+            hstate = hasher.state
+        write = dst.write
+        open_ = self._open
+        total = 0 if position is None else position.offset
+        try:
+            for frame, t, st, length in records:
+                if t == RecordType.DATA and st == stream:
+                    if hasher is not None:
+                        pi = free_plain.get()
+                        payload = open_(frame, t, st, length, plains[pi]).payload
+                        hasher.put(pi, length)
+                    else:
+                        payload = open_(frame, t, st, length).payload
+                    write(payload)
+                    total += length
+                    if progress is not None:
+                        progress(total)
+                    continue
+                rec = open_(frame, t, st, length)
+                if t == RecordType.END and st == stream:
+                    mine = b""
+                    if hasher is not None:
+                        mine, hasher = hasher.finish(), None
+                    verify_end(stream, rec.payload, total, mine)
+                    return total, mine
+                elif t == RecordType.ABORT:
+                    reason = bytes(rec.payload).decode("utf-8")
+                    raise PeerAborted(
+                        f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason
+                    )
+                elif t == RecordType.ACK:
+                    continue
+                elif t == RecordType.CLOSE:
+                    raise TruncatedStream(
+                        f"peer sent CLOSE before END of stream {stream} ({total} bytes received)"
+                    )
+                else:
+                    raise RecordError(
+                        f"unexpected {record_type_name(t)} record for stream {rec.stream} while "
+                        f"receiving stream {stream}"
+                    )
+        finally:
+            if hasher is not None:
+                hasher.finish()
+            if position is not None:
+                position.offset = total
+                position.sha256 = hstate
+        raise AssertionError("unreachable: record iterators end only by raising")
