@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples bench fuzz
-	$(BIN)/ruff format --check src tests examples bench fuzz
+	$(BIN)/ruff check src tests examples fuzz
+	$(BIN)/ruff format --check src tests examples fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
