@@ -33,7 +33,6 @@ from holepunch_mig.migration.api import (
 from holepunch_mig.net.control import (
     ControlChannel,
     StreamChannel,
-    memory_channel_pair,
     open_process_channel,
     open_tcp_channel,
     stdio_channel,
@@ -48,6 +47,7 @@ from holepunch_mig.session.api import (
 )
 from holepunch_mig.session.link import Link, TransferResult
 from holepunch_mig.session.options import ConnectOptions
+from holepunch_mig.testing import memory_channel_pair
 
 __version__ = "0.1.0"
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from testsupport.lab import require_netns
 
-from holepunch_mig.bench import harness as b
+from holepunch_mig.bench import harness
+from holepunch_mig.bench import model as b
+from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource, expected_sha256
 from holepunch_mig.cli.main import main
 
 TINY = 8 << 20
@@ -69,8 +73,8 @@ def test_cli_bench_tiny_loopback_writes_verified_json_markdown_png(tmp_path: Pat
 
 @pytest.mark.netns
 def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
-    """Every default row once between two namespaces of the lab, at 0 ms and at 20 ms
-    (the lab's delay stage), no QEMU."""
+    """Every default row once between two namespaces of the lab, at 0 ms (and 20 ms,
+    through the lab's delay stage), no QEMU."""
     require_netns()
     out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     code = main(
@@ -90,38 +94,106 @@ def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
 
 def test_pattern_and_sink_agree_and_catch_reordering() -> None:
     seed = b"t"
-    total = 3 * b.CHUNK + 100
-    src = b.PatternSource(total, seed)
+    total = 3 * CHUNK + 100
+    src = PatternSource(total, seed)
     data = bytearray()
     buf = memoryview(bytearray(300_000))  # odd size: chunk boundaries fall mid-buffer
     while n := src.readinto(buf):
         data += buf[:n]
     assert len(data) == total
-    good = b.CheckingSink(seed, full_hash=True)
+    good = CheckingSink(seed, full_hash=True)
     for off in range(0, total, 77_777):
         good.write(data[off : off + 77_777])
     assert good.bad is None and good.pos == total
-    assert good.hash is not None and good.hash.hexdigest() == b.expected_sha256(total, seed)
-    swapped = data[b.CHUNK : 2 * b.CHUNK] + data[: b.CHUNK] + data[2 * b.CHUNK :]
-    bad = b.CheckingSink(seed)
+    assert good.hash is not None and good.hash.hexdigest() == expected_sha256(total, seed)
+    swapped = data[CHUNK : 2 * CHUNK] + data[:CHUNK] + data[2 * CHUNK :]
+    bad = CheckingSink(seed)
     bad.write(swapped)
     assert bad.bad is not None
 
 
 def test_a_fast_wrong_answer_fails() -> None:
-    def send(sock: socket.socket, src: b.PatternSource, cfg: b.BenchConfig) -> b.SideResult:
+    def send(sock: socket.socket, src: PatternSource, cfg: b.BenchConfig) -> b.SideResult:
         return b.REGISTRY["plain-tcp"].factory(cfg).sender(sock, src, cfg)
 
-    def drop_a_chunk(sock: socket.socket, sink: b.CheckingSink, cfg: b.BenchConfig) -> b.SideResult:
-        view = memoryview(bytearray(b.CHUNK))
+    def drop_a_chunk(sock: socket.socket, sink: CheckingSink, cfg: b.BenchConfig) -> b.SideResult:
+        view = memoryview(bytearray(CHUNK))
         got = chunks = 0
-        while n := sock.recv_into(view, b.CHUNK, socket.MSG_WAITALL):
+        while n := sock.recv_into(view, CHUNK, socket.MSG_WAITALL):
             chunks += 1
             if chunks != 2:
                 sink.write(view[:n])
             got += n
         return b.SideResult(nbytes=got)
 
-    cfg = b.BenchConfig(total=4 * b.CHUNK, runs=1)
+    cfg = b.BenchConfig(total=4 * CHUNK, runs=1)
     with pytest.raises(b.BenchError, match="byte count"):
-        b.run_pair(b.PairSpec(send, drop_a_chunk), cfg, None)
+        harness.run_pair(b.PairSpec(send, drop_a_chunk), cfg, None)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _result() -> b.BenchResult:
+    """A small made-up result (two rows at two RTTs, one QEMU pair): what the chart and
+    the page need, without measuring."""
+    rows = []
+    for rtt in (0, 20):
+        for number, key, mbps in (("1", "plain-tcp", 2000.0), ("5a", "direct", 1500.0)):
+            sample = b.Sample(
+                mbps=mbps / (1 + rtt), wall=1.0, send_cpu_per_gib=0.5, recv_cpu_per_gib=0.4,
+                send_calls_per_gib=1.0, recv_calls_per_gib=1.0, send_vcsw_per_gib=1.0,
+                recv_vcsw_per_gib=1.0, send_ivcsw_per_gib=1.0, recv_ivcsw_per_gib=1.0,
+                send_cpu=0.5, recv_cpu=0.4, verified=f"{TINY} bytes, chunk stamps", total=TINY,
+            )  # fmt: skip
+            row = b.RowResult(number, key, key, key == "plain-tcp", rtt, "lab", TINY, [sample])
+            b.summarise(row)
+            row.ratio = 1.0
+            rows.append(row)
+    qemu = [
+        b.QemuCell(0, case, 0, 512, walls=[w, w * 1.1], mbps=[600.0, 550.0], median_wall=w)
+        for case, w in (("direct", 0.8), ("proxy", 0.9))
+    ]
+    machine = {
+        "nproc": 2, "affinity": 2, "cpu_model": "test", "loadavg_start": [0.0, 0.0, 0.0],
+        "kernel": "6", "python": "3", "cryptography": "46", "openssl": "OpenSSL 3",
+    }  # fmt: skip
+    config = {"total": TINY, "runs": 1, "sockbuf": 0, "pipeline": 3, "prefetch": 3}
+    return b.BenchResult(
+        machine, config, "holepunch-mig bench", rows, {"sha256_MBps": 1.0}, None, [0.0] * 3,
+        where="lab", rtts=[0, 20], qemu=qemu,
+    )  # fmt: skip
+
+
+def test_chart_is_a_png_that_matplotlib_drew() -> None:
+    from holepunch_mig.bench.chart import render_png
+
+    png = render_png(_result())
+    assert png.startswith(PNG_MAGIC)
+    assert b"Matplotlib" in png[:200]  # the Software text chunk matplotlib writes
+    width, height = struct.unpack("!II", png[16:24])
+    assert width >= 600 and height >= 300 and len(png) > 10_000
+
+
+def _without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every later ``import matplotlib...`` fails, as on a host without the extra."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_bench_without_matplotlib_writes_page_and_says_how_to_get_the_chart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
+    data.write_text(_result().to_json())
+    _without_matplotlib(monkeypatch)
+    code = main(["bench", "--from-json", str(data), "--markdown", str(md), "--png", str(png)])
+    assert code == 0
+    assert "### 20 ms RTT" in md.read_text()
+    assert not png.exists()
+    hints = [line for line in capsys.readouterr().err.splitlines() if "pip install" in line]
+    assert hints == [
+        f"holepunch-mig bench: no chart written to {png}: matplotlib is missing "
+        "(pip install 'holepunch_mig[plot]')"
+    ]

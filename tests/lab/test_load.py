@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 import trio
 
-from holepunch_mig.net.control import memory_channel_pair
 from holepunch_mig.session import api
+from holepunch_mig.testing import memory_channel_pair
 
 SEQUENTIAL_CI = 1000
 PAYLOAD = 64 << 10

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 from testsupport.lab import CLI, cli_env, require_netns
 
+from holepunch_mig.cli.common import write_chart
 from holepunch_mig.lab import heatmap, matrix, presets
 
 
@@ -50,6 +51,7 @@ def test_quick_matrix_has_no_regressions(tmp_path: Path) -> None:
             assert c["path"] == "direct" and c["median_time_to_link"] is not None
     known_bad = [n for n, c in cells.items() if not c["matches_expected"]]
     assert proc.returncode == (1 if known_bad else 0), proc.stdout + proc.stderr
+    assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     if known_bad:
         import warnings
 
@@ -90,7 +92,24 @@ def test_expectations_markdown_and_png() -> None:
     assert "| `fw-fw` |" in md and "**NO**" in md and "All cells as expected: **NO**" in md
     png = heatmap.render(m)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert b"Matplotlib" in png[:200]  # the Software text chunk matplotlib writes
     width, height = struct.unpack("!II", png[16:24])
-    idat_len = struct.unpack("!I", png[33:37])[0]
-    raw = zlib.decompress(png[41 : 41 + idat_len])
-    assert len(raw) == height * (1 + 3 * width)
+    assert width >= 300 and height >= 150 and len(png) > 5_000
+    shown = heatmap.heat_cells(m.to_dict())[2]
+    assert [shown[(c.preset, 0)].label for c in cells] == ["1/1 0.05 s", "expected fail", "0/1 !"]
+
+
+def test_matrix_png_without_matplotlib_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = matrix.Matrix([_cell("fw-fw", True, "direct")], [0], 1, 1, 4 << 20, 1.0, "now")
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "m.png"
+    assert not write_chart(png, lambda: heatmap.render(m), "holepunch-mig lab matrix")
+    assert not png.exists()
+    assert capsys.readouterr().err == (
+        f"holepunch-mig lab matrix: no chart written to {png}: matplotlib is missing "
+        "(pip install 'holepunch_mig[plot]')\n"
+    )

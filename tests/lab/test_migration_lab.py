@@ -45,7 +45,7 @@ from holepunch_mig.migration.qemu import (
     start_incoming,
     wait_status,
 )
-from holepunch_mig.net.control import memory_channel_pair
+from holepunch_mig.testing import memory_channel_pair
 from holepunch_mig.wire import messages
 
 MEM_MIB = 128

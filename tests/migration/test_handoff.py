@@ -39,7 +39,7 @@ from holepunch_mig.migration.qemu import (
     wait_migration,
 )
 from holepunch_mig.migration.qmp import QmpClient
-from holepunch_mig.net.control import memory_channel_pair
+from holepunch_mig.testing import memory_channel_pair
 
 MEM_MIB = 128
 

@@ -10,12 +10,11 @@ import trio.testing
 
 from holepunch_mig.errors import ChannelClosed, ControlTimeout, PeerAbort, ProtocolError
 from holepunch_mig.net.control import (
-    MemoryChannel,
     StreamChannel,
-    memory_channel_pair,
     open_process_channel,
 )
 from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.testing import MemoryChannel, memory_channel_pair
 from holepunch_mig.wire import messages
 
 

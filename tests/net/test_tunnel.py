@@ -18,12 +18,13 @@ import trio
 import trio.testing
 
 from holepunch_mig.errors import ChannelClosed, NoDirectPath, PeerAbort, ProtocolError
-from holepunch_mig.net.control import ControlChannel, StreamChannel, memory_channel_pair
+from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.net.punch import PunchRound, PunchTiming
 from holepunch_mig.net.tunnel import Tunnel, TunnelClosed, TunnelRefused
 from holepunch_mig.net.tunnel_pump import FrameTransport
 from holepunch_mig.session import api
 from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.testing import memory_channel_pair
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.credit import MAX_CHUNK
 

@@ -19,12 +19,11 @@ import trio
 from holepunch_mig.errors import ChannelClosed, ControlTimeout, NoDirectPath
 from holepunch_mig.net.control import (
     ControlChannel,
-    MemoryChannel,
     StreamChannel,
-    memory_channel_pair,
 )
 from holepunch_mig.net.punch import PunchTiming
 from holepunch_mig.session import api
+from holepunch_mig.testing import MemoryChannel, memory_channel_pair
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.noise import generate_keypair
 

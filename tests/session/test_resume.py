@@ -15,9 +15,9 @@ from typing import Any
 import trio
 
 from holepunch_mig.errors import HolepunchError, ResumeFailed, TransferError
-from holepunch_mig.net.control import memory_channel_pair
 from holepunch_mig.net.punch import PunchTiming
 from holepunch_mig.session import api
+from holepunch_mig.testing import memory_channel_pair
 
 FAST = PunchTiming(connect_timeout=1.0, round_timeout=1.5, handshake_timeout=1.0)
 MiB = 1 << 20

@@ -42,10 +42,10 @@ from holepunch_mig.errors import (
     TransferError,
     TruncatedStream,
 )
-from holepunch_mig.net.control import MemoryChannel, memory_channel_pair
 from holepunch_mig.net.punch import PunchTiming
 from holepunch_mig.session import api, rounds
 from holepunch_mig.session import link as link_module
+from holepunch_mig.testing import MemoryChannel, memory_channel_pair
 from holepunch_mig.wire import messages
 
 FAST = PunchTiming(connect_timeout=1.0, round_timeout=1.5, handshake_timeout=1.0)

@@ -9,8 +9,9 @@ process started with ``ip netns exec`` (``Lab.popen``).  A side sets up its conn
 row's side function under the same meters as the loopback runner and prints ``RESULT
 <json>``; the harness checks the pair exactly as on loopback.
 
-Round-trip delay is ``LabSpec.rtt_ms``: the lab's delay stage.  An RTT it cannot emulate
-makes ``Lab`` raise ``LabUnsupported``, and those cells are reported as pending.
+Round-trip delay is ``LabSpec.rtt_ms``: the lab's delay stage.  An RTT the delay stage
+cannot emulate makes ``Lab`` raise ``LabUnsupported``; the harness reports those cells
+as pending.
 """
 
 from __future__ import annotations
@@ -19,31 +20,27 @@ import json
 import os
 import queue
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from holepunch_mig.bench.harness import (
+from holepunch_mig.bench import rows as _rows  # noqa: F401  (the side process needs the rows)
+from holepunch_mig.bench.model import (
     REGISTRY,
     BenchConfig,
     BenchError,
     PairSpec,
     Sample,
     SideResult,
-    _tune,
-    check_pair,
-    receive_with,
-    run_side,
-    send_with,
 )
+from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_with, tune_socket
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec
 
-__all__ = ["DATA_PORT", "QemuCell", "lab_spec", "load_bench_qemu", "qemu_cells", "run_pair_lab"]
+__all__ = ["DATA_PORT", "lab_spec", "run_pair_lab"]
 
 #: The opened inbound port on the destination for rows 1-2 (and QEMU's direct baseline).
 DATA_PORT = 7071
@@ -188,7 +185,7 @@ def _side_child(cfg_path: str, key: str, role: str, endpoint: str) -> int:
         if role == "receiver":
             lsock = socket.socket()
             lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _tune(lsock, cfg.sockbuf)
+            tune_socket(lsock, cfg.sockbuf)
             lsock.bind((host, int(port)))
             lsock.listen(1)
             print("LISTENING", file=out, flush=True)
@@ -196,11 +193,11 @@ def _side_child(cfg_path: str, key: str, role: str, endpoint: str) -> int:
             lsock.close()
         else:
             sock = socket.socket()
-            _tune(sock, cfg.sockbuf)
+            tune_socket(sock, cfg.sockbuf)
             sock.settimeout(15)
             sock.connect((host, int(port)))
             sock.settimeout(None)
-        _tune(sock, cfg.sockbuf)
+        tune_socket(sock, cfg.sockbuf)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fn = receive_with(spec, sock, cfg) if role == "receiver" else send_with(spec, sock, cfg)
 
@@ -215,77 +212,6 @@ def _side_child(cfg_path: str, key: str, role: str, endpoint: str) -> int:
         rec = (role, 0.0, 0.0, 0.0, 0, 0, err)
     print("RESULT " + json.dumps(rec), file=out, flush=True)
     return 0
-
-
-# --------------------------------------------------------------------------- QEMU rows
-
-
-def load_bench_qemu() -> Any:
-    """The QEMU cells (kept as a function so callers stay unchanged until the split)."""
-    from holepunch_mig.bench import qemu_cells
-
-    return qemu_cells
-
-
-@dataclass
-class QemuCell:
-    rtt_ms: int
-    case: str  # "direct" (row 1: QEMU -> QEMU over the opened port) or "proxy" (row 5)
-    multifd: int
-    mem_mib: int
-    walls: list[float] = field(default_factory=list)
-    mbps: list[float] = field(default_factory=list)
-    qemu_ms: list[int | None] = field(default_factory=list)
-    median_wall: float = 0.0
-    median_mbps: float = 0.0
-    ratio: float | None = None  # proxy / direct wall (proxy cells)
-    verified: str = ""
-
-
-def qemu_cells(
-    lab: Lab, work: Path, mem: int, runs: int, multifd: tuple[int, ...], log: Any
-) -> list[QemuCell]:
-    """Migrate a ``mem`` MiB random-RAM guest left -> right directly (row 1) and through
-    migrate-proxy (row 5), interleaved, ``runs`` times each, without/with multifd."""
-    import trio
-
-    bq = load_bench_qemu()
-    if bq is None:
-        raise BenchError("bench/bench_qemu.py not found (run from the repository)")
-    from holepunch_mig.migration.qemu import make_ram_image
-
-    rtt = lab.spec.rtt_ms
-
-    async def main() -> list[QemuCell]:
-        image = await trio.to_thread.run_sync(make_ram_image, work / "ram.img", mem)
-        cells: list[QemuCell] = []
-        for mf in multifd:
-            got = {c: QemuCell(rtt, c, mf, mem) for c in ("direct", "proxy")}
-            for i in range(runs):
-                for case, cell in got.items():
-                    if case == "direct":
-                        r, checked = await bq.lab_direct_run(lab, work, image, mem, mf, verify=True)
-                    else:
-                        r, checked = await bq.lab_proxy_run(lab, work, image, mem, mf, verify=True)
-                    if r.status != "completed" or not r.transferred or r.transferred < mem << 19:
-                        raise BenchError(f"QEMU {case} mf={mf}: {r}")
-                    cell.walls.append(r.wall_seconds)
-                    cell.mbps.append(r.mb_per_s)
-                    cell.qemu_ms.append(r.total_time_ms)
-                    cell.verified = checked
-                    log(
-                        f"rtt {rtt} ms run {i + 1}/{runs} qemu-{case} mf={mf} "
-                        f"{r.wall_seconds:.3f} s {r.mb_per_s:.0f} MB/s"
-                    )
-            for cell in got.values():
-                cell.median_wall = statistics.median(cell.walls)
-                cell.median_mbps = statistics.median(cell.mbps)
-            got["proxy"].ratio = got["proxy"].median_wall / got["direct"].median_wall
-            cells += got.values()
-        return cells
-
-    result: list[QemuCell] = trio.run(main)
-    return result
 
 
 def main(argv: list[str]) -> int:

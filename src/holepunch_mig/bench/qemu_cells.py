@@ -1,4 +1,6 @@
-"""Benchmark QEMU migration on this host: direct, and through the stream mux.
+"""QEMU migration measurements: the benchmark's QEMU cells (:func:`run_qemu_cells`, direct
+vs migrate-proxy in the lab), and a developer tool for this host: direct, and through
+the stream mux.
 
 Migrates a guest with random (non-zero) RAM over a UNIX socket or loopback TCP
 (``unix:N``/``tcp:N``, N = multifd channels), or through holepunch_mig's mux over ONE
@@ -9,7 +11,7 @@ and MB/s (10**6 bytes of ``ram.transferred`` per wall second).
 ``--synthetic`` instead measures the mux alone: S streams of random bytes through one
 link versus S links (one stream each).
 
-``--lab`` (root) measures the proxies as they are meant to run: in the namespace lab, the same guest
+``--lab`` (root) compares, in the namespace lab, the same guest
 migrated (a) through ``holepunch-mig migrate-proxy`` processes over the punched,
 encrypted link between two firewalled hosts and (b) directly, unencrypted, QEMU to QEMU
 over a TCP port the destination's firewall lets in; interleaved in one run, median of
@@ -30,12 +32,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
-import importlib.util
 import math
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -46,7 +46,9 @@ from typing import Any
 
 import trio
 
+from holepunch_mig.bench.model import BenchError, QemuCell
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
+from holepunch_mig.lab.qemu_lab import migrate_in_lab
 from holepunch_mig.migration.mux import Mux
 from holepunch_mig.migration.proxy import run_destination, run_source
 from holepunch_mig.migration.qemu import (
@@ -243,18 +245,6 @@ async def same_ram(src: QemuVM, dst: QemuVM, work: Path) -> str:
     )
 
 
-def _manager() -> Any:
-    path = Path(__file__).resolve().parents[3] / "examples" / "migration_manager.py"
-    if "migration_manager" in sys.modules:
-        return sys.modules["migration_manager"]
-    spec = importlib.util.spec_from_file_location("migration_manager", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 async def lab_direct_run(
     lab: Lab, work: Path, image: Path, mem: int, multifd: int, verify: bool = False
 ) -> Any:
@@ -299,7 +289,7 @@ async def lab_proxy_run(
     async def after(src: QemuVM, dst: QemuVM) -> None:
         checked.append(await same_ram(src, dst, work))
 
-    outcome = await _manager().migrate_in_lab(
+    outcome = await migrate_in_lab(
         lab,
         work,
         mem_mib=mem,
@@ -314,7 +304,7 @@ async def lab_proxy_run(
         raise RuntimeError(f"a proxy failed: {outcome.source_report} {outcome.destination_report}")
     result: MigrationResult = outcome.qemu
     if verify:
-        s, d = outcome.source_report, outcome.destination_report
+        s, d = outcome.source_report or {}, outcome.destination_report or {}
         if not (s.get("ok") and d.get("ok")) or s.get("bytes_sent") != d.get("bytes_received"):
             raise RuntimeError(f"proxy reports disagree: {s} {d}")
         checked.insert(0, f"completed, destination running, proxies ok, {s['bytes_sent']} bytes")
@@ -333,7 +323,7 @@ async def lab_handoff_run(lab: Lab, work: Path, image: Path, mem: int, verify: b
     async def after(src: QemuVM, dst: QemuVM) -> None:
         checked.append(await same_ram(src, dst, work))
 
-    outcome = await _manager().migrate_in_lab(
+    outcome = await migrate_in_lab(
         lab,
         work,
         mem_mib=mem,
@@ -347,7 +337,7 @@ async def lab_handoff_run(lab: Lab, work: Path, image: Path, mem: int, verify: b
         raise RuntimeError(f"a proxy failed: {outcome.source_report} {outcome.destination_report}")
     result: MigrationResult = outcome.qemu
     if verify:
-        s = outcome.source_report
+        s = outcome.source_report or {}
         checked.insert(0, f"completed, destination running, proxies ok, {s['bytes_sent']} bytes")
         return result, ", ".join(checked)
     return result
@@ -412,6 +402,45 @@ async def lab_compare(
                     row["ratio_qemu"] = med_q / base["qemu"] if base["qemu"] else math.nan
                 rows.append(row)
     return rows
+
+
+def run_qemu_cells(
+    lab: Lab, work: Path, mem: int, runs: int, multifd: tuple[int, ...], log: Any
+) -> list[QemuCell]:
+    """Migrate a ``mem`` MiB random-RAM guest left -> right directly (row 1) and through
+    migrate-proxy (row 5), interleaved, ``runs`` times each, without/with multifd."""
+    rtt = lab.spec.rtt_ms
+
+    async def main() -> list[QemuCell]:
+        image = await trio.to_thread.run_sync(make_ram_image, work / "ram.img", mem)
+        cells: list[QemuCell] = []
+        for mf in multifd:
+            got = {c: QemuCell(rtt, c, mf, mem) for c in ("direct", "proxy")}
+            for i in range(runs):
+                for case, cell in got.items():
+                    if case == "direct":
+                        r, checked = await lab_direct_run(lab, work, image, mem, mf, verify=True)
+                    else:
+                        r, checked = await lab_proxy_run(lab, work, image, mem, mf, verify=True)
+                    if r.status != "completed" or not r.transferred or r.transferred < mem << 19:
+                        raise BenchError(f"QEMU {case} mf={mf}: {r}")
+                    cell.walls.append(r.wall_seconds)
+                    cell.mbps.append(r.mb_per_s)
+                    cell.qemu_ms.append(r.total_time_ms)
+                    cell.verified = checked
+                    log(
+                        f"rtt {rtt} ms run {i + 1}/{runs} qemu-{case} mf={mf} "
+                        f"{r.wall_seconds:.3f} s {r.mb_per_s:.0f} MB/s"
+                    )
+            for cell in got.values():
+                cell.median_wall = statistics.median(cell.walls)
+                cell.median_mbps = statistics.median(cell.mbps)
+            got["proxy"].ratio = got["proxy"].median_wall / got["direct"].median_wall
+            cells += got.values()
+        return cells
+
+    result: list[QemuCell] = trio.run(main)
+    return result
 
 
 async def main() -> None:

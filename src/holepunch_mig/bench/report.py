@@ -1,26 +1,32 @@
-"""docs/results/performance.md and docs/results/performance.png from one :class:`BenchResult`."""
+"""The benchmark's outputs from one :class:`BenchResult`: the table printed on the
+terminal, docs/results/performance.md (the Markdown page), and the ``--json`` file read back.
+The chart is :mod:`holepunch_mig.bench.chart`.
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
 
-from holepunch_mig.bench.harness import (
-    GIB,
-    HEAD,
-    QEMU_HEAD,
-    BenchResult,
-    RowResult,
-    _link_line,
-    context_lines,
-    fmt_rows,
-    qemu_rows,
-)
-from holepunch_mig.bench.png import Canvas, bar_chart
+from holepunch_mig.bench.model import GIB, BenchResult, LinkTiming, RowResult, Sample
 
-__all__ = ["render_document", "render_png", "targets"]
+__all__ = [
+    "HEAD",
+    "QEMU_HEAD",
+    "context_lines",
+    "fmt_rows",
+    "link_line",
+    "load_result",
+    "measured_cell",
+    "qemu_rows",
+    "render_markdown",
+    "render_text",
+    "targets",
+]
 
-DESIGN_2009 = [
+RESULTS_2009 = [
     ("1 plain qemu->qemu TCP", "29 s", "~106"),
     ("2 direct TLS->TLS stream", "44 s (host CPU 0 % idle)", "~70"),
     ("3 tunnel in 64 KB RPC chunks over the daemon link", "42 s", "~73"),
@@ -28,7 +34,7 @@ DESIGN_2009 = [
 ]
 
 
-def _cell(res: BenchResult, key: str, rtt: int) -> RowResult | None:
+def measured_cell(res: BenchResult, key: str, rtt: int) -> RowResult | None:
     for r in res.rows:
         if r.key == key and r.rtt_ms == rtt and not r.pending and r.samples:
             return r
@@ -45,12 +51,158 @@ def _ceiling(r: RowResult, cores: int) -> float:
     return GIB / 1e6 * cores / max(1e-9, _cpu_per_gib(r))
 
 
+def _mib(n: int) -> str:
+    return f"{n / GIB:g} GiB" if n >= GIB else f"{n >> 20} MiB"
+
+
+def fmt_rows(res: BenchResult, rtt: int | None = None) -> list[list[str]]:
+    """Table cells of the measured (or pending) rows, optionally of one RTT."""
+    out = []
+    for r in res.rows:
+        if rtt is not None and r.rtt_ms != rtt:
+            continue
+        if r.pending:
+            out.append([r.number, r.title, f"{r.rtt_ms}", "pending", *["-"] * 6])
+            continue
+        m = r.median
+        cap = "" if r.total == res.config["total"] else " (capped)"
+        out.append(
+            [
+                r.number,
+                r.title,
+                f"{r.rtt_ms}",
+                _mib(r.total) + cap,
+                f"{m['wall']:.2f} ({r.wall_min:.2f}-{r.wall_max:.2f})",
+                f"{m['mbps']:.0f} ({r.mbps_min:.0f}-{r.mbps_max:.0f})",
+                f"{r.ratio:.2f}" if r.ratio is not None else "-",
+                f"{m['send_cpu']:.2f} / {m['recv_cpu']:.2f}",
+                f"{r.time_to_link:.3f}" if r.time_to_link is not None else "-",
+                f"{len(r.samples)}",
+            ]
+        )
+    return out
+
+
+HEAD = [
+    "#",
+    "row",
+    "RTT ms",
+    "payload",
+    "wall s median (min-max)",
+    "MB/s median (min-max)",
+    "ratio to 1",
+    "CPU s send / recv",
+    "time to link s",
+    "runs",
+]
+
+
+def link_line(res: BenchResult) -> str:
+    link = res.time_to_link
+    if link is None:
+        return "time to link of the real CLI: not run (--lab-runs 0)"
+    if link.skipped:
+        return f"time to link of the real CLI: skipped - {link.skipped}"
+    return (
+        f"time to link (real `holepunch-mig send`/`recv`, fw-fw lab, 0 ms, {link.runs} runs, "
+        f"sender's report): median {link.median:.3f} s, p95 {link.p95:.3f} s "
+        f"(receiver's: median {statistics.median(link.recv_seconds):.3f} s)"
+    )
+
+
+def context_lines(res: BenchResult) -> list[str]:
+    mc = res.machine
+    cfg = res.config
+    where = (
+        "two network namespaces of the lab (fw-fw; sender in left, receiver in right)"
+        if res.where == "lab"
+        else f"loopback, one namespace ({res.where_reason})"
+    )
+    return [
+        f"machine: nproc={mc['nproc']}, {mc['cpu_model']}; load average at start "
+        + " ".join(f"{x:.2f}" for x in mc["loadavg_start"])
+        + ", at end "
+        + " ".join(f"{x:.2f}" for x in res.loadavg_end),
+        f"Python {mc['python']}, cryptography {mc['cryptography']}, {mc['openssl']}, "
+        f"Linux {mc['kernel']}",
+        f"where: {where}",
+        f"{_mib(cfg['total'])} per run, median of {cfg['runs']} runs, rows interleaved, "
+        f"socket buffers {cfg['sockbuf'] or 'kernel default'}, "
+        f"send_file pipeline={cfg['pipeline']}, receive_file prefetch={cfg['prefetch']}",
+        f"started {res.started_at}, took {res.seconds:.0f} s" + (" (--quick)" if res.quick else ""),
+    ]
+
+
+def qemu_rows(res: BenchResult) -> list[list[str]]:
+    out = []
+    for c in res.qemu:
+        c = c if isinstance(c, dict) else asdict(c)
+        label = (
+            "1: QEMU tcp to the opened port"
+            if c["case"] == "direct"
+            else ("5: QEMU via migrate-proxy (punched, Noise, AES-GCM)")
+        )
+        out.append(
+            [
+                label,
+                f"{c['rtt_ms']}",
+                f"x{c['multifd']}" if c["multifd"] else "-",
+                f"{c['median_wall']:.3f} ({min(c['walls']):.3f}-{max(c['walls']):.3f})",
+                f"{c['median_mbps']:.0f}",
+                f"{c['ratio']:.2f}" if c["ratio"] is not None else "1.00",
+                f"{len(c['walls'])}",
+            ]
+        )
+    return out
+
+
+QEMU_HEAD = [
+    "QEMU path",
+    "RTT ms",
+    "multifd",
+    "wall s median (min-max)",
+    "MB/s",
+    "wall / direct",
+    "runs",
+]
+
+
+def render_text(res: BenchResult) -> str:
+    lines = context_lines(res)
+    rows = [HEAD, *fmt_rows(res)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
+    for r in rows:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i != 1 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    if res.qemu:
+        q = [QEMU_HEAD, *qemu_rows(res)]
+        widths = [max(len(r[i]) for r in q) for i in range(len(QEMU_HEAD))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in q]
+    elif res.qemu_note:
+        lines.append(f"QEMU: {res.qemu_note}")
+    co = res.crypto_only
+    lines.append(
+        "crypto only (1 MiB buffers, MB/s): "
+        + ", ".join(f"{k.removesuffix('_MBps')} {v:.0f}" for k, v in co.items())
+    )
+    lines.append(link_line(res))
+    lines.append(
+        "payload checks: "
+        + "; ".join(f"{r.key}@{r.rtt_ms}ms: {r.verified}" for r in res.rows if not r.pending)
+    )
+    return "\n".join(lines)
+
+
 def targets(res: BenchResult) -> list[tuple[str, str, str]]:
     """(target, measured, verdict with the measured cause) for each throughput target
-    (the project's, and the fallback tunnel's own)."""
+    (the link's, and the fallback tunnel's)."""
     out: list[tuple[str, str, str]] = []
     cores = int(res.machine.get("affinity") or res.machine.get("nproc") or 2)
-    plain, direct, tunnel = (_cell(res, k, 0) for k in ("plain-tcp", "direct", "tunnel"))
+    plain, direct, tunnel = (measured_cell(res, k, 0) for k in ("plain-tcp", "direct", "tunnel"))
     if plain and direct:
         ratio = direct.median["mbps"] / plain.median["mbps"]
         cause = ""
@@ -74,7 +226,7 @@ def targets(res: BenchResult) -> list[tuple[str, str, str]]:
     worst: list[str] = []
     measured: list[str] = []
     for rtt in res.rtts:
-        tls, d = _cell(res, "tls", rtt), _cell(res, "direct", rtt)
+        tls, d = measured_cell(res, "tls", rtt), measured_cell(res, "direct", rtt)
         if tls and d:
             q = d.median["mbps"] / tls.median["mbps"]
             measured.append(f"{rtt} ms: {q:.2f}x")
@@ -118,7 +270,7 @@ def targets(res: BenchResult) -> list[tuple[str, str, str]]:
                 "met" if ratio >= 0.6 else "**missed**",
             )
         )
-    slow, windowed = _cell(res, "rpc-tunnel", 20), _cell(res, "tunnel", 20)
+    slow, windowed = measured_cell(res, "rpc-tunnel", 20), measured_cell(res, "tunnel", 20)
     if slow and windowed:
         ratio = windowed.median["mbps"] / max(slow.median["mbps"], 1e-9)
         out.append(
@@ -170,7 +322,7 @@ def _shape_paragraph(res: BenchResult) -> str:
             "and plain/TLS/direct TCP are bounded by their 4 MiB socket buffers "
             "(window ~ buffer / RTT) and by the lab's userspace delay stage."
         )
-    plain, direct = _cell(res, "plain-tcp", 0), _cell(res, "direct", 0)
+    plain, direct = measured_cell(res, "plain-tcp", 0), measured_cell(res, "direct", 0)
     if plain and direct:
         cores = int(res.machine.get("affinity") or 2)
         parts.append(
@@ -185,7 +337,7 @@ def _shape_paragraph(res: BenchResult) -> str:
             "the copy (pipelined writer), so the link is bounded by the sender's sendall, "
             "as plain TCP is."
         )
-    tls = _cell(res, "tls", 0)
+    tls = measured_cell(res, "tls", 0)
     if tls:
         parts.append(
             f"TLS (row 2) costs {_cpu_per_gib(tls):.2f} CPU s/GiB: Python's ssl reads one "
@@ -195,14 +347,16 @@ def _shape_paragraph(res: BenchResult) -> str:
     return " ".join(parts)
 
 
-def render_document(res: BenchResult) -> str:
+def render_markdown(res: BenchResult) -> str:
+    """The whole docs/results/performance.md."""
     L: list[str] = []
     L.append("# Performance")
     L.append("")
     L.append(
-        "Generated by `make bench` (`holepunch-mig bench`; harness "
-        "`holepunch_mig.bench.harness`, lab cells `bench.lab_cells`, this page "
-        "`bench.report`, chart `bench.png`). Do not edit by hand: rerun."
+        "Generated by `make bench` (`holepunch-mig bench`; package "
+        "`holepunch_mig.bench`: rows `rows.py`, runner `harness.py`, lab cells "
+        "`lab_cells.py`, QEMU cells `qemu_cells.py`, this page `report.py`, chart "
+        "`chart.py`). Do not edit by hand: rerun."
     )
     L.append("")
     L.append("![throughput per RTT](performance.png)")
@@ -302,7 +456,7 @@ def render_document(res: BenchResult) -> str:
         + "."
     )
     L.append("")
-    L.append(_link_line(res) + ".")
+    L.append(link_line(res) + ".")
     L.append("")
     checks = sorted({f"{r.number} {r.key}: {r.verified}" for r in res.rows if r.verified})
     L.append("Payload checks per row: " + "; ".join(checks) + ".")
@@ -314,10 +468,10 @@ def render_document(res: BenchResult) -> str:
         "3 GB guest, 2009 hardware, one run each. MB/s derived here as 3e9 B / wall."
     )
     L.append("")
-    L += _table(["2009 option", "wall", "MB/s (derived)"], [list(x) for x in DESIGN_2009])
+    L += _table(["2009 option", "wall", "MB/s (derived)"], [list(x) for x in RESULTS_2009])
     L.append("")
     plain, tls, rpc, direct = (
-        _cell(res, k, 0) for k in ("plain-tcp", "tls", "rpc-tunnel", "direct")
+        measured_cell(res, k, 0) for k in ("plain-tcp", "tls", "rpc-tunnel", "direct")
     )
     if plain and tls and rpc:
         L.append(
@@ -351,65 +505,8 @@ def render_document(res: BenchResult) -> str:
     return "\n".join(L) + "\n"
 
 
-def render_png(res: BenchResult) -> bytes:
-    """Grouped bars: MB/s per row for each RTT (median, min-max whiskers); beside it the
-    QEMU wall seconds (direct vs proxy, per multifd and RTT)."""
-    keys: list[tuple[str, str]] = []
-    for r in res.rows:
-        if (r.number, r.key) not in keys:
-            keys.append((r.number, r.key))
-    groups = [f"{rtt} MS" for rtt in res.rtts]
-    values: list[list[tuple[float, float, float] | None]] = []
-    for rtt in res.rtts:
-        g: list[tuple[float, float, float] | None] = []
-        for _, key in keys:
-            c = _cell(res, key, rtt)
-            g.append((c.median["mbps"], c.mbps_min, c.mbps_max) if c else None)
-        values.append(g)
-    has_qemu = bool(res.qemu)
-    width = 1100 if has_qemu else 760
-    canvas = Canvas(width, 420)
-    bar_chart(
-        canvas,
-        (10, 10, 740, 400),
-        "THROUGHPUT PER RTT, " + ("LAB" if res.where == "lab" else "LOOPBACK"),
-        "MB/S",
-        groups,
-        [f"{n} {k}" for n, k in keys],
-        values,
-    )
-    if has_qemu:
-        qs: list[dict[str, Any]] = [q if isinstance(q, dict) else asdict(q) for q in res.qemu]
-        qgroups = sorted({(q["rtt_ms"], q["multifd"]) for q in qs})
-        qvals: list[list[tuple[float, float, float] | None]] = []
-        for rtt, mf in qgroups:
-            row: list[tuple[float, float, float] | None] = []
-            for case in ("direct", "proxy"):
-                q = next(
-                    (x for x in qs if (x["rtt_ms"], x["multifd"], x["case"]) == (rtt, mf, case)),
-                    None,
-                )
-                row.append((q["median_wall"], min(q["walls"]), max(q["walls"])) if q else None)
-            qvals.append(row)
-        bar_chart(
-            canvas,
-            (760, 10, 330, 400),
-            "QEMU 512 MIB, WALL",
-            "SECONDS (LOWER IS BETTER)",
-            [f"{rtt}MS" + (f" X{mf}" if mf else "") for rtt, mf in qgroups],
-            ["1 DIRECT TCP", "5 PROXY"],
-            qvals,
-        )
-    return canvas.png()
-
-
-def load_result(path: Any) -> BenchResult:
+def load_result(path: str | Path) -> BenchResult:
     """A BenchResult back from ``--json`` output (to re-render the page and chart)."""
-    import json
-    from pathlib import Path
-
-    from holepunch_mig.bench.harness import LinkTiming, Sample
-
     d = json.loads(Path(path).read_text())
     rows = []
     for r in d.pop("rows"):

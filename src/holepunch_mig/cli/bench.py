@@ -1,4 +1,4 @@
-"""``holepunch-mig bench``: the benchmark harness (:mod:`holepunch_mig.bench.harness`)."""
+"""``holepunch-mig bench``: the benchmark suite (:mod:`holepunch_mig.bench`)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,19 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
-from holepunch_mig.bench.harness import (
+from holepunch_mig.bench.chart import render_png
+from holepunch_mig.bench.harness import run_bench
+from holepunch_mig.bench.model import (
     GIB,
     REGISTRY,
     BenchConfig,
     BenchError,
+    BenchResult,
     default_rows,
-    render_markdown,
-    render_text,
-    run_bench,
 )
+from holepunch_mig.bench.report import load_result, render_markdown, render_text
+from holepunch_mig.cli.common import write_chart
 
 __all__ = ["register"]
 
@@ -53,14 +54,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help=f"write the performance page here (default {DOC_MD} if ./docs exists)",
+        help=f"write the performance page here (default {DOC_MD} if ./docs/results exists)",
     )
     p.add_argument(
         "--png",
         type=Path,
         default=None,
         metavar="PATH",
-        help=f"write the chart here (default {DOC_PNG} if ./docs exists)",
+        help=f"write the chart here (default {DOC_PNG} if ./docs/results exists)",
     )
     p.add_argument("--no-docs", action="store_true", help="do not write docs/results/ by default")
     p.add_argument(
@@ -140,8 +141,6 @@ def _run(args: argparse.Namespace) -> int:
     )
     command = "holepunch-mig " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "holepunch-mig bench"
     if args.from_json:
-        from holepunch_mig.bench.report import load_result
-
         res = load_result(args.from_json)
         return _write(res, args, md, png)
     try:
@@ -164,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     return _write(res, args, md, png)
 
 
-def _write(res: Any, args: argparse.Namespace, md: Path | None, png: Path | None) -> int:
+def _write(res: BenchResult, args: argparse.Namespace, md: Path | None, png: Path | None) -> int:
     print(render_text(res))
     if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -172,9 +171,6 @@ def _write(res: Any, args: argparse.Namespace, md: Path | None, png: Path | None
     if md:
         md.write_text(render_markdown(res))
         print(f"wrote {md}", file=sys.stderr)
-    if png:
-        from holepunch_mig.bench.report import render_png
-
-        png.write_bytes(render_png(res))
+    if png and write_chart(png, lambda: render_png(res), "holepunch-mig bench"):
         print(f"wrote {png}", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""``holepunch-mig lab ...`` and ``holepunch-mig doctor`` (loaded by cli._load_subcommands).
+"""``holepunch-mig lab ...`` and ``holepunch-mig doctor``.
 
 lab up      build a lab from a spec file or a preset and leave it running (detached)
 lab exec    run a program inside one of its hosts (exit code passed through)
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from holepunch_mig.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, named_endpoint, write_chart
 from holepunch_mig.lab import (
     CONTROL_PORT,
     Lab,
@@ -28,10 +29,6 @@ from holepunch_mig.lab import (
     presets,
     spec_to_dict,
 )
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _err(text: str) -> None:
@@ -245,7 +242,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(matrix.to_markdown(result) + "\n")
     if args.png:
-        Path(args.png).write_bytes(heatmap.render(result))
+        write_chart(Path(args.png), lambda: heatmap.render(result), "holepunch-mig lab matrix")
     sys.stdout.write("\n".join(matrix.cell_line(c) for c in result.cells) + "\n")
     bad = [c for c in result.cells if not c.matches]
     known = [c.preset for c in bad if c.known_issue]
@@ -265,16 +262,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from holepunch_mig.lab import doctor
 
     return doctor.run(args)
-
-
-def _named_endpoint(text: str) -> tuple[str, int]:
-    from holepunch_mig.errors import CandidateError
-    from holepunch_mig.wire.candidates import parse_endpoint
-
-    try:
-        return parse_endpoint(text, allow_hostname=True)
-    except CandidateError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -336,7 +323,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     doc.add_argument(
         "--stun",
-        type=_named_endpoint,
+        type=named_endpoint,
         action="append",
         default=[],
         metavar="HOST:PORT",

@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.cli import main as cli
+from holepunch_mig.cli import common as cli
 from holepunch_mig.errors import HolepunchError, NoDirectPath
 from holepunch_mig.migration.api import (
     DEFAULT_LINK_TIMEOUT,
@@ -153,7 +153,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     src.add_argument(
         "--control",
-        type=cli._named_endpoint,
+        type=cli.named_endpoint,
         required=True,
         metavar="HOST:PORT",
         help="the destination proxy's control port",
@@ -166,7 +166,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="keep trying the control port this long (default 10)",
     )
     _options(src)
-    cli._common(src)
+    cli.add_link_options(src)
     src.set_defaults(run=run_source)
 
     dst = roles.add_parser(
@@ -181,13 +181,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     dst.add_argument(
         "--control-listen",
-        type=cli._listen_endpoint,
+        type=cli.listen_endpoint,
         required=True,
         metavar="HOST:PORT",
         help="accept the source proxy's control connection here",
     )
     _options(dst)
-    cli._common(dst)
+    cli.add_link_options(dst)
     dst.set_defaults(run=run_destination)
 
 
@@ -235,7 +235,7 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "ready_timeout": args.ready_timeout,
         "link_timeout": args.link_timeout,
-        **cli._connect_options(args),
+        **cli.connect_options(args),
     }
 
 
@@ -262,7 +262,7 @@ def _finish(
     if args.report:
         Path(args.report).write_text(report.to_json() + "\n")
     if not args.quiet or not report.ok:
-        cli._say(report.summary())
+        cli.say(report.summary())
     if report.ok:
         return cli.EXIT_OK
     if isinstance(exc, NoDirectPath):
@@ -282,11 +282,11 @@ async def _source_main(args: argparse.Namespace) -> int:
             kwargs.update(listen_unix=args.listen_unix, digest=args.digest)
         async with migration_source(channel, progress=progress, **kwargs) as proxy:
             if not args.quiet:
-                cli._say(proxy.link.report.summary())
+                cli.say(proxy.link.report.summary())
                 if args.mode == "mux":
-                    cli._say(f"migration path ready: tell QEMU `migrate {proxy.uri}`")
+                    cli.say(f"migration path ready: tell QEMU `migrate {proxy.uri}`")
                 else:
-                    cli._say(f"QEMU is migrating over the handed-off link ({proxy.uri})")
+                    cli.say(f"QEMU is migrating over the handed-off link ({proxy.uri})")
             sys.stdout.write(f"ready {proxy.uri}\n")
             sys.stdout.flush()
             await proxy.wait(args.timeout)
@@ -308,18 +308,18 @@ async def _destination_main(args: argparse.Namespace) -> int:
     try:
         host, port = args.control_listen
         if not args.quiet:
-            cli._say(f"waiting for the control connection on {host}:{port}")
-        channel = await cli._accept_control(host, port)
+            cli.say(f"waiting for the control connection on {host}:{port}")
+        channel = await cli.accept_control(host, port)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(connect_unix=args.connect_unix)
         async with migration_destination(channel, progress=progress, **kwargs) as proxy:
             if not args.quiet:
-                cli._say(proxy.link.report.summary())
+                cli.say(proxy.link.report.summary())
                 if args.mode == "mux":
-                    cli._say(f"delivering the migration to {args.connect_unix}")
+                    cli.say(f"delivering the migration to {args.connect_unix}")
                 else:
-                    cli._say(f"QEMU receives the migration on the handed-off link ({proxy.uri})")
+                    cli.say(f"QEMU receives the migration on the handed-off link ({proxy.uri})")
             await proxy.wait(args.timeout)
     except HolepunchError as exc:
         return _finish(args, proxy, exc, progress)
@@ -335,13 +335,13 @@ async def _destination_main(args: argparse.Namespace) -> int:
 def _run(main: Any, args: argparse.Namespace) -> int:
     problem = _check_mode(args)
     if problem is not None:
-        cli._say(f"holepunch-mig migrate-proxy {args.migrate_role}: {problem}")
+        cli.say(f"holepunch-mig migrate-proxy {args.migrate_role}: {problem}")
         return cli.EXIT_USAGE
     try:
         code: int = trio.run(main, args)
         return code
     except KeyboardInterrupt:
-        cli._say("holepunch-mig: interrupted")
+        cli.say("holepunch-mig: interrupted")
         return 130
 
 

@@ -2,7 +2,8 @@
 
 The library never opens the control connection itself unless asked (CLI); a migration
 manager hands in whatever it has.  Adapters here turn a trio Stream, a subprocess's
-stdio or an in-memory pair into a :class:`ControlChannel`.
+stdio into a :class:`ControlChannel` (an in-memory pair for tests is in
+:mod:`holepunch_mig.testing`).
 """
 
 from __future__ import annotations
@@ -222,48 +223,3 @@ async def open_tcp_channel(host: str, port: int, wait: float = 0.0) -> StreamCha
             await trio.sleep(0.1)
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return StreamChannel(stream)
-
-
-class MemoryChannel:
-    """One end of an in-memory pair: whole messages, no framing (tests, same-process use)."""
-
-    def __init__(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        receive: trio.MemoryReceiveChannel[bytes],
-        peer_host: str | None,
-    ) -> None:
-        self._send = send
-        self._receive = receive
-        self.peer_host = peer_host
-
-    async def send_message(self, message: bytes) -> None:
-        if len(message) > MAX_MESSAGE:
-            raise ProtocolError(
-                f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit"
-            )
-        try:
-            await self._send.send(bytes(message))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ChannelClosed("control channel closed by the peer") from None
-
-    async def receive_message(self) -> bytes:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ChannelClosed("control channel closed by the peer") from None
-
-    async def aclose(self) -> None:
-        # synchronous closes: a cancellation cannot leave one end open
-        self._send.close()
-        self._receive.close()
-        await trio.lowlevel.checkpoint()
-
-
-def memory_channel_pair(
-    peer_host: str | None = "127.0.0.1", buffer: int = 64
-) -> tuple[MemoryChannel, MemoryChannel]:
-    """Two connected in-memory control channels."""
-    a_send, b_recv = trio.open_memory_channel[bytes](buffer)
-    b_send, a_recv = trio.open_memory_channel[bytes](buffer)
-    return MemoryChannel(a_send, a_recv, peer_host), MemoryChannel(b_send, b_recv, peer_host)

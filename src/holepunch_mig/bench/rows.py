@@ -1,0 +1,305 @@
+"""The throughput rows of the benchmark, registered in order with
+:func:`~holepunch_mig.bench.model.measurement`: 1 plain TCP (the baseline), 2 TLS 1.3,
+3 the RPC-style stop-and-wait tunnel, 4 holepunch_mig's tunnel, 5a/5b holepunch_mig's
+direct link (5b with SHA-256), and R/Rs the record layer alone (only when named).
+
+Each row is a sender and a receiver function; the same functions run over loopback
+(:mod:`holepunch_mig.bench.harness`) and between two namespaces of the lab
+(:mod:`holepunch_mig.bench.lab_cells`).
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from holepunch_mig.bench.model import BenchConfig, BenchError, PairSpec, SideResult, measurement
+from holepunch_mig.bench.pair import finished, started
+from holepunch_mig.bench.payload import CheckingSink, PatternSource
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
+from holepunch_mig.wire.records import RecordType
+
+__all__ = ["TLS_CIPHER", "TLS_NAME", "make_tls_cert"]
+
+
+def _plain_send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
+    view = memoryview(bytearray(cfg.chunk))
+    calls = sent = 0
+    while True:
+        n = src.readinto(view)
+        if not n:
+            break
+        sock.sendall(view[:n])
+        calls += 1
+        sent += n
+    sock.shutdown(socket.SHUT_WR)
+    return SideResult(nbytes=sent, socket_calls=calls)
+
+
+def _plain_recv(sock: socket.socket, sink: CheckingSink, cfg: BenchConfig) -> SideResult:
+    view = memoryview(bytearray(cfg.chunk))
+    calls = got = 0
+    while True:
+        n = sock.recv_into(view, cfg.chunk, socket.MSG_WAITALL)
+        calls += 1
+        if not n:
+            break
+        sink.write(view[:n])
+        got += n
+    return SideResult(nbytes=got, socket_calls=calls)
+
+
+@measurement(
+    "1", "plain-tcp", "plain TCP, blocking sendall / recv_into(MSG_WAITALL)", baseline=True
+)
+def _plain_row(cfg: BenchConfig) -> PairSpec:
+    return PairSpec(_plain_send, _plain_recv)
+
+
+# ---- row 2: TLS 1.3 (Python ssl, blocking sockets) with a throwaway certificate
+
+TLS_NAME = "bench.holepunch-mig.invalid"
+TLS_CIPHER = "TLS_AES_256_GCM_SHA384"
+
+
+def _tls_paths(cfg: BenchConfig) -> tuple[Path, Path]:
+    d = Path(cfg.workdir or tempfile.gettempdir())
+    return d / "bench-tls-cert.pem", d / "bench-tls-key.pem"
+
+
+def make_tls_cert(cfg: BenchConfig) -> None:
+    """A self-signed P-256 certificate for TLS_NAME, valid one day, written next to its
+    key in ``cfg.workdir`` (generated at run time; never reused)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_path, key_path = _tls_paths(cfg)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _tls_check(tls: Any) -> dict[str, Any]:
+    cipher = tls.cipher()
+    if tls.version() != "TLSv1.3" or cipher is None or cipher[0] != TLS_CIPHER:
+        raise BenchError(f"TLS negotiated {tls.version()} {cipher}, want TLSv1.3 {TLS_CIPHER}")
+    return {"cipher": f"{tls.version()} {cipher[0]}"}
+
+
+def _tls_send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
+    import ssl
+
+    cert, _ = _tls_paths(cfg)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(cafile=str(cert))
+    tls = ctx.wrap_socket(sock, server_hostname=TLS_NAME)  # handshake, certificate verified
+    extra = _tls_check(tls)
+    started()
+    view = memoryview(bytearray(cfg.chunk))
+    calls = sent = 0
+    while n := src.readinto(view):
+        tls.sendall(view[:n])
+        calls += 1
+        sent += n
+    # FIN without close_notify (the receiver counts bytes), then drain until the receiver
+    # closes: closing with the server's unread session tickets queued would send RST and
+    # discard data still in flight (the check caught exactly that).
+    tls.shutdown(socket.SHUT_WR)
+    while tls.recv(65536):  # plain socket recv once shut down
+        pass
+    return SideResult(nbytes=sent, socket_calls=calls, extra=extra)
+
+
+def _tls_recv(sock: socket.socket, sink: CheckingSink, cfg: BenchConfig) -> SideResult:
+    import ssl
+
+    cert, key = _tls_paths(cfg)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(str(cert), str(key))
+    tls = ctx.wrap_socket(sock, server_side=True)
+    extra = _tls_check(tls)
+    started()
+    view = memoryview(bytearray(cfg.chunk))
+    calls = got = 0
+    while True:
+        n = tls.recv_into(view)  # one TLS record (<= 16 KiB) per call
+        calls += 1
+        if not n:
+            break
+        sink.write(view[:n])
+        got += n
+    finished()
+    return SideResult(nbytes=got, socket_calls=calls, extra=extra)
+
+
+@measurement("2", "tls", "TLS 1.3 AES-256-GCM, Python ssl, blocking sockets, opened port")
+def _tls_row(cfg: BenchConfig) -> PairSpec:
+    return PairSpec(_tls_send, _tls_recv, self_start=True, prepare=make_tls_cert)
+
+
+# ---- rows 3-5: the real holepunch_mig session over the control connection
+
+
+def _session_options(policy: str, stop_and_wait: bool) -> dict[str, Any]:
+    opts: dict[str, Any] = {"policy": policy}
+    if stop_and_wait:
+        from holepunch_mig.wire.credit import MAX_CHUNK
+
+        opts.update(tunnel_window=MAX_CHUNK, tunnel_credit_batch=MAX_CHUNK)
+    return opts
+
+
+def _link_extra(link: Any) -> dict[str, Any]:
+    extra: dict[str, Any] = {"path": link.path}
+    if link.tunnel is not None:
+        st = link.tunnel.stats
+        extra.update(
+            tunnel_messages=st.messages_sent,
+            tunnel_credits=st.credits_received,
+            tunnel_credits_sent=st.credits_sent,
+        )
+    return extra
+
+
+def _session_pair(policy: str, digest: bool, stop_and_wait: bool = False) -> PairSpec:
+    """Source and destination each run ``api.connect`` over the control connection they
+    are handed (the punch, Noise KK, nomination, or the tunnel), then send/receive the
+    payload with ``Link.send_file``/``receive_file``.  Clock and CPU meters start once
+    the link is up; time to link comes from the session's report."""
+    import trio
+
+    from holepunch_mig.net.control import StreamChannel
+    from holepunch_mig.session import api
+
+    opts = _session_options(policy, stop_and_wait)
+    want_path = "direct" if policy == "direct" else "tunnel"
+
+    def send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
+        async def main() -> SideResult:
+            channel = StreamChannel(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+            async with api.connect(channel, role="source", **opts) as link:
+                if link.path != want_path:
+                    raise BenchError(f"link path {link.path}, want {want_path}")
+                ttl = link.report.time_to_link
+                await trio.to_thread.run_sync(started)
+                res = await link.send_file(src, digest=digest)  # type: ignore[arg-type]
+                extra = _link_extra(link)
+            await channel.aclose()
+            return SideResult(
+                nbytes=res.bytes,
+                sha256=res.sha256,
+                socket_calls=link.writer.records_sent,
+                time_to_link=ttl,
+                extra=extra,
+            )
+
+        return trio.run(main)
+
+    def recv(sock: socket.socket, sink: CheckingSink, cfg: BenchConfig) -> SideResult:
+        async def main() -> SideResult:
+            channel = StreamChannel(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+            async with api.connect(channel, role="destination", **opts) as link:
+                ttl = link.report.time_to_link
+                await trio.to_thread.run_sync(started)
+                res = await link.receive_file(sink, digest=digest)  # type: ignore[arg-type]
+                finished()
+                extra = _link_extra(link)
+            await channel.aclose()
+            return SideResult(
+                nbytes=res.bytes,
+                sha256=res.sha256,
+                socket_calls=2 * link.reader.records_received,
+                time_to_link=ttl,
+                extra=extra,
+            )
+
+        return trio.run(main)
+
+    cap = (
+        (lambda rtt: (32 << 20) if rtt >= 10 else (256 << 20) if rtt > 0 else None)
+        if (stop_and_wait)
+        else None
+    )
+    return PairSpec(send, recv, hashes=digest, port="control", self_start=True, cap=cap)
+
+
+@measurement(
+    "3", "rpc-tunnel", "RPC-style tunnel: 64 KiB chunks, one reply each, over the control link"
+)
+def _rpc_row(cfg: BenchConfig) -> PairSpec:
+    return _session_pair("tunnel", digest=False, stop_and_wait=True)
+
+
+@measurement("4", "tunnel", "holepunch_mig fallback tunnel (windowed) over the control link")
+def _tunnel_row(cfg: BenchConfig) -> PairSpec:
+    return _session_pair("tunnel", digest=False)
+
+
+@measurement("5a", "direct", "holepunch_mig direct: punched + Noise KK + AES-256-GCM records")
+def _direct_row(cfg: BenchConfig) -> PairSpec:
+    return _session_pair("direct", digest=False)
+
+
+@measurement("5b", "direct-sha256", "holepunch_mig direct, + SHA-256 of the payload both ends")
+def _direct_digest_row(cfg: BenchConfig) -> PairSpec:
+    return _session_pair("direct", digest=True)
+
+
+def _records_pair(digest: bool) -> PairSpec:
+    def send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
+        w = RecordWriter(sock, cfg.key)
+        count, dig = w.send_file(1, src, digest=digest, pipeline=cfg.pipeline)  # type: ignore[arg-type]
+        w.close()
+        return SideResult(count, dig.hex() if dig else None, w.records_sent)
+
+    def recv(sock: socket.socket, sink: CheckingSink, cfg: BenchConfig) -> SideResult:
+        r = RecordReader(sock, cfg.key)
+        count, dig = r.receive_file(1, sink, digest=digest, prefetch=cfg.prefetch)  # type: ignore[arg-type]
+        if r.read().type != RecordType.CLOSE:
+            return SideResult(count, error="expected CLOSE after END")
+        # a header and a body recv_into per record (MSG_WAITALL: one syscall each)
+        return SideResult(count, dig.hex() if dig else None, 2 * r.records_received)
+
+    return PairSpec(send, recv, hashes=digest)
+
+
+@measurement(
+    "R", "records", "records layer alone on a given socket, AES-256-GCM, no digest", default=False
+)
+def _records_row(cfg: BenchConfig) -> PairSpec:
+    return _records_pair(False)
+
+
+@measurement(
+    "Rs", "records-sha256", "records layer alone, AES-256-GCM + SHA-256 both ends", default=False
+)
+def _records_digest_row(cfg: BenchConfig) -> PairSpec:
+    return _records_pair(True)

@@ -1,0 +1,192 @@
+"""What the ``holepunch-mig`` subcommands share: exit codes, endpoint argument types,
+the link options every punching subcommand takes, logging, messages and progress on
+stderr, accepting the control connection, and writing a chart when matplotlib is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from holepunch_mig.errors import CandidateError
+from holepunch_mig.net.control import StreamChannel
+from holepunch_mig.roles import POLICIES
+from holepunch_mig.wire.candidates import parse_endpoint
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_NO_PATH",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "PLOT_HINT",
+    "Progress",
+    "accept_control",
+    "add_link_options",
+    "connect_options",
+    "endpoint",
+    "listen_endpoint",
+    "named_endpoint",
+    "say",
+    "setup_logging",
+    "write_chart",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_PATH = 3
+
+
+class Progress:
+    """Bytes, rate and ETA on stderr: a redrawn line on a TTY, a line a second otherwise."""
+
+    def __init__(self, label: str, total: int | None) -> None:
+        self.label = label
+        self.total = total
+        self.start = time.monotonic()
+        self.last = self.start  # first line after one interval, not at byte 0
+        self.printed = False
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 1.0):
+            return
+        self.last = now
+        self.printed = True
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        text = f"{self.label}: {done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
+        if self.total:
+            eta = (self.total - done) / rate if rate else 0.0
+            text += f", {100 * done / self.total:.0f} %, ETA {eta:.0f} s"
+        if self.tty:
+            sys.stderr.write("\r" + text.ljust(78))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty and self.printed:
+            sys.stderr.write("\n")
+
+
+def endpoint(text: str) -> tuple[str, int]:
+    """An IP-literal endpoint (candidates)."""
+    try:
+        return parse_endpoint(text)
+    except CandidateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def named_endpoint(text: str) -> tuple[str, int]:
+    """An endpoint whose host may be a name (control port, STUN servers)."""
+    try:
+        return parse_endpoint(text, allow_hostname=True)
+    except CandidateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def listen_endpoint(text: str) -> tuple[str, int]:
+    """Where to listen: like a named endpoint, but the wildcard addresses are allowed."""
+    for wildcard, host in (("0.0.0.0:", "0.0.0.0"), ("[::]:", "::")):
+        if text.startswith(wildcard):
+            _, port = named_endpoint("127.0.0.1:" + text[len(wildcard) :])
+            return host, port
+    return named_endpoint(text)
+
+
+def add_link_options(p: argparse.ArgumentParser) -> None:
+    """The options of every subcommand that punches a link (send, recv, migrate-proxy)."""
+    p.add_argument(
+        "--stun",
+        type=named_endpoint,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="STUN server (TCP) for a server-reflexive candidate; repeatable",
+    )
+    p.add_argument(
+        "--candidate",
+        type=endpoint,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="extra candidate to announce; repeatable",
+    )
+    p.add_argument("--port", type=int, default=0, help="local punch port (default: any)")
+    p.add_argument("--bind", default=None, metavar="HOST", help="local address to punch from")
+    p.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="direct",
+        help="path policy: 'direct' (default) a punched link or exit 3; 'auto' direct "
+        "first, then the tunnel over the control channel (with a warning); 'tunnel' the "
+        "tunnel only.  The sender's policy counts; a receiver's 'direct' forbids the tunnel",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="punch rounds before giving up")
+    p.add_argument("--dial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def connect_options(args: argparse.Namespace) -> dict[str, object]:
+    """The options of :func:`add_link_options` as ``api.connect`` keywords."""
+    return {
+        "port": args.port,
+        "bind_host": args.bind,
+        "stun": tuple(args.stun),
+        "candidates": tuple(args.candidate),
+        "policy": args.policy,
+        "rounds": args.rounds,
+        "dial_delay": args.dial_delay,
+    }
+
+
+def say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+async def accept_control(host: str, port: int) -> StreamChannel:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    with listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await listener.bind((host, port))
+        listener.listen(1)
+        sock, _addr = await listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return StreamChannel(trio.SocketStream(sock))
+
+
+PLOT_HINT = "pip install 'holepunch_mig[plot]'"
+
+
+def write_chart(path: Path, render: Callable[[], bytes], prog: str) -> bool:
+    """Write the PNG ``render`` draws to ``path``; True if written.  Charts need the
+    optional matplotlib: without it the command still succeeds and says how to get it."""
+    try:
+        png = render()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "matplotlib":
+            raise
+        say(f"{prog}: no chart written to {path}: matplotlib is missing ({PLOT_HINT})")
+        return False
+    path.write_bytes(png)
+    return True

@@ -1,0 +1,333 @@
+"""``holepunch-mig send`` and ``recv``: a payload through a punched, encrypted link.
+
+Human progress and the summary go to stderr; stdout carries data only when asked to
+(``--output -``).  The JSON report (``--report PATH``) is for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from holepunch_mig.cli.common import (
+    EXIT_FAILED,
+    EXIT_NO_PATH,
+    EXIT_OK,
+    Progress,
+    accept_control,
+    add_link_options,
+    connect_options,
+    listen_endpoint,
+    named_endpoint,
+    say,
+)
+from holepunch_mig.errors import HolepunchError, NoDirectPath
+from holepunch_mig.net.control import (
+    ControlChannel,
+    open_process_channel,
+    open_tcp_channel,
+)
+from holepunch_mig.net.control import stdio_channel as open_stdio_channel
+from holepunch_mig.report import Report
+from holepunch_mig.roles import Role
+from holepunch_mig.session import api
+from holepunch_mig.session.link import Link
+
+__all__ = ["register", "run_recv", "run_send"]
+
+
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    """send/recv only (stream transfers resume; migrate-proxy streams cannot)."""
+    p.add_argument(
+        "--resume-attempts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="re-punch a lost link (fresh keys) and go on from the last byte the receiver "
+        "kept, at most N times per transfer (default 3; 0 = fail on the first loss)",
+    )
+    p.add_argument(
+        "--link-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="declare the link dead when the path answers nothing this long (default 10)",
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+
+    recv = sub.add_parser("recv", help="receive a payload (the migration destination)")
+    ctl = recv.add_mutually_exclusive_group(required=True)
+    ctl.add_argument(
+        "--control-listen",
+        type=listen_endpoint,
+        metavar="HOST:PORT",
+        help="accept the control connection here",
+    )
+    ctl.add_argument(
+        "--control-stdio",
+        action="store_true",
+        help="the control channel is stdin/stdout (under ssh)",
+    )
+    recv.add_argument(
+        "--output",
+        default="-",
+        metavar="PATH|-",
+        help="where to write the payload (default: stdout)",
+    )
+    add_link_options(recv)
+    _resume_args(recv)
+
+    send = sub.add_parser("send", help="send a payload (the migration source)")
+    ctl = send.add_mutually_exclusive_group(required=True)
+    ctl.add_argument(
+        "--control",
+        type=named_endpoint,
+        metavar="HOST:PORT",
+        help="connect the control channel to the receiver here",
+    )
+    ctl.add_argument(
+        "--control-cmd",
+        metavar="CMD",
+        help='run CMD as the control channel, e.g. "ssh host holepunch-mig recv '
+        '--control-stdio --output f"',
+    )
+    send.add_argument(
+        "--control-wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="keep trying the control port this long (default 10)",
+    )
+    send.add_argument(
+        "--peer-host",
+        default=None,
+        metavar="HOST",
+        help="the receiver's address, when --control-cmd cannot show it",
+    )
+    send.add_argument(
+        "--input", default="-", metavar="PATH|-", help="payload to send (default: stdin)"
+    )
+    # test knob: read the input at most this many bytes per second (lab resume tests)
+    send.add_argument("--rate-limit", type=float, default=0.0, help=argparse.SUPPRESS)
+    add_link_options(send)
+    _resume_args(send)
+    recv.set_defaults(run=run_recv, usage_problem=_recv_usage_problem)
+    send.set_defaults(run=run_send)
+
+
+def _recv_usage_problem(args: argparse.Namespace) -> str | None:
+    if args.control_stdio and args.output == "-":
+        return "--control-stdio uses stdout for the control channel; give --output PATH"
+    return None
+
+
+def _write_report(path: str | None, report: Report | None, **extra: object) -> None:
+    if path is None or report is None:
+        return
+    report.extra.update(extra)
+    Path(path).write_text(report.to_json() + "\n")
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[tuple[BinaryIO, list[bool]]]:
+    """Write to a temporary name beside ``path``; rename only once verified."""
+    if path == "-":
+        yield sys.stdout.buffer, [False]
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    verified = [False]
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh, verified
+        if verified[0]:
+            os.replace(tmp, target)
+    finally:
+        if not verified[0]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+class _RateLimited:
+    """The input read at most ``rate`` bytes per second (a test knob: makes a lab
+    transfer last long enough to be interrupted).  Seeks pass through."""
+
+    def __init__(self, inner: BinaryIO, rate: float) -> None:
+        self._inner = inner
+        self._rate = rate
+        self._start = time.monotonic()
+        self._done = 0
+
+    def readinto(self, view: memoryview) -> int:
+        ahead = self._done / self._rate - (time.monotonic() - self._start)
+        if ahead > 0:
+            time.sleep(ahead)  # pacing in the sender's worker thread, never in trio
+        n: int = self._inner.readinto(view[: max(1, int(self._rate / 20))])  # type: ignore[attr-defined]
+        self._done += n
+        return n
+
+    def seekable(self) -> bool:
+        return self._inner.seekable()
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._inner.seek(offset, whence)
+
+
+@contextlib.contextmanager
+def _input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
+    if path == "-":
+        yield sys.stdin.buffer, None
+        return
+    with open(path, "rb") as fh:
+        yield fh, os.fstat(fh.fileno()).st_size
+
+
+async def _run_recv(args: argparse.Namespace) -> int:
+    channel: ControlChannel
+    if args.control_stdio:
+        channel = open_stdio_channel()
+    else:
+        host, port = args.control_listen
+        if not args.quiet:
+            say(f"waiting for the control connection on {host}:{port}")
+        channel = await accept_control(host, port)
+
+    async def receive(link: Link) -> str:
+        with _output(args.output) as (dst, verified):
+            progress = None if args.quiet else Progress("received", None)
+            result = await link.receive_file(dst, progress=progress)
+            dst.flush()
+            verified[0] = True
+        if progress:
+            progress.finish()
+        return f"received {result.bytes} bytes, sha256 {result.sha256}, verified" + _resumed(link)
+
+    return await _session(args, channel, "destination", receive)
+
+
+async def _run_send(args: argparse.Namespace) -> int:
+    # open the input first: a missing file fails before the peer is involved
+    with _input(args.input) as (src, total):
+        channel: ControlChannel
+        if args.control_cmd:
+            channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+        else:
+            host, port = args.control
+            channel = await open_tcp_channel(host, port, wait=args.control_wait)
+
+        async def send(link: Link) -> str:
+            progress = None if args.quiet else Progress("sent", total)
+            data = _RateLimited(src, args.rate_limit) if args.rate_limit > 0 else src
+            result = await link.send_file(data, progress=progress)  # type: ignore[arg-type]
+            if progress:
+                progress.finish()
+            return (
+                f"sent {result.bytes} bytes, sha256 {result.sha256}, verified by the receiver"
+                + _resumed(link)
+            )
+
+        return await _session(args, channel, "source", send)
+
+
+async def _session(
+    args: argparse.Namespace,
+    channel: ControlChannel,
+    role: Role,
+    transfer: Callable[[Link], Awaitable[str]],
+) -> int:
+    """Connect, announce the path, run ``transfer``, write the report; map errors to exit
+    codes.  Shared by ``send`` and ``recv``."""
+    report: Report | None = None
+    try:
+        options = connect_options(args)
+        options.update(resume_attempts=args.resume_attempts, link_timeout=args.link_timeout)
+        async with api.connect(channel, role=role, **options) as link:
+            report = link.report
+            if not args.quiet:
+                say(report.summary())
+            _warn_fallback(link)
+            done = await transfer(link)
+        say(done)
+        _write_report(args.report, report)
+        return EXIT_OK
+    except NoDirectPath as exc:
+        return _fail(args, exc, exc.report or report, EXIT_NO_PATH)
+    except HolepunchError as exc:
+        return _fail(args, exc, exc.report or report, EXIT_FAILED)
+    except OSError as exc:  # the input or output file, not the network
+        return _fail(args, exc, report, EXIT_FAILED)
+    finally:
+        await channel.aclose()
+
+
+def _resumed(link: Link) -> str:
+    cuts = link.report.interruptions
+    if not cuts:
+        return ""
+    times = ", ".join(f"{c.resume_seconds or 0:.2f} s" for c in cuts)
+    return f" (link lost {len(cuts)} time(s), resumed in {times})"
+
+
+def _warn_fallback(link: Link) -> None:
+    """Fallback is never silent: say so on stderr, even with --quiet."""
+    if not link.fell_back:
+        return
+    say(
+        "holepunch-mig: WARNING: no direct path; the data goes through the tunnel over the "
+        f"control channel (policy auto): {link.report.path_reason}"
+    )
+    if link.report.verdict:
+        say(f"holepunch-mig: why the direct path failed: {link.report.verdict}")
+
+
+def _fail(args: argparse.Namespace, exc: Exception, report: Report | None, code: int) -> int:
+    verdict = getattr(exc, "verdict", None) or str(exc)
+    if report is not None:
+        report.ok = False
+        report.verdict = verdict
+        say(report.summary())
+    say(f"holepunch-mig: {type(exc).__name__}: {exc}")
+    if isinstance(exc, NoDirectPath):
+        say(f"holepunch-mig: verdict: {verdict}")
+    if args.report:
+        if report is None:
+            report = Report(session="", role="source" if args.command == "send" else "destination")
+            report.ok = False
+            report.verdict = verdict
+        _write_report(args.report, report)
+    return code
+
+
+def _run(runner: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    try:
+        return trio.run(runner, args)
+    except KeyboardInterrupt:
+        say("holepunch-mig: interrupted")
+        return 130
+    except HolepunchError as exc:  # failures before a session exists (control port, ssh)
+        return _fail(args, exc, None, EXIT_FAILED)
+    except OSError as exc:
+        return _fail(args, exc, None, EXIT_FAILED)
+
+
+def run_recv(args: argparse.Namespace) -> int:
+    return _run(_run_recv, args)
+
+
+def run_send(args: argparse.Namespace) -> int:
+    return _run(_run_send, args)
