@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_NO_PATH",
     "EXIT_OK",
     "EXIT_USAGE",
+    "LIBVIRT_HINT",
     "PLOT_HINT",
     "Progress",
     "accept_control",
@@ -56,17 +57,30 @@ class Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last < (0.2 if self.tty else 1.0):
+        if not self._due():
             return
-        self.last = now
-        self.printed = True
-        elapsed = max(now - self.start, 1e-9)
+        elapsed = max(self.last - self.start, 1e-9)
         rate = done / elapsed
         text = f"{self.label}: {done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
         if self.total:
             eta = (self.total - done) / rate if rate else 0.0
             text += f", {100 * done / self.total:.0f} %, ETA {eta:.0f} s"
+        self._write(text)
+
+    def line(self, text: str) -> None:
+        """Show a caller-made progress line, at the same pace."""
+        if self._due():
+            self._write(text)
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 1.0):
+            return False
+        self.last = now
+        return True
+
+    def _write(self, text: str) -> None:
+        self.printed = True
         if self.tty:
             sys.stderr.write("\r" + text.ljust(78))
         else:
@@ -176,6 +190,7 @@ async def accept_control(host: str, port: int) -> StreamChannel:
 
 
 PLOT_HINT = "pip install 'holepunch_mig[plot]'"
+LIBVIRT_HINT = "pip install 'holepunch_mig[libvirt]', or Debian's python3-libvirt"
 
 
 def write_chart(path: Path, render: Callable[[], bytes], prog: str) -> bool:

@@ -1,0 +1,289 @@
+"""libvirt "hosts" in the lab: virtlogd + libvirtd per lab host, each in its own mount
+namespace, so two daemons on one machine keep apart every path libvirt owns.
+
+Each :class:`LibvirtHost` is
+
+* a *holder* process that entered the host's network namespace, unshared a private
+  mount namespace and mounted tmpfs on ``/run/libvirt``, ``/var/lib/libvirt``,
+  ``/var/cache/libvirt``, ``/var/log/libvirt``, ``/etc/libvirt`` and the run directory
+  of the migration proxies (``/run/holepunch-mig-libvirt``); it sleeps until it is
+  killed, and the mount namespace lives as long as it does;
+* virtlogd and libvirtd started inside both namespaces with ``nsenter -t HOLDER -m -n``
+  (``ip netns exec`` would remount /sys and hide the cgroup mounts libvirt needs), with
+  pid files under the private /run/libvirt (the default /run/libvirtd.pid is shared) and
+  /dev/null as their stdio;
+* a lab configuration: libvirtd listens on TCP :data:`LIBVIRT_TCP_PORT` without
+  authentication (``auth_tcp = "none"``: a lab only), QEMU runs as root with no
+  security driver and no dynamic ownership.
+
+From outside the namespaces the daemon is reachable at :attr:`LibvirtHost.local_uri`
+(``qemu+unix`` to the socket seen through ``/proc/HOLDER/root``); inside the host it is
+plain ``qemu:///system``.  :meth:`LibvirtHost.argv` wraps a command so that it runs
+inside the host (what ``holepunch-mig lab exec`` does for a libvirt lab).
+
+Daemons are stopped through their pid files, never by name; killing the holder
+releases the mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from holepunch_mig.lab.netns import pid_alive, proc_start_time, select_line
+from holepunch_mig.lab.spec import LabError
+from holepunch_mig.lab.topology import Lab
+
+log = logging.getLogger(__name__)
+
+#: libvirtd's TCP port (``listen_tcp``); the only port a libvirt lab opens inbound
+#: besides the control port.
+LIBVIRT_TCP_PORT = 16509
+#: Where the migration proxies keep their per-migration socket directories (tmpfs,
+#: private to each lab host).
+PROXY_RUN_DIR = Path("/run/holepunch-mig-libvirt")
+#: The disk images of lab domains (inside the private /var/lib/libvirt).
+IMAGE_DIR = Path("/var/lib/libvirt/images")
+
+PRIVATE_DIRS = (
+    "/run/libvirt",
+    "/var/lib/libvirt",
+    "/var/cache/libvirt",
+    "/var/log/libvirt",
+    "/etc/libvirt",
+    str(PROXY_RUN_DIR),
+)
+
+LIBVIRTD_CONF = """\
+listen_tls = 0
+listen_tcp = 1
+tcp_port = "{port}"
+auth_tcp = "none"
+auth_unix_rw = "none"
+unix_sock_group = "root"
+unix_sock_rw_perms = "0700"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+"""
+
+QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+remember_owner = 0
+stdio_handler = "file"
+"""
+
+VIRTLOGD_CONF = """\
+log_outputs = "3:file:/var/log/libvirt/virtlogd.log"
+"""
+
+_START_TIMEOUT = 30.0
+
+
+class LibvirtHost:
+    """virtlogd + libvirtd of one lab host (see the module docstring)."""
+
+    def __init__(self, lab: Lab, host: str) -> None:
+        self.lab = lab
+        self.host = host
+        self.address = lab.address(host)
+        self.public_address = lab.public_address(host)
+        self._holder: subprocess.Popen[bytes] | None = None
+        self._holder_start: int | None = None
+
+    # -- where things are ------------------------------------------------------------
+
+    @property
+    def holder_pid(self) -> int:
+        if self._holder is None:
+            raise LabError(f"libvirt host {self.host!r} is not started")
+        return self._holder.pid
+
+    @property
+    def root(self) -> Path:
+        """The host's file system as this process sees it (its private mounts)."""
+        return Path(f"/proc/{self.holder_pid}/root")
+
+    def path(self, inside: str | Path) -> Path:
+        """``inside`` (a path as the host sees it) from outside the host."""
+        return self.root / str(inside).lstrip("/")
+
+    @property
+    def local_uri(self) -> str:
+        """The host's libvirtd from outside its namespaces (this process)."""
+        sock = self.path("/run/libvirt/libvirt-sock")
+        return f"qemu+unix:///system?socket={sock}"
+
+    def tcp_uri(self) -> str:
+        """How the other lab host reaches this daemon (its public address; the lab
+        forwards :data:`LIBVIRT_TCP_PORT` through a NAT)."""
+        host, port = self.lab.control_endpoint(self.host, LIBVIRT_TCP_PORT)
+        return f"qemu+tcp://{host}:{port}/system"
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` to run inside the host: its network and its mount namespace."""
+        return ["nsenter", "-t", str(self.holder_pid), "-m", "-n", "--", *argv]
+
+    def run(self, argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the host to completion (stdout/stderr captured)."""
+        return subprocess.run(
+            self.argv(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def popen(self, argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
+        """Start a command inside the host (the caller owns the process)."""
+        return subprocess.Popen(self.argv(argv), **kw)  # type: ignore[call-overload, no-any-return]
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Hold the mount namespace, write the configuration, start virtlogd and
+        libvirtd and wait until libvirtd answers on its UNIX socket."""
+        mounts = " && ".join(
+            f"mkdir -p {d} && mount -t tmpfs -o mode=0755 tmpfs {d}" for d in PRIVATE_DIRS
+        )
+        script = f"{mounts} && mkdir -p {IMAGE_DIR} && echo ready && exec sleep infinity"
+        netns = f"/var/run/netns/{self.lab.netns(self.host)}"
+        self._holder = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={netns}",
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._holder_start = proc_start_time(self._holder.pid)
+        assert self._holder.stdout is not None
+        line = select_line(self._holder.stdout, timeout=10.0)
+        if line != b"ready\n":
+            err = b""
+            if self._holder.poll() is not None and self._holder.stderr is not None:
+                err = self._holder.stderr.read()
+            self.stop()
+            raise LabError(
+                f"libvirt host {self.host!r}: mount namespace not set up: {line!r} {err!r}"
+            )
+        # `sh` exec'ed sleep: the holder's pid is the namespace's process.
+        etc = self.path("/etc/libvirt")
+        (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(port=LIBVIRT_TCP_PORT))
+        (etc / "qemu.conf").write_text(QEMU_CONF)
+        (etc / "virtlogd.conf").write_text(VIRTLOGD_CONF)
+        (etc / "qemu").mkdir(exist_ok=True)
+        for daemon, extra in (("virtlogd", []), ("libvirtd", ["--listen"])):
+            pidfile = f"/run/libvirt/{daemon}.pid"
+            proc = subprocess.run(
+                self.argv([daemon, "-d", *extra, "-p", pidfile]),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=_START_TIMEOUT,
+                check=False,
+            )
+            if proc.returncode != 0:
+                self.stop()
+                raise LabError(
+                    f"libvirt host {self.host!r}: {daemon} did not start: "
+                    f"{proc.stderr.decode(errors='replace').strip()}"
+                )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        last = ""
+        while time.monotonic() < deadline:
+            res = self.run(["virsh", "-c", "qemu:///system", "uri"], timeout=10)
+            if res.returncode == 0:
+                return
+            last = res.stderr.strip()
+            time.sleep(0.2)
+        log_tail = self.log_tail()
+        self.stop()
+        raise LabError(f"libvirt host {self.host!r}: libvirtd not answering: {last}\n{log_tail}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of libvirtd's log (for error messages)."""
+        with contextlib.suppress(OSError, LabError):
+            return self.path("/var/log/libvirt/libvirtd.log").read_text(errors="replace")[-chars:]
+        return "(no libvirtd log)"
+
+    def _daemon_pid(self, daemon: str) -> int | None:
+        with contextlib.suppress(OSError, ValueError, LabError):
+            return int(self.path(f"/run/libvirt/{daemon}.pid").read_text().strip())
+        return None
+
+    def stop(self) -> None:
+        """Destroy what QEMU the daemon still runs, stop libvirtd then virtlogd (by pid
+        file), then the holder.  Idempotent."""
+        if self._holder is None:
+            return
+        if self._holder.poll() is None:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                names = self.run(["virsh", "-c", "qemu:///system", "list", "--name"], timeout=15)
+                for name in names.stdout.split():
+                    self.run(["virsh", "-c", "qemu:///system", "destroy", name], timeout=15)
+            for daemon in ("libvirtd", "virtlogd"):
+                pid = self._daemon_pid(daemon)
+                if pid is not None:
+                    _terminate(pid)
+        with contextlib.suppress(ProcessLookupError):
+            self._holder.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._holder.wait(timeout=5)
+        for pipe in (self._holder.stdout, self._holder.stderr):
+            if pipe is not None:
+                pipe.close()
+        self._holder = None
+
+
+def _terminate(pid: int, timeout: float = 10.0) -> None:
+    start = proc_start_time(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pid_alive(pid, start):
+        time.sleep(0.05)
+    if pid_alive(pid, start):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def libvirt_hosts(
+    lab: Lab, hosts: Sequence[str] = ("left", "right")
+) -> Iterator[dict[str, LibvirtHost]]:
+    """Start libvirt on each of ``hosts`` of a built lab; stop them all on exit."""
+    started: dict[str, LibvirtHost] = {}
+    try:
+        for name in hosts:
+            host = LibvirtHost(lab, name)
+            started[name] = host
+            host.start()
+        yield started
+    finally:
+        for host in started.values():
+            try:
+                host.stop()
+            except Exception:
+                log.exception("stopping libvirt on %s", host.host)

@@ -1,0 +1,138 @@
+"""libvirt live migrations through punched links: two real libvirt daemons (each in its
+own network and mount namespace of the lab), a TCG domain with a random 256 MiB disk,
+``holepunch-mig migrate`` on the left host and ``migrate-proxy destination --libvirt``
+on the right one, whose only inbound ports are the control port and libvirtd's.
+
+Under CI=true these must run (libvirtd, QEMU and the binding are in the test set).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from testsupport.lab import cli_env
+from testsupport.libvirt import DISK_MIB, LibvirtLab, libvirt_lab, read_json, sha256
+
+from holepunch_mig.lab import CONTROL_PORT
+from holepunch_mig.lab.libvirt_hosts import LIBVIRT_TCP_PORT
+
+pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.libvirt]
+
+
+@pytest.fixture(scope="module", params=["fw-fw", "nat-nat"])
+def vlab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtLab]:
+    with libvirt_lab(request.param, tmp_path_factory.mktemp("libvirt")) as lab:
+        yield lab
+
+
+def _no_proxy_left(vlab: LibvirtLab) -> None:
+    for host in (vlab.left, vlab.right):
+        left = list(host.path("/run/holepunch-mig-libvirt").iterdir())
+        assert left == [], f"{host.host} keeps socket directories: {left}"
+
+
+@pytest.mark.parametrize("parallel", [0, 4], ids=["one-stream", "parallel4"])
+def test_live_migration_with_storage(vlab: LibvirtLab, tmp_path: Path, parallel: int) -> None:
+    name = f"vm{parallel}"
+    digest = vlab.make_domain(name)
+    try:
+        extra = ["--copy-storage-all"] + (["--parallel", str(parallel)] if parallel else [])
+        src, dst_code = vlab.migrate(name, tmp_path, *extra)
+        log = src.stderr.decode(errors="replace")
+        assert src.returncode == 0, log + (tmp_path / "dst.log").read_text()
+        assert dst_code == 0, (tmp_path / "dst.log").read_text()
+        assert vlab.state(vlab.right, name) == "running"
+        assert vlab.state(vlab.left, name) is None  # transient: gone once migrated
+        assert sha256(vlab.right.path(vlab.disk(name))) == digest
+        rep, drep = read_json(tmp_path / "src.json"), read_json(tmp_path / "dst.json")
+        assert rep["ok"] and rep["libvirt_ok"] and drep["ok"]
+        assert rep["proxy"]["path"] == "direct"
+        assert rep["proxy"]["link"]["session"] == drep["link"]["session"]
+        channels = [s["channel"] for s in rep["proxy"]["streams"]]
+        assert channels.count("nbd") == 1
+        assert channels.count("migration") == 1 + parallel
+        assert rep["destination_received"] == rep["proxy"]["bytes_sent"] > DISK_MIB << 20
+        assert rep["destination_sent"] == rep["proxy"]["bytes_received"]
+        assert "PARALLEL" in rep["flags"] if parallel else "PARALLEL" not in rep["flags"]
+        assert "migrating:" in log, "no libvirt progress on stderr"
+        _no_proxy_left(vlab)
+    finally:
+        vlab.destroy(name)
+
+
+def _cut_ruleset() -> str:
+    # Drop the left host's TCP except the control and libvirt connections: the punched
+    # link goes silent, libvirt and the control channel keep working.
+    keep = "".join(f"    tcp dport {p} accept\n    tcp sport {p} accept\n"
+                   for p in (CONTROL_PORT, LIBVIRT_TCP_PORT))  # fmt: skip
+    rules = keep + "    meta l4proto tcp drop\n"
+    return (
+        "table inet hpm_cut {\n"
+        "  chain out {\n    type filter hook output priority -10; policy accept;\n"
+        f"{rules}  }}\n"
+        "  chain in {\n    type filter hook input priority -10; policy accept;\n"
+        f"{rules}  }}\n"
+        "}\n"
+    )
+
+
+def _wait_for_progress(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "migrating:" in log.read_text(errors="replace"):
+            return
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"the migration did not start: {log.read_text()}")
+
+
+@pytest.mark.parametrize("how", ["nft-drop", "sigint"])
+def test_interrupted_migration(vlab: LibvirtLab, tmp_path: Path, how: str) -> None:
+    """The link cut or the command interrupted mid-migration: libvirt reports the
+    failure, the domain keeps running on the source, the destination keeps none and no
+    proxy is left behind."""
+    name = f"cut-{how}"
+    vlab.make_domain(name)
+    dst = vlab.destination_proxy(tmp_path)
+    log = tmp_path / "src.log"
+    try:
+        with open(log, "wb") as err:
+            src = vlab.left.popen(
+                vlab.migrate_argv(name, tmp_path, "--copy-storage-all", "--bandwidth", "16"),
+                env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+        try:
+            _wait_for_progress(src, log)
+            if how == "nft-drop":
+                vlab.lab.run("left", ["nft", "-f", "-"], timeout=10, input=_cut_ruleset().encode())
+            else:
+                src.send_signal(signal.SIGINT)
+            code = src.wait(timeout=120)
+            dst_code = dst.wait(timeout=60)
+        finally:
+            for proc in (src, dst):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            vlab.lab.run("left", ["nft", "delete", "table", "inet", "hpm_cut"], timeout=10,
+                         capture_output=True)  # fmt: skip
+        text = log.read_text(errors="replace")
+        assert code == (130 if how == "sigint" else 1), text
+        assert dst_code == 1, (tmp_path / "dst.log").read_text()
+        assert vlab.state(vlab.left, name) == "running", text
+        assert vlab.state(vlab.right, name) is None
+        drep = read_json(tmp_path / "dst.json")
+        assert drep is not None and drep["ok"] is False and drep["verdict"]
+        if how == "nft-drop":
+            rep = read_json(tmp_path / "src.json")
+            assert rep["ok"] is False and rep["libvirt_ok"] is False and rep["libvirt_error"]
+        else:
+            assert "aborting the libvirt job" in text
+        _no_proxy_left(vlab)
+    finally:
+        vlab.destroy(name)
