@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.libvirt]
 
 
 @pytest.fixture(scope="module", params=["fw-fw", "nat-nat"])
-def vlab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtLab]:
+def vlab(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LibvirtLab]:
     with libvirt_lab(request.param, tmp_path_factory.mktemp("libvirt")) as lab:
         yield lab
 

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testsupport.lab import cli_env, require_netns
-from testsupport.qemu import require_qemu
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, presets
 from holepunch_mig.lab.libvirt_hosts import IMAGE_DIR, LIBVIRT_TCP_PORT, LibvirtHost, libvirt_hosts
+from testsupport.lab import cli_env, require_netns
+from testsupport.qemu import require_qemu
 
 MEM_MIB = 128
 DISK_MIB = 256
@@ -116,7 +116,7 @@ class LibvirtLab:
         return sha256(src)
 
     def state(self, host: LibvirtHost, name: str) -> str | None:
-        """"running", "paused", ... or None when the host has no such domain."""
+        """ "running", "paused", ... or None when the host has no such domain."""
         import libvirt
 
         conn = libvirt.open(host.local_uri)
@@ -180,7 +180,9 @@ class LibvirtLab:
 
 
 @contextmanager
-def libvirt_lab(preset: str, work: Path, hosts: Sequence[str] = ("left", "right")) -> Iterator[LibvirtLab]:
+def libvirt_lab(
+    preset: str, work: Path, hosts: Sequence[str] = ("left", "right")
+) -> Iterator[LibvirtLab]:
     require_libvirt()
     spec = libvirt_spec(preset)
     require_netns(need=("turnserver",) if spec.stun else ())

@@ -21,6 +21,7 @@ domain keeps running on the source, the destination keeps no domain).
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import signal
 import sys
@@ -43,6 +44,8 @@ from holepunch_mig.migration.libvirt import (
 from holepunch_mig.net.control import ControlChannel, open_process_channel, open_tcp_channel
 
 EXIT_INTERRUPTED = 130
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -168,6 +171,7 @@ class _ProgressLine:
 
     def __init__(self) -> None:
         self.inner = cli.Progress("migrating", None)
+        self.inner.last = 0.0  # the first sample right away: small domains move in ~1 s
 
     def __call__(self, p: LibvirtProgress) -> None:
         text = (
@@ -188,6 +192,8 @@ async def _main(args: argparse.Namespace) -> int:
     except ModuleNotFoundError:
         cli.say(f"holepunch-mig migrate: {LibvirtMissing.__doc__} ({cli.LIBVIRT_HINT})")
         return cli.EXIT_FAILED
+    # libvirt prints every error on stderr by default; ours say what matters
+    libvirt.registerErrorHandler(_libvirt_log, None)
     progress = None if args.quiet else _ProgressLine()
     channel: ControlChannel | None = None
     report: LibvirtReport | None = None
@@ -256,6 +262,10 @@ async def _main(args: argparse.Namespace) -> int:
     if not args.quiet or not report.ok:
         cli.say(report.summary())
     return cli.EXIT_OK if report.ok else cli.EXIT_FAILED
+
+
+def _libvirt_log(_ctx: object, error: Any) -> None:
+    log.debug("libvirt: %s", error)
 
 
 def _lookup(conn: Any, name: str) -> Any:

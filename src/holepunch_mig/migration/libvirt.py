@@ -244,6 +244,25 @@ class LibvirtProxy(MigrationProxy):
         return f"unix://{self.socket_dir / CHANNELS['nbd']}"
 
     @property
+    def failure(self) -> str | None:
+        """Why the link's streams failed (this side or the peer's report), or None."""
+        mux = self._mux
+        if mux is not None and mux.failed is not None:
+            return str(mux.failed)
+        peer = self._peer_result
+        if peer is not None and not peer.ok:
+            return f"peer reported failure: {peer.error}"
+        return None
+
+    def close_local(self) -> None:
+        """After a failure: close QEMU's sockets, not only shut them down.  A QEMU NBD
+        client blocked writing to a socket whose peer shut down but still holds the
+        unread bytes is never woken (its write space stays taken); closing frees it, so
+        its write fails and libvirt's job can end."""
+        if self._mux is not None:
+            self._mux.close()
+
+    @property
     def peer_result(self) -> messages.MigrateResult | None:
         """The peer's migrate-result (after the end), or None."""
         return self._peer_result
@@ -473,11 +492,13 @@ async def _libvirt_job(
     call: Callable[[], object],
     progress: LibvirtProgressCallback | None,
     last: dict[str, Any],
-    on_start: Callable[[], None] | None = None,
+    failure: Callable[[], str | None],
+    release: Callable[[], None],
 ) -> str | None:
     """Run libvirt's (blocking) migrate call in a thread, sampling its job info; returns
-    libvirt's error message or None.  Cancelled (Ctrl-C): abort the libvirt job, wait
-    for the call to return, re-raise."""
+    libvirt's error message or None.  When ``failure()`` says the link failed, abort the
+    libvirt job (QEMU's NBD client may not notice a dead socket by itself and the job
+    would wait forever); cancelled (Ctrl-C): the same, then re-raise."""
     libvirt = _libvirt()
     done = threading.Event()
     error: list[str | None] = []
@@ -505,23 +526,28 @@ async def _libvirt_job(
                     except Exception:
                         log.exception("progress callback failed")
 
+    def abort() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.abortJob()
+
     thread = threading.Thread(target=work, name="libvirt-migrate", daemon=True)
     thread.start()
-    if on_start is not None:
-        on_start()
+    aborted = False
     try:
         while not done.is_set():
             await trio.to_thread.run_sync(done.wait, PROGRESS_INTERVAL)
-            if not done.is_set():
-                await trio.to_thread.run_sync(sample)
+            if done.is_set():
+                break
+            reason = failure()
+            if reason is not None and not aborted:
+                aborted = True
+                log.warning("link failed (%s): aborting the libvirt job", reason)
+                await trio.to_thread.run_sync(release)
+                await trio.to_thread.run_sync(abort)
+            await trio.to_thread.run_sync(sample)
     except BaseException:
         with trio.CancelScope(shield=True):
             log.warning("aborting the libvirt migration job of %s", domain.name())
-
-            def abort() -> None:
-                with contextlib.suppress(libvirt.libvirtError):
-                    domain.abortJob()
-
             await trio.to_thread.run_sync(abort)
             await trio.to_thread.run_sync(done.wait, ABORT_WAIT)
         raise
@@ -603,7 +629,9 @@ async def migrate_domain(
 
             started = time.perf_counter()
             try:
-                error = await _libvirt_job(domain, call, progress, last)
+                error = await _libvirt_job(
+                    domain, call, progress, last, lambda: proxy.failure, proxy.close_local
+                )
             finally:
                 report.seconds = time.perf_counter() - started
             report.libvirt_ok = error is None
