@@ -58,6 +58,7 @@ from holepunch_mig.bench.model import (
 from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_with, tune_socket
 from holepunch_mig.bench.payload import expected_sha256
 from holepunch_mig.bench.qemu_cells import run_qemu_cells
+from holepunch_mig.net.keyfiles import pinned_pair
 from holepunch_mig.wire.records import MAX_RECORD
 
 __all__ = [
@@ -247,18 +248,19 @@ def time_to_link(runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 <
             payload.write_bytes(data)
             want = hashlib.sha256(data).hexdigest()
             host, port = lab.control_endpoint("right", CONTROL_PORT)
+            keys = pinned_pair(Path(tmp))
             for i in range(runs):
                 out, rrep, srep = (Path(tmp) / f"{n}{i}" for n in ("out", "recv.json", "send.json"))
                 recv = lab.popen(
                     "right",
                     [*cli, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}",
-                     "--output", str(out), "--report", str(rrep), "-q"],
+                     "--output", str(out), "--report", str(rrep), "-q", *keys.destination],
                     stderr=subprocess.PIPE,
                 )  # fmt: skip
                 send = lab.popen(
                     "left",
                     [*cli, "send", "--control", f"{host}:{port}", "--input", str(payload),
-                     "--report", str(srep), "-q"],
+                     "--report", str(srep), "-q", *keys.source],
                     stderr=subprocess.PIPE,
                 )  # fmt: skip
                 try:

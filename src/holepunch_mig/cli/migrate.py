@@ -44,7 +44,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.cli import common as cli
-from holepunch_mig.errors import HolepunchError, NoDirectPath
+from holepunch_mig.errors import CredentialError, HolepunchError, NoDirectPath
 from holepunch_mig.migration.api import (
     DEFAULT_LINK_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -56,7 +56,7 @@ from holepunch_mig.migration.api import (
     migration_source,
 )
 from holepunch_mig.migration.handoff import HandoffProxy
-from holepunch_mig.net.control import ControlChannel, open_tcp_channel
+from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.roles import Role
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -167,6 +167,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _options(src)
     cli.add_link_options(src)
+    cli.add_auth_options(src, listening=False)
     src.set_defaults(run=run_source)
 
     dst = roles.add_parser(
@@ -188,6 +189,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _options(dst)
     cli.add_link_options(dst)
+    cli.add_auth_options(dst, listening=True)
     dst.set_defaults(run=run_destination)
 
 
@@ -220,7 +222,7 @@ def _check_mode(args: argparse.Namespace) -> str | None:
             return f"--mode mux needs {local} PATH"
         if args.qmp is not None or args.psk_dir is not None:
             return "--qmp/--psk-dir are for --mode handoff"
-    return None
+    return cli.auth_usage_problem(args, tcp=True)
 
 
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,12 +273,13 @@ def _finish(
 
 
 async def _source_main(args: argparse.Namespace) -> int:
+    auth = cli.control_auth(args)  # a bad key file is a usage error (exit 2), not a failure
     progress = _progress(args, "migrated")
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         host, port = args.control
-        channel = await open_tcp_channel(host, port, wait=args.control_wait)
+        channel = await cli.dial_control(host, port, auth, args.control_wait)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(listen_unix=args.listen_unix, digest=args.digest)
@@ -302,14 +305,13 @@ async def _source_main(args: argparse.Namespace) -> int:
 
 
 async def _destination_main(args: argparse.Namespace) -> int:
+    auth = cli.control_auth(args)
     progress = _progress(args, "delivered")
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         host, port = args.control_listen
-        if not args.quiet:
-            cli.say(f"waiting for the control connection on {host}:{port}")
-        channel = await cli.accept_control(host, port)
+        channel = await cli.listen_control(args, host, port, auth)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(connect_unix=args.connect_unix)
@@ -340,6 +342,9 @@ def _run(main: Any, args: argparse.Namespace) -> int:
     try:
         code: int = trio.run(main, args)
         return code
+    except CredentialError as exc:
+        cli.say(f"holepunch-mig migrate-proxy {args.migrate_role}: {exc}")
+        return cli.EXIT_USAGE
     except KeyboardInterrupt:
         cli.say("holepunch-mig: interrupted")
         return 130
