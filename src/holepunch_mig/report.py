@@ -101,6 +101,9 @@ class Report:
     """Who the control channel authenticated: a pinned key's name, "holder of the
     pre-shared secret", "holder of the pairing code", or "trusted by the caller" (SSH,
     or a channel a library caller authenticated itself)."""
+    control_handshake: float | None = None
+    """Seconds the control handshake took on this side (before the offer; not part of
+    ``time_to_link``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -69,8 +69,11 @@ class SecureChannel:
         sealer: Sealer,
         unsealer: Unsealer,
         notes: list[str] | None = None,
+        handshake_seconds: float | None = None,
     ) -> None:
         self.inner = inner
+        self.handshake_seconds = handshake_seconds
+        """How long the control handshake took on this side (for the report)."""
         self.session = session
         self.peer_host = inner.peer_host
         self.notes = notes or []
@@ -105,7 +108,8 @@ async def secure(
     """Run the control handshake over ``inner`` (the source initiates).  On failure the
     peer is told why when there is something to tell, and the error is raised; the
     caller closes ``inner``."""
-    hs = ControlHandshake(auth, initiator, now=trio.current_time())
+    started = trio.current_time()
+    hs = ControlHandshake(auth, initiator, now=started)
     try:
         with trio.fail_after(timeout):
             if initiator:
@@ -134,7 +138,9 @@ async def secure(
         raise
     assert hs.session is not None and hs.sealer is not None and hs.unsealer is not None
     logger.info("control channel authenticated: %s", hs.session.peer)
-    return SecureChannel(inner, hs.session, hs.sealer, hs.unsealer)
+    return SecureChannel(
+        inner, hs.session, hs.sealer, hs.unsealer, handshake_seconds=trio.current_time() - started
+    )
 
 
 async def connect_authenticated(

@@ -315,6 +315,7 @@ def _note_control(report: Report, control: ControlReader, log: SessionLog) -> No
     channel = control.channel
     if isinstance(channel, SecureChannel):
         report.control_peer = channel.session.peer
+        report.control_handshake = channel.handshake_seconds
         report.notes.extend(channel.notes)
         log.info("control peer: %s", channel.session.peer)
     else:
