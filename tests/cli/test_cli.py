@@ -211,3 +211,29 @@ def test_sender_vanishing_leaves_no_output(tmp_path: Path) -> None:
     assert b"PairingFailed" in err and b"expired" in err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.bin.*"))
+
+
+def test_ssh_control_accepts_a_psk_and_a_one_sided_psk_fails_by_name(tmp_path: Path) -> None:
+    src, digest = _payload(tmp_path, 1 << 20)
+    psk = tmp_path / "psk"
+    psk.write_bytes(os.urandom(32))
+    psk.chmod(0o600)
+    out = tmp_path / "out.bin"
+    remote = f"{sys.executable} -m holepunch_mig.cli recv --control-stdio --output {out} -q"
+    both = subprocess.run(
+        [*CLI, "send", "--control-cmd", f"{remote} --psk-file {psk}", "--peer-host", "127.0.0.1",
+         "--input", str(src), "--psk-file", str(psk), "--report", str(tmp_path / "s.json")],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert both.returncode == 0, both.stderr.decode()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["control_peer"] == "holder of the pre-shared secret"
+    one_sided = subprocess.run(
+        [*CLI, "send", "--control-cmd", remote, "--peer-host", "127.0.0.1", "--input", str(src),
+         "--psk-file", str(psk), "-q"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert one_sided.returncode == 1
+    # the receiver (its stderr is ours) names what the sender used
+    assert b"authenticated control frame" in one_sided.stderr, one_sided.stderr.decode()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from holepunch_mig.errors import (
     ControlAuthError,
@@ -283,3 +285,44 @@ def test_private_key_file_errors() -> None:
         parse_private_key(ident.public_line() + "\n", "k")
     with pytest.raises(CredentialError, match="expected 2 lines"):
         parse_private_key(format_private_key(ident) + "extra\n", "k")
+
+
+# ------------------------------------------------------------------ hostile input
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600), step=st.integers(0, 1))
+def test_arbitrary_handshake_frames_fail_by_name(data: bytes, step: int) -> None:
+    """Whatever a stranger sends, the listener fails with a named error, never a crash."""
+    src, dst = Identity.generate(), Identity.generate()
+    for auth in (_pinned(dst, src), ControlAuth.from_secret(b"k" * 32)):
+        resp = ControlHandshake(auth, False)
+        try:
+            if step == 1:
+                init = ControlHandshake(_pinned(src, dst) if auth.mode == "keys" else auth, True)
+                resp.receive(init.start())
+            resp.receive(data)
+        except (ControlAuthError, ProtocolError):
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_arbitrary_sealed_frames_fail_by_name(data: bytes) -> None:
+    secret = b"s" * 32
+    _, resp = _run(
+        ControlHandshake(ControlAuth.from_secret(secret), True),
+        ControlHandshake(ControlAuth.from_secret(secret), False),
+    )
+    assert resp.unsealer is not None
+    with pytest.raises((ControlAuthError, ProtocolError)):
+        resp.unsealer.open(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300))
+def test_arbitrary_peers_files_fail_by_name(text: str) -> None:
+    try:
+        parse_peers(text, "peers")
+    except CredentialError as exc:
+        assert "peers line " in str(exc)

@@ -3,7 +3,8 @@
 Source host (QEMU migrates to a UNIX socket of ours)::
 
     holepunch-mig migrate-proxy source --listen-unix /run/hpm/vm1.sock \\
-        --control dst-host:7070 [--stun HOST:PORT]... [--report r.json]
+        --control dst-host:7070 --identity /etc/hpm/host.key --peers /etc/hpm/peers \\
+        [--stun HOST:PORT]... [--report r.json]
 
 prints ``ready unix:/run/hpm/vm1.sock`` on stdout once the whole path is up (link
 punched, destination proxy connected to its QEMU); the manager then issues QMP
@@ -15,7 +16,12 @@ Destination host (QEMU started with ``-incoming defer`` and told
 ``migrate-incoming unix:PATH``)::
 
     holepunch-mig migrate-proxy destination --connect-unix PATH \\
-        --control-listen 0.0.0.0:7070 [--report r.json]
+        --control-listen 0.0.0.0:7070 --identity /etc/hpm/host.key --peers /etc/hpm/peers \\
+        [--report r.json]
+
+The control channel is authenticated before anything else (pinned keys as above,
+``--psk-file`` from the manager, or ``--pair`` here and ``--code`` on the source); the
+destination keeps listening through connections that fail to authenticate.
 
 ``--listen-unix PATH`` is used exactly as given (socket 0600, created atomically,
 never replacing an existing file; the caller owns the directory's permissions).
