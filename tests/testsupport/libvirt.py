@@ -23,6 +23,7 @@ import pytest
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, presets
 from holepunch_mig.lab.libvirt_hosts import IMAGE_DIR, LIBVIRT_TCP_PORT, LibvirtHost, libvirt_hosts
+from holepunch_mig.net.keyfiles import pinned_pair
 from testsupport.lab import cli_env, require_netns
 from testsupport.qemu import require_qemu
 
@@ -145,7 +146,8 @@ class LibvirtLab:
         return self.right.popen(
             [sys.executable, "-m", "holepunch_mig.cli", "migrate-proxy", "destination",
              "--libvirt", "--control-listen", f"0.0.0.0:{CONTROL_PORT}",
-             "--report", str(work / "dst.json"), "--link-timeout", "3", *extra],
+             "--report", str(work / "dst.json"), "--link-timeout", "3",
+             *pinned_pair(self.work).destination, *extra],
             env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(work / "dst.log", "wb"),
         )  # fmt: skip
@@ -156,7 +158,7 @@ class LibvirtLab:
         return [
             sys.executable, "-m", "holepunch_mig.cli", "migrate", name, self.right.tcp_uri(),
             "--control", f"{host}:{port}", "--report", str(work / "src.json"),
-            "--link-timeout", "3",
+            "--link-timeout", "3", *pinned_pair(self.work).source,
             *(["--stun", f"{stun[0]}:{stun[1]}"] if stun else []),
             *extra,
         ]  # fmt: skip

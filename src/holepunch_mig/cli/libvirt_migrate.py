@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -31,17 +30,16 @@ from typing import Any
 import trio
 
 from holepunch_mig.cli import common as cli
-from holepunch_mig.errors import HolepunchError, NoDirectPath
+from holepunch_mig.errors import HolepunchError, LibvirtMissing, NoDirectPath
 from holepunch_mig.migration.libvirt import (
     DEFAULT_LINK_TIMEOUT,
     DEFAULT_SOCKET_PARENT,
     DEFAULT_TIMEOUT,
-    LibvirtMissing,
     LibvirtProgress,
     LibvirtReport,
     migrate_domain,
 )
-from holepunch_mig.net.control import ControlChannel, open_process_channel, open_tcp_channel
+from holepunch_mig.net.control import ControlChannel
 
 EXIT_INTERRUPTED = 130
 
@@ -155,6 +153,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         f"(default {DEFAULT_LINK_TIMEOUT:g})",
     )
     cli.add_link_options(p)
+    cli.add_auth_options(p, listening=False)
     p.set_defaults(run=run, usage_problem=_usage_problem)
 
 
@@ -163,7 +162,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return "--parallel takes 0 (off) to 64 connections"
     if args.bandwidth is not None and args.bandwidth <= 0:
         return "--bandwidth must be a positive number of MiB/s"
-    return None
+    return cli.auth_usage_problem(args, tcp=not args.control_cmd)
 
 
 class _ProgressLine:
@@ -194,6 +193,7 @@ async def _main(args: argparse.Namespace) -> int:
         return cli.EXIT_FAILED
     # libvirt prints every error on stderr by default; ours say what matters
     libvirt.registerErrorHandler(_libvirt_log, None)
+    auth = cli.control_auth(args)  # a bad key file is a usage error (exit 2), not a failure
     progress = None if args.quiet else _ProgressLine()
     channel: ControlChannel | None = None
     report: LibvirtReport | None = None
@@ -204,11 +204,7 @@ async def _main(args: argparse.Namespace) -> int:
         dest: Any = args.dest_uri
         if not args.p2p:
             dest = await trio.to_thread.run_sync(libvirt.open, args.dest_uri)
-        if args.control_cmd:
-            channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
-        else:
-            host, port = args.control
-            channel = await open_tcp_channel(host, port, wait=args.control_wait)
+        channel = await cli.source_control(args, auth)
         link_options: dict[str, Any] = cli.connect_options(args)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

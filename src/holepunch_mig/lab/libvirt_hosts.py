@@ -37,8 +37,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from holepunch_mig.errors import LabError
 from holepunch_mig.lab.netns import pid_alive, proc_start_time, select_line
-from holepunch_mig.lab.spec import LabError
 from holepunch_mig.lab.topology import Lab
 
 log = logging.getLogger(__name__)

@@ -48,11 +48,17 @@ from typing import Any, Literal
 
 import trio
 
-from holepunch_mig.errors import HolepunchError, ProtocolError
+from holepunch_mig.errors import (
+    HolepunchError,
+    LibvirtMissing,
+    MuxError,
+    ProtocolError,
+    ProxyError,
+)
 from holepunch_mig.migration.common import MigrationError, MigrationReport, receive_offer
-from holepunch_mig.migration.mux import Mux, MuxError
+from holepunch_mig.migration.mux import Mux
 from holepunch_mig.migration.mux_mode import FINISH_TIMEOUT, MigrationProxy
-from holepunch_mig.migration.proxy import ProxyError, SourceProxy, unix_connector
+from holepunch_mig.migration.proxy import SourceProxy, unix_connector
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.roles import Role
 from holepunch_mig.session import api
@@ -74,10 +80,6 @@ ABORT_WAIT = 60.0
 PROGRESS_INTERVAL = 0.5
 
 CopyStorage = Literal["all", "inc"]
-
-
-class LibvirtMissing(HolepunchError):
-    """The libvirt Python binding is not installed."""
 
 
 def _libvirt() -> Any:
