@@ -8,8 +8,10 @@ Under CI=true these must run (libvirtd, QEMU and the binding are in the test set
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from testsupport.libvirt import DISK_MIB, LibvirtLab, libvirt_lab, read_json, sh
 
 from holepunch_mig.lab import CONTROL_PORT
 from holepunch_mig.lab.libvirt_hosts import LIBVIRT_TCP_PORT
+from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.libvirt]
 
@@ -137,4 +140,96 @@ def test_interrupted_migration(vlab: LibvirtLab, tmp_path: Path, how: str) -> No
             assert "aborting the libvirt job" in text
         _no_proxy_left(vlab)
     finally:
+        vlab.destroy(name)
+
+
+def test_control_over_a_command_without_keys(vlab: LibvirtLab, tmp_path: Path) -> None:
+    """The ssh-style control channel: the source runs the destination proxy as its
+    control command (here nsenter into the right host instead of ssh), no key files."""
+    name = "ctlcmd"
+    digest = vlab.make_domain(name, disk_mib=64)
+    try:
+        dst_cmd = shlex.join(
+            vlab.right.argv([sys.executable, "-m", "holepunch_mig.cli", "migrate-proxy",
+                             "destination", "--libvirt", "--control-stdio", "-q",
+                             "--report", str(tmp_path / "dst.json")])
+        )  # fmt: skip
+        argv = [
+            sys.executable, "-m", "holepunch_mig.cli", "migrate", name, vlab.right.tcp_uri(),
+            "--control-cmd", dst_cmd, "--peer-host", vlab.lab.public_address("right"),
+            "--report", str(tmp_path / "src.json"), "--copy-storage-all", "-q",
+            *(["--stun", "{}:{}".format(*vlab.lab.stun_endpoint())]
+              if vlab.lab.stun_endpoint() else []),
+        ]  # fmt: skip
+        src = subprocess.run(
+            vlab.left.argv(argv), env=cli_env(), capture_output=True, timeout=180,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert src.returncode == 0, src.stderr.decode(errors="replace")
+        assert vlab.state(vlab.right, name) == "running"
+        assert sha256(vlab.right.path(vlab.disk(name))) == digest
+        rep, drep = read_json(tmp_path / "src.json"), read_json(tmp_path / "dst.json")
+        assert rep["ok"] and drep["ok"] and rep["proxy"]["path"] == "direct"
+        _no_proxy_left(vlab)
+    finally:
+        vlab.destroy(name)
+
+
+_API_SCRIPT = """
+import json, socket, sys, libvirt
+from pathlib import Path
+from holepunch_mig import load_auth
+from holepunch_mig.migration.libvirt import migrate_domain_blocking
+host, port, dest_uri, name, stun, out, key, peers = sys.argv[1:9]
+auth = load_auth(identity=Path(key), peers_file=Path(peers))
+src = libvirt.open("qemu:///system")
+samples = []
+control = socket.create_connection((host, int(port)), timeout=10)
+control.settimeout(None)
+report = migrate_domain_blocking(
+    src.lookupByName(name), dest_uri, control, auth=auth, parallel=2, copy_storage="all",
+    progress=samples.append, link_timeout=3,
+    stun=((stun.split(":")[0], int(stun.split(":")[1])),) if stun else (),
+)
+json.dump({"report": report.to_dict(), "samples": len(samples),
+           "rates": [s.rate for s in samples]}, open(out, "w"))
+"""
+
+
+def test_library_api_peer_to_peer(vlab: LibvirtLab, tmp_path: Path) -> None:
+    """A manager holding its own libvirt connection: migrate_domain_blocking with the
+    destination's URI (libvirt peer to peer), two multifd connections and the disk."""
+    name = "api"
+    vlab.make_domain(name, disk_mib=16)
+    keys = pinned_pair(vlab.work)
+    dst = vlab.destination_proxy(tmp_path)
+    try:
+        host, port = vlab.lab.control_endpoint("right", CONTROL_PORT)
+        vlab.lab.wait_listening("right", CONTROL_PORT, timeout=30, proc=dst)
+        stun = vlab.lab.stun_endpoint()
+        out = tmp_path / "api.json"
+        proc = vlab.left.run(
+            [sys.executable, "-c", _API_SCRIPT, host, str(port), vlab.right.tcp_uri(), name,
+             f"{stun[0]}:{stun[1]}" if stun else "", str(out), keys.source[1], keys.source[3]],
+            timeout=180,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert dst.wait(timeout=30) == 0, (tmp_path / "dst.log").read_text()
+        data = read_json(out)
+        rep = data["report"]
+        assert rep["ok"] and rep["libvirt_ok"], rep["verdict"]
+        assert "PEER2PEER" in rep["flags"] and "PARALLEL" in rep["flags"]
+        assert rep["disks_uri"].startswith("unix:///run/holepunch-mig-libvirt/m-")
+        assert rep["migrate_uri"] == rep["disks_uri"].replace("nbd.sock", "migration.sock")
+        channels = [s["channel"] for s in rep["proxy"]["streams"]]
+        assert sorted(channels) == ["migration"] * 3 + ["nbd"]
+        assert rep["destination_ok"] is True
+        assert rep["destination_received"] == rep["proxy"]["bytes_sent"] > 0
+        assert rep["seconds"] > 0 and rep["job"], rep
+        assert vlab.state(vlab.right, name) == "running"
+        assert vlab.state(vlab.left, name) is None
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
         vlab.destroy(name)

@@ -289,7 +289,16 @@ class LibvirtProxy(MigrationProxy):
                 raise ProtocolError("migrate-ready is not for libvirt mode (no socket_dir)")
             if msg.digest:
                 raise ProtocolError("migrate-ready does not echo the offered digest mode")
-            self._dir = self._make_source_dir(Path(msg.socket_dir))
+            try:
+                self._dir = self._make_source_dir(Path(msg.socket_dir))
+            except (ProtocolError, ProxyError, OSError) as exc:
+                with contextlib.suppress(HolepunchError, OSError):  # tell the peer why
+                    await control.send(
+                        messages.MigrateResult(
+                            ok=False, streams=0, sent=0, received=0, error=str(exc)[:4000]
+                        )
+                    )
+                raise
             mux = Mux(
                 self.link.sock, self.link.writer, self.link.reader, digest=False, name="src-mux"
             )
