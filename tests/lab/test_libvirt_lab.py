@@ -225,7 +225,7 @@ def test_library_api_peer_to_peer(vlab: LibvirtLab, tmp_path: Path) -> None:
         assert sorted(channels) == ["migration"] * 3 + ["nbd"]
         assert rep["destination_ok"] is True
         assert rep["destination_received"] == rep["proxy"]["bytes_sent"] > 0
-        assert rep["seconds"] > 0 and rep["job"], rep
+        assert rep["seconds"] > 0
         assert vlab.state(vlab.right, name) == "running"
         assert vlab.state(vlab.left, name) is None
     finally:

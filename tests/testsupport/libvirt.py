@@ -22,7 +22,13 @@ from typing import Any
 import pytest
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, presets
-from holepunch_mig.lab.libvirt_hosts import IMAGE_DIR, LIBVIRT_TCP_PORT, LibvirtHost, libvirt_hosts
+from holepunch_mig.lab.libvirt_hosts import (
+    IMAGE_DIR,
+    LIBVIRT_TCP_PORT,
+    LibvirtHost,
+    domain_xml,
+    libvirt_hosts,
+)
 from holepunch_mig.net.keyfiles import pinned_pair
 from testsupport.lab import cli_env, require_netns
 from testsupport.qemu import require_qemu
@@ -53,29 +59,6 @@ def libvirt_spec(preset: str) -> LabSpec:
     spec = presets()[preset]
     right = dataclasses.replace(spec.right, allow_inbound_tcp=(CONTROL_PORT, LIBVIRT_TCP_PORT))
     return dataclasses.replace(spec, right=right, name=f"{preset}-libvirt")
-
-
-DOMAIN_XML = """\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>{mem}</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
 
 
 def sha256(path: Path) -> str:
@@ -111,7 +94,7 @@ class LibvirtLab:
             fh.truncate(disk_mib << 20)
         conn = libvirt.open(self.left.local_uri)
         try:
-            conn.createXML(DOMAIN_XML.format(name=name, mem=MEM_MIB, disk=disk), 0)
+            conn.createXML(domain_xml(name, MEM_MIB, disk), 0)
         finally:
             conn.close()
         return sha256(src)

@@ -124,6 +124,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--undefinesource", action="store_true", help="undefine the domain on this host after"
     )
     p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="libvirt's --unsafe: migrate even where libvirt thinks it unsafe (a disk it "
+        "cannot see is shared, not copied)",
+    )
+    p.add_argument(
         "--socket-dir",
         type=Path,
         default=DEFAULT_SOCKET_PARENT,
@@ -227,6 +233,7 @@ async def _main(args: argparse.Namespace) -> int:
                     bandwidth=args.bandwidth,
                     persistent=args.persistent,
                     undefine_source=args.undefinesource,
+                    unsafe=args.unsafe,
                     progress=progress,
                     socket_parent=args.socket_dir,
                     socket_group=args.socket_group,

@@ -80,6 +80,45 @@ security_driver = "none"
 remember_owner = 0
 stdio_handler = "file"
 """
+#: Where file-backed guest RAM lives (``<memoryBacking><source type='file'/>``; libvirt's
+#: default ``memory_backing_dir``): QEMU maps ``RAM_DIR/<id>-<name>/pc.ram``, so a file
+#: put there before the domain starts becomes its RAM (random RAM for benchmarks: zero
+#: pages would migrate as nothing).
+RAM_DIR = Path("/var/lib/libvirt/qemu/ram")
+
+DOMAIN_XML = """\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mem}</memory>
+  {backing}<vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def domain_xml(name: str, mem_mib: int, disk: Path, *, file_ram: bool = False) -> str:
+    """A small TCG domain (no OS: it sits in the firmware) with one raw virtio disk;
+    ``file_ram``: RAM backed by a private file mapping under :data:`RAM_DIR`."""
+    backing = (
+        "<memoryBacking><source type='file'/><access mode='private'/></memoryBacking>\n  "
+        if file_ram
+        else ""
+    )
+    return DOMAIN_XML.format(name=name, mem=mem_mib, disk=disk, backing=backing)
+
 
 VIRTLOGD_CONF = """\
 log_outputs = "3:file:/var/log/libvirt/virtlogd.log"

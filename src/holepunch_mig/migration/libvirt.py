@@ -475,6 +475,7 @@ def migration_flags(
     persistent: bool,
     undefine_source: bool,
     peer2peer: bool,
+    unsafe: bool = False,
 ) -> tuple[int, list[str]]:
     """libvirt's migrate flags for these choices, and their names (for the report)."""
     chosen = ["LIVE"]
@@ -492,6 +493,8 @@ def migration_flags(
         chosen.append("UNDEFINE_SOURCE")
     if peer2peer:
         chosen.append("PEER2PEER")
+    if unsafe:
+        chosen.append("UNSAFE")
     flags = 0
     for name in chosen:
         flags |= getattr(libvirt, f"VIR_MIGRATE_{name}")
@@ -576,6 +579,7 @@ async def migrate_domain(
     postcopy: bool = False,
     persistent: bool = False,
     undefine_source: bool = False,
+    unsafe: bool = False,
     progress: LibvirtProgressCallback | None = None,
     socket_parent: str | Path = DEFAULT_SOCKET_PARENT,
     socket_group: str | None = None,
@@ -592,7 +596,9 @@ async def migrate_domain(
     ``virDomainMigrateToURI3``: the source libvirtd connects there itself).
     ``parallel``: multifd connections (each a stream of the link); ``copy_storage``:
     "all" or "inc" to copy non-shared disks over NBD (the destination's images must
-    exist with the right size); ``bandwidth``: MiB/s cap (libvirt's).  ``progress``
+    exist with the right size); ``bandwidth``: MiB/s cap (libvirt's); ``unsafe``:
+    libvirt's ``VIR_MIGRATE_UNSAFE`` (e.g. memory only with a disk libvirt cannot see
+    is shared).  ``progress``
     gets libvirt's job info about twice a second.
 
     Returns the report; never raises for a failed migration (``report.ok`` is False and
@@ -610,6 +616,7 @@ async def migrate_domain(
         persistent=persistent,
         undefine_source=undefine_source,
         peer2peer=p2p,
+        unsafe=unsafe,
     )
     last: dict[str, Any] = {}
     proxy: LibvirtProxy | None = None
