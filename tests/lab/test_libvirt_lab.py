@@ -8,6 +8,8 @@ Under CI=true these must run (libvirtd, QEMU and the binding are in the test set
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import signal
 import subprocess
@@ -17,11 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testsupport.lab import cli_env
-from testsupport.libvirt import DISK_MIB, LibvirtLab, libvirt_lab, read_json, sha256
+from testsupport.lab import cli_env, run_cli
+from testsupport.libvirt import (
+    DISK_MIB,
+    LibvirtLab,
+    libvirt_lab,
+    read_json,
+    require_libvirt,
+    sha256,
+)
 
 from holepunch_mig.lab import CONTROL_PORT
-from holepunch_mig.lab.libvirt_hosts import LIBVIRT_TCP_PORT
+from holepunch_mig.lab.libvirt_hosts import LIBVIRT_TCP_PORT, running
 from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.libvirt]
@@ -233,3 +242,49 @@ def test_library_api_peer_to_peer(vlab: LibvirtLab, tmp_path: Path) -> None:
             dst.kill()
             dst.wait()
         vlab.destroy(name)
+
+
+def test_bench_rows_compare_libvirt_transports() -> None:
+    """The bench's libvirt row group runs its rows on one domain size, checks the
+    destination's RAM each time and gives ratios to the first row."""
+    from holepunch_mig.bench.libvirt_cells import render_libvirt_table, run_libvirt_cells
+
+    require_libvirt()
+    lines: list[str] = []
+    cells = run_libvirt_cells(mem=64, runs=1, rows=("direct", "holepunch_mig"), log=lines.append)
+    assert [c.row for c in cells] == ["direct", "holepunch_mig"]
+    assert cells[0].ratio == 1.0
+    hp = cells[1]
+    assert hp.ratio is not None and hp.ratio == hp.median_wall / cells[0].median_wall
+    assert all(len(c.walls) == 1 and c.median_wall > 0 for c in cells)
+    assert hp.time_to_link and hp.time_to_link[0] > 0
+    assert len(lines) == 2 and "| holepunch_mig | 0 | 64 MiB |" in render_libvirt_table(cells)
+
+
+def test_lab_up_with_libvirt_exec_enters_both_namespaces() -> None:
+    """``lab up --libvirt``: each host's daemon answers inside it, the right one also
+    from the left over TCP, the hosts' /run/libvirt are different, and ``lab down``
+    stops the daemons and their mount namespaces."""
+    require_libvirt()
+    name = f"lv-{os.getpid()}"
+    up = run_cli("lab", "up", "--preset", "fw-fw", "--name", name, "--libvirt", "--json",
+                 timeout=120)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    try:
+        info = json.loads(up.stdout)
+        assert info["libvirt"]["right"] == f"qemu+tcp://198.51.100.20:{LIBVIRT_TCP_PORT}/system"
+
+        def inside(host: str, *argv: str) -> str:
+            res = run_cli("lab", "exec", "--lab", name, host, "--", *argv, timeout=30)
+            assert res.returncode == 0, res.stderr
+            return res.stdout
+
+        assert inside("left", "virsh", "-c", "qemu:///system", "uri").strip() == "qemu:///system"
+        assert inside("left", "virsh", "-c", info["libvirt"]["right"], "uri").strip()
+        pids = {h: inside(h, "cat", "/run/libvirt/libvirtd.pid").strip() for h in ("left", "right")}
+        assert pids["left"] != pids["right"] and all(p.isdigit() for p in pids.values())
+    finally:
+        down = run_cli("lab", "down", name, timeout=60)
+    assert down.returncode == 0, down.stderr
+    for pid in pids.values():
+        assert not running(int(pid)), f"libvirtd {pid} survived lab down"

@@ -28,6 +28,7 @@ releases the mounts.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from holepunch_mig.errors import LabError
 from holepunch_mig.lab.netns import pid_alive, proc_start_time, select_line
-from holepunch_mig.lab.topology import Lab
+from holepunch_mig.lab.topology import STATE_DIR, Lab
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +137,30 @@ class LibvirtHost:
         self.address = lab.address(host)
         self.public_address = lab.public_address(host)
         self._holder: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
         self._holder_start: int | None = None
+
+    @classmethod
+    def attach(cls, lab: Lab, host: str, pid: int, start_time: int | None) -> LibvirtHost:
+        """The libvirt host of a detached lab (``lab up --libvirt``), from its holder's
+        pid; LabError when that process is gone."""
+        if not pid_alive(pid, start_time):
+            raise LabError(f"libvirt host {host!r}: its holder process {pid} is gone")
+        self = cls(lab, host)
+        self._pid, self._holder_start = pid, start_time
+        return self
+
+    def state(self) -> dict[str, int | None]:
+        """What :meth:`attach` needs (kept in the detached lab's state)."""
+        return {"pid": self.holder_pid, "start_time": self._holder_start}
 
     # -- where things are ------------------------------------------------------------
 
     @property
     def holder_pid(self) -> int:
-        if self._holder is None:
+        if self._pid is None:
             raise LabError(f"libvirt host {self.host!r} is not started")
-        return self._holder.pid
+        return self._pid
 
     @property
     def root(self) -> Path:
@@ -213,6 +229,7 @@ class LibvirtHost:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        self._pid = self._holder.pid
         self._holder_start = proc_start_time(self._holder.pid)
         assert self._holder.stdout is not None
         line = select_line(self._holder.stdout, timeout=10.0)
@@ -275,9 +292,9 @@ class LibvirtHost:
     def stop(self) -> None:
         """Destroy what QEMU the daemon still runs, stop libvirtd then virtlogd (by pid
         file), then the holder.  Idempotent."""
-        if self._holder is None:
+        if self._pid is None:
             return
-        if self._holder.poll() is None:
+        if pid_alive(self._pid, self._holder_start):
             with contextlib.suppress(subprocess.SubprocessError, OSError):
                 names = self.run(["virsh", "-c", "qemu:///system", "list", "--name"], timeout=15)
                 for name in names.stdout.split():
@@ -286,14 +303,30 @@ class LibvirtHost:
                 pid = self._daemon_pid(daemon)
                 if pid is not None:
                     _terminate(pid)
-        with contextlib.suppress(ProcessLookupError):
-            self._holder.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._holder.wait(timeout=5)
-        for pipe in (self._holder.stdout, self._holder.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self._holder is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._holder.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._holder.wait(timeout=5)
+            for pipe in (self._holder.stdout, self._holder.stderr):
+                if pipe is not None:
+                    pipe.close()
+        elif pid_alive(self._pid, self._holder_start):
+            _terminate(self._pid)
         self._holder = None
+        self._pid = None
+
+
+def running(pid: int, start_time: int | None = None) -> bool:
+    """The process exists and has not exited (a daemon's zombie, which waits for init to
+    reap it, counts as ended)."""
+    if not pid_alive(pid, start_time):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _terminate(pid: int, timeout: float = 10.0) -> None:
@@ -301,9 +334,9 @@ def _terminate(pid: int, timeout: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and pid_alive(pid, start):
+    while time.monotonic() < deadline and running(pid, start):
         time.sleep(0.05)
-    if pid_alive(pid, start):
+    if running(pid, start):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -326,3 +359,45 @@ def libvirt_hosts(
                 host.stop()
             except Exception:
                 log.exception("stopping libvirt on %s", host.host)
+
+
+def _state_path(lab: Lab) -> Path:
+    return STATE_DIR / f"{lab.run_id}.libvirt.json"
+
+
+def start_detached(lab: Lab, hosts: Sequence[str] = ("left", "right")) -> dict[str, LibvirtHost]:
+    """``lab up --libvirt``: start libvirt on ``hosts`` of a detached lab and record the
+    holders beside the lab's state, for ``lab exec`` and ``lab down``."""
+    started: dict[str, LibvirtHost] = {}
+    try:
+        for name in hosts:
+            started[name] = LibvirtHost(lab, name)
+            started[name].start()
+    except BaseException:
+        for host in started.values():
+            host.stop()
+        raise
+    for host in started.values():
+        host._holder = None  # the holder outlives this process; stop() goes by pid
+    _state_path(lab).write_text(json.dumps({n: h.state() for n, h in started.items()}))
+    return started
+
+
+def attached_hosts(lab: Lab) -> dict[str, LibvirtHost]:
+    """The libvirt hosts a detached lab was brought up with ({} without --libvirt)."""
+    try:
+        data = json.loads(_state_path(lab).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        name: LibvirtHost.attach(lab, name, int(st["pid"]), st.get("start_time"))
+        for name, st in data.items()
+    }
+
+
+def stop_detached(lab: Lab) -> None:
+    """``lab down``: stop the daemons and holders of a detached libvirt lab."""
+    with contextlib.suppress(LabError):
+        for host in attached_hosts(lab).values():
+            host.stop()
+    _state_path(lab).unlink(missing_ok=True)
