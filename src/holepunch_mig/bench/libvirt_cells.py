@@ -6,12 +6,11 @@ first row:
   destination's firewall opens (``tcp://RIGHT:49160``), unencrypted;
 * ``tunnelled`` — ``VIR_MIGRATE_PEER2PEER | VIR_MIGRATE_TUNNELLED``: the migration
   inside the libvirt RPC connection (TCP 16509 here, unencrypted in the lab);
+* ``tls`` — the native transport with ``VIR_MIGRATE_TLS``: QEMU's own TLS, with a CA
+  and a host certificate made at run time (:mod:`~holepunch_mig.bench.tls_certs`);
 * ``holepunch_mig`` — ``holepunch-mig migrate`` with ``migrate-proxy destination
   --libvirt``: UNIX sockets on both hosts joined by the punched, authenticated
   AES-GCM link; the destination opens no migration port.
-
-libvirt's native TLS (``--tls``) is not among them yet: it needs an x509 CA and host
-certificates on both hosts for libvirtd and QEMU.
 
 Every row migrates memory only (``VIR_MIGRATE_UNSAFE``: the firmware-only guest never
 touches its disk) of a guest whose RAM is random (a file mapped privately, see
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from holepunch_mig.bench.tls_certs import make_tls_dir
 from holepunch_mig.errors import BenchError
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, presets
 from holepunch_mig.lab.libvirt_hosts import (
@@ -50,7 +50,9 @@ from holepunch_mig.lab.libvirt_hosts import (
 )
 from holepunch_mig.net.keyfiles import pinned_pair
 
-ROWS = ("direct", "tunnelled", "holepunch_mig")
+ROWS = ("direct", "tunnelled", "tls", "holepunch_mig")
+#: QEMU's x509 directory for the native TLS row (inside the private /etc/libvirt).
+TLS_DIR = "/etc/libvirt/qemu-tls"
 #: The native transport's port (not the first of libvirt's range: NBD takes that one).
 MIGRATION_PORT = 49160
 _CHECK_OFFSET, _CHECK_SIZE = 16 << 20, 1 << 20
@@ -158,8 +160,10 @@ class _Bench:
             flags |= lv.VIR_MIGRATE_PARALLEL
             params[lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
         start = time.perf_counter()
-        if row == "direct":
+        if row in ("direct", "tls"):
             params[lv.VIR_MIGRATE_PARAM_URI] = f"tcp://{self.right.address}:{MIGRATION_PORT}"
+            if row == "tls":
+                flags |= lv.VIR_MIGRATE_TLS
             dom.migrate3(self.dst, params, flags)
         else:
             flags |= lv.VIR_MIGRATE_PEER2PEER | lv.VIR_MIGRATE_TUNNELLED
@@ -219,9 +223,16 @@ def run_libvirt_cells(
     with (
         tempfile.TemporaryDirectory(prefix="hpm-libvirt-bench-") as tmp,
         Lab(bench_spec()) as lab,
-        libvirt_hosts(lab) as hosts,
+        libvirt_hosts(lab, prepare=_tls_prepare(lab) if "tls" in rows else None) as hosts,
     ):
         bench = _Bench(lab, hosts, Path(tmp), mem)
+        # one unmeasured migration first: the daemons' first domain start is slower
+        dom, check = bench.start_domain("warmup")
+        try:
+            bench.run_libvirt(dom, "direct", 0)
+            bench.verify("warmup", check)
+        finally:
+            bench.cleanup("warmup")
         for par in parallel:
             group = [LibvirtCell(r, par, mem) for r in rows if not (r == "tunnelled" and par)]
             for i in range(runs):
@@ -247,6 +258,24 @@ def run_libvirt_cells(
                 cell.ratio = cell.median_wall / group[0].median_wall
             cells += group
     return cells
+
+
+def _tls_prepare(lab: Lab) -> Callable[[LibvirtHost], str]:
+    """Certificates for both hosts (one CA, made now) and the qemu.conf line for them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tls_dir(Path(tmp), [lab.address("left"), lab.address("right")])
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+
+    def prepare(host: LibvirtHost) -> str:
+        d = host.path(TLS_DIR)
+        d.mkdir(parents=True)
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+            if name.endswith("-key.pem"):
+                os.chmod(d / name, 0o600)
+        return f'migrate_tls_x509_cert_dir = "{TLS_DIR}"\n'
+
+    return prepare
 
 
 def render_libvirt_table(cells: Sequence[LibvirtCell]) -> str:

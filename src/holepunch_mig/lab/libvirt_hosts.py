@@ -34,7 +34,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -204,9 +204,11 @@ class LibvirtHost:
 
     # -- life cycle ------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, prepare: Callable[[LibvirtHost], str] | None = None) -> None:
         """Hold the mount namespace, write the configuration, start virtlogd and
-        libvirtd and wait until libvirtd answers on its UNIX socket."""
+        libvirtd and wait until libvirtd answers on its UNIX socket.  ``prepare(host)``
+        runs before the daemons start (files are reachable with :meth:`path`) and
+        returns extra qemu.conf lines."""
         mounts = " && ".join(
             f"mkdir -p {d} && mount -t tmpfs -o mode=0755 tmpfs {d}" for d in PRIVATE_DIRS
         )
@@ -244,7 +246,8 @@ class LibvirtHost:
         # `sh` exec'ed sleep: the holder's pid is the namespace's process.
         etc = self.path("/etc/libvirt")
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(port=LIBVIRT_TCP_PORT))
-        (etc / "qemu.conf").write_text(QEMU_CONF)
+        conf_extra = prepare(self) if prepare is not None else ""
+        (etc / "qemu.conf").write_text(QEMU_CONF + conf_extra)
         (etc / "virtlogd.conf").write_text(VIRTLOGD_CONF)
         (etc / "qemu").mkdir(exist_ok=True)
         for daemon, extra in (("virtlogd", []), ("libvirtd", ["--listen"])):
@@ -343,15 +346,18 @@ def _terminate(pid: int, timeout: float = 10.0) -> None:
 
 @contextmanager
 def libvirt_hosts(
-    lab: Lab, hosts: Sequence[str] = ("left", "right")
+    lab: Lab,
+    hosts: Sequence[str] = ("left", "right"),
+    prepare: Callable[[LibvirtHost], str] | None = None,
 ) -> Iterator[dict[str, LibvirtHost]]:
-    """Start libvirt on each of ``hosts`` of a built lab; stop them all on exit."""
+    """Start libvirt on each of ``hosts`` of a built lab (``prepare``: see
+    :meth:`LibvirtHost.start`); stop them all on exit."""
     started: dict[str, LibvirtHost] = {}
     try:
         for name in hosts:
             host = LibvirtHost(lab, name)
             started[name] = host
-            host.start()
+            host.start(prepare)
         yield started
     finally:
         for host in started.values():
