@@ -245,20 +245,22 @@ def test_library_api_peer_to_peer(vlab: LibvirtLab, tmp_path: Path) -> None:
 
 
 def test_bench_rows_compare_libvirt_transports() -> None:
-    """The bench's libvirt row group runs its rows on one domain size, checks the
-    destination's RAM each time and gives ratios to the first row."""
+    """The bench's libvirt row group runs its rows (native TLS with certificates made
+    now included) on one domain size, checks the destination's RAM each time and gives
+    ratios to the first row."""
     from holepunch_mig.bench.libvirt_cells import render_libvirt_table, run_libvirt_cells
 
     require_libvirt()
     lines: list[str] = []
-    cells = run_libvirt_cells(mem=64, runs=1, rows=("direct", "holepunch_mig"), log=lines.append)
-    assert [c.row for c in cells] == ["direct", "holepunch_mig"]
+    rows = ("direct", "tls", "holepunch_mig")
+    cells = run_libvirt_cells(mem=64, runs=1, rows=rows, log=lines.append)
+    assert [c.row for c in cells] == list(rows)
     assert cells[0].ratio == 1.0
-    hp = cells[1]
+    hp = cells[2]
     assert hp.ratio is not None and hp.ratio == hp.median_wall / cells[0].median_wall
     assert all(len(c.walls) == 1 and c.median_wall > 0 for c in cells)
     assert hp.time_to_link and hp.time_to_link[0] > 0
-    assert len(lines) == 2 and "| holepunch_mig | 0 | 64 MiB |" in render_libvirt_table(cells)
+    assert len(lines) == 3 and "| holepunch_mig | 0 | 64 MiB |" in render_libvirt_table(cells)
 
 
 def test_lab_up_with_libvirt_exec_enters_both_namespaces() -> None:
