@@ -407,6 +407,22 @@ def encode(event: Event) -> bytes:
     return out
 
 
+class _DuplicateMember(Exception):
+    """A JSON object named one member twice (raised out of the JSON parser)."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with unique member names only: the prologue hashes the raw bytes, so
+    two readers that kept different copies of a member would agree on a hash and not on
+    the message."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _DuplicateMember(name)
+        out[name] = value
+    return out
+
+
 def decode(data: bytes) -> Event:
     """Decode one message; any deviation raises :class:`ProtocolError` naming it."""
     if not data:
@@ -419,7 +435,9 @@ def decode(data: bytes) -> Event:
     if kind != KIND_CONTROL:
         raise ProtocolError(f"unknown message kind 0x{kind:02x}")
     try:
-        obj = json.loads(bytes(data[1:]).decode("utf-8"))
+        obj = json.loads(bytes(data[1:]).decode("utf-8"), object_pairs_hook=_unique_members)
+    except _DuplicateMember as exc:
+        raise ProtocolError(f"control message has a duplicate member {str(exc)[:64]!r}") from None
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"control message is not UTF-8: {exc.reason}") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, nesting
