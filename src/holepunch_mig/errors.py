@@ -25,6 +25,11 @@ class ProtocolError(HolepunchError):
     """A control message or frame broke the wire format (see docs/protocol.md)."""
 
 
+class FlowControlError(ProtocolError):
+    """The peer sent more than the window it was granted: it ignores flow control (the
+    tunnel's credit, the multiplexer's per-stream window)."""
+
+
 class ChannelClosed(HolepunchError):
     """The control channel ended (peer vanished or closed it) while a message was expected."""
 
@@ -68,6 +73,19 @@ class TransferError(HolepunchError):
 
 class PeerAbort(TransferError):
     """The peer reported a failure and stopped the session."""
+
+
+class MuxError(HolepunchError):
+    """The multiplexed migration link failed; every local connection was shut down."""
+
+
+class MuxPeerAbort(MuxError, PeerAbort):
+    """The peer of the multiplexed link sent ABORT."""
+
+
+class MuxWindowExceeded(MuxError, FlowControlError):
+    """The peer of the multiplexed link sent DATA beyond a stream's window (it ignored
+    the ACKs), which would otherwise grow this side's memory with whatever it sends."""
 
 
 class ResumeFailed(TransferError):
