@@ -19,6 +19,7 @@ from holepunch_mig.errors import CandidateError
 from holepunch_mig.net.control import StreamChannel
 from holepunch_mig.roles import POLICIES
 from holepunch_mig.wire.candidates import parse_endpoint
+from holepunch_mig.wire.text import printable
 
 __all__ = [
     "EXIT_FAILED",
@@ -70,7 +71,7 @@ class Progress:
         if self.tty:
             sys.stderr.write("\r" + text.ljust(78))
         else:
-            sys.stderr.write(text + "\n")
+            sys.stderr.write(printable(text, keep_newlines=True) + "\n")
         sys.stderr.flush()
 
     def finish(self) -> None:
@@ -159,7 +160,7 @@ def connect_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def say(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text, keep_newlines=True) + "\n")
     sys.stderr.flush()
 
 

@@ -38,7 +38,7 @@ from holepunch_mig.net.control import (
     open_tcp_channel,
 )
 from holepunch_mig.net.control import stdio_channel as open_stdio_channel
-from holepunch_mig.report import Report
+from holepunch_mig.report import Report, write_file_atomically
 from holepunch_mig.roles import Role
 from holepunch_mig.session import api
 from holepunch_mig.session.link import Link
@@ -137,7 +137,7 @@ def _write_report(path: str | None, report: Report | None, **extra: object) -> N
     if path is None or report is None:
         return
     report.extra.update(extra)
-    Path(path).write_text(report.to_json() + "\n")
+    write_file_atomically(path, report.to_json() + "\n")
 
 
 @contextlib.contextmanager

@@ -59,6 +59,7 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.wire.credit import StreamWindow
 from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, RecordType
+from holepunch_mig.wire.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +515,7 @@ class Mux:
                 elif t == OPEN:
                     self._on_open(rec.stream)
                 elif t == ABORT:
-                    reason = bytes(rec.payload).decode("utf-8", "replace")
+                    reason = printable(bytes(rec.payload).decode("utf-8", "replace"))
                     self._fail(
                         MuxPeerAbort(f"{self.name}: peer aborted: {reason}"), notify_peer=False
                     )

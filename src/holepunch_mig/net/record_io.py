@@ -33,6 +33,7 @@ from holepunch_mig.wire.records import (
     record_type_name,
     verify_end,
 )
+from holepunch_mig.wire.text import printable
 
 __all__ = ["RecordReader", "RecordWriter"]
 
@@ -574,7 +575,7 @@ class RecordReader(RecordOpener):
                     )
                     return total, mine
                 elif t == RecordType.ABORT:
-                    reason = bytes(rec.payload).decode("utf-8")
+                    reason = printable(bytes(rec.payload).decode("utf-8"))
                     raise PeerAborted(
                         f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason
                     )

@@ -49,6 +49,7 @@ from holepunch_mig.session.resume import (
 from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.records import StreamPosition
+from holepunch_mig.wire.text import printable
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -328,7 +329,7 @@ class Link:
         seconds = time.monotonic() - started
         self._fill(count, local_digest, seconds)
         if not msg.ok:
-            raise PeerAbort(f"destination rejected the transfer: {msg.error}")
+            raise PeerAbort(f"destination rejected the transfer: {printable(msg.error or '')}")
         if msg.bytes != count:
             raise TransferError(f"destination got {msg.bytes} bytes, {count} were sent")
         if local_digest and msg.sha256 and msg.sha256 != local_digest:
@@ -370,11 +371,11 @@ class Link:
                         source.ack(msg.bytes)
                     elif isinstance(msg, messages.LinkLost):
                         if msg.epoch == epoch:
-                            stop(f"peer: {msg.reason}", "peer")
+                            stop(f"peer: {printable(msg.reason)}", "peer")
                     else:
                         state.result = msg
                         if not msg.ok:
-                            stop(f"destination failed: {msg.error}", "peer")
+                            stop(f"destination failed: {printable(msg.error or '')}", "peer")
                         settled.set()
                         return
             except HolepunchError as exc:
@@ -539,7 +540,7 @@ class Link:
                 state.fatal = exc
             else:
                 state.offer = (msg, raw)
-                machine.halt(f"peer: {msg.reason}", "peer")
+                machine.halt(f"peer: {printable(msg.reason)}", "peer")
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 

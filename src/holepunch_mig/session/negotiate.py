@@ -36,6 +36,7 @@ from holepunch_mig.session.policy import decide
 from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.text import printable
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -267,7 +268,7 @@ async def repunch(
                 )
                 if isinstance(msg, messages.Result):
                     if not msg.ok:
-                        raise PeerAbort(f"destination gave up: {msg.error}")
+                        raise PeerAbort(f"destination gave up: {printable(msg.error or '')}")
                     raise ProtocolError("destination sent result ok while a resume was pending")
                 if isinstance(msg, messages.ResumeAnswer):
                     break
@@ -338,7 +339,7 @@ async def _switch_to_tunnel(
             )
             if msg.path != "tunnel":
                 raise ProtocolError(f"source announced path {msg.path!r}, expected 'tunnel'")
-            reason = msg.reason
+            reason = printable(msg.reason)
         tunnel = Tunnel(
             control.channel,
             window=options.tunnel_window,

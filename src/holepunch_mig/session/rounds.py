@@ -21,6 +21,7 @@ from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.prepare import PeerKeys, Prepared
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.text import printable
 
 
 async def _measure_rtt(control: ControlReader, count: int) -> float:
@@ -154,7 +155,7 @@ class DirectAttempt:
                     )
                 return chosen
             if not msg.retry:
-                raise NoDirectPath(f"no direct link: {msg.reason}")
+                raise NoDirectPath(f"no direct link: {printable(msg.reason)}")
             sync, _ = await self.control.receive(messages.Sync, step="waiting for the next round")
 
 
