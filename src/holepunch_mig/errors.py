@@ -71,6 +71,12 @@ class TransferError(HolepunchError):
     """A transfer ended without verification: byte count or digest mismatch, or peer abort."""
 
 
+class CommitFailed(TransferError):
+    """The destination verified the stream but could not commit its output (flush,
+    fsync, rename, directory fsync, or the caller's commit step failed); it told the
+    source ``ok: false`` with this reason."""
+
+
 class PeerAbort(TransferError):
     """The peer reported a failure and stopped the session."""
 

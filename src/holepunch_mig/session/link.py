@@ -19,6 +19,7 @@ from typing import BinaryIO, TypeVar, cast
 import trio
 
 from holepunch_mig.errors import (
+    CommitFailed,
     ControlTimeout,
     HolepunchError,
     NoDirectPath,
@@ -64,11 +65,21 @@ SOCKET_BUFFER = 4 << 20
 
 @dataclass(frozen=True)
 class TransferResult:
-    """What was moved and how it was verified."""
+    """What was moved and how it was verified.  ``verified`` is True only when both
+    sides' SHA-256 of the stream were compared and equal (a side that did not hash, a
+    zero END digest or a ``result`` without ``sha256`` leave it False: only the byte
+    count was checked)."""
 
     bytes: int
     sha256: str | None
     seconds: float
+    verified: bool = False
+
+
+Commit = Callable[[TransferResult], None]
+"""The destination's last step before it tells the source ``ok``: make the output
+durable and put it in place (called in a worker thread with the verified result; an
+exception turns the verdict into ``ok: false`` with its text)."""
 
 
 def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
@@ -163,11 +174,13 @@ class Link:
 
         When :attr:`resumable`, a lost link is re-punched (fresh keys) and the stream goes
         on from the last byte the destination kept; ``link.report.interruptions`` lists
-        each loss.  ``progress`` then counts stream bytes (it may step back on a resume)."""
+        each loss.  ``progress`` then counts stream bytes (it may step back on a resume),
+        and the stream is always hashed (``digest`` is taken as True): with resume the
+        whole-stream SHA-256 is mandatory."""
         self._arm_idle_timeout()
         if self.resumable:
             with single_exception():
-                return await self._send_resumable(src, digest, progress)
+                return await self._send_resumable(src, True, progress)
         started = time.monotonic()
         try:
             count, hashed = await self._in_thread(
@@ -183,17 +196,29 @@ class Link:
         return self._check_result(count, hashed, msg, started)
 
     async def receive_file(
-        self, dst: BinaryIO, *, digest: bool = True, progress: Progress | None = None
+        self,
+        dst: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Progress | None = None,
+        commit: Commit | None = None,
     ) -> TransferResult:
-        """Receive stream 0 into ``dst``; returns only after end-of-stream verified.
+        """Receive stream 0 into ``dst``; returns only after end-of-stream verified and
+        the output committed.
+
+        The source is told ``ok`` only after ``dst`` was flushed and ``commit`` (when
+        given) returned: a caller that renames a temporary file into place does that in
+        ``commit``, so an ``ok`` never precedes a failure to keep the data.  A failure
+        there is :class:`CommitFailed` here and ``ok: false`` at the source.
 
         When :attr:`resumable`, ``dst`` is only appended to: after a lost link the
         stream goes on from the bytes already written (``dst`` is flushed every
-        ``ack_interval`` bytes, when it reports them to the source)."""
+        ``ack_interval`` bytes, when it reports them to the source), and the stream's
+        SHA-256 is mandatory (``digest`` is taken as True)."""
         self._arm_idle_timeout()
         if self.resumable:
             with single_exception():
-                return await self._receive_resumable(dst, digest, progress)
+                return await self._receive_resumable(dst, progress, commit)
         started = time.monotonic()
         try:
             count, hashed = await self._in_thread(
@@ -215,12 +240,39 @@ class Link:
             self.report.ok = False
             self.report.verdict = reason
             raise
-        seconds = time.monotonic() - started
         local_digest = hashed.hex() if hashed else None
-        self._fill(count, local_digest, seconds)
+        result = TransferResult(
+            count, local_digest, time.monotonic() - started, self.reader.end_verified
+        )
+        return await self._commit_and_tell(dst, result, commit)
+
+    async def _commit_and_tell(
+        self, dst: BinaryIO, result: TransferResult, commit: Commit | None
+    ) -> TransferResult:
+        """Flush ``dst``, run the caller's commit, and only then say ``ok``; any failure
+        there is ``ok: false`` with the reason on both sides."""
+
+        def durable() -> None:
+            Output(dst).flush()
+            if commit is not None:
+                commit(result)
+
+        try:
+            await self._in_thread(durable)
+        except Exception as exc:
+            error = exc.error if isinstance(exc, OutputFailed) else exc
+            reason = f"output not committed: {error}"
+            await self._tell_result(False, result.bytes, None, reason)
+            self._fill(result.bytes, result.sha256, result.seconds)
+            self.report.ok = False
+            self.report.verdict = reason
+            fail = CommitFailed(reason)
+            fail.report = self.report
+            raise fail from exc
+        self._fill(result.bytes, result.sha256, result.seconds)
         self.report.ok = True
-        await self._tell_result(True, count, local_digest, None)
-        return TransferResult(count, local_digest, seconds)
+        await self._tell_result(True, result.bytes, result.sha256, None)
+        return result
 
     # -- resume (docs/protocol.md section 7) ----------------------------------------------
 
@@ -324,7 +376,8 @@ class Link:
         self, count: int, hashed: bytes, msg: messages.Result, started: float
     ) -> TransferResult:
         """The source succeeds only when the destination verified the same count and
-        digest that were sent."""
+        digest that were sent: a source that hashed needs the destination's SHA-256 (a
+        ``result`` with ``sha256: null`` verified nothing)."""
         local_digest = hashed.hex() if hashed else None
         seconds = time.monotonic() - started
         self._fill(count, local_digest, seconds)
@@ -332,10 +385,15 @@ class Link:
             raise PeerAbort(f"destination rejected the transfer: {printable(msg.error or '')}")
         if msg.bytes != count:
             raise TransferError(f"destination got {msg.bytes} bytes, {count} were sent")
-        if local_digest and msg.sha256 and msg.sha256 != local_digest:
+        if local_digest and msg.sha256 is None:
+            raise TransferError(
+                "destination reported no sha256: the content was not verified "
+                "(only the byte count matched)"
+            )
+        if local_digest and msg.sha256 != local_digest:
             raise TransferError("destination's sha256 differs from what was sent")
         self.report.ok = True
-        return TransferResult(count, local_digest, seconds)
+        return TransferResult(count, local_digest, seconds, verified=bool(local_digest))
 
     async def _source_epoch(
         self,
@@ -423,11 +481,12 @@ class Link:
         return None
 
     async def _receive_resumable(
-        self, dst: BinaryIO, digest: bool, progress: Progress | None
+        self, dst: BinaryIO, progress: Progress | None, commit: Commit | None
     ) -> TransferResult:
         started = time.monotonic()
         opts = self._options
-        position = StreamPosition(0, hashlib.sha256() if digest else None)
+        digest = True  # with resume the whole-stream digest is mandatory
+        position = StreamPosition(0, hashlib.sha256())
         machine = self._resume_machine()
         while True:
             state = _Epoch()
@@ -496,12 +555,8 @@ class Link:
                 link=f"{scratch.local} <-> {scratch.remote}",
             )
         count, hashed = outcome
-        seconds = time.monotonic() - started
-        local_digest = hashed.hex() if hashed else None
-        self._fill(count, local_digest, seconds)
-        self.report.ok = True
-        await self._tell_result(True, count, local_digest, None)
-        return TransferResult(count, local_digest, seconds)
+        result = TransferResult(count, hashed.hex(), time.monotonic() - started, True)
+        return await self._commit_and_tell(dst, result, commit)
 
     async def _destination_epoch(
         self,
@@ -558,6 +613,7 @@ class Link:
                         digest=digest,
                         progress=on_progress,
                         position=position,
+                        require_digest=True,
                     )
                 )
             except OutputFailed as exc:
