@@ -354,7 +354,7 @@ async def _switch_to_tunnel(
             )
             try:
                 with trio.fail_after(options.control_timeout):
-                    _, send_key, recv_key = await auth(stream, 0)
+                    _, send_key, recv_key, _hash = await auth(stream, 0)
             except trio.TooSlowError:
                 raise HandshakeError(
                     f"Noise handshake over the tunnel did not finish within "

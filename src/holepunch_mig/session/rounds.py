@@ -57,6 +57,10 @@ class DirectAttempt:
     def options(self) -> ConnectOptions:
         return self.prepared.options
 
+    def __post_init__(self) -> None:
+        self.answered: set[int] = set()
+        """Link ids the destination answered in this negotiation (replays are refused)."""
+
     def _round(self, role: Role, round_no: int, first_link_id: int = 1) -> PunchRound:
         listeners = self.prepared.listeners
         keys = self.keys
@@ -67,7 +71,12 @@ class DirectAttempt:
             port=self.prepared.port,
             remotes=self.remotes,
             authenticate=make_authenticator(
-                role, round_no, keys.static_private, keys.remote_public, keys.prologue
+                role,
+                round_no,
+                keys.static_private,
+                keys.remote_public,
+                keys.prologue,
+                self.answered,
             ),
             timing=self.options.timing,
             log=self.log,
@@ -94,9 +103,10 @@ class DirectAttempt:
             winner = await _race(punch, self.options.timing.round_timeout)
             self.report.pairs.extend(punch.pairs)
             if winner is not None:
-                await self.control.send(
-                    messages.Nominate(round=round_no, link=winner.link_id), step=f"round {round_no}"
+                nominate = messages.Nominate(
+                    round=round_no, link=winner.link_id, handshake=winner.handshake_hash.hex()
                 )
+                await self.control.send(nominate, step=f"round {round_no}")
                 return winner
             reason = _round_reason(punch.pairs)
             self.log.info("round %d failed: %s", round_no, reason)
@@ -152,6 +162,12 @@ class DirectAttempt:
                     raise ProtocolError(
                         f"peer nominated link {msg.link} of round {msg.round}, "
                         "which this side never authenticated"
+                    )
+                if chosen.handshake_hash.hex() != msg.handshake:
+                    chosen.stream.socket.close()
+                    raise ProtocolError(
+                        f"peer nominated link {msg.link} with another handshake than the "
+                        "one this side completed for it (a replayed first message?)"
                     )
                 return chosen
             if not msg.retry:

@@ -116,6 +116,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
     "nominate": {
         "round": (_check_uint, "an unsigned integer", True),
         "link": (_check_uint, "an unsigned integer", True),
+        # the chosen link's Noise handshake hash: binds the nomination to one handshake
+        "handshake": (_check_hex32, "64 lowercase hex digits (the link's handshake hash)", True),
     },
     "round-failed": {
         "round": (_check_uint, "an unsigned integer", True),
@@ -248,6 +250,7 @@ class Nominate(Message):
     TYPE: ClassVar[str] = "nominate"
     round: int
     link: int
+    handshake: str
 
 
 @dataclass(frozen=True)
