@@ -50,6 +50,7 @@ from holepunch_mig.session.resume import (
 from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.records import StreamPosition
+from holepunch_mig.wire.resume_auth import resume_key
 from holepunch_mig.wire.text import printable
 
 logger = logging.getLogger("holepunch_mig")
@@ -117,6 +118,7 @@ class Link:
         self._closed = False
         self._options = established.options or ConnectOptions()
         self._session_id = established.session_id
+        self._mac_key = self._resume_key()
         self._resume = established.resume and self.tunnel is None
         self.epoch = 0
         """Generation of the current link: 0 for the first, +1 per resume negotiation."""
@@ -284,7 +286,16 @@ class Link:
         self.writer = RecordWriter(self.sock, link.send_key)
         self.reader = RecordReader(self.sock, link.recv_key)
         self._keys = (link.send_key, link.recv_key)
+        self._mac_key = self._resume_key()
         self.report.local, self.report.remote = link.local, link.remote
+
+    def _resume_key(self) -> bytes:
+        """The MAC key of the resume messages after the current link (secret)."""
+        if not self._session_id:  # the tunnel: never resumes
+            return b""
+        send, recv = self._keys
+        k_sd, k_ds = (send, recv) if self.report.role == "source" else (recv, send)
+        return resume_key(k_sd, k_ds, self._session_id)
 
     def _resume_machine(self) -> ResumeMachine:
         return ResumeMachine(
@@ -336,6 +347,7 @@ class Link:
                         self._session_id,
                         self.epoch,
                         self.log,
+                        mac_key=self._mac_key,
                         reason=f"link {self.epoch - 1} lost: {machine.seen}",
                     )
                 except NoDirectPath as exc:
@@ -540,6 +552,7 @@ class Link:
                         self._session_id,
                         self.epoch,
                         self.log,
+                        mac_key=self._mac_key,
                         kept=kept,
                         offer=offer,
                     )
@@ -547,6 +560,13 @@ class Link:
                     machine.no_path(f"re-punch {self.epoch} found no path: {exc}")
                     offer = None
                     continue
+                except HolepunchError as exc:  # e.g. a resume-offer that is not authentic
+                    machine.fail()
+                    exc.report = self.report
+                    self.report.ok = False
+                    self.report.verdict = f"resume failed: {exc}"
+                    await self._tell_abort(f"resume failed: {exc}")
+                    raise
                 break
             self._adopt(link)
             machine.resumed(

@@ -36,6 +36,7 @@ from holepunch_mig.session.policy import decide
 from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.resume_auth import check_resume_mac, resume_mac
 from holepunch_mig.wire.text import printable
 
 logger = logging.getLogger("holepunch_mig")
@@ -232,6 +233,7 @@ async def repunch(
     epoch: int,
     log: SessionLog,
     *,
+    mac_key: bytes,
     kept: int = 0,
     offer: tuple[messages.ResumeOffer, bytes] | None = None,
     reason: str = "",
@@ -242,8 +244,10 @@ async def repunch(
     The source sends ``resume-offer`` and learns from ``resume-answer`` where the stream
     goes on (returned); the destination passes the ``offer`` it received and the bytes
     it ``kept``.  Then pings, rounds and nomination run exactly as for the first link,
-    with the Noise prologue over the resume messages.  Returns the nominated link, the
-    offset, and a scratch report holding that negotiation's rounds and pairs."""
+    with the Noise prologue over the resume messages.  Both resume messages carry a MAC
+    under ``mac_key`` (the session's last link's resume key, wire.resume_auth); one that
+    does not verify is a ProtocolError.  Returns the nominated link, the offset, and a
+    scratch report holding that negotiation's rounds and pairs."""
     scratch = Report(session=session_id.hex(), role=role)
     listeners: Listeners = {}
     try:
@@ -257,7 +261,10 @@ async def repunch(
             "candidates": prepared.lines,
         }
         if role == "source":
-            offer_raw = await control.send(messages.ResumeOffer(**fields, reason=reason[:4096]))
+            mac = resume_mac(mac_key, "resume-offer", **fields)
+            offer_raw = await control.send(
+                messages.ResumeOffer(**fields, reason=reason[:4096], mac=mac)
+            )
             while True:
                 msg, answer_raw = await control.receive(
                     messages.ResumeAnswer,
@@ -277,6 +284,7 @@ async def repunch(
                     f"resume-answer for session {msg.session[:12]} epoch {msg.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
+            _check_mac(mac_key, msg, msg.bytes)
             peer: messages.ResumeAnswer | messages.ResumeOffer = msg
             kept = msg.bytes
         else:
@@ -288,7 +296,9 @@ async def repunch(
                     f"resume-offer for session {peer.session[:12]} epoch {peer.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
-            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept))
+            _check_mac(mac_key, peer, 0)
+            mac = resume_mac(mac_key, "resume-answer", **fields, offset=kept)
+            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept, mac=mac))
         keys = prepared.keys_for(peer.key, session_id, offer_raw, answer_raw)
         remotes = prepared.remotes(peer.candidates, control.channel.peer_host, peer.port, scratch)
         attempt = DirectAttempt(control, prepared, keys, remotes, scratch, log)
@@ -300,6 +310,22 @@ async def repunch(
     scratch.path = "direct"
     scratch.local, scratch.remote = link.local, link.remote
     return link, kept, scratch
+
+
+def _check_mac(
+    mac_key: bytes, msg: messages.ResumeOffer | messages.ResumeAnswer, offset: int
+) -> None:
+    check_resume_mac(
+        mac_key,
+        msg.TYPE,
+        msg.mac,
+        session=msg.session,
+        epoch=msg.epoch,
+        key=msg.key,
+        port=msg.port,
+        candidates=msg.candidates,
+        offset=offset,
+    )
 
 
 def _fail_report(report: Report, exc: HolepunchError, verdict: str) -> None:

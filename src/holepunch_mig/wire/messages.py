@@ -153,6 +153,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "port": (_check_port, "a TCP port 1-65535", True),
         "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
         "reason": (_check_short_str, "a string of at most 4096 characters", True),
+        # HMAC under the last link's resume key (wire.resume_auth)
+        "mac": (_check_hex32, "64 lowercase hex digits (HMAC-SHA256)", True),
     },
     # destination -> source: its fresh key and candidates, and where the stream resumes
     "resume-answer": {
@@ -162,6 +164,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "port": (_check_port, "a TCP port 1-65535", True),
         "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
         "bytes": (_check_uint, "an unsigned integer", True),
+        "mac": (_check_hex32, "64 lowercase hex digits (HMAC-SHA256)", True),
     },
     # -- migrate-proxy (holepunch_mig.migration.api): QEMU migration streams over the link --
     # source -> destination once the link is up: how ENDs will be checked
@@ -312,6 +315,7 @@ class ResumeOffer(Message):
     port: int
     candidates: list[str]
     reason: str
+    mac: str
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,7 @@ class ResumeAnswer(Message):
     port: int
     candidates: list[str]
     bytes: int
+    mac: str
 
 
 @dataclass(frozen=True)
