@@ -123,8 +123,18 @@ class DirectAttempt:
         timing = self.options.timing
         wait = timing.round_timeout * 2 + self.options.control_timeout
         sync, _ = await self.control.receive(messages.Sync, step="waiting for sync")
+        expected = 1
         while True:
             round_no = sync.round
+            # this side's own limit: a source that keeps retrying cannot make it dial on
+            if round_no != expected:
+                raise ProtocolError(f"sync for round {round_no}, expected round {expected}")
+            if round_no > self.options.rounds:
+                raise ProtocolError(
+                    f"sync for round {round_no}: this side allows at most "
+                    f"{self.options.rounds} rounds"
+                )
+            expected += 1
             self.report.rounds = round_no
             punch = self._round("destination", round_no)
             links = _LinkBox()
