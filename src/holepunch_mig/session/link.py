@@ -19,6 +19,7 @@ from typing import BinaryIO, TypeVar, cast
 import trio
 
 from holepunch_mig.errors import (
+    ChannelClosed,
     CommitFailed,
     ControlTimeout,
     HolepunchError,
@@ -184,17 +185,58 @@ class Link:
             with single_exception():
                 return await self._send_resumable(src, True, progress)
         started = time.monotonic()
-        try:
-            count, hashed = await self._in_thread(
-                lambda: self.writer.send_file(0, src, digest=digest, progress=progress)
-            )
-        except (OSError, RecordError) as exc:
-            reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(exc)}"
+        got: dict[str, messages.Result | HolepunchError] = {}
+        arrived = trio.Event()
+
+        async def watch() -> None:
+            """The verdict, or an abort, may come while the stream is still going out."""
+            try:
+                msg, _ = await self.control.receive(
+                    messages.Result,
+                    timeout=math.inf,
+                    step="waiting for the destination's verdict",
+                )
+                got["msg"] = msg
+                if not msg.ok:
+                    self._shutdown()
+            except ChannelClosed as exc:  # the link's own outcome says more, if any
+                got["closed"] = exc
+            except HolepunchError as exc:
+                got["exc"] = exc
+                self._shutdown()
+            arrived.set()
+
+        failure: OSError | RecordError | None = None
+        count, hashed = -1, b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            try:
+                count, hashed = await self._in_thread(
+                    lambda: self.writer.send_file(0, src, digest=digest, progress=progress)
+                )
+            except (OSError, RecordError) as exc:
+                failure = exc
+            with trio.move_on_after(0 if failure is not None else RESULT_TIMEOUT):
+                await arrived.wait()
+            nursery.cancel_scope.cancel()
+        peer = got.get("exc")
+        if isinstance(peer, HolepunchError):
+            raise peer
+        msg = got.get("msg")
+        if isinstance(msg, messages.Result) and not msg.ok:
+            raise PeerAbort(f"destination rejected the transfer: {printable(msg.error or '')}")
+        if failure is not None:
+            reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(failure)}"
             await self._tell_abort(reason)
-            raise TransferError(reason) from exc
-        msg, _ = await self.control.receive(
-            messages.Result, timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
-        )
+            raise TransferError(reason) from failure
+        closed = got.get("closed")
+        if isinstance(closed, HolepunchError):
+            raise closed
+        if not isinstance(msg, messages.Result):
+            raise ControlTimeout(
+                f"no result message from the peer within {RESULT_TIMEOUT:.1f} s "
+                "(waiting for the destination's verdict)"
+            )
         return self._check_result(count, hashed, msg, started)
 
     async def receive_file(
@@ -222,26 +264,45 @@ class Link:
             with single_exception():
                 return await self._receive_resumable(dst, progress, commit)
         started = time.monotonic()
-        try:
-            count, hashed = await self._in_thread(
-                lambda: self.reader.receive_file(0, dst, digest=digest, progress=progress)
-            )
-        except (OSError, HolepunchError) as exc:
-            reason = self._why(exc)
-            if isinstance(exc, TimeoutError):
-                exc = TruncatedStream(
+        peer: list[HolepunchError] = []
+
+        async def watch() -> None:
+            """Nothing but abort may come from the source now; it stops the receive."""
+            try:
+                msg, _ = await self.control.receive(
+                    messages.Abort, timeout=math.inf, step="transfer"
+                )
+                peer.append(PeerAbort(f"peer aborted (transfer): {printable(msg.reason)}"))
+            except ChannelClosed:
+                return  # the link's own outcome says more; no verdict can be sent anyway
+            except HolepunchError as exc:
+                peer.append(exc)
+            self._shutdown()
+
+        failure: OSError | HolepunchError | None = None
+        count, hashed = -1, b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            try:
+                count, hashed = await self._in_thread(
+                    lambda: self.reader.receive_file(0, dst, digest=digest, progress=progress)
+                )
+            except (OSError, HolepunchError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            error: BaseException = peer[0] if peer else failure
+            reason = self._why(error)
+            if isinstance(error, TimeoutError):
+                error = TruncatedStream(
                     f"link silent for {self._options.idle_timeout:.0f} s after "
                     f"{self.reader.bytes_received} bytes, before end-of-stream"
                 )
-                reason = str(exc)
+                reason = str(error)
             await self._tell_result(False, 0, None, reason)
             self.report.ok = False
             self.report.verdict = reason
-            raise exc from None
-            await self._tell_result(False, 0, None, reason)
-            self.report.ok = False
-            self.report.verdict = reason
-            raise
+            raise error from None
         local_digest = hashed.hex() if hashed else None
         result = TransferResult(
             count, local_digest, time.monotonic() - started, self.reader.end_verified

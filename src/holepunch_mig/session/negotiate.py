@@ -9,6 +9,7 @@ Which path is taken is :mod:`~holepunch_mig.session.policy`'s table; the rounds 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.errors import (
+    ChannelClosed,
     HandshakeError,
     HolepunchError,
     NoDirectPath,
@@ -88,9 +90,23 @@ async def establish(
     listeners: Listeners = {}
     try:
         return await _negotiate(control, role, options, listeners, session_id, started, nursery)
+    except HolepunchError as exc:
+        await _tell_abort(control, exc)
+        raise
     finally:
         for sock in listeners.values():
             sock.close()
+
+
+async def _tell_abort(control: ControlReader, exc: HolepunchError) -> None:
+    """A failure this side found (a malformed or unexpected message, a deadline, a
+    handshake) is told to the peer with ``abort`` before the channel closes, so it fails
+    with the reason instead of a closed channel.  Not for what the peer already knows:
+    its own abort, a closed channel, or no direct path (round-failed said so)."""
+    if isinstance(exc, PeerAbort | ChannelClosed | NoDirectPath):
+        return
+    with trio.move_on_after(1.0), contextlib.suppress(HolepunchError):
+        await control.send(messages.Abort(reason=str(exc)[:4096] or type(exc).__name__))
 
 
 async def _negotiate(
