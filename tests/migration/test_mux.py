@@ -21,8 +21,14 @@ from typing import Any
 import pytest
 import trio
 
-from holepunch_mig.errors import FlowControlError, MuxWindowExceeded, RecordError
-from holepunch_mig.migration.mux import DATA, OPEN, Mux, MuxError, MuxPeerAbort
+from holepunch_mig.errors import (
+    FlowControlError,
+    MuxError,
+    MuxPeerAbort,
+    MuxWindowExceeded,
+    RecordError,
+)
+from holepunch_mig.migration.mux import DATA, OPEN, Mux
 from holepunch_mig.migration.proxy import run_destination, run_source, unix_connector
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
 
