@@ -87,7 +87,7 @@ def test_header_validator(header: bytes, error: type[RecordError], message: str)
 def test_open_carries_a_channel_label_of_at_most_32_bytes() -> None:
     sealer, opener = RecordSealer(KEY, max_record=100), RecordOpener(KEY, max_record=100)
     frame = _frame()
-    _, end = sealer._seal_into(frame, RecordType.OPEN, 1, b"nbd")
+    sealer._seal_into(frame, RecordType.OPEN, 1, b"nbd")
     rec = opener._open(frame, *opener._check_header(frame, 0))
     assert (rec.type, rec.stream, bytes(rec.payload)) == (RecordType.OPEN, 1, b"nbd")
     with pytest.raises(RecordError, match="OPEN channel label is 33 bytes, max 32"):
