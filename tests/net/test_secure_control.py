@@ -158,3 +158,41 @@ async def test_without_the_binding_the_splice_would_work(monkeypatch: pytest.Mon
     session, and the spliced session links (the relay could then steer it)."""
     source, destination = await _spliced_session(monkeypatch)
     assert source == "direct" and destination == "direct"
+
+
+class _SlowSend:
+    """A channel whose sends take a moment (a busy socket): room for a cancellation
+    to land after a message was sealed."""
+
+    def __init__(self, inner: ControlChannel) -> None:
+        self.inner = inner
+        self.peer_host = inner.peer_host
+
+    async def send_message(self, message: bytes) -> None:
+        await trio.sleep(0.05)
+        await self.inner.send_message(message)
+
+    async def receive_message(self) -> bytes:
+        return await self.inner.receive_message()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_cancelled_send_leaves_no_hole_in_the_sequence() -> None:
+    """A task cancelled while its sealed message is on the way (the destination's
+    progress acknowledgements at the end of a transfer) must not make the peer refuse
+    every later message (seen in the lab: "sealed control message 4 failed")."""
+    auth = ControlAuth.from_secret(os.urandom(32))
+    a, b = await _pair()
+    slow = _SlowSend(a)
+    ends = await _both(secure(slow, auth, initiator=True), secure(b, auth, initiator=False))
+    sender, receiver = ends
+    assert isinstance(sender, SecureChannel) and isinstance(receiver, SecureChannel)
+    with trio.fail_after(10):
+        with trio.move_on_after(0.01):
+            await sender.send_message(b"\x01cancelled on the way")
+        await sender.send_message(b"\x01next")
+        got = [await receiver.receive_message(), await receiver.receive_message()]
+    # sent whole despite the cancellation, and the next one still opens
+    assert got == [b"\x01cancelled on the way", b"\x01next"]

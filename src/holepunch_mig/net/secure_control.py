@@ -54,6 +54,8 @@ __all__ = [
 logger = logging.getLogger("holepunch_mig")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+SEND_GRACE = 10.0
+"""Longest a sealed message's send may outlive its caller's cancellation."""
 DEFAULT_MAX_PENDING = 16
 DEFAULT_PER_SOURCE = 4
 
@@ -81,6 +83,7 @@ class SecureChannel:
         self._sealer = sealer
         self._unsealer = unsealer
         self._send_lock = trio.Lock()
+        self._send_broken: str | None = None
 
     @property
     def binding(self) -> bytes:
@@ -88,8 +91,26 @@ class SecureChannel:
         return self.session.handshake_hash
 
     async def send_message(self, message: bytes) -> None:
+        """Seal and send.  Once sealed, a message goes out whole even if the caller is
+        cancelled meanwhile (the cancellation is delivered after it): a sealed message
+        that never left would leave a hole in the sequence numbers, and the peer would
+        refuse everything after it.  A send that cannot finish within
+        :data:`SEND_GRACE` seconds breaks the channel."""
         async with self._send_lock:  # the sequence number is the order on the wire
-            await self.inner.send_message(self._sealer.seal(message))
+            if self._send_broken is not None:
+                raise ChannelClosed(f"control channel broke while sending: {self._send_broken}")
+            frame = self._sealer.seal(message)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(SEND_GRACE) as grace:
+                    try:
+                        await self.inner.send_message(frame)
+                    except BaseException as exc:
+                        self._send_broken = f"a sealed message was not sent ({exc})"
+                        raise
+                if grace.cancelled_caught:
+                    self._send_broken = f"the peer took no data for {SEND_GRACE:g} s"
+                    raise ChannelClosed(f"control channel broke while sending: {self._send_broken}")
+        await trio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here
 
     async def receive_message(self) -> bytes:
         return self._unsealer.open(await self.inner.receive_message())
