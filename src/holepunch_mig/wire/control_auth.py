@@ -35,6 +35,7 @@ from holepunch_mig.errors import (
     ControlAuthError,
     ControlRejected,
     CredentialError,
+    DecryptError,
     HandshakeError,
     PairingFailed,
     ProtocolError,
@@ -42,7 +43,7 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.wire.identity import Identity, PeerKey, PeerSet, b64
 from holepunch_mig.wire.messages import KIND_HANDSHAKE, KIND_SEALED
-from holepunch_mig.wire.noise import CipherState, DecryptError, HandshakeState
+from holepunch_mig.wire.noise import CipherState, HandshakeState
 
 __all__ = [
     "CODE_ALPHABET",
