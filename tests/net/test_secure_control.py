@@ -160,16 +160,22 @@ async def test_without_the_binding_the_splice_would_work(monkeypatch: pytest.Mon
     assert source == "direct" and destination == "direct"
 
 
-class _SlowSend:
-    """A channel whose sends take a moment (a busy socket): room for a cancellation
-    to land after a message was sealed."""
+class _GatedChannel:
+    """Forwards to ``inner``; once armed, the next send waits at a gate first (a write
+    that has not reached the socket yet when its task is cancelled)."""
 
     def __init__(self, inner: ControlChannel) -> None:
         self.inner = inner
         self.peer_host = inner.peer_host
+        self.armed = False
+        self.waiting = trio.Event()
+        self.gate = trio.Event()
 
     async def send_message(self, message: bytes) -> None:
-        await trio.sleep(0.05)
+        if self.armed:
+            self.armed = False
+            self.waiting.set()
+            await self.gate.wait()
         await self.inner.send_message(message)
 
     async def receive_message(self) -> bytes:
@@ -179,20 +185,37 @@ class _SlowSend:
         await self.inner.aclose()
 
 
-async def test_a_cancelled_send_leaves_no_hole_in_the_sequence() -> None:
-    """A task cancelled while its sealed message is on the way (the destination's
-    progress acknowledgements at the end of a transfer) must not make the peer refuse
-    every later message (seen in the lab: "sealed control message 4 failed")."""
+async def test_a_cancelled_send_does_not_desynchronise_the_sealed_stream() -> None:
+    """A send cancelled after its frame was sealed (a racing task cancelled by its
+    nursery) must still put that frame on the wire: otherwise the next message carries a
+    sequence number the peer does not expect and the session fails authentication."""
     auth = ControlAuth.from_secret(os.urandom(32))
     a, b = await _pair()
-    slow = _SlowSend(a)
-    ends = await _both(secure(slow, auth, initiator=True), secure(b, auth, initiator=False))
-    sender, receiver = ends
-    assert isinstance(sender, SecureChannel) and isinstance(receiver, SecureChannel)
+    gated = _GatedChannel(a)
+    sides: dict[bool, SecureChannel] = {}
     with trio.fail_after(10):
-        with trio.move_on_after(0.01):
-            await sender.send_message(b"\x01cancelled on the way")
-        await sender.send_message(b"\x01next")
-        got = [await receiver.receive_message(), await receiver.receive_message()]
-    # sent whole despite the cancellation, and the next one still opens
-    assert got == [b"\x01cancelled on the way", b"\x01next"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_secure_into, gated, auth, True, sides)
+            nursery.start_soon(_secure_into, b, auth, False, sides)
+        src, dst = sides[True], sides[False]
+        scope = trio.CancelScope()
+
+        async def first() -> None:
+            with scope:
+                await src.send_message(b"\x01first")
+
+        gated.armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await gated.waiting.wait()  # sealed, not yet written
+            scope.cancel()
+            gated.gate.set()
+        await src.send_message(b"\x01second")
+        assert await dst.receive_message() == b"\x01first"
+        assert await dst.receive_message() == b"\x01second"
+
+
+async def _secure_into(
+    inner: ControlChannel, auth: ControlAuth, initiator: bool, out: dict[bool, SecureChannel]
+) -> None:
+    out[initiator] = await secure(inner, auth, initiator=initiator)
