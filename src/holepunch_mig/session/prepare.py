@@ -44,6 +44,8 @@ class Prepared:
     notes: list[str]
     static_private: bytes
     static_public: bytes
+    seconds: float = 0.0
+    """How long the preparation took (listeners, STUN): part of the time to link."""
 
     @property
     def lines(self) -> list[str]:
@@ -76,6 +78,7 @@ async def prepare_round(
 ) -> Prepared:
     """Open the punch listeners into ``listeners`` (the caller closes them), gather the
     candidates (none when ``skip_gather`` says why not) and make a fresh keypair."""
+    began = trio.current_time()
     port = await open_listeners(options, listeners)
     include_loopback = options.include_loopback
     if include_loopback is None:
@@ -93,7 +96,16 @@ async def prepare_round(
             stun_timeout=options.stun_timeout,
         )
     static_private, static_public = generate_keypair()
-    return Prepared(options, listeners, port, local, notes, static_private, static_public)
+    return Prepared(
+        options,
+        listeners,
+        port,
+        local,
+        notes,
+        static_private,
+        static_public,
+        trio.current_time() - began,
+    )
 
 
 def choose_bind(options: ConnectOptions, family: int) -> str:
@@ -143,7 +155,13 @@ def remote_endpoints(
             cands.append(Candidate.from_line(line))
         except Exception as exc:
             report.notes.append(f"ignored remote candidate {line[:80]!r}: {exc}")
-    cands.extend(observed_candidates(peer_host, [peer_port]))
+    announced = {(c.host, c.port) for c in cands}
+    for cand in observed_candidates(peer_host, [peer_port]):
+        cands.append(cand)
+        if (cand.host, cand.port) not in announced:
+            # the report lists every remote candidate dialled, the observed one too (it
+            # is often the one nominated)
+            report.remote_candidates.append(cand.to_line())
     for cand in cands:
         endpoint = (cand.host, cand.port)
         family = socket.AF_INET6 if ":" in cand.host else socket.AF_INET
