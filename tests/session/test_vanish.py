@@ -544,9 +544,9 @@ def test_cli_receiver_killed_mid_transfer(tmp_path: Path) -> None:
         _kill(send, recv)
     assert send.returncode == 1, err.decode()
     assert elapsed < 15
-    assert (
-        b"sending failed after" in err or b"verdict" in err or b"closed by the peer" in err
-    ), err.decode()
+    assert b"sending failed after" in err or b"verdict" in err or b"closed by the peer" in err, (
+        err.decode()
+    )
     assert b"TransferError" not in err  # words, not class names
     # SIGKILL leaves the temporary file behind, but never under the final name
     assert not (tmp_path / "out.bin").exists()

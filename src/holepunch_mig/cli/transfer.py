@@ -331,6 +331,7 @@ async def _session(
                 progress.finish()
             await api.abort(channel, f"the {_peer_word(role)} was interrupted (Ctrl-C)")
             _write_interrupted(args, report)
+            args.report = None  # written
             raise KeyboardInterrupt from None
         raise
     finally:
@@ -423,6 +424,7 @@ def _run(runner: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.
         return trio.run(_fail, args, exc, None, EXIT_FAILED)
     except BaseException as exc:
         if interrupted(exc):
+            _write_interrupted(args, None)  # unless the session wrote its own
             say(f"{PROG}: interrupted")
             return EXIT_INTERRUPTED
         raise
