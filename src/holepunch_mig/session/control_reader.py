@@ -109,7 +109,7 @@ class ControlReader:
 
 
 #: (expected, received) -> what it means: the two sides were given the same role
-_ROLE_CLASH = {
+_ROLE_CLASH: dict[tuple[tuple[str, ...], str], str] = {
     (("answer",), "offer"): "both sides claim the source role: the peer sent an offer too; "
     "start one side as the destination (recv, or role 'destination')",
 }
