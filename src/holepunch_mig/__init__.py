@@ -15,6 +15,7 @@ from holepunch_mig.errors import (
     PeerAbort,
     ProtocolError,
     RecordError,
+    ResumeFailed,
     TransferError,
     TruncatedStream,
 )
@@ -30,6 +31,7 @@ from holepunch_mig.migration.api import (
     migration_source,
     migration_source_blocking,
 )
+from holepunch_mig.migration.handoff import HandoffRefused
 from holepunch_mig.net.control import (
     ControlChannel,
     StreamChannel,
@@ -38,9 +40,11 @@ from holepunch_mig.net.control import (
     stdio_channel,
 )
 from holepunch_mig.net.punch import PunchTiming
-from holepunch_mig.report import PairReport, Report
+from holepunch_mig.net.tunnel import TunnelRefused
+from holepunch_mig.report import Interruption, PairReport, Report
 from holepunch_mig.session.api import (
     BlockingLink,
+    abort,
     connect,
     connect_asyncio,
     connect_blocking,
@@ -58,8 +62,10 @@ __all__ = [
     "ConnectOptions",
     "ControlChannel",
     "ControlTimeout",
+    "HandoffRefused",
     "HandshakeError",
     "HolepunchError",
+    "Interruption",
     "Link",
     "MigrationError",
     "MigrationProgress",
@@ -72,11 +78,14 @@ __all__ = [
     "PunchTiming",
     "RecordError",
     "Report",
+    "ResumeFailed",
     "StreamChannel",
     "StreamReport",
     "TransferError",
     "TransferResult",
     "TruncatedStream",
+    "TunnelRefused",
+    "abort",
     "connect",
     "connect_asyncio",
     "connect_blocking",

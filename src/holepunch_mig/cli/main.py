@@ -43,9 +43,7 @@ def _version() -> str:
     try:
         return version("holepunch_mig")
     except PackageNotFoundError:  # running from a source tree that was never installed
-        from holepunch_mig import __version__
-
-        return __version__
+        return "(not installed: version unknown)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
