@@ -5,7 +5,7 @@ inbound NEW connection, except the destination's control port.  There is no port
 could migrate to directly, so the migration goes through ``holepunch-mig migrate-proxy``:
 
 1. destination: QEMU with ``-incoming defer``; QMP ``migrate-incoming unix:IN``;
-   ``holepunch-mig migrate-proxy destination --connect-unix IN --control-listen :7070``
+   ``holepunch-mig migrate-proxy destination --connect-unix IN --control-listen 0.0.0.0:7070``
 2. source: ``holepunch-mig migrate-proxy source --listen-unix OUT --control DST:7070``
    punches a TCP link, authenticates it (Noise KK) and prints ``ready unix:OUT``
 3. source: QMP ``migrate unix:OUT``; poll ``query-migrate`` until it is over
@@ -16,14 +16,16 @@ QMP monitor of its own (a second ``-qmp`` socket: QEMU serves one client per mon
 and looks ``getfd`` names up on the monitor that received them):
 
 1. destination: QEMU with ``-incoming defer``, nothing else;
-   ``migrate-proxy destination --mode handoff --qmp DST-PROXY.qmp --control-listen :7070``
+   ``migrate-proxy destination --mode handoff --qmp DST-PROXY.qmp --control-listen 0.0.0.0:7070``
 2. source: ``migrate-proxy source --mode handoff --qmp SRC-PROXY.qmp --control DST:7070``
    punches and authenticates the link, hands the socket to both QEMUs with a TLS-PSK
    derived from the session, issues ``migrate fd:NAME`` and prints ``ready fd:NAME``
 3. the manager watches ``query-migrate`` on its own monitor until it is over
 4. as above
 
-Run as root (namespaces):  ``sudo PYTHONPATH=src python examples/migration_manager.py``
+Run as root (namespaces), after ``make demo`` (which creates ``.venv``), from the
+checkout: ``sudo .venv/bin/python examples/migration_manager.py`` (the venv's python has
+the package and its dependencies; the system python has neither).
 Options: ``--mem 512 --multifd 4 --mode handoff``.  The manager itself is
 :func:`holepunch_mig.lab.qemu_lab.migrate_in_lab`, which the test suite runs too.
 """
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import trio
 
-from holepunch_mig.lab import Lab, presets
+from holepunch_mig.lab import Lab, LabError, presets
 from holepunch_mig.lab.qemu_lab import migrate_in_lab
 
 
@@ -47,15 +49,22 @@ async def main() -> int:
     ap.add_argument("--multifd", type=int, default=0, help="multifd channels (0: off)")
     ap.add_argument("--mode", choices=("mux", "handoff"), default="mux", help="proxy mode")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hpm-manager-") as tmp, Lab(presets()["fw-fw"]) as lab:
-        outcome = await migrate_in_lab(
-            lab,
-            Path(tmp),
-            mem_mib=args.mem,
-            multifd=args.multifd,
-            log=sys.stderr.buffer,
-            mode=args.mode,
-        )
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="hpm-manager-") as tmp,
+            Lab(presets()["fw-fw"]) as lab,
+        ):
+            outcome = await migrate_in_lab(
+                lab,
+                Path(tmp),
+                mem_mib=args.mem,
+                multifd=args.multifd,
+                log=sys.stderr.buffer,
+                mode=args.mode,
+            )
+    except LabError as exc:  # the proxies refused or the lab could not be built: one line
+        print(f"migration_manager: {exc}", file=sys.stderr)
+        return 1
     q = outcome.qemu
     print(
         f"QEMU: {q.status} in {q.wall_seconds:.3f} s, {q.transferred} bytes ({q.mb_per_s:.0f} MB/s)"

@@ -511,3 +511,11 @@ def test_success_shows_only_the_nominated_pair(tmp_path: Path) -> None:
             f" {remote_host.strip('[]')} {remote_port} " in line
             for line in rep["remote_candidates"]
         ) or rep["remote"] in json.dumps(rep["remote_candidates"]), rep["remote_candidates"]
+
+
+def test_listen_on_every_address_with_a_bare_port() -> None:
+    """``--control-listen :7070`` (as the example manager's docstring writes it)."""
+    from holepunch_mig.cli.common import listen_endpoint
+
+    assert listen_endpoint(":7070") == ("0.0.0.0", 7070)
+    assert listen_endpoint("0.0.0.0:7070") == ("0.0.0.0", 7070)

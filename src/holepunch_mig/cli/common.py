@@ -196,7 +196,10 @@ def named_endpoint(text: str) -> tuple[str, int]:
 
 
 def listen_endpoint(text: str) -> tuple[str, int]:
-    """Where to listen: like a named endpoint, but the wildcard addresses are allowed."""
+    """Where to listen: like a named endpoint, but the wildcard addresses are allowed
+    (``:PORT`` is every IPv4 address, as ``0.0.0.0:PORT``)."""
+    if text.startswith(":") and text[1:].isdigit():
+        text = "0.0.0.0" + text
     for wildcard, host in (("0.0.0.0:", "0.0.0.0"), ("[::]:", "::")):
         if text.startswith(wildcard):
             _, port = named_endpoint("127.0.0.1:" + text[len(wildcard) :])
