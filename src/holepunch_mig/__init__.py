@@ -9,6 +9,7 @@ from __future__ import annotations
 from holepunch_mig.errors import (
     ChannelClosed,
     ControlTimeout,
+    HandoffRefused,
     HandshakeError,
     HolepunchError,
     NoDirectPath,
@@ -18,6 +19,7 @@ from holepunch_mig.errors import (
     ResumeFailed,
     TransferError,
     TruncatedStream,
+    TunnelRefused,
 )
 from holepunch_mig.migration.api import (
     BlockingMigrationProxy,
@@ -31,7 +33,6 @@ from holepunch_mig.migration.api import (
     migration_source,
     migration_source_blocking,
 )
-from holepunch_mig.migration.handoff import HandoffRefused
 from holepunch_mig.net.control import (
     ControlChannel,
     StreamChannel,
@@ -40,7 +41,6 @@ from holepunch_mig.net.control import (
     stdio_channel,
 )
 from holepunch_mig.net.punch import PunchTiming
-from holepunch_mig.net.tunnel import TunnelRefused
 from holepunch_mig.report import Interruption, PairReport, Report
 from holepunch_mig.session.api import (
     BlockingLink,

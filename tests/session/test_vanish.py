@@ -510,7 +510,7 @@ def test_cli_sender_killed_mid_transfer_leaves_no_output(tmp_path: Path) -> None
     # resume is on in the CLI: the receiver waits for the sender to re-punch, and learns
     # from the control channel that it is gone
     assert (b"before CLOSE" in err) or (
-        b"control channel closed by the peer" in err and b"waiting for resume-offer" in err
+        b"control channel" in err and b"waiting for resume-offer" in err
     ), err.decode()
     assert b"TruncatedStream" not in err and b"ChannelClosed" not in err  # no class names
     assert not (tmp_path / "out.bin").exists()
@@ -544,7 +544,7 @@ def test_cli_receiver_killed_mid_transfer(tmp_path: Path) -> None:
         _kill(send, recv)
     assert send.returncode == 1, err.decode()
     assert elapsed < 15
-    assert b"sending failed after" in err or b"verdict" in err or b"closed by the peer" in err, (
+    assert b"sending failed after" in err or b"verdict" in err or b"control channel" in err, (
         err.decode()
     )
     assert b"TransferError" not in err  # words, not class names

@@ -30,7 +30,6 @@ __all__ = [
     "GIB",
     "REGISTRY",
     "BenchConfig",
-    "BenchError",
     "BenchResult",
     "LinkTiming",
     "Measurement",
@@ -46,10 +45,6 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-
-
-class BenchError(Exception):
-    """A measurement failed: a side crashed, timed out, or the payload did not verify."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from typing import IO, Any
 
 import trio
 
-from holepunch_mig.lab.spec import CONTROL_PORT, LabError
+from holepunch_mig.errors import ProxyNotReady, QmpError
+from holepunch_mig.lab.spec import CONTROL_PORT
 from holepunch_mig.lab.topology import Lab
 from holepunch_mig.migration.qemu import (
     MigrationResult,
@@ -44,7 +45,6 @@ from holepunch_mig.migration.qemu import (
     wait_migration,
     wait_status,
 )
-from holepunch_mig.migration.qmp import QmpError
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 
@@ -60,11 +60,6 @@ class Outcome:
     destination_exit: int | None
     source_report: dict[str, Any] | None
     destination_report: dict[str, Any] | None
-
-
-class ProxyNotReady(LabError, RuntimeError):
-    """The source proxy exited (or said something else) instead of ``ready URI``; the
-    message carries its verdict when its report has one."""
 
 
 async def _ready_line(
