@@ -240,9 +240,14 @@ async def open_tcp_channel(host: str, port: int, wait: float = 0.0) -> StreamCha
                     f"no answer within {trio.current_time() - start:.1f} s (SYNs dropped by a "
                     "firewall, or the host is down)"
                 )
+            hint = (
+                ""
+                if last.startswith("cannot resolve")
+                else "; is holepunch-mig running there, listening on that port, and the "
+                "port open in its firewall?"
+            )
             raise ChannelClosed(
-                f"cannot reach the control port {host}:{port}: {last}; is holepunch-mig "
-                "running there, listening on that port, and the port open in its firewall?"
+                f"cannot reach the control port {host}:{port}: {last}{hint}"
             ) from None
         await trio.sleep(0.1)
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
