@@ -519,3 +519,44 @@ def test_listen_on_every_address_with_a_bare_port() -> None:
 
     assert listen_endpoint(":7070") == ("0.0.0.0", 7070)
     assert listen_endpoint("0.0.0.0:7070") == ("0.0.0.0", 7070)
+
+
+def test_time_to_link_leaves_out_the_remote_start(tmp_path: Path) -> None:
+    """Under --control-cmd the remote side starts late (ssh, a slow login): the time to
+    link counts the negotiation, not the wait for the peer to come up."""
+    out = tmp_path / "out.bin"
+    remote = (
+        f"sh -c 'sleep 3; exec {sys.executable} -m holepunch_mig.cli recv --control-stdio "
+        f"--output {out} -q'"
+    )
+    run = subprocess.run(
+        [
+            *CLI,
+            "send",
+            "--control-cmd",
+            remote,
+            "--peer-host",
+            "127.0.0.1",
+            "-q",
+            "--input",
+            str(_payload(tmp_path)),
+            "--report",
+            str(tmp_path / "s.json"),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert 0 < rep["time_to_link"] < 3, rep["time_to_link"]
+
+
+def test_a_pair_that_never_connected_shows_the_routed_local_address() -> None:
+    from holepunch_mig.net.punch import _route_local
+
+    assert _route_local(socket.AF_INET, ("127.0.0.1", 9), 4000, "0.0.0.0:4000") == (
+        "127.0.0.1:4000"
+    )
+    assert _route_local(socket.AF_INET, ("127.0.0.1", 9), 4000, "10.0.0.1:4000") == (
+        "10.0.0.1:4000"
+    )
