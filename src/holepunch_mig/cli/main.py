@@ -11,16 +11,17 @@ import argparse
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from holepunch_mig.cli import bench, lab, migrate, transfer
+from holepunch_mig.cli import bench, keys, lab, migrate, transfer
 from holepunch_mig.cli.common import EXIT_INTERRUPTED, PROG, UsageError, say, setup_logging
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-#: in help order: recv, send, lab, doctor, migrate-proxy, bench
+#: in help order: recv, send, keygen, lab, doctor, migrate-proxy, bench
 SUBCOMMANDS: tuple[Register, ...] = (
     transfer.register,
+    keys.register,
     lab.register,
     migrate.register,
     bench.register,

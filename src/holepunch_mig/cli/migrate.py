@@ -3,7 +3,8 @@
 Source host (QEMU migrates to a UNIX socket of ours)::
 
     holepunch-mig migrate-proxy source --listen-unix /run/hpm/vm1.sock \\
-        --control dst-host:7070 [--stun HOST:PORT]... [--report r.json]
+        --control dst-host:7070 --identity /etc/hpm/host.key --peers /etc/hpm/peers \\
+        [--stun HOST:PORT]... [--report r.json]
 
 prints ``ready unix:/run/hpm/vm1.sock`` on stdout once the whole path is up (link
 punched, destination proxy connected to its QEMU); the manager then issues QMP
@@ -15,7 +16,12 @@ Destination host (QEMU started with ``-incoming defer`` and told
 ``migrate-incoming unix:PATH``)::
 
     holepunch-mig migrate-proxy destination --connect-unix PATH \\
-        --control-listen 0.0.0.0:7070 [--report r.json]
+        --control-listen 0.0.0.0:7070 --identity /etc/hpm/host.key --peers /etc/hpm/peers \\
+        [--report r.json]
+
+The control channel is authenticated before anything else (pinned keys as above,
+``--psk-file`` from the manager, or ``--pair`` here and ``--code`` on the source); the
+destination keeps listening through connections that fail to authenticate.
 
 ``--listen-unix PATH`` is used exactly as given (socket 0600, created atomically,
 never replacing an existing file; the caller owns the directory's permissions).
@@ -45,7 +51,13 @@ from typing import Any
 import trio
 
 from holepunch_mig.cli import common as cli
-from holepunch_mig.errors import ChannelClosed, HolepunchError, NoDirectPath, PeerAbort
+from holepunch_mig.errors import (
+    ChannelClosed,
+    CredentialError,
+    HolepunchError,
+    NoDirectPath,
+    PeerAbort,
+)
 from holepunch_mig.migration.api import (
     DEFAULT_LINK_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -61,7 +73,6 @@ from holepunch_mig.net.control import (
     ControlChannel,
     ProcessChannel,
     open_process_channel,
-    open_tcp_channel,
     stdio_channel,
 )
 from holepunch_mig.roles import Role
@@ -204,6 +215,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _options(src)
     cli.add_link_options(src)
+    cli.add_auth_options(src, listening=False)
     src.set_defaults(run=run_source)
 
     dst = roles.add_parser(
@@ -230,6 +242,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _options(dst)
     cli.add_link_options(dst)
+    cli.add_auth_options(dst, listening=True)
     dst.set_defaults(run=run_destination)
 
 
@@ -281,7 +294,8 @@ def _check_mode(args: argparse.Namespace) -> str | None:
             return f"--mode mux needs {local} PATH"
         if args.qmp is not None or args.psk_dir is not None:
             return "--qmp/--psk-dir are for --mode handoff"
-    return None
+    over_ssh = bool(getattr(args, "control_cmd", None) or getattr(args, "control_stdio", False))
+    return cli.auth_usage_problem(args, tcp=not over_ssh)
 
 
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,19 +353,21 @@ def _finish(
 
 
 async def _source_main(args: argparse.Namespace) -> int:
+    auth = cli.control_auth(args)  # a bad key file is a usage error (exit 2), not a failure
     progress = _progress(args, "migrated")
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         if args.control_cmd:
             channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+            channel = await cli.secure_existing(args, channel, auth, initiator=True)
         else:
             host, port = args.control
             if not args.quiet:
                 cli.say(
                     f"connecting to the control port {host}:{port} (up to {args.control_wait:g} s)"
                 )
-            channel = await open_tcp_channel(host, port, wait=args.control_wait)
+            channel = await cli.dial_control(host, port, auth, args.control_wait)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(listen_unix=args.listen_unix, digest=args.digest)
@@ -385,18 +401,17 @@ async def _source_main(args: argparse.Namespace) -> int:
 
 
 async def _destination_main(args: argparse.Namespace) -> int:
+    auth = cli.control_auth(args)
     progress = _progress(args, "delivered")
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         if args.control_stdio:
             channel = stdio_channel()
+            channel = await cli.secure_existing(args, channel, auth, initiator=False)
         else:
             host, port = args.control_listen
-            listener = cli.listen_control(host, port)
-            if not args.quiet:
-                cli.say(f"waiting for the control connection on {host}:{port}")
-            channel = await cli.accept_control(host, port, listener)
+            channel = await cli.listen_control(args, host, port, auth)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(connect_unix=args.connect_unix)
@@ -459,6 +474,9 @@ def _run(main: Any, args: argparse.Namespace) -> int:
     try:
         code: int = trio.run(main, args)
         return code
+    except CredentialError as exc:
+        cli.say(f"holepunch-mig migrate-proxy {args.migrate_role}: {exc}")
+        return cli.EXIT_USAGE
     except BaseException as exc:
         if cli.interrupted(exc):
             cli.say("holepunch-mig: interrupted")

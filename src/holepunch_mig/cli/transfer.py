@@ -24,30 +24,36 @@ from holepunch_mig.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_NO_PATH,
     EXIT_OK,
+    EXIT_USAGE,
     PROG,
     Progress,
     UsageError,
-    accept_control,
+    add_auth_options,
     add_link_options,
     amount,
+    auth_usage_problem,
     check_input,
     check_output_path,
     connect_options,
+    control_auth,
     describe,
+    dial_control,
     interrupted,
     listen_control,
     listen_endpoint,
     named_endpoint,
     say,
+    secure_existing,
     warn,
 )
-from holepunch_mig.errors import ChannelClosed, HolepunchError, NoDirectPath, PeerAbort
-from holepunch_mig.net.control import (
-    ControlChannel,
-    ProcessChannel,
-    open_process_channel,
-    open_tcp_channel,
+from holepunch_mig.errors import (
+    ChannelClosed,
+    CredentialError,
+    HolepunchError,
+    NoDirectPath,
+    PeerAbort,
 )
+from holepunch_mig.net.control import ControlChannel, ProcessChannel, open_process_channel
 from holepunch_mig.net.control import stdio_channel as open_stdio_channel
 from holepunch_mig.report import Report
 from holepunch_mig.roles import Role
@@ -99,6 +105,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_link_options(recv)
     _resume_args(recv)
+    add_auth_options(recv, listening=True)
 
     send = sub.add_parser("send", help="send a payload (the migration source)")
     ctl = send.add_mutually_exclusive_group(required=True)
@@ -135,14 +142,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send.add_argument("--rate-limit", type=float, default=0.0, help=argparse.SUPPRESS)
     add_link_options(send)
     _resume_args(send)
+    add_auth_options(send, listening=False)
     recv.set_defaults(run=run_recv, usage_problem=_recv_usage_problem)
-    send.set_defaults(run=run_send)
+    send.set_defaults(run=run_send, usage_problem=_send_usage_problem)
 
 
 def _recv_usage_problem(args: argparse.Namespace) -> str | None:
     if args.control_stdio and args.output == "-":
         return "--control-stdio uses stdout for the control channel; give --output PATH"
-    return None
+    return auth_usage_problem(args, tcp=not args.control_stdio)
+
+
+def _send_usage_problem(args: argparse.Namespace) -> str | None:
+    return auth_usage_problem(args, tcp=not args.control_cmd)
 
 
 def _preflight(args: argparse.Namespace) -> None:
@@ -234,18 +246,18 @@ def _input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
 
 
 async def _run_recv(args: argparse.Namespace) -> int:
+    auth = control_auth(args)
     channel: ControlChannel
     if args.control_stdio:
         channel = open_stdio_channel()
+        try:
+            channel = await secure_existing(args, channel, auth, initiator=False)
+        except BaseException:
+            await channel.aclose()
+            raise
     else:
         host, port = args.control_listen
-        listener = listen_control(host, port)  # a busy port fails here, before "waiting"
-        if not args.quiet:
-            say(
-                f"waiting for the control connection on {host}:{port} "
-                f"(start holepunch-mig send --control THIS-HOST:{port} on the source)"
-            )
-        channel = await accept_control(host, port, listener)
+        channel = await listen_control(args, host, port, auth)
     progress = None if args.quiet else Progress("received", None)
 
     async def receive(link: Link) -> str:
@@ -263,14 +275,20 @@ async def _run_recv(args: argparse.Namespace) -> int:
 
 async def _run_send(args: argparse.Namespace) -> int:
     with _input(args.input) as (src, total):
+        auth = control_auth(args)
         channel: ControlChannel
         if args.control_cmd:
             channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+            try:
+                channel = await secure_existing(args, channel, auth, initiator=True)
+            except BaseException:
+                await channel.aclose()
+                raise
         else:
             host, port = args.control
             if not args.quiet:
                 say(f"connecting to the control port {host}:{port} (up to {args.control_wait:g} s)")
-            channel = await open_tcp_channel(host, port, wait=args.control_wait)
+            channel = await dial_control(host, port, auth, args.control_wait)
         progress = None if args.quiet else Progress("sent", total)
 
         async def send(link: Link) -> str:
@@ -418,6 +436,9 @@ def _run(runner: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.
     _preflight(args)
     try:
         return trio.run(runner, args)
+    except CredentialError as exc:  # a key, peers or psk file, or a code, is unusable
+        say(f"{PROG} {args.command}: {exc}")
+        return EXIT_USAGE
     except HolepunchError as exc:  # failures before a session exists (control port, ssh)
         return trio.run(_fail, args, exc, None, EXIT_FAILED)
     except OSError as exc:
