@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,17 @@ import pytest
 from holepunch_mig.cli.common import colour
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
+
+
+def _psk() -> list[str]:
+    """A TCP control channel must be authenticated: one secret for every test here."""
+    path = Path(tempfile.mkdtemp(prefix="hpm-ux-")) / "psk"
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o600)
+    return ["--psk-file", str(path)]
+
+
+AUTH = _psk()
 CLASS_NAME = re.compile(rb"\b[A-Z][a-z]+(Error|Closed|Abort|Timeout|Refused|Stream|Group)\b")
 
 
@@ -129,6 +141,7 @@ def test_control_wait_holds_when_syns_are_dropped(tmp_path: Path) -> None:
             [
                 *CLI,
                 "send",
+                *AUTH,
                 "--control",
                 f"127.0.0.1:{port}",
                 "--control-wait",
@@ -156,6 +169,7 @@ def test_peer_not_started_gets_a_hint(tmp_path: Path) -> None:
         [
             *CLI,
             "send",
+            *AUTH,
             "--control",
             f"127.0.0.1:{port}",
             "--control-wait",
@@ -179,8 +193,8 @@ def test_report_in_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     port = _free_port()
     bad = tmp_path / "no" / "such" / "r.json"
     for argv in (
-        ["send", "--control", f"127.0.0.1:{port}", "--input", str(_payload(tmp_path))],
-        ["recv", "--control-listen", f"127.0.0.1:{port}", "--output", str(tmp_path / "o")],
+        ["send", *AUTH, "--control", f"127.0.0.1:{port}", "--input", str(_payload(tmp_path))],
+        ["recv", *AUTH, "--control-listen", f"127.0.0.1:{port}", "--output", str(tmp_path / "o")],
     ):
         run = subprocess.run([*CLI, *argv, "--report", str(bad)], capture_output=True, timeout=30)
         err = run.stderr.decode()
@@ -193,7 +207,15 @@ def test_report_in_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
 def test_output_in_missing_directory_fails_before_waiting(tmp_path: Path) -> None:
     out = tmp_path / "missing" / "out.bin"
     run = subprocess.run(
-        [*CLI, "recv", "--control-listen", f"127.0.0.1:{_free_port()}", "--output", str(out)],
+        [
+            *CLI,
+            "recv",
+            *AUTH,
+            "--control-listen",
+            f"127.0.0.1:{_free_port()}",
+            "--output",
+            str(out),
+        ],
         capture_output=True,
         timeout=30,
     )
@@ -206,7 +228,7 @@ def test_output_in_missing_directory_fails_before_waiting(tmp_path: Path) -> Non
 def test_missing_input_is_a_usage_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.img"
     run = subprocess.run(
-        [*CLI, "send", "--control", f"127.0.0.1:{_free_port()}", "--input", str(missing)],
+        [*CLI, "send", *AUTH, "--control", f"127.0.0.1:{_free_port()}", "--input", str(missing)],
         capture_output=True,
         timeout=30,
     )
@@ -225,6 +247,7 @@ def test_ctrl_c_while_connecting(tmp_path: Path) -> None:
             [
                 *CLI,
                 "send",
+                *AUTH,
                 "--control",
                 f"127.0.0.1:{port}",
                 "--control-wait",
@@ -255,6 +278,7 @@ def _start_recv(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[byte
         [
             *CLI,
             "recv",
+            *AUTH,
             "--control-listen",
             f"127.0.0.1:{port}",
             "--output",
@@ -272,6 +296,7 @@ def test_receiver_hears_why_the_sender_stopped(tmp_path: Path) -> None:
         [
             *CLI,
             "send",
+            *AUTH,
             "--control",
             f"127.0.0.1:{port}",
             "--rate-limit",
@@ -302,6 +327,7 @@ def test_sender_hears_why_the_receiver_stopped(tmp_path: Path) -> None:
         [
             *CLI,
             "recv",
+            *AUTH,
             "--control-listen",
             f"127.0.0.1:{port}",
             "-q",
@@ -314,6 +340,7 @@ def test_sender_hears_why_the_receiver_stopped(tmp_path: Path) -> None:
         [
             *CLI,
             "send",
+            *AUTH,
             "--control",
             f"127.0.0.1:{port}",
             "--rate-limit",
@@ -346,11 +373,13 @@ def test_sender_hears_why_the_receiver_stopped(tmp_path: Path) -> None:
 # --------------------------------------------------- 9: a control command that fails
 
 
-def test_control_cmd_not_found_says_status_127(tmp_path: Path) -> None:
+@pytest.mark.parametrize("auth", [[], AUTH], ids=["ssh-only", "ssh-and-psk"])
+def test_control_cmd_not_found_says_status_127(tmp_path: Path, auth: list[str]) -> None:
     run = subprocess.run(
         [
             *CLI,
             "send",
+            *auth,
             "--control-cmd",
             "sh -c 'exec no-such-holepunch-mig recv'",
             "--input",
@@ -389,7 +418,7 @@ def test_migrate_proxy_has_control_cmd_and_plain_help() -> None:
 
 
 def test_recv_refuses_to_write_to_a_terminal() -> None:
-    term = Pty([*CLI, "recv", "--control-listen", f"127.0.0.1:{_free_port()}"])
+    term = Pty([*CLI, "recv", *AUTH, "--control-listen", f"127.0.0.1:{_free_port()}"])
     code = term.wait()
     out = term.out.decode(errors="replace")
     assert code == 2, out
@@ -407,6 +436,7 @@ def test_progress_on_a_terminal_ends_in_one_final_line(tmp_path: Path) -> None:
         [
             *CLI,
             "send",
+            *AUTH,
             "--control",
             f"127.0.0.1:{port}",
             "--rate-limit",
@@ -457,6 +487,7 @@ def test_second_receiver_on_a_busy_port(tmp_path: Path) -> None:
             [
                 *CLI,
                 "recv",
+                *AUTH,
                 "--control-listen",
                 f"127.0.0.1:{port}",
                 "--output",
@@ -486,6 +517,7 @@ def test_success_shows_only_the_nominated_pair(tmp_path: Path) -> None:
         [
             *CLI,
             "send",
+            *AUTH,
             "--control",
             f"127.0.0.1:{port}",
             "--input",

@@ -257,12 +257,28 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
+#: log messages that are news the command does not print itself (a stranger refused on
+#: the control port): shown without -v too, as one plain line each
+_SHOWN_WITHOUT_V = ("control listener:",)
+
+
+class _OnlyNews(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and str(record.msg).startswith(_SHOWN_WITHOUT_V)
+
+
 def setup_logging(verbose: int) -> None:
     """Log lines only with -v (INFO) or -vv (DEBUG): without, the command's own lines say
-    everything once, and the library's warnings would repeat them."""
+    everything once, and the library's warnings would repeat them (except the few that
+    are news only the log carries, see _SHOWN_WITHOUT_V)."""
     if verbose == 0:
-        logging.getLogger("holepunch_mig").addHandler(logging.NullHandler())
-        logging.getLogger("holepunch_mig").propagate = False
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        handler.addFilter(_OnlyNews())
+        lib = logging.getLogger("holepunch_mig")
+        lib.addHandler(handler)
+        lib.setLevel(logging.WARNING)
+        lib.propagate = False
         return
     level = logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(

@@ -278,11 +278,18 @@ async def _run_send(args: argparse.Namespace) -> int:
         auth = control_auth(args)
         channel: ControlChannel
         if args.control_cmd:
-            channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+            process = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
             try:
-                channel = await secure_existing(args, channel, auth, initiator=True)
+                channel = await secure_existing(args, process, auth, initiator=True)
+            except ChannelClosed:
+                # the command ended during the control handshake: its status says why
+                status = await process.exit_status()
+                await process.aclose()
+                if status:
+                    raise ChannelClosed(_command_status(status)) from None
+                raise
             except BaseException:
-                await channel.aclose()
+                await process.aclose()
                 raise
         else:
             host, port = args.control
@@ -333,8 +340,9 @@ async def _session(
     except NoDirectPath as exc:
         return await _fail(args, exc, exc.report or report, EXIT_NO_PATH, progress, shown)
     except HolepunchError as exc:
-        if isinstance(exc, ChannelClosed) and isinstance(channel, ProcessChannel):
-            status = await channel.exit_status()
+        process = _process_of(channel)
+        if isinstance(exc, ChannelClosed) and process is not None:
+            status = await process.exit_status()
             if status is not None and status != 0:
                 exc = ChannelClosed(_command_status(status))
         else:
@@ -355,6 +363,15 @@ async def _session(
     finally:
         with trio.CancelScope(shield=True):
             await channel.aclose()
+
+
+def _process_of(channel: ControlChannel) -> ProcessChannel | None:
+    """The ssh (or other) command under ``channel``, also when it was secured on top."""
+    while channel is not None:
+        if isinstance(channel, ProcessChannel):
+            return channel
+        channel = getattr(channel, "inner", None)  # type: ignore[assignment]
+    return None
 
 
 def _peer_word(role: Role) -> str:
