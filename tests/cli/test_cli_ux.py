@@ -592,3 +592,52 @@ def test_a_pair_that_never_connected_shows_the_routed_local_address() -> None:
     assert _route_local(socket.AF_INET, ("127.0.0.1", 9), 4000, "10.0.0.1:4000") == (
         "10.0.0.1:4000"
     )
+
+
+def test_migrate_source_hears_why_the_destination_stopped(tmp_path: Path) -> None:
+    """No QEMU listening on the destination: the source proxy says so, not "control
+    channel closed"."""
+    port = _free_port()
+    dst = subprocess.Popen(
+        [
+            *CLI,
+            "migrate-proxy",
+            "destination",
+            "--connect-unix",
+            str(tmp_path / "none.sock"),
+            "--control-listen",
+            f"127.0.0.1:{port}",
+            "--ready-timeout",
+            "2",
+            *AUTH,
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        src = subprocess.run(
+            [
+                *CLI,
+                "migrate-proxy",
+                "source",
+                "--listen-unix",
+                str(tmp_path / "out.sock"),
+                "--control",
+                f"127.0.0.1:{port}",
+                "--ready-timeout",
+                "10",
+                *AUTH,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        _, dst_err = dst.communicate(timeout=30)
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
+    assert dst.returncode == 1 and src.returncode == 1, src.stderr
+    assert "is not a listening QEMU socket" in dst_err.decode()
+    assert "peer aborted" in src.stderr and "is not a listening QEMU socket" in src.stderr
+    assert "closed by the peer" not in src.stderr
+    assert not CLASS_NAME.search(src.stderr.encode()), src.stderr
