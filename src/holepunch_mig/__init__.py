@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from holepunch_mig.errors import (
     ChannelClosed,
+    CommitFailed,
     ControlAuthError,
     ControlRejected,
     ControlTimeout,
@@ -79,6 +80,7 @@ __all__ = [
     "BlockingLink",
     "BlockingMigrationProxy",
     "ChannelClosed",
+    "CommitFailed",
     "ConnectOptions",
     "ControlAuth",
     "ControlAuthError",

@@ -641,3 +641,18 @@ def test_migrate_source_hears_why_the_destination_stopped(tmp_path: Path) -> Non
     assert "peer aborted" in src.stderr and "is not a listening QEMU socket" in src.stderr
     assert "closed by the peer" not in src.stderr
     assert not CLASS_NAME.search(src.stderr.encode()), src.stderr
+
+
+def test_warning_is_coloured_and_peer_text_escaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from holepunch_mig.cli import common
+
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as tty_stream:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        monkeypatch.setattr(sys, "stderr", tty_stream)
+        common.warn("peer said \x1b[2Jgotcha")
+        tty_stream.flush()
+        shown = os.read(master, 4096).decode()
+    os.close(master)
+    assert shown.startswith("holepunch-mig: \x1b[1;33mWARNING:\x1b[0m peer said ")
+    assert "\x1b[2J" not in shown  # the peer's escape sequence is escaped, ours is kept

@@ -30,6 +30,7 @@ from holepunch_mig.net.secure_control import (
 from holepunch_mig.roles import POLICIES
 from holepunch_mig.wire.candidates import parse_endpoint
 from holepunch_mig.wire.control_auth import ControlAuth, PairingCode
+from holepunch_mig.wire.text import printable
 
 __all__ = [
     "AUTH_OPTIONS",
@@ -111,8 +112,10 @@ def colour(text: str, code: str, stream: object = None) -> str:
 
 
 def warn(text: str) -> None:
-    """A warning line that stands out: ``holepunch-mig: WARNING: ...`` (yellow on a TTY)."""
-    say(f"{PROG}: " + colour("WARNING:", "1;33") + f" {text}")
+    """A warning line that stands out: ``holepunch-mig: WARNING: ...`` (yellow on a TTY).
+    Only the text is escaped (it may carry peer text); the colour is ours."""
+    sys.stderr.write(f"{PROG}: " + colour("WARNING:", "1;33") + f" {printable(text)}\n")
+    sys.stderr.flush()
 
 
 def check_output_path(path: str, what: str) -> None:
@@ -179,7 +182,7 @@ class Progress:
         if self.tty:
             sys.stderr.write("\r" + text.ljust(78))
         else:
-            sys.stderr.write(text + "\n")
+            sys.stderr.write(printable(text, keep_newlines=True) + "\n")
         sys.stderr.flush()
 
     @property
@@ -262,6 +265,13 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
 _SHOWN_WITHOUT_V = ("control listener:",)
 
 
+class _Escaped(logging.Formatter):
+    """Log text may carry peer text (a refusal's reason): escaped for the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 class _OnlyNews(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING and str(record.msg).startswith(_SHOWN_WITHOUT_V)
@@ -273,7 +283,7 @@ def setup_logging(verbose: int) -> None:
     are news only the log carries, see _SHOWN_WITHOUT_V)."""
     if verbose == 0:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        handler.setFormatter(_Escaped(f"{PROG}: %(message)s"))
         handler.addFilter(_OnlyNews())
         lib = logging.getLogger("holepunch_mig")
         lib.addHandler(handler)
@@ -300,7 +310,7 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def say(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text, keep_newlines=True) + "\n")
     sys.stderr.flush()
 
 

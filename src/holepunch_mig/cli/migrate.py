@@ -75,6 +75,7 @@ from holepunch_mig.net.control import (
     open_process_channel,
     stdio_channel,
 )
+from holepunch_mig.report import write_file_atomically
 from holepunch_mig.roles import Role
 from holepunch_mig.session import api
 
@@ -336,7 +337,7 @@ def _finish(
         report.verdict = report.verdict or cli.describe(exc)
     if args.report:
         try:
-            Path(args.report).write_text(report.to_json() + "\n")
+            write_file_atomically(args.report, report.to_json() + "\n")
         except OSError as err:
             cli.say(f"{cli.PROG}: cannot write the report {args.report}: {cli.describe(err)}")
     if not args.quiet or not report.ok:
