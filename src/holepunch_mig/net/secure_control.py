@@ -32,7 +32,7 @@ from holepunch_mig.errors import (
     PairingFailed,
     ProtocolError,
 )
-from holepunch_mig.net.control import ControlChannel, StreamChannel
+from holepunch_mig.net.control import ControlChannel, StreamChannel, open_tcp_channel
 from holepunch_mig.wire.control_auth import (
     ControlAuth,
     ControlHandshake,
@@ -182,15 +182,9 @@ async def connect_authenticated(
     connections and listeners that closed before their handshake reply."""
     deadline = trio.current_time() + wait
     while True:
-        try:
-            stream = await trio.open_tcp_stream(host, port)
-        except OSError as exc:
-            if trio.current_time() + 0.1 >= deadline:
-                raise ChannelClosed(f"cannot reach the control port {host}:{port}: {exc}") from None
-            await trio.sleep(0.1)
-            continue
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        inner = StreamChannel(stream)
+        # one deadline for everything: a connect whose SYNs are dropped is cut off at it
+        # (open_tcp_channel says why, and hints at what to check)
+        inner = await open_tcp_channel(host, port, wait=max(deadline - trio.current_time(), 0))
         try:
             return await secure(inner, auth, initiator=True, timeout=handshake_timeout)
         except ChannelClosed as exc:
@@ -235,13 +229,16 @@ async def accept_authenticated(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     max_pending: int = DEFAULT_MAX_PENDING,
     per_source: int = DEFAULT_PER_SOURCE,
+    listener: trio.socket.SocketType | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> SecureChannel:
     """Listen on ``host:port`` until one peer completes the control handshake; return
     its channel.  ``task_status.started`` gets the bound port.  A pairing code's expiry
     or its used-up failure budget ends the wait with :class:`PairingFailed`."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    bound = listener is not None
+    if listener is None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = trio.socket.socket(family, socket.SOCK_STREAM)
     stats = AcceptStats()
     pending: collections.Counter[str] = collections.Counter()
     won: list[SecureChannel] = []
@@ -276,8 +273,9 @@ async def accept_authenticated(
                     await inner.aclose()
 
     with listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await listener.bind((host, port))
+        if not bound:  # else the caller bound it (to fail on a busy port before waiting)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await listener.bind((host, port))
         listener.listen(64)
         task_status.started(int(listener.getsockname()[1]))
         until = code.expires if code is not None else math.inf
@@ -311,4 +309,4 @@ def _reason(exc: BaseException) -> str:
         return "closed before completing the control handshake"
     if isinstance(exc, ControlRejected):
         return "the peer gave up the handshake"
-    return f"{type(exc).__name__}: {exc}"[:200]
+    return str(exc)[:200] or "handshake failed"
