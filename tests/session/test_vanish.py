@@ -291,6 +291,9 @@ def cases() -> list[Case]:
         # all data sent, END never comes / the verdict never comes
         Case("before-end", "destination", "close", TruncatedStream,
              r"link ended at the start of record 1\b", peer_action=send_data_without_end),
+        Case("before-end", "destination", "silent", TruncatedStream,
+             r"link silent for 2 s after 1048576 bytes, before end-of-stream",
+             peer_action=send_data_without_end),
         Case("before-verdict", "source", "close", ChannelClosed,
              r"waiting for result \(waiting for the destination's verdict\)",
              peer_action=receive_then_no_verdict),
