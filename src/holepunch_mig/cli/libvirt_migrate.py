@@ -41,8 +41,6 @@ from holepunch_mig.migration.libvirt import (
 )
 from holepunch_mig.net.control import ControlChannel
 
-EXIT_INTERRUPTED = 130
-
 log = logging.getLogger(__name__)
 
 
@@ -259,7 +257,7 @@ async def _main(args: argparse.Namespace) -> int:
                 await channel.aclose()
     if interrupted or report is None:
         cli.say("holepunch-mig migrate: the libvirt job was aborted; the domain stays here")
-        return EXIT_INTERRUPTED
+        return cli.EXIT_INTERRUPTED
     if args.report:
         Path(args.report).write_text(report.to_json() + "\n")
     if not args.quiet or not report.ok:
@@ -286,6 +284,6 @@ def run(args: argparse.Namespace) -> int:
         return code
     except KeyboardInterrupt:
         cli.say("holepunch-mig migrate: interrupted")
-        return EXIT_INTERRUPTED
+        return cli.EXIT_INTERRUPTED
     finally:
         sys.stderr.flush()
