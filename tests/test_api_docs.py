@@ -15,8 +15,15 @@ API = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
 NOT_OURS = {"None", "TypeError", "Stream"}
 
 
+def _facade_sections() -> str:
+    """The page without the sections whose own examples import from a submodule (an
+    optional extra's API, e.g. libvirt): the rest is promised from ``holepunch_mig``."""
+    parts = API.split("\n## ")
+    return "\n## ".join(p for p in parts if "from holepunch_mig." not in p)
+
+
 def test_every_class_the_api_page_names_is_importable() -> None:
-    names = set(re.findall(r"`([A-Z][a-z]+[A-Za-z]*)[`(.]", API)) - NOT_OURS
+    names = set(re.findall(r"`([A-Z][a-z]+[A-Za-z]*)[`(.]", _facade_sections())) - NOT_OURS
     assert {"ResumeFailed", "TunnelRefused", "HandoffRefused", "Interruption"} <= names
     missing = sorted(n for n in names if not hasattr(holepunch_mig, n))
     assert not missing, f"named in docs/api.md but not importable: {missing}"
