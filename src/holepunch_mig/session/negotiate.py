@@ -36,6 +36,8 @@ from holepunch_mig.session.policy import decide
 from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.birthday import announce, announced_class
+from holepunch_mig.wire.birthday import plan as plan_birthday
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -115,6 +117,8 @@ async def _negotiate(
     limits = {"max_record": 1 << 20}
     if options.resume_attempts > 0:
         limits["resume"] = 1
+    budget = options.birthday if options.hard_nat == "birthday" else None
+    limits.update(announce(prepared.nat, budget))
 
     if role == "source":
         offer = await control.send(
@@ -175,8 +179,26 @@ async def _negotiate(
 
     remotes = prepared.remotes(peer.candidates, control.channel.peer_host, peer.port, report)
     log.info("%d local, %d remote candidates", len(prepared.local), len(remotes))
+    birthday, why = plan_birthday(
+        local_class=prepared.nat,
+        local_limits=limits,
+        peer_limits=peer.limits,
+        peer_candidates=peer.candidates,
+        peer_port=peer.port,
+        peer_host=control.channel.peer_host,
+        local_budget=budget,
+    )
+    if birthday is not None:
+        report.notes.append(
+            f"birthday punching: {why} ({birthday.sockets} sockets x {birthday.probes} "
+            f"probes, expected success {100 * birthday.expected_success:.1f} %)"
+        )
+        log.info("birthday punching as the %s side", birthday.role)
+    elif prepared.nat == "dependent" or announced_class(peer.limits) == "dependent":
+        report.notes.append(f"birthday punching not used: {why}")
     try:
-        link = await DirectAttempt(control, prepared, keys, remotes, report, log).run(role)
+        attempt = DirectAttempt(control, prepared, keys, remotes, report, log, birthday)
+        link = await attempt.run(role)
     except NoDirectPath as exc:
         verdict = explain_no_path(report).verdict
         after = decide(policy, destination_policy, "failed")

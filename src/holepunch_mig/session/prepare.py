@@ -17,6 +17,7 @@ from holepunch_mig.net.punch import open_listener
 from holepunch_mig.report import Report
 from holepunch_mig.session.handshake import prologue
 from holepunch_mig.session.options import ConnectOptions
+from holepunch_mig.wire.birthday import NatClass
 from holepunch_mig.wire.candidates import Candidate, observed_candidates
 from holepunch_mig.wire.noise import generate_keypair
 
@@ -44,6 +45,8 @@ class Prepared:
     notes: list[str]
     static_private: bytes
     static_public: bytes
+    nat: NatClass = "unknown"
+    """This side's NAT as its STUN answers show it (birthday punching needs it)."""
 
     @property
     def lines(self) -> list[str]:
@@ -83,8 +86,9 @@ async def prepare_round(
     if skip_gather is not None:
         local: list[Candidate] = []
         notes = [skip_gather]
+        nat: NatClass = "unknown"
     else:
-        local, notes = await gather(
+        local, notes, nat = await gather(
             port,
             stun_servers=options.stun,
             given=options.candidates,
@@ -93,7 +97,7 @@ async def prepare_round(
             stun_timeout=options.stun_timeout,
         )
     static_private, static_public = generate_keypair()
-    return Prepared(options, listeners, port, local, notes, static_private, static_public)
+    return Prepared(options, listeners, port, local, notes, static_private, static_public, nat)
 
 
 def choose_bind(options: ConnectOptions, family: int) -> str:
