@@ -100,6 +100,8 @@ def presets() -> dict[str, LabSpec]:
         spec("rst-rst", ("drop", "rst"), ("drop", "rst")),
         spec("random-random", ("drop", "random"), ("drop", "random")),
         spec("symmetric-nat", ("drop", "fully-random"), ("drop", "masquerade")),
+        spec("symmetric-fw", ("drop", "fully-random"), ("drop", "none")),
+        spec("nat-symmetric", ("drop", "masquerade"), ("drop", "fully-random")),
         spec("symmetric-symmetric", ("drop", "fully-random"), ("drop", "fully-random")),
         spec("double-nat", ("drop", "double"), ("drop", "masquerade")),
         spec("double-double", ("drop", "double"), ("drop", "double")),
