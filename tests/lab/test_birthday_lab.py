@@ -58,8 +58,13 @@ def _run(
                 proc.wait()
     reports = json.loads(srep.read_text()), json.loads(rrep.read_text())
     errs = (send_err + recv_err).decode(errors="replace")
-    return send.returncode, recv.returncode, reports[0], reports[1], out, (
-        hashlib.sha256(data).hexdigest() + "\n" + errs
+    return (
+        send.returncode,
+        recv.returncode,
+        reports[0],
+        reports[1],
+        out,
+        (hashlib.sha256(data).hexdigest() + "\n" + errs),
     )
 
 

@@ -51,11 +51,26 @@ class SideSpec:
         (masquerade) in front of a home NAT (masquerade).
     allow_inbound_tcp: ports accepted inbound (no NAT) or port-forwarded to the same port on
         the host (NAT), e.g. the receiver's control port.
+    loss_pct, jitter_ms, reorder_pct: impairments of what arrives at this side from the
+        public segment (the NFQUEUE stage at its edge): random loss in percent, delay
+        jitter (uniform ± ms around rtt_ms / 2), percent of packets that skip the delay
+        and overtake the others.
+    rate_kbit: a token-bucket (tc tbf) rate limit in kbit/s on this side's link, both
+        directions (0 = none).
     """
 
     firewall: Firewall = "drop"
     nat: Nat = "none"
     allow_inbound_tcp: tuple[int, ...] = ()
+    loss_pct: float = 0.0
+    jitter_ms: float = 0.0
+    reorder_pct: float = 0.0
+    rate_kbit: int = 0
+
+    @property
+    def impaired(self) -> bool:
+        """Whether this side needs the NFQUEUE stage for loss, jitter or reordering."""
+        return bool(self.loss_pct or self.jitter_ms or self.reorder_pct)
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,11 @@ class LabSpec:
     stun: bool = False
     rtt_ms: int = 0
     name: str = "lab"
+
+    @property
+    def needs_queue(self) -> bool:
+        """Whether the lab runs an NFQUEUE stage (delay, loss, jitter or reordering)."""
+        return self.rtt_ms > 0 or self.left.impaired or self.right.impaired
 
 
 def presets() -> dict[str, LabSpec]:
@@ -110,7 +130,22 @@ def presets() -> dict[str, LabSpec]:
 
 
 _SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms")
-_SIDE_KEYS = ("firewall", "nat", "allow_inbound_tcp")
+_SIDE_KEYS = (
+    "firewall",
+    "nat",
+    "allow_inbound_tcp",
+    "loss_pct",
+    "jitter_ms",
+    "reorder_pct",
+    "rate_kbit",
+)
+#: Side keys that are numbers, and their (inclusive) ranges.
+_SIDE_NUMBERS: dict[str, tuple[float, float]] = {
+    "loss_pct": (0.0, 100.0),
+    "jitter_ms": (0.0, float(MAX_RTT_MS)),
+    "reorder_pct": (0.0, 100.0),
+    "rate_kbit": (0.0, 10_000_000.0),
+}
 
 
 def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> LabSpec:
@@ -139,7 +174,15 @@ def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> Lab
             raise LabError(f"{key}.firewall must be one of {', '.join(_FIREWALLS)}, not {fw!r}")
         if nat not in _NATS:
             raise LabError(f"{key}.nat must be one of {', '.join(_NATS)}, not {nat!r}")
-        return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports))
+        numbers: dict[str, Any] = {}
+        for field_name in _SIDE_NUMBERS:
+            value = raw.get(field_name, 0)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise LabError(f"{key}.{field_name} must be a number, not {value!r}")
+            if field_name == "rate_kbit" and not isinstance(value, int):
+                raise LabError(f"{key}.rate_kbit must be an integer (kbit/s), not {value!r}")
+            numbers[field_name] = value
+        return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports), **numbers)
 
     name = data.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
@@ -163,6 +206,10 @@ def spec_to_dict(spec: LabSpec) -> dict[str, Any]:
             "firewall": s.firewall,
             "nat": s.nat,
             "allow_inbound_tcp": list(s.allow_inbound_tcp),
+            "loss_pct": s.loss_pct,
+            "jitter_ms": s.jitter_ms,
+            "reorder_pct": s.reorder_pct,
+            "rate_kbit": s.rate_kbit,
         }
 
     return {
@@ -203,6 +250,14 @@ def validate_spec(spec: LabSpec) -> None:
         for port in side.allow_inbound_tcp:
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise LabError(f"{side_name}.allow_inbound_tcp: bad port {port!r}")
+        for field_name, (low, high) in _SIDE_NUMBERS.items():
+            value = getattr(side, field_name)
+            if not low <= value <= high:
+                raise LabError(
+                    f"{side_name}.{field_name} must be in {low:g}..{high:g}, not {value!r}"
+                )
+        if 0 < side.rate_kbit < 8:
+            raise LabError(f"{side_name}.rate_kbit must be 0 (none) or >= 8, not {side.rate_kbit}")
     if spec.rtt_ms < 0:
         raise LabError(f"rtt_ms must be >= 0, not {spec.rtt_ms}")
     if spec.rtt_ms > MAX_RTT_MS:

@@ -396,7 +396,7 @@ class Lab:
         KeyboardInterrupt) whatever was created is torn down before the error propagates."""
         if self.built:
             raise LabError(f"lab {self.spec.name!r} is already built")
-        check_environment(need_stun=self.spec.stun, need_delay=self.spec.rtt_ms > 0)
+        check_environment(need_stun=self.spec.stun, need_delay=self.spec.needs_queue)
         try:
             self._write_state()
             self._build()
@@ -404,8 +404,9 @@ class Lab:
             self.built = True
             if self.spec.stun:
                 self._start_stun()
-            if self.spec.rtt_ms > 0:
+            if self.spec.needs_queue:
                 self._start_delay()
+            self._start_rate_limits()
             if self.detached:
                 # from here on no process owns the lab: only `lab down` removes it
                 self._procs.clear()
@@ -425,7 +426,8 @@ class Lab:
 
     def _start_delay(self) -> None:
         """One NFQUEUE delay stage per side, on packets entering the side's outermost
-        namespace (before conntrack): each holds them rtt_ms / 2."""
+        namespace (before conntrack): each holds them rtt_ms / 2 and applies the side's
+        loss, jitter and reordering."""
         tmp = self._ensure_tmpdir()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -445,6 +447,9 @@ class Lab:
                 "--stats",
                 str(stats),
             ]
+            spec = self._side(side)
+            argv += ["--loss-pct", f"{spec.loss_pct:g}", "--jitter-ms", f"{spec.jitter_ms:g}"]
+            argv += ["--reorder-pct", f"{spec.reorder_pct:g}"]
             with open(tmp / f"delay-{side}.log", "wb") as log:
                 proc = self._service(edge, argv, stdout=subprocess.PIPE, stderr=log, env=env)
             self._delay_procs.append(proc)
@@ -462,6 +467,26 @@ class Lab:
                     "-j", "NFQUEUE", "--queue-num", "0",
                 ]
             )  # fmt: skip
+
+    def _start_rate_limits(self) -> None:
+        """A token bucket (tc tbf) on both ends of a rate-limited side's outer link: the
+        edge's outer interface (upload) and its bridge port on the segment (download)."""
+        for side in ("left", "right"):
+            rate = self._side(side).rate_kbit
+            if not rate:
+                continue
+            edge = self.edge(side)
+            # burst: at least one MTU and ~10 ms at the rate; latency bounds the queue
+            burst = max(4000, rate * 1000 // 8 // 100)
+            for ns, ifname in ((self.netns(edge), "eth0" if edge == side else "wan"),
+                               (self.segment_netns, side)):  # fmt: skip
+                run_cmd(
+                    [
+                        "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", ifname,
+                        "root", "tbf", "rate", f"{rate}kbit", "burst", str(burst),
+                        "latency", "200ms",
+                    ]
+                )  # fmt: skip
 
     def _ensure_tmpdir(self) -> Path:
         if self._tmpdir is None:
@@ -696,10 +721,10 @@ class Lab:
         self._stun_proc = None
         # delay stages first (SIGTERM: they release what they hold and write their stats)
         for ns in [self.netns(self.edge(side)) for side in ("left", "right")]:
-            if ns in self._namespaces and self.spec.rtt_ms > 0:
+            if ns in self._namespaces and self.spec.needs_queue:
                 kill_netns_processes(ns)
         self._delay_procs.clear()
-        if self.spec.rtt_ms > 0:
+        if self.spec.needs_queue:
             self._keep_stats()
         for ns in reversed(self._namespaces):
             try:
