@@ -105,6 +105,8 @@ class Cell:
     rounds: int = 3
     runs: list[RunResult] = field(default_factory=list)
     error: str | None = None
+    loss_pct: float = 0.0
+    """Random inbound loss on both sides (the NFQUEUE stage), in percent."""
 
     @property
     def fail_fast_seconds(self) -> float:
@@ -158,6 +160,7 @@ class Cell:
         return {
             "preset": self.preset,
             "rtt_ms": self.rtt_ms,
+            "loss_pct": self.loss_pct,
             "left": self.left,
             "right": self.right,
             "expected": self.expected,
@@ -306,6 +309,7 @@ def run_cell(
     payload: Path,
     digest: str,
     rounds: int,
+    loss_pct: float = 0.0,
 ) -> Cell:
     cell = Cell(
         preset=spec.name,
@@ -314,9 +318,16 @@ def run_cell(
         right=_side_text(spec.right.nat, spec.right.firewall),
         expected=EXPECTED.get(spec.name, "direct"),
         rounds=rounds,
+        loss_pct=loss_pct,
+    )
+    lossy = replace(
+        spec,
+        rtt_ms=rtt_ms,
+        left=replace(spec.left, loss_pct=loss_pct),
+        right=replace(spec.right, loss_pct=loss_pct),
     )
     try:
-        with Lab(replace(spec, rtt_ms=rtt_ms)) as lab:
+        with Lab(lossy) as lab:
             for i in range(runs):
                 cell.runs.append(run_once(lab, workdir / f"run{i}", payload, digest, rounds))
     except LabError as exc:
@@ -333,6 +344,7 @@ class Matrix:
     payload_bytes: int
     seconds: float
     generated: str
+    losses: list[float] = field(default_factory=lambda: [0.0])
 
     @property
     def all_match(self) -> bool:
@@ -342,6 +354,7 @@ class Matrix:
         return {
             "generated": self.generated,
             "rtts_ms": self.rtts,
+            "losses_pct": self.losses,
             "runs": self.runs,
             "rounds": self.rounds,
             "payload_bytes": self.payload_bytes,
@@ -359,8 +372,9 @@ def run_matrix(
     payload_bytes: int = 4 << 20,
     jobs: int = 1,
     progress: Callable[[Cell], None] | None = None,
+    losses: Sequence[float] = (0.0,),
 ) -> Matrix:
-    """Run every (preset, RTT) cell; `jobs` cells at a time (each in its own lab)."""
+    """Run every (preset, RTT, loss) cell; `jobs` cells at a time (each in its own lab)."""
     cells_spec = presets()
     names = list(preset_names) if preset_names else list(cells_spec)
     unknown = [n for n in names if n not in cells_spec]
@@ -372,8 +386,8 @@ def run_matrix(
         data = os.urandom(payload_bytes)
         payload.write_bytes(data)
         digest = hashlib.sha256(data).hexdigest()
-        work = [(cells_spec[n], rtt) for rtt in rtts for n in names]
-        results: dict[tuple[str, int], Cell] = {}
+        work = [(cells_spec[n], rtt, loss) for loss in losses for rtt in rtts for n in names]
+        results: dict[tuple[str, int, float], Cell] = {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             futures = {
                 pool.submit(
@@ -381,19 +395,20 @@ def run_matrix(
                     spec,
                     rtt,
                     runs,
-                    Path(tmp) / f"{spec.name}-{rtt}",
+                    Path(tmp) / f"{spec.name}-{rtt}-{loss:g}",
                     payload,
                     digest,
                     rounds,
-                ): (spec.name, rtt)
-                for spec, rtt in work
+                    loss,
+                ): (spec.name, rtt, loss)
+                for spec, rtt, loss in work
             }
             for fut in concurrent.futures.as_completed(futures):
                 cell = fut.result()
                 results[futures[fut]] = cell
                 if progress:
                     progress(cell)
-    ordered = [results[(spec.name, rtt)] for spec, rtt in work]
+    ordered = [results[(spec.name, rtt, loss)] for spec, rtt, loss in work]
     return Matrix(
         cells=ordered,
         rtts=list(rtts),
@@ -402,6 +417,7 @@ def run_matrix(
         payload_bytes=payload_bytes,
         seconds=time.monotonic() - started,
         generated=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        losses=list(losses),
     )
 
 
@@ -414,7 +430,9 @@ def cell_line(cell: Cell) -> str:
     ttl = f"median {_fmt_s(cell.ttl(0.5))}, p95 {_fmt_s(cell.ttl(0.95))}"
     why = f" — {cell.reason}" if cell.reason else ""
     return (
-        f"[{mark}] {cell.preset:20} rtt {cell.rtt_ms:>3} ms: {cell.successes}/{len(cell.runs)} "
+        f"[{mark}] {cell.preset:20} rtt {cell.rtt_ms:>3} ms"
+        + (f", loss {cell.loss_pct:g} %" if cell.loss_pct else "")
+        + f": {cell.successes}/{len(cell.runs)} "
         f"direct, {ttl}, expected {cell.expected}{why}"
     )
 
@@ -427,15 +445,15 @@ def to_markdown(matrix: Matrix) -> str:
         f"**{'yes' if matrix.all_match else 'NO'}**.",
         "",
     ]
-    for rtt in matrix.rtts:
+    for loss, rtt in ((loss, rtt) for loss in matrix.losses for rtt in matrix.rtts):
         lines += [
-            f"### RTT {rtt} ms",
+            f"### RTT {rtt} ms" + (f", {loss:g} % loss on both sides" if loss else ""),
             "",
             "| preset | left | right | expected | success | median TTL | p95 TTL | path | "
             "failure reason | as expected |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for c in (c for c in matrix.cells if c.rtt_ms == rtt):
+        for c in (c for c in matrix.cells if c.rtt_ms == rtt and c.loss_pct == loss):
             reason = c.reason.replace("|", "\\|")
             if len(reason) > 140:
                 reason = reason[:137] + "..."
