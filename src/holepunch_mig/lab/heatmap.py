@@ -2,8 +2,9 @@
 
 Rows are presets, columns RTTs (and loss, when the matrix ran a loss column); a cell's
 colour goes from red (0 % direct) through amber to green (100 %), and says what it
-shows in text ("5/5 0.21 s").  A cell that does not match its expectation gets a thick magenta frame and a "!"; expected failures that
-failed as expected are drawn grey-blue ("expected fail").
+shows in text ("5/5 0.21 s").  A cell that does not match its expectation gets a thick
+magenta frame and a "!"; expected failures that failed as expected are drawn grey-blue
+("expected fail").
 
 matplotlib is an optional extra (``pip install 'holepunch_mig[plot]'``), imported only
 to draw.  What the map shows (:func:`heat_cells`) is read from the matrix's JSON form,
