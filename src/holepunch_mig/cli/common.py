@@ -134,6 +134,13 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
         "tunnel only.  The sender's policy counts; a receiver's 'direct' forbids the tunnel",
     )
     p.add_argument("--rounds", type=int, default=3, help="punch rounds before giving up")
+    p.add_argument(
+        "--port-mapping",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ask the gateway (PCP, then NAT-PMP) to forward a public port to the punch "
+        "port while it is open: 'auto' (default) when --stun is given, 'on', 'off'",
+    )
     hard = BirthdayBudget()
     p.add_argument(
         "--hard-nat",
@@ -194,6 +201,7 @@ def connect_options(args: argparse.Namespace) -> dict[str, object]:
         "rounds": args.rounds,
         "dial_delay": args.dial_delay,
         "hard_nat": args.hard_nat,
+        "port_mapping": args.port_mapping,
         "birthday": BirthdayBudget(
             sockets=args.birthday_sockets,
             probes=args.birthday_probes,

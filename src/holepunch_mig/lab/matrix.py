@@ -50,6 +50,8 @@ EXPECTED: dict[str, Expect] = {
     "symmetric-fw": "direct",
     "nat-symmetric": "direct",
     "symmetric-symmetric": "fail-symmetric",
+    "symmetric-pcp": "direct",
+    "symmetric-symmetric-pcp": "direct",
     "double-nat": "direct",
     "double-double": "direct",
 }

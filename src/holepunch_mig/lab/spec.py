@@ -57,6 +57,8 @@ class SideSpec:
         and overtake the others.
     rate_kbit: a token-bucket (tc tbf) rate limit in kbit/s on this side's link, both
         directions (0 = none).
+    port_mapping: the side's router runs miniupnpd (PCP and NAT-PMP) so the host can ask
+        it to map a port; needs a single NAT (not "none" or "double") and ``stun``.
     """
 
     firewall: Firewall = "drop"
@@ -66,6 +68,7 @@ class SideSpec:
     jitter_ms: float = 0.0
     reorder_pct: float = 0.0
     rate_kbit: int = 0
+    port_mapping: bool = False
 
     @property
     def impaired(self) -> bool:
@@ -100,11 +103,17 @@ def presets() -> dict[str, LabSpec]:
         left: tuple[Firewall, Nat],
         right: tuple[Firewall, Nat],
         stun: bool | None = None,
+        mapping: Side | None = None,
     ) -> LabSpec:
         natted = left[1] != "none" or right[1] != "none"
         return LabSpec(
-            left=SideSpec(firewall=left[0], nat=left[1]),
-            right=SideSpec(firewall=right[0], nat=right[1], allow_inbound_tcp=ctl),
+            left=SideSpec(firewall=left[0], nat=left[1], port_mapping=mapping == "left"),
+            right=SideSpec(
+                firewall=right[0],
+                nat=right[1],
+                allow_inbound_tcp=ctl,
+                port_mapping=mapping == "right",
+            ),
             stun=natted if stun is None else stun,
             name=name,
         )
@@ -123,6 +132,13 @@ def presets() -> dict[str, LabSpec]:
         spec("symmetric-fw", ("drop", "fully-random"), ("drop", "none")),
         spec("nat-symmetric", ("drop", "masquerade"), ("drop", "fully-random")),
         spec("symmetric-symmetric", ("drop", "fully-random"), ("drop", "fully-random")),
+        spec("symmetric-pcp", ("drop", "fully-random"), ("drop", "masquerade"), mapping="left"),
+        spec(
+            "symmetric-symmetric-pcp",
+            ("drop", "fully-random"),
+            ("drop", "fully-random"),
+            mapping="left",
+        ),
         spec("double-nat", ("drop", "double"), ("drop", "masquerade")),
         spec("double-double", ("drop", "double"), ("drop", "double")),
     ]
@@ -138,6 +154,7 @@ _SIDE_KEYS = (
     "jitter_ms",
     "reorder_pct",
     "rate_kbit",
+    "port_mapping",
 )
 #: Side keys that are numbers, and their (inclusive) ranges.
 _SIDE_NUMBERS: dict[str, tuple[float, float]] = {
@@ -182,7 +199,16 @@ def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> Lab
             if field_name == "rate_kbit" and not isinstance(value, int):
                 raise LabError(f"{key}.rate_kbit must be an integer (kbit/s), not {value!r}")
             numbers[field_name] = value
-        return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports), **numbers)
+        mapping = raw.get("port_mapping", False)
+        if not isinstance(mapping, bool):
+            raise LabError(f"{key}.port_mapping must be true or false, not {mapping!r}")
+        return SideSpec(
+            firewall=fw,
+            nat=nat,
+            allow_inbound_tcp=tuple(ports),
+            port_mapping=mapping,
+            **numbers,
+        )
 
     name = data.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
@@ -210,6 +236,7 @@ def spec_to_dict(spec: LabSpec) -> dict[str, Any]:
             "jitter_ms": s.jitter_ms,
             "reorder_pct": s.reorder_pct,
             "rate_kbit": s.rate_kbit,
+            "port_mapping": s.port_mapping,
         }
 
     return {
@@ -256,6 +283,16 @@ def validate_spec(spec: LabSpec) -> None:
                 raise LabError(
                     f"{side_name}.{field_name} must be in {low:g}..{high:g}, not {value!r}"
                 )
+        if side.port_mapping and side.nat in ("none", "double"):
+            raise LabError(
+                f"{side_name}.port_mapping needs a single NAT router (nat masquerade, random, "
+                f"fully-random or rst), not nat {side.nat!r}"
+            )
+        if side.port_mapping and not spec.stun:
+            raise LabError(
+                f"{side_name}.port_mapping needs stun = true: miniupnpd learns from STUN that "
+                "the lab's documentation-range address may be forwarded"
+            )
         if 0 < side.rate_kbit < 8:
             raise LabError(f"{side_name}.rate_kbit must be 0 (none) or >= 8, not {side.rate_kbit}")
     if spec.rtt_ms < 0:

@@ -62,6 +62,7 @@ from typing import Any, TypeVar
 
 from holepunch_mig.lab.netns import (
     MASQUERADE,
+    MINIUPNPD_RULESET,
     call_in_netns,
     check_environment,
     delete_netns,
@@ -69,6 +70,7 @@ from holepunch_mig.lab.netns import (
     ip_batch,
     kill_netns_processes,
     list_netns,
+    miniupnpd_config,
     pid_alive,
     proc_start_time,
     router_ruleset,
@@ -383,8 +385,16 @@ class Lab:
             )
             plan.routes[side] = lan_gw
             plan.rulesets[router] = router_ruleset(
-                spec.firewall, masq, rst, host_addr, spec.allow_inbound_tcp
+                spec.firewall,
+                masq,
+                rst,
+                host_addr,
+                spec.allow_inbound_tcp,
+                stun_replies=(_STUN_HOST, _STUN_HOST2) if spec.port_mapping else (),
+                own_address=wan if spec.port_mapping else None,
             )
+            if spec.port_mapping:
+                plan.rulesets[router] += MINIUPNPD_RULESET
             plan.forwarding.add(router)
         return plan
 
@@ -396,7 +406,11 @@ class Lab:
         KeyboardInterrupt) whatever was created is torn down before the error propagates."""
         if self.built:
             raise LabError(f"lab {self.spec.name!r} is already built")
-        check_environment(need_stun=self.spec.stun, need_delay=self.spec.needs_queue)
+        check_environment(
+            need_stun=self.spec.stun,
+            need_delay=self.spec.needs_queue,
+            need_miniupnpd=self.spec.left.port_mapping or self.spec.right.port_mapping,
+        )
         try:
             self._write_state()
             self._build()
@@ -404,6 +418,7 @@ class Lab:
             self.built = True
             if self.spec.stun:
                 self._start_stun()
+            self._start_port_mapping()
             if self.spec.needs_queue:
                 self._start_delay()
             self._start_rate_limits()
@@ -467,6 +482,41 @@ class Lab:
                     "-j", "NFQUEUE", "--queue-num", "0",
                 ]
             )  # fmt: skip
+
+    def _start_port_mapping(self) -> None:
+        """miniupnpd (PCP + NAT-PMP) in the router of each side with ``port_mapping``;
+        ready once its STUN test has enabled port forwarding."""
+        for side in ("left", "right"):
+            if not self._side(side).port_mapping:
+                continue
+            tmp = self._ensure_tmpdir()
+            conf, log = tmp / f"miniupnpd-{side}.conf", tmp / f"miniupnpd-{side}.log"
+            idx = _SIDE_INDEX[side]
+            conf.write_text(miniupnpd_config(f"10.{idx}.0.0/24", _STUN_HOST, STUN_PORT))
+            argv = [
+                "miniupnpd", "-d", "-f", str(conf), "-P", str(tmp / f"miniupnpd-{side}.pid"),
+            ]  # fmt: skip
+            with open(log, "wb") as out:
+                proc = self._service(f"{side}-router", argv, stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 15.0
+            while True:
+                text = log.read_text(errors="replace")
+                if "Listening for NAT-PMP/PCP" in text and "Port forwarding is now enabled" in text:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(
+                        f"miniupnpd in {side}-router did not enable port forwarding: {text[-1500:]}"
+                    )
+                time.sleep(0.05)
+
+    def miniupnpd_log(self, side: str) -> str:
+        """What the port-mapping daemon of `side` logged so far ("" without one)."""
+        if self._tmpdir is None:
+            return ""
+        try:
+            return (self._tmpdir / f"miniupnpd-{side}.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
     def _start_rate_limits(self) -> None:
         """A token bucket (tc tbf) on both ends of a rate-limited side's outer link: the

@@ -66,9 +66,6 @@ class BirthdayDial:
     start_delay: float = 0.0
     hold: float = 1.5
     max_open: int = 512
-    accept_hosts: frozenset[str] = frozenset()
-    """Easy side: inbound connections from these addresses are accepted from any port
-    (the hard side's public address: its NAT picks the source port)."""
 
 
 MAX_UNOFFERED_HOSTS = 16
@@ -128,7 +125,11 @@ class PunchRound:
         first_link_id: int = 1,
         dial_delay: float = 0.0,
         birthday: BirthdayDial | None = None,
+        accept_hosts: frozenset[str] = frozenset(),
     ) -> None:
+        """``accept_hosts``: inbound connections from these addresses are taken from any
+        port, not only the offered ones (a peer behind an endpoint-dependent NAT: its
+        router picks the source port); they are authenticated like every other."""
         self.round_no = round_no
         self.listeners = listeners
         self.bind_host = bind_host
@@ -144,7 +145,7 @@ class PunchRound:
         self._unoffered_counts: dict[str, int] = {}
         self.dial_delay = dial_delay
         self.birthday = birthday
-        self._accept_hosts = birthday.accept_hosts if birthday is not None else frozenset()
+        self._accept_hosts = accept_hosts
         self._birthday_open = 0
 
     def _new_link_id(self) -> int:

@@ -33,11 +33,12 @@ from holepunch_mig.session.diagnosis import explain_no_path
 from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.policy import decide
-from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
+from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round, release
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
-from holepunch_mig.wire.birthday import announce, announced_class
+from holepunch_mig.wire.birthday import announce, announced_class, public_addresses
 from holepunch_mig.wire.birthday import plan as plan_birthday
+from holepunch_mig.wire.portmap import PortMapping
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -86,11 +87,13 @@ async def establish(
     started = trio.current_time()
 
     listeners: Listeners = {}
+    mappings: list[PortMapping] = []
     try:
-        return await _negotiate(control, role, options, listeners, session_id, started, nursery)
+        return await _negotiate(
+            control, role, options, listeners, mappings, session_id, started, nursery
+        )
     finally:
-        for sock in listeners.values():
-            sock.close()
+        await release(listeners, mappings)
 
 
 async def _negotiate(
@@ -98,6 +101,7 @@ async def _negotiate(
     role: Role,
     options: ConnectOptions,
     listeners: Listeners,
+    mappings: list[PortMapping],
     session_id: bytes,
     started: float,
     nursery: trio.Nursery | None,
@@ -106,6 +110,7 @@ async def _negotiate(
         options,
         control.channel.peer_host,
         listeners,
+        mappings=mappings,
         # no direct attempt will be made: don't spend time on STUN
         skip_gather=(
             "policy tunnel: no candidates gathered"
@@ -197,7 +202,12 @@ async def _negotiate(
     elif prepared.nat == "dependent" or announced_class(peer.limits) == "dependent":
         report.notes.append(f"birthday punching not used: {why}")
     try:
-        attempt = DirectAttempt(control, prepared, keys, remotes, report, log, birthday)
+        accept = (
+            frozenset(public_addresses(peer.candidates))
+            if announced_class(peer.limits) == "dependent"
+            else frozenset()
+        )
+        attempt = DirectAttempt(control, prepared, keys, remotes, report, log, birthday, accept)
         link = await attempt.run(role)
     except NoDirectPath as exc:
         verdict = explain_no_path(report).verdict
@@ -267,8 +277,11 @@ async def repunch(
     offset, and a scratch report holding that negotiation's rounds and pairs."""
     scratch = Report(session=session_id.hex(), role=role)
     listeners: Listeners = {}
+    mappings: list[PortMapping] = []
     try:
-        prepared = await prepare_round(options, control.channel.peer_host, listeners)
+        prepared = await prepare_round(
+            options, control.channel.peer_host, listeners, mappings=mappings
+        )
         scratch.notes.extend(prepared.notes)
         fields: dict[str, Any] = {
             "session": session_id.hex(),
@@ -315,8 +328,7 @@ async def repunch(
         attempt = DirectAttempt(control, prepared, keys, remotes, scratch, log)
         link = await attempt.run(role)
     finally:
-        for sock in listeners.values():
-            sock.close()
+        await release(listeners, mappings)
     link.pair.outcome = "nominated"
     scratch.path = "direct"
     scratch.local, scratch.remote = link.local, link.remote

@@ -55,6 +55,9 @@ class DirectAttempt:
     log: logging.LoggerAdapter[logging.Logger]
     birthday: BirthdayPlan | None = None
     """Birthday punching for the first round (both sides agreed on it from offer/answer)."""
+    accept_hosts: frozenset[str] = frozenset()
+    """The peer's public addresses when its NAT picks source ports (endpoint-dependent):
+    inbound connections from them are accepted from any port."""
 
     @property
     def options(self) -> ConnectOptions:
@@ -77,6 +80,7 @@ class DirectAttempt:
             first_link_id=first_link_id,
             dial_delay=self.options.dial_delay,
             birthday=self._birthday_dial() if round_no == 1 else None,
+            accept_hosts=self.accept_hosts,
         )
 
     def _birthday_dial(self) -> BirthdayDial | None:
@@ -96,13 +100,11 @@ class DirectAttempt:
         hosts = [h for h, _p in plan.targets]
         if plan.role == "hard":
             remotes = [plan.targets[i % len(plan.targets)] for i in range(plan.count)]
-            accept: frozenset[str] = frozenset()
         else:
             ports = guess_ports(
                 random.SystemRandom(), plan.count, low=plan.port_low, high=plan.port_high
             )
             remotes = [(hosts[i % len(hosts)], port) for i, port in enumerate(ports)]
-            accept = frozenset(hosts)
         return BirthdayDial(
             role=plan.role,
             remotes=remotes,
@@ -110,7 +112,6 @@ class DirectAttempt:
             seconds=plan.seconds,
             report=rep,
             start_delay=plan.start_delay,
-            accept_hosts=accept,
         )
 
     async def run(self, role: Role) -> AuthenticatedLink:

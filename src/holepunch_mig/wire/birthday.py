@@ -36,11 +36,12 @@ from holepunch_mig.errors import CandidateError
 from holepunch_mig.wire.candidates import Candidate
 from holepunch_mig.wire.stun import MappingVerdict
 
-NatClass = Literal["unknown", "none", "independent", "dependent"]
+NatClass = Literal["unknown", "none", "independent", "dependent", "mapped"]
 """What a side's STUN answers say about its NAT: ``none`` (the mapped address is one of
 its own), ``independent`` (every server saw the same mapping, or the one answer kept the
 port), ``dependent`` (servers saw different mappings), ``unknown`` (no STUN, or one
-answer with a rewritten port)."""
+answer with a rewritten port); ``mapped``: whatever its NAT does, its router forwards a
+public port to the punch port (PCP / NAT-PMP), so it can be dialed directly."""
 
 Role = Literal["hard", "easy"]
 Endpoint = tuple[str, int]
@@ -51,7 +52,13 @@ LIMIT_SOCKETS = "birthday_sockets"
 LIMIT_PROBES = "birthday_probes"
 LIMIT_RATE = "birthday_rate"
 
-MAPPING_CODES: dict[NatClass, int] = {"unknown": 0, "none": 1, "independent": 2, "dependent": 3}
+MAPPING_CODES: dict[NatClass, int] = {
+    "unknown": 0,
+    "none": 1,
+    "independent": 2,
+    "dependent": 3,
+    "mapped": 4,
+}
 _CODE_CLASSES: dict[int, NatClass] = {v: k for k, v in MAPPING_CODES.items()}
 
 #: Ports a Linux NAT picks from for sources above 1023 (nf_nat's default range).
@@ -193,6 +200,9 @@ def plan(
     pair = (local_class, peer_class)
     role = ROLES.get(pair)
     if role is None:
+        if "mapped" in pair:
+            who = "this side" if local_class == "mapped" else "the peer"
+            return None, f"not needed: {who} has a router port mapping of its punch port"
         reason = WHY_NOT.get(pair, f"not needed (this side {local_class}, peer {peer_class})")
         return None, reason
     if local_budget is None:
@@ -210,7 +220,7 @@ def plan(
         targets = _easy_targets(cands, peer_port, peer_host)
         count = local_budget.sockets
     else:
-        targets = tuple((h, 0) for h in _hard_addresses(cands))
+        targets = tuple((h, 0) for h in public_addresses(peer_candidates))
         count = local_budget.probes
     if not targets:
         return None, "no public IPv4 address of the peer to aim at"
@@ -280,7 +290,7 @@ def _easy_targets(
     return tuple(dict.fromkeys(out))[:MAX_TARGETS]
 
 
-def _hard_addresses(cands: Sequence[Candidate]) -> tuple[str, ...]:
-    """The hard side's public IPv4 addresses, from its STUN mappings."""
-    hosts = [c.host for c in cands if c.kind == "srflx" and _is_v4(c.host)]
+def public_addresses(lines: Sequence[str]) -> tuple[str, ...]:
+    """A side's public IPv4 addresses, from the STUN mappings among its candidate lines."""
+    hosts = [c.host for c in _parse(lines) if c.kind == "srflx" and _is_v4(c.host)]
     return tuple(dict.fromkeys(hosts))[:MAX_TARGETS]
