@@ -12,8 +12,9 @@ set -eu
 # demo: the venv, and as root the two firewalled namespaces (ip, ss; nft; sysctl).
 demo="python3-venv iproute2 nftables procps"
 # test: + NAT mapping deletion (conntrack), STUN servers (coturn), the lab's delay
-# stage (iptables' NFQUEUE target; nft's own `queue` is not in the kernel), QEMU.
-test="$demo conntrack coturn iptables qemu-system-x86"
+# stage (iptables' NFQUEUE target; nft's own `queue` is not in the kernel), QEMU, and
+# the lab's port-mapping router (miniupnpd with its nftables backend: PCP, NAT-PMP).
+test="$demo conntrack coturn iptables qemu-system-x86 miniupnpd-nftables"
 
 case "${1-}" in
 demo) need=$demo ;;
