@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -19,6 +19,7 @@ from holepunch_mig.wire.portmap import (
     PORT,
     PortMapError,
     PortMapping,
+    Protocol,
     natpmp_address_request,
     natpmp_map_request,
     parse_natpmp_address_response,
@@ -32,11 +33,17 @@ from holepunch_mig.wire.portmap import (
 __all__ = ["default_gateway", "delete_mapping", "probe_gateway", "request_mapping"]
 
 
-def default_gateway(route_file: str = "/proc/net/route") -> str | None:
-    """The IPv4 default gateway of this network namespace (None without one)."""
-    try:
-        lines = Path(route_file).read_text().splitlines()[1:]
-    except OSError:
+def default_gateway(route_file: str | None = None) -> str | None:
+    """The IPv4 default gateway of this thread's network namespace (None without one).
+    /proc/thread-self, not /proc/self: a thread may have joined another namespace."""
+    paths = [route_file] if route_file else ["/proc/thread-self/net/route", "/proc/net/route"]
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()[1:]
+            break
+        except OSError:
+            continue
+    else:
         return None
     for line in lines:
         fields = line.split()
@@ -84,27 +91,37 @@ async def _exchange(
 
 
 async def request_mapping(
-    internal_port: int, lifetime: int, *, gateway: str | None = None, timeout: float = 1.0
+    internal_port: int,
+    lifetime: int,
+    *,
+    gateway: str | None = None,
+    timeout: float = 1.0,
+    protocols: Sequence[Protocol] = ("pcp", "nat-pmp"),
 ) -> PortMapping:
     """Map TCP ``internal_port`` on the gateway for ``lifetime`` seconds: PCP MAP, and
-    NAT-PMP when the gateway does not speak PCP.  Raises PortMapError saying why not."""
+    NAT-PMP when the gateway does not speak PCP (``protocols`` narrows that down).
+    Raises PortMapError saying why not."""
     gw = gateway or default_gateway()
     if gw is None:
         raise PortMapError("no IPv4 default gateway to ask for a port mapping")
+    if not protocols or set(protocols) - {"pcp", "nat-pmp"}:
+        raise ValueError(f"protocols must name 'pcp' and/or 'nat-pmp', not {protocols!r}")
     deadline = trio.current_time() + timeout
     nonce = os.urandom(12)
-    try:
-        mapping, _local = await _exchange(
-            gw,
-            lambda ip: pcp_map_request(ip, internal_port, lifetime, nonce, internal_port),
-            lambda raw: parse_pcp_map_response(raw, nonce, internal_port),
-            deadline,
-        )
-        assert isinstance(mapping, PortMapping)
-        return mapping
-    except PortMapError as exc:
-        if exc.code != 1:  # only "unsupported version" sends us on to NAT-PMP
-            raise
+    if "pcp" in protocols:
+        try:
+            mapping, _local = await _exchange(
+                gw,
+                lambda ip: pcp_map_request(ip, internal_port, lifetime, nonce, internal_port),
+                lambda raw: parse_pcp_map_response(raw, nonce, internal_port),
+                deadline,
+            )
+            assert isinstance(mapping, PortMapping)
+            return mapping
+        except PortMapError as exc:
+            # only "unsupported version" sends us on to NAT-PMP
+            if exc.code != 1 or "nat-pmp" not in protocols:
+                raise
     address, _local = await _exchange(
         gw, lambda _ip: natpmp_address_request(), parse_natpmp_address_response, deadline
     )
