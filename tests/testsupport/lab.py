@@ -132,7 +132,10 @@ def lab_factory() -> Iterator[Callable[[LabSpec | str], Lab]]:
 
     def make(spec: LabSpec | str) -> Lab:
         resolved = _as_spec(spec)
-        require_netns(need=("turnserver",) if resolved.stun else ())
+        need = ["turnserver"] if resolved.stun else []
+        if resolved.left.port_mapping or resolved.right.port_mapping:
+            need.append("miniupnpd")
+        require_netns(need=need)
         lab = Lab(resolved)
         built.append(lab)
         return lab.build()
