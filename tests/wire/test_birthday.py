@@ -8,6 +8,7 @@ import pytest
 
 from holepunch_mig.wire.birthday import (
     LIMIT_MAPPING,
+    LIMIT_PROBES,
     LIMIT_SOCKETS,
     PORT_HIGH,
     PORT_LOW,
@@ -193,3 +194,22 @@ def test_budget_check() -> None:
         BirthdayBudget(rate=0).check()
     with pytest.raises(ValueError, match="birthday probes"):
         BirthdayBudget(probes=100000).check()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(LIMIT_PROBES, 2**62), (LIMIT_SOCKETS, 100_000), ("birthday_rate", 0)]
+)
+def test_a_peer_budget_out_of_range_turns_it_off(key: str, value: int) -> None:
+    """A peer announcing 2**62 probes must not make this side compute (or spend) them."""
+    budget = BirthdayBudget()
+    peer = announce("independent", budget) | {key: value}
+    hard, why = plan(
+        local_class="dependent",
+        local_limits=announce("dependent", budget),
+        peer_limits=peer,
+        peer_candidates=EASY_LINES,
+        peer_port=5000,
+        peer_host=None,
+        local_budget=budget,
+    )
+    assert hard is None and f"the peer announced {key} {value}" in why

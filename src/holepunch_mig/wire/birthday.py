@@ -61,6 +61,14 @@ MAPPING_CODES: dict[NatClass, int] = {
 }
 _CODE_CLASSES: dict[int, NatClass] = {v: k for k, v in MAPPING_CODES.items()}
 
+#: The ranges a budget must lie in (:meth:`BirthdayBudget.check`; a peer's announced
+#: budget outside them turns birthday punching off).
+LIMIT_RANGES: dict[str, tuple[int, int]] = {
+    LIMIT_SOCKETS: (1, 4096),
+    LIMIT_PROBES: (1, 16384),
+    LIMIT_RATE: (1, 10000),
+}
+
 #: Ports a Linux NAT picks from for sources above 1023 (nf_nat's default range).
 PORT_LOW = 1024
 PORT_HIGH = 65535
@@ -83,12 +91,15 @@ class BirthdayBudget:
 
     def check(self) -> None:
         """Raise ValueError naming the first field out of range."""
-        if not 1 <= self.sockets <= 4096:
-            raise ValueError(f"birthday sockets must be in 1..4096, not {self.sockets}")
-        if not 1 <= self.probes <= 16384:
-            raise ValueError(f"birthday probes must be in 1..16384, not {self.probes}")
-        if not 1 <= self.rate <= 10000:
-            raise ValueError(f"birthday rate must be in 1..10000 SYNs/s, not {self.rate}")
+        for name, key in (
+            ("sockets", LIMIT_SOCKETS),
+            ("probes", LIMIT_PROBES),
+            ("rate", LIMIT_RATE),
+        ):
+            low, high = LIMIT_RANGES[key]
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"birthday {name} must be in {low}..{high}, not {value}")
         if not 0.1 <= self.seconds <= 60:
             raise ValueError(f"birthday seconds must be in 0.1..60, not {self.seconds}")
 
@@ -214,6 +225,10 @@ def plan(
     probes = easy_limits.get(LIMIT_PROBES, 0)
     if sockets == 0 or probes == 0:
         return None, "turned off on the peer (hard-nat off, or a version without it)"
+    for key, (low, high) in LIMIT_RANGES.items():
+        value = peer_limits.get(key)
+        if value is not None and not low <= value <= high:
+            return None, f"the peer announced {key} {value}, outside {low}..{high}"
     cands = _parse(peer_candidates)
     hard_rate = max(1, hard_limits.get(LIMIT_RATE, local_budget.rate))
     if role == "hard":
