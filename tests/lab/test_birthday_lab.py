@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec
+from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = pytest.mark.netns
 
@@ -33,11 +34,12 @@ def _run(
     payload.write_bytes(data)
     out, rrep, srep = tmp / "out.bin", tmp / "recv.json", tmp / "send.json"
     stun = [a for h, p in lab.stun_endpoints() for a in ("--stun", f"{h}:{p}")]
+    keys = pinned_pair(tmp)
     common = ["-q", "--rounds", "1", *stun]
     recv = lab.popen(
         "right",
         [*CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}", "--output", str(out),
-         "--report", str(rrep), *common, *recv_extra],
+         "--report", str(rrep), *common, *keys.destination, *recv_extra],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     lab.wait_listening("right", CONTROL_PORT, timeout=15.0)
@@ -45,7 +47,7 @@ def _run(
     send = lab.popen(
         "left",
         [*CLI, "send", "--control", f"{host}:{port}", "--input", str(payload),
-         "--report", str(srep), *common, *send_extra],
+         "--report", str(srep), *common, *keys.source, *send_extra],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:

@@ -16,6 +16,7 @@ import trio
 from testsupport.lab import require_netns
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec
+from holepunch_mig.net.keyfiles import pinned_pair
 from holepunch_mig.net.portmap import (
     default_gateway,
     delete_mapping,
@@ -107,10 +108,11 @@ def test_transfer_across_two_symmetric_nats_through_the_mapping(
     payload.write_bytes(b"mapped" * 100_000)
     out, rrep, srep = tmp_path / "out.bin", tmp_path / "recv.json", tmp_path / "send.json"
     stun = [a for h, p in lab.stun_endpoints() for a in ("--stun", f"{h}:{p}")]
+    keys = pinned_pair(tmp_path)
     recv = lab.popen(
         "right",
         [*CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}", "--output", str(out),
-         "--report", str(rrep), "-q", "--rounds", "1", *stun],
+         "--report", str(rrep), "-q", "--rounds", "1", *stun, *keys.destination],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     lab.wait_listening("right", CONTROL_PORT, timeout=15.0)
@@ -118,7 +120,7 @@ def test_transfer_across_two_symmetric_nats_through_the_mapping(
     send = lab.popen(
         "left",
         [*CLI, "send", "--control", f"{host}:{port}", "--input", str(payload),
-         "--report", str(srep), "-q", "--rounds", "1", *stun],
+         "--report", str(srep), "-q", "--rounds", "1", *stun, *keys.source],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:

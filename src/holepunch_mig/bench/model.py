@@ -30,7 +30,6 @@ __all__ = [
     "GIB",
     "REGISTRY",
     "BenchConfig",
-    "BenchError",
     "BenchResult",
     "LinkTiming",
     "Measurement",
@@ -46,10 +45,6 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-
-
-class BenchError(Exception):
-    """A measurement failed: a side crashed, timed out, or the payload did not verify."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +159,8 @@ class LinkTiming:
     runs: int = 0
     seconds: list[float] = field(default_factory=list)  # sender's report time_to_link
     recv_seconds: list[float] = field(default_factory=list)
+    control_seconds: list[float] = field(default_factory=list)  # sender's control handshake
+    rtt_ms: int = 0
     median: float | None = None
     p95: float | None = None
     skipped: str | None = None

@@ -28,6 +28,7 @@ from holepunch_mig.errors import (
     ChannelClosed,
     ControlTimeout,
     HolepunchError,
+    MuxError,
     PeerAbort,
     ProtocolError,
 )
@@ -40,7 +41,7 @@ from holepunch_mig.migration.common import (
     StreamReport,
     receive_offer,
 )
-from holepunch_mig.migration.mux import Mux, MuxError
+from holepunch_mig.migration.mux import Mux
 from holepunch_mig.migration.proxy import SourceProxy, unix_connector
 from holepunch_mig.roles import Role
 from holepunch_mig.session.link import Link

@@ -26,16 +26,12 @@ from pathlib import Path
 
 import trio
 
-from holepunch_mig.errors import HolepunchError
-from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxError, MuxStats
+from holepunch_mig.errors import MuxError, ProxyError
+from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxStats
 from holepunch_mig.migration.qemu import MigrationResult, migrate, start_incoming
 from holepunch_mig.migration.qmp import QmpClient
 
 log = logging.getLogger(__name__)
-
-
-class ProxyError(HolepunchError):
-    """The local migration socket could not be set up or connected."""
 
 
 def private_dir(parent: Path | None = None, prefix: str = "hpm-") -> Path:

@@ -15,14 +15,13 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any, BinaryIO
 
-from holepunch_mig.errors import RecordError, TruncatedStream
+from holepunch_mig.errors import PeerAborted, RecordError, TruncatedStream
 from holepunch_mig.wire.records import (
     ACK_PAYLOAD,
     HEADER,
     MAX_RECORD,
     REKEY_INTERVAL,
     TAG,
-    PeerAborted,
     Record,
     RecordOpener,
     RecordSealer,
