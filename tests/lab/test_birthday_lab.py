@@ -4,70 +4,18 @@ port-preserving NAT or a plain firewall on the other, both CLIs in namespaces.""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from testsupport.lab import cli_transfer
 
-from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec
-from holepunch_mig.net.keyfiles import pinned_pair
+from holepunch_mig.lab import Lab, LabSpec
 
 pytestmark = pytest.mark.netns
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
-
-
-def _run(
-    lab: Lab,
-    tmp: Path,
-    *,
-    send_extra: Sequence[str] = (),
-    recv_extra: Sequence[str] = (),
-) -> tuple[int, int, dict[str, Any], dict[str, Any], Path, str]:
-    data = os.urandom(1 << 20)
-    payload = tmp / "in.bin"
-    payload.write_bytes(data)
-    out, rrep, srep = tmp / "out.bin", tmp / "recv.json", tmp / "send.json"
-    stun = [a for h, p in lab.stun_endpoints() for a in ("--stun", f"{h}:{p}")]
-    keys = pinned_pair(tmp)
-    common = ["-q", "--rounds", "1", *stun]
-    recv = lab.popen(
-        "right",
-        [*CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}", "--output", str(out),
-         "--report", str(rrep), *common, *keys.destination, *recv_extra],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    lab.wait_listening("right", CONTROL_PORT, timeout=15.0)
-    host, port = lab.control_endpoint("right", CONTROL_PORT)
-    send = lab.popen(
-        "left",
-        [*CLI, "send", "--control", f"{host}:{port}", "--input", str(payload),
-         "--report", str(srep), *common, *keys.source, *send_extra],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        _, send_err = send.communicate(timeout=60)
-        _, recv_err = recv.communicate(timeout=30)
-    finally:
-        for proc in (send, recv):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    reports = json.loads(srep.read_text()), json.loads(rrep.read_text())
-    errs = (send_err + recv_err).decode(errors="replace")
-    return (
-        send.returncode,
-        recv.returncode,
-        reports[0],
-        reports[1],
-        out,
-        (hashlib.sha256(data).hexdigest() + "\n" + errs),
-    )
 
 
 @pytest.mark.parametrize("preset", ["symmetric-nat", "symmetric-fw", "nat-symmetric"])
@@ -75,7 +23,7 @@ def test_birthday_crosses_one_symmetric_nat(
     lab_factory: Callable[[LabSpec | str], Lab], tmp_path: Path, preset: str
 ) -> None:
     lab = lab_factory(preset)
-    send_code, recv_code, send, recv, out, info = _run(lab, tmp_path)
+    send_code, recv_code, send, recv, out, info = cli_transfer(lab, tmp_path)
     digest, errs = info.split("\n", 1)
     assert send_code == 0 and recv_code == 0, errs
     assert send["path"] == "direct" and recv["ok"] is True
@@ -104,7 +52,7 @@ def test_birthday_off_on_one_side_fails_with_the_symmetric_verdict(
 ) -> None:
     """The receiver says --hard-nat off: no birthday dials at all, the old verdict."""
     lab = lab_factory("symmetric-nat")
-    send_code, _recv_code, send, recv, _out, _info = _run(
+    send_code, _recv_code, send, recv, _out, _info = cli_transfer(
         lab, tmp_path, recv_extra=["--hard-nat", "off"]
     )
     assert send_code == 3
@@ -117,7 +65,7 @@ def test_both_symmetric_fails_fast_naming_both(
     lab_factory: Callable[[LabSpec | str], Lab], tmp_path: Path
 ) -> None:
     lab = lab_factory("symmetric-symmetric")
-    send_code, _recv_code, send, _recv, _out, _info = _run(lab, tmp_path)
+    send_code, _recv_code, send, _recv, _out, _info = cli_transfer(lab, tmp_path)
     assert send_code == 3
     assert send["hard_nat"] is None
     assert any("both sides are behind endpoint-dependent" in n for n in send["notes"])

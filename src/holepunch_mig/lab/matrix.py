@@ -54,6 +54,8 @@ EXPECTED: dict[str, Expect] = {
     "symmetric-symmetric": "fail-symmetric",
     "symmetric-pcp": "direct",
     "symmetric-symmetric-pcp": "direct",
+    "dual-stack": "direct",
+    "symmetric-symmetric-v6": "direct",
     "double-nat": "direct",
     "double-double": "direct",
 }

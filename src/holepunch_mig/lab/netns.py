@@ -161,9 +161,18 @@ def _nft_policy(firewall: str, rst: bool) -> str:
     return "\n".join(f"    {line}" for line in lines)
 
 
-def host_ruleset(firewall: str, allowed: Sequence[int]) -> str:
-    """nft ruleset of a host on the public segment: its own input policy, no NAT."""
+#: IPv6 neighbour discovery, which a dual-stack firewall must let in (RFC 4890).
+_ND = (
+    "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, "
+    "nd-router-advert } accept\n"
+)
+
+
+def host_ruleset(firewall: str, allowed: Sequence[int], ipv6: bool = False) -> str:
+    """nft ruleset of a host on the public segment: its own input policy, no NAT (the
+    inet table covers IPv6 too; ``ipv6`` lets neighbour discovery in)."""
     allow = f"    tcp dport {{ {', '.join(map(str, allowed))} }} accept\n" if allowed else ""
+    allow += _ND if ipv6 else ""
     return (
         "table inet hpm {\n"
         "  chain input {\n"
@@ -185,6 +194,7 @@ def router_ruleset(
     allowed: Sequence[int],
     stun_replies: Sequence[str] = (),
     own_address: str | None = None,
+    ipv6: bool = False,
 ) -> str:
     """nft ruleset of a NAT router: masquerade out of ``wan``, DNAT of the allowed ports
     to ``forward_to``, the firewall policy on what arrives on ``wan``.  ``stun_replies``:
@@ -196,6 +206,7 @@ def router_ruleset(
     policy = _nft_policy(firewall, rst)
     guard = '    iifname != "wan" accept\n    ct state established,related accept\n'
     own = f"ip saddr != {own_address} " if own_address else ""
+    nd = _ND if ipv6 else ""
     stun = (
         f"    ip saddr {{ {', '.join(stun_replies)} }} udp sport {{ 3478, 3479 }} accept\n"
         if stun_replies
@@ -217,6 +228,7 @@ def router_ruleset(
         "    type filter hook input priority filter; policy accept;\n"
         f"{guard}"
         f"{stun}"
+        f"{nd}"
         f"{policy}\n"
         "  }\n"
         "  chain forward {\n"

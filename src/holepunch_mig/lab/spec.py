@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,14 +69,17 @@ class SideSpec:
 
 @dataclass(frozen=True)
 class LabSpec:
-    """A whole lab: two sides, an optional STUN server (coturn on two addresses) and a
-    round-trip delay between the two sides in milliseconds (0 = none)."""
+    """A whole lab: two sides, an optional STUN server (coturn on two addresses), a
+    round-trip delay between the two sides in milliseconds (0 = none) and, with
+    ``ipv6``, a dual stack: besides IPv4 (NATed as each side says) every host gets a
+    routed IPv6 address (2001:db8::/32) behind the same firewalls and no NAT66."""
 
     left: SideSpec
     right: SideSpec
     stun: bool = False
     rtt_ms: int = 0
     name: str = "lab"
+    ipv6: bool = False
 
     @property
     def needs_queue(self) -> bool:
@@ -130,13 +133,18 @@ def presets() -> dict[str, LabSpec]:
             ("drop", "fully-random"),
             mapping="left",
         ),
+        replace(spec("dual-stack", ("drop", "masquerade"), ("drop", "masquerade")), ipv6=True),
+        replace(
+            spec("symmetric-symmetric-v6", ("drop", "fully-random"), ("drop", "fully-random")),
+            ipv6=True,
+        ),
         spec("double-nat", ("drop", "double"), ("drop", "masquerade")),
         spec("double-double", ("drop", "double"), ("drop", "double")),
     ]
     return {c.name: c for c in cells}
 
 
-_SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms")
+_SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms", "ipv6")
 _SIDE_KEYS = (
     "firewall",
     "nat",
@@ -210,7 +218,12 @@ def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> Lab
         raise LabError(f"stun must be true or false, not {stun!r}")
     if not isinstance(rtt, int) or isinstance(rtt, bool):
         raise LabError(f"rtt_ms must be an integer number of milliseconds, not {rtt!r}")
-    spec = LabSpec(left=side("left"), right=side("right"), stun=stun, rtt_ms=rtt, name=name)
+    ipv6 = data.get("ipv6", False)
+    if not isinstance(ipv6, bool):
+        raise LabError(f"ipv6 must be true or false, not {ipv6!r}")
+    spec = LabSpec(
+        left=side("left"), right=side("right"), stun=stun, rtt_ms=rtt, name=name, ipv6=ipv6
+    )
     validate_spec(spec)
     return spec
 
@@ -234,6 +247,7 @@ def spec_to_dict(spec: LabSpec) -> dict[str, Any]:
         "name": spec.name,
         "stun": spec.stun,
         "rtt_ms": spec.rtt_ms,
+        "ipv6": spec.ipv6,
         "left": side(spec.left),
         "right": side(spec.right),
     }
@@ -284,6 +298,8 @@ def validate_spec(spec: LabSpec) -> None:
                 f"{side_name}.port_mapping needs stun = true: miniupnpd learns from STUN that "
                 "the lab's documentation-range address may be forwarded"
             )
+        if spec.ipv6 and side.nat == "double":
+            raise LabUnsupported(f"ipv6 with {side_name}.nat 'double' is not implemented")
         if 0 < side.rate_kbit < 8:
             raise LabError(f"{side_name}.rate_kbit must be 0 (none) or >= 8, not {side.rate_kbit}")
     if spec.rtt_ms < 0:
