@@ -99,6 +99,9 @@ class RunResult:
     reason: str = ""
     symmetric: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
+    birthday: dict[str, Any] | None = None
+    """Birthday punching in this run: each side's role and what it spent (SYNs, most
+    sockets open at once, hits), from the reports' ``hard_nat``."""
 
 
 @dataclass
@@ -208,6 +211,15 @@ def _count_outcomes(*reports: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def _birthday(send: dict[str, Any], recv: dict[str, Any]) -> dict[str, Any] | None:
+    spent = {}
+    for side, rep in (("source", send), ("destination", recv)):
+        hn = rep.get("hard_nat")
+        if isinstance(hn, dict):
+            spent[side] = {k: hn.get(k) for k in ("role", "spent_syns", "spent_sockets", "hits")}
+    return spent or None
+
+
 def _reason(
     send: dict[str, Any], recv: dict[str, Any], codes: tuple[int | None, int | None]
 ) -> tuple[str, bool]:
@@ -286,6 +298,7 @@ def run_once(lab: Lab, workdir: Path, payload: Path, digest: str, rounds: int) -
         rtt_ms=None if send.get("rtt") is None else round(1000 * float(send["rtt"]), 2),
         verified=verified,
         outcomes=_count_outcomes(send, recv),
+        birthday=_birthday(send, recv),
     )
     if send_code is None or recv_code is None:
         result.reason = f"hang: killed after {RUN_TIMEOUT:g} s"
