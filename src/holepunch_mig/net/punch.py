@@ -68,6 +68,10 @@ class BirthdayDial:
     max_open: int = 512
 
 
+MAX_ANY_PORT_INBOUND = 64
+"""Per round, inbound connections taken from unannounced ports of an endpoint-dependent
+peer's public address (each costs a handshake); the rest are rejected like strangers."""
+
 MAX_UNOFFERED_HOSTS = 16
 """Report entries for connections from unoffered hosts, per round; the rest are counted."""
 
@@ -147,6 +151,7 @@ class PunchRound:
         self.birthday = birthday
         self._accept_hosts = accept_hosts
         self._birthday_open = 0
+        self._any_port_inbound = 0
 
     def _new_link_id(self) -> int:
         link_id = self._next_link_id
@@ -177,9 +182,16 @@ class PunchRound:
                     await trio.sleep(0.05)
                     continue
                 peer = (unmap_ipv4(addr[0]), int(addr[1]))
-                if peer not in self.offered and peer[0] not in self._accept_hosts:
-                    self._reject_unoffered(sock, peer)
-                    continue
+                if peer not in self.offered:
+                    # from any port of an endpoint-dependent peer's address: at most
+                    # MAX_ANY_PORT_INBOUND per round (others behind that NAT, a flood)
+                    if (
+                        peer[0] not in self._accept_hosts
+                        or self._any_port_inbound >= MAX_ANY_PORT_INBOUND
+                    ):
+                        self._reject_unoffered(sock, peer)
+                        continue
+                    self._any_port_inbound += 1
                 pair = PairReport(
                     self.round_no,
                     format_endpoint(*_local(sock)),
