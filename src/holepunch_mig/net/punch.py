@@ -130,10 +130,14 @@ class PunchRound:
         dial_delay: float = 0.0,
         birthday: BirthdayDial | None = None,
         accept_hosts: frozenset[str] = frozenset(),
+        dial: bool = True,
     ) -> None:
         """``accept_hosts``: inbound connections from these addresses are taken from any
         port, not only the offered ones (a peer behind an endpoint-dependent NAT: its
-        router picks the source port); they are authenticated like every other."""
+        router picks the source port); they are authenticated like every other.
+        ``dial=False``: only accept (this side holds a router port mapping and the peer
+        dials it; our own SYNs from the punch port would take the 4-tuple the router's
+        DNAT needs)."""
         self.round_no = round_no
         self.listeners = listeners
         self.bind_host = bind_host
@@ -152,6 +156,7 @@ class PunchRound:
         self._accept_hosts = accept_hosts
         self._birthday_open = 0
         self._any_port_inbound = 0
+        self.dial = dial
 
     def _new_link_id(self) -> int:
         link_id = self._next_link_id
@@ -163,7 +168,7 @@ class PunchRound:
         async with out, trio.open_nursery() as nursery:
             for listener in self.listeners.values():
                 nursery.start_soon(self._accept_loop, listener, out.clone())
-            for remote in self.remotes:
+            for remote in self.remotes if self.dial else ():
                 family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
                 if family in self.listeners:
                     nursery.start_soon(self._dial, remote, family, out.clone())

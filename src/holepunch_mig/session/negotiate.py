@@ -210,7 +210,15 @@ async def _negotiate(
             if announced_class(peer.limits) == "dependent"
             else frozenset()
         )
-        attempt = DirectAttempt(control, prepared, keys, remotes, report, log, birthday, accept)
+        mapped = prepared.nat == "mapped"
+        listen_only = mapped and (announced_class(peer.limits) != "mapped" or role == "destination")
+        if listen_only:
+            report.notes.append(
+                "this side holds a router port mapping: it only accepts (the peer dials it)"
+            )
+        attempt = DirectAttempt(
+            control, prepared, keys, remotes, report, log, birthday, accept, not listen_only
+        )
         link = await attempt.run(role)
     except NoDirectPath as exc:
         verdict = explain_no_path(report).verdict

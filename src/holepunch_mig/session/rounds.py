@@ -58,6 +58,9 @@ class DirectAttempt:
     accept_hosts: frozenset[str] = frozenset()
     """The peer's public addresses when its NAT picks source ports (endpoint-dependent):
     inbound connections from them are accepted from any port."""
+    dial: bool = True
+    """False when this side holds a router port mapping the peer dials (docs/protocol.md
+    section 2): it only accepts."""
 
     @property
     def options(self) -> ConnectOptions:
@@ -81,6 +84,7 @@ class DirectAttempt:
             dial_delay=self.options.dial_delay,
             birthday=self._birthday_dial() if round_no == 1 else None,
             accept_hosts=self.accept_hosts,
+            dial=self.dial,
         )
 
     def _birthday_dial(self) -> BirthdayDial | None:
