@@ -99,6 +99,9 @@ class RunResult:
     reason: str = ""
     symmetric: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Failed runs only: both reports' notes (STUN answers, mapping, birthday), so a
+    failure can be understood from the JSON alone."""
     birthday: dict[str, Any] | None = None
     """Birthday punching in this run: each side's role and what it spent (SYNs, most
     sockets open at once, hits), from the reports' ``hard_nat``."""
@@ -304,6 +307,11 @@ def run_once(lab: Lab, workdir: Path, payload: Path, digest: str, rounds: int) -
         result.reason = f"hang: killed after {RUN_TIMEOUT:g} s"
     elif not ok:
         result.reason, result.symmetric = _reason(send, recv, (send_code, recv_code))
+        result.notes = [
+            f"{side}: {note}"[:300]
+            for side, rep in (("source", send), ("destination", recv))
+            for note in rep.get("notes") or []
+        ][:20]
         if send_code == 0 and recv_code == 0 and not verified:
             result.reason = "payload mismatch: " + result.reason
     else:
