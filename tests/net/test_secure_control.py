@@ -158,3 +158,64 @@ async def test_without_the_binding_the_splice_would_work(monkeypatch: pytest.Mon
     session, and the spliced session links (the relay could then steer it)."""
     source, destination = await _spliced_session(monkeypatch)
     assert source == "direct" and destination == "direct"
+
+
+class _GatedChannel:
+    """Forwards to ``inner``; once armed, the next send waits at a gate first (a write
+    that has not reached the socket yet when its task is cancelled)."""
+
+    def __init__(self, inner: ControlChannel) -> None:
+        self.inner = inner
+        self.peer_host = inner.peer_host
+        self.armed = False
+        self.waiting = trio.Event()
+        self.gate = trio.Event()
+
+    async def send_message(self, message: bytes) -> None:
+        if self.armed:
+            self.armed = False
+            self.waiting.set()
+            await self.gate.wait()
+        await self.inner.send_message(message)
+
+    async def receive_message(self) -> bytes:
+        return await self.inner.receive_message()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_cancelled_send_does_not_desynchronise_the_sealed_stream() -> None:
+    """A send cancelled after its frame was sealed (a racing task cancelled by its
+    nursery) must still put that frame on the wire: otherwise the next message carries a
+    sequence number the peer does not expect and the session fails authentication."""
+    auth = ControlAuth.from_secret(os.urandom(32))
+    a, b = await _pair()
+    gated = _GatedChannel(a)
+    sides: dict[bool, SecureChannel] = {}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_secure_into, gated, auth, True, sides)
+            nursery.start_soon(_secure_into, b, auth, False, sides)
+        src, dst = sides[True], sides[False]
+        scope = trio.CancelScope()
+
+        async def first() -> None:
+            with scope:
+                await src.send_message(b"\x01first")
+
+        gated.armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await gated.waiting.wait()  # sealed, not yet written
+            scope.cancel()
+            gated.gate.set()
+        await src.send_message(b"\x01second")
+        assert await dst.receive_message() == b"\x01first"
+        assert await dst.receive_message() == b"\x01second"
+
+
+async def _secure_into(
+    inner: ControlChannel, auth: ControlAuth, initiator: bool, out: dict[bool, SecureChannel]
+) -> None:
+    out[initiator] = await secure(inner, auth, initiator=initiator)

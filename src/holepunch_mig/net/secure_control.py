@@ -56,6 +56,7 @@ logger = logging.getLogger("holepunch_mig")
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_PENDING = 16
 DEFAULT_PER_SOURCE = 4
+SEALED_SEND_TIMEOUT = 30.0
 
 
 class SecureChannel:
@@ -89,7 +90,19 @@ class SecureChannel:
 
     async def send_message(self, message: bytes) -> None:
         async with self._send_lock:  # the sequence number is the order on the wire
-            await self.inner.send_message(self._sealer.seal(message))
+            frame = self._sealer.seal(message)
+            # Once sealed, the frame must reach the wire even if this task is cancelled
+            # (a racing task's nursery): a skipped sequence number would fail every later
+            # message.  The shield is bounded so a stalled peer cannot hold it forever.
+            with trio.CancelScope(shield=True):
+                try:
+                    with trio.fail_after(SEALED_SEND_TIMEOUT):
+                        await self.inner.send_message(frame)
+                except trio.TooSlowError:
+                    raise ChannelClosed(
+                        f"control channel stalled: a sealed message could not be written "
+                        f"within {SEALED_SEND_TIMEOUT:.0f} s"
+                    ) from None
 
     async def receive_message(self) -> bytes:
         return self._unsealer.open(await self.inner.receive_message())

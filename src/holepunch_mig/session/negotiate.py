@@ -9,6 +9,7 @@ Which path is taken is :mod:`~holepunch_mig.session.policy`'s table; the rounds 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.errors import (
+    ChannelClosed,
     HandshakeError,
     HolepunchError,
     NoDirectPath,
@@ -41,6 +43,8 @@ from holepunch_mig.wire import messages
 from holepunch_mig.wire.birthday import announce, announced_class, public_addresses
 from holepunch_mig.wire.birthday import plan as plan_birthday
 from holepunch_mig.wire.portmap import PortMapping
+from holepunch_mig.wire.resume_auth import check_resume_mac, resume_mac
+from holepunch_mig.wire.text import printable
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -94,8 +98,22 @@ async def establish(
         return await _negotiate(
             control, role, options, listeners, mappings, session_id, started, nursery
         )
+    except HolepunchError as exc:
+        await _tell_abort(control, exc)
+        raise
     finally:
         await release(listeners, mappings)
+
+
+async def _tell_abort(control: ControlReader, exc: HolepunchError) -> None:
+    """A failure this side found (a malformed or unexpected message, a deadline, a
+    handshake) is told to the peer with ``abort`` before the channel closes, so it fails
+    with the reason instead of a closed channel.  Not for what the peer already knows:
+    its own abort, a closed channel, or no direct path (round-failed said so)."""
+    if isinstance(exc, PeerAbort | ChannelClosed | NoDirectPath):
+        return
+    with trio.move_on_after(1.0), contextlib.suppress(HolepunchError):
+        await control.send(messages.Abort(reason=str(exc)[:4096] or type(exc).__name__))
 
 
 async def _negotiate(
@@ -274,6 +292,7 @@ async def repunch(
     epoch: int,
     log: SessionLog,
     *,
+    mac_key: bytes,
     kept: int = 0,
     offer: tuple[messages.ResumeOffer, bytes] | None = None,
     reason: str = "",
@@ -284,8 +303,10 @@ async def repunch(
     The source sends ``resume-offer`` and learns from ``resume-answer`` where the stream
     goes on (returned); the destination passes the ``offer`` it received and the bytes
     it ``kept``.  Then pings, rounds and nomination run exactly as for the first link,
-    with the Noise prologue over the resume messages.  Returns the nominated link, the
-    offset, and a scratch report holding that negotiation's rounds and pairs."""
+    with the Noise prologue over the resume messages.  Both resume messages carry a MAC
+    under ``mac_key`` (the session's last link's resume key, wire.resume_auth); one that
+    does not verify is a ProtocolError.  Returns the nominated link, the offset, and a
+    scratch report holding that negotiation's rounds and pairs."""
     scratch = Report(session=session_id.hex(), role=role)
     listeners: Listeners = {}
     mappings: list[PortMapping] = []
@@ -302,7 +323,10 @@ async def repunch(
             "candidates": prepared.lines,
         }
         if role == "source":
-            offer_raw = await control.send(messages.ResumeOffer(**fields, reason=reason[:4096]))
+            mac = resume_mac(mac_key, "resume-offer", **fields)
+            offer_raw = await control.send(
+                messages.ResumeOffer(**fields, reason=reason[:4096], mac=mac)
+            )
             while True:
                 msg, answer_raw = await control.receive(
                     messages.ResumeAnswer,
@@ -313,7 +337,7 @@ async def repunch(
                 )
                 if isinstance(msg, messages.Result):
                     if not msg.ok:
-                        raise PeerAbort(f"destination gave up: {msg.error}")
+                        raise PeerAbort(f"destination gave up: {printable(msg.error or '')}")
                     raise ProtocolError("destination sent result ok while a resume was pending")
                 if isinstance(msg, messages.ResumeAnswer):
                     break
@@ -322,6 +346,7 @@ async def repunch(
                     f"resume-answer for session {msg.session[:12]} epoch {msg.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
+            _check_mac(mac_key, msg, msg.bytes)
             peer: messages.ResumeAnswer | messages.ResumeOffer = msg
             kept = msg.bytes
         else:
@@ -333,7 +358,9 @@ async def repunch(
                     f"resume-offer for session {peer.session[:12]} epoch {peer.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
-            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept))
+            _check_mac(mac_key, peer, 0)
+            mac = resume_mac(mac_key, "resume-answer", **fields, offset=kept)
+            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept, mac=mac))
         keys = prepared.keys_for(
             peer.key, session_id, offer_raw, answer_raw, control_binding(control)
         )
@@ -346,6 +373,22 @@ async def repunch(
     scratch.path = "direct"
     scratch.local, scratch.remote = link.local, link.remote
     return link, kept, scratch
+
+
+def _check_mac(
+    mac_key: bytes, msg: messages.ResumeOffer | messages.ResumeAnswer, offset: int
+) -> None:
+    check_resume_mac(
+        mac_key,
+        msg.TYPE,
+        msg.mac,
+        session=msg.session,
+        epoch=msg.epoch,
+        key=msg.key,
+        port=msg.port,
+        candidates=msg.candidates,
+        offset=offset,
+    )
 
 
 def control_binding(control: ControlReader) -> bytes:
@@ -402,7 +445,7 @@ async def _switch_to_tunnel(
             )
             if msg.path != "tunnel":
                 raise ProtocolError(f"source announced path {msg.path!r}, expected 'tunnel'")
-            reason = msg.reason
+            reason = printable(msg.reason)
         tunnel = Tunnel(
             control.channel,
             window=options.tunnel_window,
@@ -417,7 +460,7 @@ async def _switch_to_tunnel(
             )
             try:
                 with trio.fail_after(options.control_timeout):
-                    _, send_key, recv_key = await auth(stream, 0)
+                    _, send_key, recv_key, _hash = await auth(stream, 0)
             except trio.TooSlowError:
                 raise HandshakeError(
                     f"Noise handshake over the tunnel did not finish within "
