@@ -61,6 +61,8 @@ class Prepared:
     notes: list[str]
     static_private: bytes
     static_public: bytes
+    seconds: float = 0.0
+    """How long the preparation took (listeners, STUN): part of the time to link."""
     nat: NatClass = "unknown"
     """This side's NAT as its STUN answers show it (birthday punching needs it)."""
 
@@ -110,6 +112,7 @@ async def prepare_round(
     candidates (none when ``skip_gather`` says why not), ask the gateway for a port
     mapping of the punch port (into ``mappings``; the caller deletes them with
     :func:`release`) and make a fresh keypair."""
+    began = trio.current_time()
     port = await open_listeners(options, listeners)
     include_loopback = options.include_loopback
     if include_loopback is None:
@@ -168,7 +171,17 @@ async def prepare_round(
             )
             nat = "mapped"
     static_private, static_public = generate_keypair()
-    return Prepared(options, listeners, port, local, notes, static_private, static_public, nat)
+    return Prepared(
+        options,
+        listeners,
+        port,
+        local,
+        notes,
+        static_private,
+        static_public,
+        trio.current_time() - began,
+        nat,
+    )
 
 
 async def release(listeners: Listeners, mappings: Sequence[PortMapping]) -> None:
@@ -263,7 +276,14 @@ def remote_endpoints(
             continue
         cands.append(cand)
     cands.sort(key=lambda c: -c.priority)
-    cands[:0] = observed_candidates(peer_host, [peer_port])
+    announced = {(c.host, c.port) for c in cands}
+    observed = observed_candidates(peer_host, [peer_port])
+    for cand in observed:
+        if (cand.host, cand.port) not in announced:
+            # the report lists every remote candidate dialled, the observed one too (it
+            # is often the one nominated)
+            report.remote_candidates.append(cand.to_line())
+    cands[:0] = observed
     dropped = 0
     for cand in cands:
         endpoint = (cand.host, cand.port)
