@@ -28,8 +28,11 @@ def _udp_burst(lab: Lab, count: int = COUNT) -> list[int]:
     tx = lab.socket("left", socket.AF_INET, socket.SOCK_DGRAM)
     got: list[int] = []
     with rx, tx:
+        # room for the whole burst: a receiver thread starved on a loaded machine must
+        # not add socket-buffer drops to the stage's (SO_RCVBUFFORCE: root)
+        rx.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
         rx.bind(("0.0.0.0", 0))
-        rx.settimeout(1.5)
+        rx.settimeout(3.0)
         port = rx.getsockname()[1]
 
         def receive() -> None:

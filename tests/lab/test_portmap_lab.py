@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 from testsupport.lab import require_netns
 
-from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec
+from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, presets
 from holepunch_mig.net.keyfiles import pinned_pair
 from holepunch_mig.net.portmap import (
     default_gateway,
@@ -100,10 +101,14 @@ def test_probe_reports_the_gateway(lab_factory: Callable[[LabSpec | str], Lab]) 
     assert right["protocol"] is None and "ICMP port unreachable" in str(right["detail"])
 
 
+@pytest.mark.parametrize("rtt_ms", [0, 20])
 def test_transfer_across_two_symmetric_nats_through_the_mapping(
-    lab_factory: Callable[[LabSpec | str], Lab], tmp_path: Path
+    lab_factory: Callable[[LabSpec | str], Lab], tmp_path: Path, rtt_ms: int
 ) -> None:
-    lab = _lab(lab_factory, "symmetric-symmetric-pcp")
+    """At 20 ms the mapped side's own SYN would leave before the peer's arrives: it must
+    only accept, or its NAT holds the 4-tuple the router's DNAT needs."""
+    require_netns(need=("turnserver", "miniupnpd", "iptables"))
+    lab = lab_factory(replace(presets()["symmetric-symmetric-pcp"], rtt_ms=rtt_ms))
     payload = tmp_path / "in.bin"
     payload.write_bytes(b"mapped" * 100_000)
     out, rrep, srep = tmp_path / "out.bin", tmp_path / "recv.json", tmp_path / "send.json"
@@ -147,6 +152,7 @@ def test_transfer_across_two_symmetric_nats_through_the_mapping(
     # the destination (behind its own symmetric NAT) came in through the mapping
     nominated = [p for p in sent["pairs"] if p["outcome"] == "nominated"]
     assert nominated[0]["direction"] == "inbound"
+    assert any("it only accepts (the peer dials it)" in n for n in sent["notes"])
     assert nominated[0]["local"].endswith(f":{punch}")
     # and the mapping was deleted when the punch port closed
     assert "dnat" not in _rules(lab)
