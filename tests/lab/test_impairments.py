@@ -66,7 +66,10 @@ def test_loss_drops_about_that_share(lab_factory: Callable[[LabSpec | str], Lab]
     assert 420 < len(got) < 540, len(got)
     assert len(set(got)) == len(got)
     lab.teardown()
-    assert lab.delay_counters()["right"]["dropped"] == COUNT - len(got)
+    # every missing datagram was the stage's doing (the stage counts every IPv4 packet it
+    # dropped, so a stray packet of the lab's own may add one or two)
+    missing = COUNT - len(got)
+    assert missing <= lab.delay_counters()["right"]["dropped"] <= missing + 3
 
 
 def test_reordering_and_jitter_reorder(lab_factory: Callable[[LabSpec | str], Lab]) -> None:
