@@ -326,3 +326,22 @@ def test_arbitrary_peers_files_fail_by_name(text: str) -> None:
         parse_peers(text, "peers")
     except CredentialError as exc:
         assert "peers line " in str(exc)
+
+
+def test_a_host_that_pins_its_own_key_does_not_handshake_with_itself() -> None:
+    me = Identity.generate()
+    own = ControlAuth(identity=me, peers=PeerSet([PeerKey(me.public, "me")]))
+    init, resp = ControlHandshake(own, True), ControlHandshake(own, False)
+    m2 = resp.receive(init.start())
+    assert m2 is not None
+    with pytest.raises(UnknownPeer, match="this host's own key"):
+        init.receive(m2)
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    psk = os.urandom(32)
+    auth = ControlAuth(psk=psk)
+    assert psk.hex() not in repr(auth) and repr(psk) not in repr(auth)
+    code = ControlAuth(code="abcde-fghij")
+    assert "abcde" not in repr(code)
+    assert "abcde" not in repr(ControlHandshake(code, True))

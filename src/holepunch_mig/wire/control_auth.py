@@ -160,8 +160,8 @@ class ControlAuth:
 
     identity: Identity | None = None
     peers: PeerSet | None = None
-    psk: bytes | None = None
-    code: PairingCode | str | None = None
+    psk: bytes | None = field(default=None, repr=False)  # never in a log or traceback
+    code: PairingCode | str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.code is not None:
@@ -459,6 +459,11 @@ class ControlHandshake:
         peers = self.auth.peers
         if peers is None or rs is None:
             return
+        if self.auth.identity is not None and hmac.compare_digest(rs, self.auth.identity.public):
+            raise UnknownPeer(
+                "the peer proved this host's own key: a connection to itself (or a copied "
+                "identity file); each host needs its own keygen"
+            )
         if rs not in peers:
             who = "receiver" if self.initiator else "sender"
             known = ", ".join(sorted(peers.names())[:8])
