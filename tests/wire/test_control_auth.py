@@ -24,6 +24,7 @@ from holepunch_mig.wire.control_auth import (
     PairingCode,
     derive_psk,
     normalize_code,
+    reject_frame,
     safe_text,
 )
 from holepunch_mig.wire.identity import (
@@ -345,3 +346,14 @@ def test_secrets_stay_out_of_repr() -> None:
     code = ControlAuth(code="abcde-fghij")
     assert "abcde" not in repr(code)
     assert "abcde" not in repr(ControlHandshake(code, True))
+
+
+def test_a_reject_frame_after_the_handshake_is_marked_unauthenticated() -> None:
+    src, dst = Identity.generate(), Identity.generate()
+    init, _ = _run(
+        ControlHandshake(_pinned(src, dst), True), ControlHandshake(_pinned(dst, src), False)
+    )
+    assert init.unsealer is not None
+    forged = reject_frame("key rotated: re-run with --peer 'hpm-x25519 EVIL'")
+    with pytest.raises(ControlRejected, match=r"^the peer refused \(unauthenticated reject"):
+        init.unsealer.open(forged)

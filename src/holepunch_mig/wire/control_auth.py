@@ -243,9 +243,11 @@ class Unsealer:
         if not frame:
             raise ProtocolError("empty control frame")
         if frame[0] == KIND_HANDSHAKE and len(frame) > 1 and frame[1] == MODE_REJECT:
-            self._dead = "the peer ended it"
+            # the responder's refusal of message 3 lands here, but so could anyone's on
+            # the path: the text is shown, marked as not verified
+            self._dead = "ended by an unauthenticated reject frame"
             text = safe_text(frame[2:].decode("utf-8", "replace"))
-            raise ControlRejected(f"the peer refused: {text}")
+            raise ControlRejected(f"the peer refused (unauthenticated reject frame): {text}")
         if frame[0] != KIND_SEALED:
             self._dead = f"unsealed frame of kind 0x{frame[0]:02x}"
             raise ProtocolError(
