@@ -271,6 +271,11 @@ class LabUnsupported(LabError, NotImplementedError):
     :data:`MAX_RTT_MS`)."""
 
 
+class ProxyNotReady(LabError, RuntimeError):
+    """A lab migration's source proxy exited (or said something else) instead of
+    ``ready URI``; the message carries its verdict when its report has one."""
+
+
 class DelayError(OSError):
     """The queue could not be bound or a netlink request failed."""
 

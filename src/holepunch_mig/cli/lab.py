@@ -2,7 +2,7 @@
 
 lab up      build a lab from a spec file or a preset and leave it running (detached)
 lab exec    run a program inside one of its hosts (exit code passed through)
-lab down    remove it (by name; default the newest; --all for every one)
+lab down    remove it (by name; without one only when a single lab is up; --all)
 lab list    the labs this machine has
 lab matrix  every preset x RTT with the real CLI, against expected outcomes
 doctor      this host's NAT mapping and whether a direct link is likely
@@ -13,13 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from holepunch_mig.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, named_endpoint, write_chart
+from holepunch_mig.cli.common import (
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    named_endpoint,
+    write_chart,
+)
 from holepunch_mig.lab import (
     CONTROL_PORT,
     Lab,
@@ -35,6 +43,22 @@ from holepunch_mig.report import write_file_atomically
 def _err(text: str) -> None:
     sys.stderr.write(f"holepunch-mig lab: {text}\n")
     sys.stderr.flush()
+
+
+def _linux_only(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """For the commands that only read (``lab list``): no root needed."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        if sys.platform != "linux":
+            _err("the lab needs Linux network namespaces")
+            return EXIT_FAILED
+        try:
+            return fn(args)
+        except LabError as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+
+    return wrapper
 
 
 def _root_only(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -75,6 +99,12 @@ def _lab_info(lab: Lab) -> dict[str, Any]:
         lab.spec.right.nat == "none" and lab.spec.right.firewall == "open"
     ):
         control = "{}:{}".format(*lab.control_endpoint("right", CONTROL_PORT))
+    # every port a spec opens, on either side, and where it is reachable from outside
+    reachable = [
+        {"side": side, "port": port, "at": "{}:{}".format(*lab.control_endpoint(side, port))}
+        for side, spec in (("left", lab.spec.left), ("right", lab.spec.right))
+        for port in spec.allow_inbound_tcp
+    ]
     return {
         "name": lab.spec.name,
         "run_id": lab.run_id,
@@ -82,6 +112,7 @@ def _lab_info(lab: Lab) -> dict[str, Any]:
         "hosts": hosts,
         "stun": [f"{h}:{p}" for h, p in lab.stun_endpoints()],
         "right_control": control,
+        "reachable": reachable,
         "namespaces": lab.namespaces(),
     }
 
@@ -101,8 +132,8 @@ def _print_info(info: dict[str, Any]) -> None:
         )
     if info["stun"]:
         out.append(f"  stun (TCP+UDP): {', '.join(info['stun'])}")
-    if info["right_control"]:
-        out.append(f"  right's port {CONTROL_PORT} is reachable at {info['right_control']}")
+    for r in info["reachable"]:
+        out.append(f"  {r['side']}'s port {r['port']} is reachable at {r['at']}")
     out += [
         f"run a program:  holepunch-mig lab exec --lab {info['name']} left -- CMD ...",
         f"tear it down:   holepunch-mig lab down {info['name']}",
@@ -155,6 +186,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     lab = Lab.attach(args.lab)
     netns = lab.netns(args.host)
+    # the namespace shares this filesystem: a program missing here is missing there, and
+    # is "command not found" (127, as a shell says), not ip's own exit 1
+    if shutil.which(argv[0]) is None:
+        _err(f"{argv[0]}: command not found")
+        return EXIT_NOT_FOUND
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
@@ -180,13 +216,20 @@ def cmd_down(args: argparse.Namespace) -> int:
         if removed:
             sys.stdout.write(f"also removed {len(removed)} stale namespace(s)\n")
         return EXIT_FAILED if failed else EXIT_OK
+    if args.name is None:
+        # never guess between several labs: the newest may be another user's or test's
+        up = [st for st in Lab.list_labs() if st.get("detached")]
+        if len(up) > 1:
+            listed = ", ".join(str(st.get("name")) for st in up)
+            _err(f"several labs are up ({listed}): name the one to remove, or --all")
+            return EXIT_USAGE
     lab = Lab.attach(args.name)
     lab.teardown()
     sys.stdout.write(f"lab {lab.spec.name} ({lab.run_id}) removed\n")
     return EXIT_OK
 
 
-@_root_only
+@_linux_only
 def cmd_list(args: argparse.Namespace) -> int:
     labs = Lab.list_labs()
     if args.json:
@@ -229,6 +272,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             sys.stderr.write(matrix.cell_line(cell) + "\n")
             sys.stderr.flush()
 
+    # each cell once: on stderr as it finishes, or (--quiet) on stdout at the end
+
     result = matrix.run_matrix(
         names,
         rtts=rtts,
@@ -244,7 +289,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         write_file_atomically(args.markdown, matrix.to_markdown(result) + "\n")
     if args.png:
         write_chart(Path(args.png), lambda: heatmap.render(result), "holepunch-mig lab matrix")
-    sys.stdout.write("\n".join(matrix.cell_line(c) for c in result.cells) + "\n")
+    if args.quiet:
+        sys.stdout.write("\n".join(matrix.cell_line(c) for c in result.cells) + "\n")
     bad = [c for c in result.cells if not c.matches]
     known = [c.preset for c in bad if c.known_issue]
     sys.stdout.write(
@@ -289,7 +335,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- program and arguments")
     ex.set_defaults(run=cmd_exec)
 
-    down = lsub.add_parser("down", help="remove a lab (default: the newest)")
+    down = lsub.add_parser("down", help="remove a lab (by name; no name: the only one up)")
     down.add_argument("name", nargs="?", help="lab name or run id")
     down.add_argument("--all", action="store_true", help="every detached lab, and stale ones")
     down.set_defaults(run=cmd_down)
