@@ -223,6 +223,10 @@ class MuxPeerAbort(MuxError, PeerAbort):
     """The peer sent ABORT."""
 
 
+class LibvirtMissing(HolepunchError):
+    """The libvirt Python binding is not installed (the ``libvirt`` extra)."""
+
+
 class MuxWindowExceeded(MuxError, FlowControlError):
     """The peer of the multiplexed link sent DATA beyond a stream's window (it ignored
     the ACKs), which would otherwise grow this side's memory with whatever it sends."""

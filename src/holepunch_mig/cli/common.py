@@ -9,6 +9,7 @@ import argparse
 import errno
 import logging
 import os
+import shlex
 import socket
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.errors import CandidateError
-from holepunch_mig.net.control import ControlChannel
+from holepunch_mig.net.control import ControlChannel, open_process_channel
 from holepunch_mig.net.keyfiles import load_auth
 from holepunch_mig.net.secure_control import (
     SecureChannel,
@@ -40,6 +41,7 @@ __all__ = [
     "EXIT_NO_PATH",
     "EXIT_OK",
     "EXIT_USAGE",
+    "LIBVIRT_HINT",
     "PLOT_HINT",
     "PROG",
     "Progress",
@@ -64,6 +66,7 @@ __all__ = [
     "say",
     "secure_existing",
     "setup_logging",
+    "source_control",
     "warn",
     "write_chart",
 ]
@@ -168,17 +171,30 @@ class Progress:
 
     def __call__(self, done: int) -> None:
         self.done = done
-        now = time.monotonic()
-        if now - self.last < (0.2 if self.tty else 1.0):
+        if not self._due():
             return
-        self.last = now
-        self.printed = True
-        elapsed = max(now - self.start, 1e-9)
+        elapsed = max(self.last - self.start, 1e-9)
         rate = done / elapsed
         text = f"{self.label}: {done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
         if self.total and done < self.total:
             eta = (self.total - done) / rate if rate else 0.0
             text += f", {100 * done / self.total:.0f} %, ETA {eta:.0f} s"
+        self._write(text)
+
+    def line(self, text: str) -> None:
+        """Show a caller-made progress line, at the same pace."""
+        if self._due():
+            self._write(text)
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 1.0):
+            return False
+        self.last = now
+        return True
+
+    def _write(self, text: str) -> None:
+        self.printed = True
         if self.tty:
             sys.stderr.write("\r" + text.ljust(78))
         else:
@@ -489,7 +505,24 @@ async def secure_existing(
     return await secure(channel, auth, initiator=initiator)
 
 
+async def source_control(args: argparse.Namespace, auth: ControlAuth | None) -> ControlChannel:
+    """The source's control channel: ``--control-cmd`` (a process, e.g. ssh; secured as
+    well when credentials were given) or ``--control`` (an authenticated TCP dial)."""
+    if getattr(args, "control_cmd", None):
+        channel: ControlChannel = await open_process_channel(
+            shlex.split(args.control_cmd), args.peer_host
+        )
+        try:
+            return await secure_existing(args, channel, auth, initiator=True)
+        except BaseException:
+            await channel.aclose()
+            raise
+    host, port = args.control
+    return await dial_control(host, port, auth, args.control_wait)
+
+
 PLOT_HINT = "pip install 'holepunch_mig[plot]'"
+LIBVIRT_HINT = "pip install 'holepunch_mig[libvirt]', or Debian's python3-libvirt"
 
 
 def write_chart(path: Path, render: Callable[[], bytes], prog: str) -> bool:

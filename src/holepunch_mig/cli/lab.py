@@ -37,6 +37,13 @@ from holepunch_mig.lab import (
     presets,
     spec_to_dict,
 )
+from holepunch_mig.lab.libvirt_hosts import (
+    LIBVIRT_TCP_PORT,
+    LibvirtHost,
+    attached_hosts,
+    start_detached,
+    stop_detached,
+)
 from holepunch_mig.report import write_file_atomically
 
 
@@ -134,6 +141,10 @@ def _print_info(info: dict[str, Any]) -> None:
         out.append(f"  stun (TCP+UDP): {', '.join(info['stun'])}")
     for r in info["reachable"]:
         out.append(f"  {r['side']}'s port {r['port']} is reachable at {r['at']}")
+    if info.get("libvirt"):
+        out.append(
+            f"  libvirt on left and right; left reaches right's at {info['libvirt']['right']}"
+        )
     out += [
         f"run a program:  holepunch-mig lab exec --lab {info['name']} left -- CMD ...",
         f"tear it down:   holepunch-mig lab down {info['name']}",
@@ -160,12 +171,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         spec = replace(spec, rtt_ms=args.rtt)
     if args.stun:
         spec = replace(spec, stun=True)
+    if args.libvirt and LIBVIRT_TCP_PORT not in spec.right.allow_inbound_tcp:
+        ports = (*spec.right.allow_inbound_tcp, LIBVIRT_TCP_PORT)
+        spec = replace(spec, right=replace(spec.right, allow_inbound_tcp=ports))
     Lab.cleanup_stale()
     if any(st.get("detached") and st.get("name") == spec.name for st in Lab.list_labs()):
         _err(f"a lab named {spec.name!r} is already up: `holepunch-mig lab down {spec.name}` first")
         return EXIT_FAILED
     lab = Lab(spec, detached=True).build()
+    if args.libvirt:
+        try:
+            start_detached(lab)
+        except BaseException:
+            lab.teardown()
+            raise
     info = _lab_info(lab)
+    if args.libvirt:
+        info["libvirt"] = {
+            "left": "qemu:///system (inside: holepunch-mig lab exec left -- virsh ...)",
+            "right": LibvirtHost(lab, "right").tcp_uri(),
+        }
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
@@ -191,8 +216,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if shutil.which(argv[0]) is None:
         _err(f"{argv[0]}: command not found")
         return EXIT_NOT_FOUND
+    libvirt = attached_hosts(lab).get(args.host)
     sys.stdout.flush()
     sys.stderr.flush()
+    if libvirt is not None:  # its network and its private mount namespace
+        os.execvp("nsenter", libvirt.argv(argv))
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
     return EXIT_FAILED  # not reached
 
@@ -207,7 +235,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         failed = 0
         for run_id, st in zip(names, labs, strict=True):
             try:
-                Lab.attach(run_id).teardown()
+                attached = Lab.attach(run_id)
+                stop_detached(attached)
+                attached.teardown()
                 sys.stdout.write(f"lab {st.get('name')} ({run_id}) removed\n")
             except LabError as exc:
                 _err(str(exc))
@@ -224,6 +254,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             _err(f"several labs are up ({listed}): name the one to remove, or --all")
             return EXIT_USAGE
     lab = Lab.attach(args.name)
+    stop_detached(lab)
     lab.teardown()
     sys.stdout.write(f"lab {lab.spec.name} ({lab.run_id}) removed\n")
     return EXIT_OK
@@ -327,6 +358,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--rtt", type=int, metavar="MS", help="override the spec's rtt_ms")
     up.add_argument("--stun", action="store_true", help="run STUN even if the spec does not")
     up.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    up.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="run virtlogd + libvirtd on left and right, each in a private mount namespace "
+        f"(lab exec enters it); right's libvirtd (TCP {LIBVIRT_TCP_PORT}, no auth: a lab) "
+        "is let in",
+    )
     up.set_defaults(run=cmd_up)
 
     ex = lsub.add_parser("exec", help="run CMD inside a lab host: lab exec HOST -- CMD ...")

@@ -11,19 +11,20 @@ import argparse
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from holepunch_mig.cli import bench, keys, lab, migrate, transfer
+from holepunch_mig.cli import bench, keys, lab, libvirt_migrate, migrate, transfer
 from holepunch_mig.cli.common import EXIT_INTERRUPTED, PROG, UsageError, say, setup_logging
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-#: in help order: recv, send, keygen, lab, doctor, migrate-proxy, bench
+#: in help order: recv, send, keygen, lab, doctor, migrate-proxy, migrate, bench
 SUBCOMMANDS: tuple[Register, ...] = (
     transfer.register,
     keys.register,
     lab.register,
     migrate.register,
+    libvirt_migrate.register,
     bench.register,
 )
 

@@ -69,6 +69,7 @@ from holepunch_mig.migration.api import (
     migration_source,
 )
 from holepunch_mig.migration.handoff import HandoffProxy
+from holepunch_mig.migration.libvirt import DEFAULT_SOCKET_PARENT, libvirt_destination
 from holepunch_mig.net.control import (
     ControlChannel,
     ProcessChannel,
@@ -241,6 +242,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="the control channel is stdin/stdout (under ssh, from the source's --control-cmd)",
     )
+    dst.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="the source runs `holepunch-mig migrate` (libvirt): serve the migration "
+        "stream, its multifd connections and the NBD storage copy in a fresh socket "
+        "directory under --socket-dir, where libvirt's QEMU listens",
+    )
+    dst.add_argument(
+        "--socket-dir",
+        type=Path,
+        default=DEFAULT_SOCKET_PARENT,
+        metavar="DIR",
+        help=f"--libvirt: where the per-migration directory is made (default "
+        f"{DEFAULT_SOCKET_PARENT}; the same path as on the source)",
+    )
+    dst.add_argument(
+        "--socket-group",
+        default=None,
+        metavar="GROUP",
+        help="--libvirt: QEMU's group when it does not run as root (qemu.conf group)",
+    )
     _options(dst)
     cli.add_link_options(dst)
     cli.add_auth_options(dst, listening=True)
@@ -281,6 +303,12 @@ def _preflight(args: argparse.Namespace) -> None:
 
 def _check_mode(args: argparse.Namespace) -> str | None:
     """The usage error for this mode's arguments, or None."""
+    if getattr(args, "libvirt", False):
+        if args.mode != "mux" or args.connect_unix is not None or args.qmp is not None:
+            return "--libvirt takes no --mode/--connect-unix/--qmp (libvirt's QEMU listens)"
+        if args.digest:
+            return "--libvirt streams are count-checked (--digest is for --mode mux)"
+        return cli.auth_usage_problem(args, tcp=not args.control_stdio)
     local = "--listen-unix" if args.migrate_role == "source" else "--connect-unix"
     value = args.listen_unix if args.migrate_role == "source" else args.connect_unix
     if args.mode == "handoff":
@@ -328,7 +356,9 @@ def _finish(
     if isinstance(exc, MigrationError):
         report = exc.migration
     if report is None:
-        report = MigrationReport(role=role, mode=args.mode)
+        report = MigrationReport(
+            role=role, mode="libvirt" if getattr(args, "libvirt", False) else args.mode
+        )
         link = getattr(exc, "report", None)
         if link is not None:
             report.link = link
@@ -414,6 +444,8 @@ async def _destination_main(args: argparse.Namespace) -> int:
             host, port = args.control_listen
             channel = await cli.listen_control(args, host, port, auth)
         kwargs = _common_kwargs(args)
+        if args.libvirt:
+            return await _libvirt_destination(args, channel, kwargs)
         if args.mode == "mux":
             kwargs.update(connect_unix=args.connect_unix)
         async with migration_destination(channel, progress=progress, **kwargs) as proxy:
@@ -441,6 +473,24 @@ async def _destination_main(args: argparse.Namespace) -> int:
             with trio.CancelScope(shield=True):
                 await channel.aclose()
     return _finish(args, proxy, None, progress)
+
+
+async def _libvirt_destination(
+    args: argparse.Namespace, channel: ControlChannel, kwargs: dict[str, Any]
+) -> int:
+    kwargs.pop("expected_bytes", None)
+    proxy = None
+    try:
+        async with libvirt_destination(
+            channel, socket_parent=args.socket_dir, socket_group=args.socket_group, **kwargs
+        ) as proxy:
+            if not args.quiet:
+                cli.say(proxy.link.report.summary())
+                cli.say(f"serving libvirt's sockets in {proxy.socket_dir}")
+            await proxy.wait(args.timeout)
+    except (HolepunchError, OSError) as exc:
+        return _finish(args, proxy, exc, None)
+    return _finish(args, proxy, None, None)
 
 
 async def _tell_peer(

@@ -262,6 +262,7 @@ class MigrationProxy(ProxyBase):
                         s.received,
                         s.sent_digest.hex() or None,
                         s.received_digest.hex() or None,
+                        s.label,
                     )
                     for s in stats.streams
                 ]

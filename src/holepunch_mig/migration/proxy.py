@@ -45,6 +45,9 @@ class SourceProxy:
     """The UNIX socket the source QEMU migrates to; each accepted connection is handed
     to ``mux.add_stream``.  Use as a context manager, or ``start()``/``close()``.
 
+    ``label``: the channel every accepted connection is announced as (see
+    :meth:`~holepunch_mig.migration.mux.Mux.add_stream`; "" = the peer's one endpoint).
+
     Where the socket lives:
 
     * ``path=None`` (default): ``migrate.sock`` in a fresh private directory (0700) under
@@ -57,9 +60,15 @@ class SourceProxy:
     """
 
     def __init__(
-        self, mux: Mux, *, parent_dir: Path | None = None, path: Path | None = None
+        self,
+        mux: Mux,
+        *,
+        parent_dir: Path | None = None,
+        path: Path | None = None,
+        label: str = "",
     ) -> None:
         self._mux = mux
+        self._label = label
         self._parent = parent_dir
         self._exact = Path(path) if path is not None else None
         self._exact_ino: int | None = None
@@ -132,7 +141,7 @@ class SourceProxy:
                 return
             self.accepted += 1
             try:
-                self._mux.add_stream(conn)
+                self._mux.add_stream(conn, self._label)
             except MuxError:
                 log.warning("source proxy: stream refused", exc_info=True)
                 return
