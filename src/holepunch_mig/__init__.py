@@ -60,7 +60,7 @@ from holepunch_mig.net.secure_control import (
     connect_authenticated,
     secure,
 )
-from holepunch_mig.report import Interruption, PairReport, Report
+from holepunch_mig.report import HardNatReport, Interruption, PairReport, Report
 from holepunch_mig.session.api import (
     BlockingLink,
     abort,
@@ -69,7 +69,7 @@ from holepunch_mig.session.api import (
     connect_blocking,
 )
 from holepunch_mig.session.link import Link, TransferResult
-from holepunch_mig.session.options import ConnectOptions
+from holepunch_mig.session.options import BirthdayBudget, ConnectOptions
 from holepunch_mig.testing import memory_channel_pair
 from holepunch_mig.wire.control_auth import ControlAuth, PairingCode
 from holepunch_mig.wire.identity import Identity, PeerKey, PeerSet, parse_peer_line
@@ -77,6 +77,7 @@ from holepunch_mig.wire.identity import Identity, PeerKey, PeerSet, parse_peer_l
 __version__ = "0.1.0"
 
 __all__ = [
+    "BirthdayBudget",
     "BlockingLink",
     "BlockingMigrationProxy",
     "ChannelClosed",
@@ -90,6 +91,7 @@ __all__ = [
     "CredentialError",
     "HandoffRefused",
     "HandshakeError",
+    "HardNatReport",
     "HolepunchError",
     "Identity",
     "Interruption",

@@ -96,6 +96,33 @@ class Interruption:
 
 
 @dataclass
+class HardNatReport:
+    """Birthday punching in this session, as this side saw it: the plan and what was spent.
+
+    ``role``: "hard" (this side opened many sockets towards the peer's one port) or
+    "easy" (this side dialed guessed ports on the peer's public address); ``sockets`` and
+    ``probes``: the two sides' agreed budget; ``expected_success``: the birthday bound for
+    it; ``spent_sockets``: the most birthday sockets this side held open at once;
+    ``spent_syns``: connect() calls (first SYNs; kernel retransmissions not counted);
+    ``refused``/``errors``: attempts that ended in RST / another socket error; ``hits``:
+    birthday connections that came up (before authentication); ``seconds``: from the first
+    to the last SYN sent."""
+
+    role: Literal["hard", "easy"]
+    sockets: int
+    probes: int
+    expected_success: float
+    rate: int
+    spent_sockets: int = 0
+    spent_syns: int = 0
+    refused: int = 0
+    errors: int = 0
+    hits: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass
 class Report:
     """Everything a caller, a log or a person needs to know about one session."""
 
@@ -127,6 +154,8 @@ class Report:
     resume: bool = False
     """True when both sides agreed that a lost link may be re-punched (stream transfers)."""
     interruptions: list[Interruption] = field(default_factory=list)
+    hard_nat: HardNatReport | None = None
+    """Birthday punching, when the two sides' NATs called for it (None otherwise)."""
     control_peer: str | None = None
     """Who the control channel authenticated: a pinned key's name, "holder of the
     pre-shared secret", "holder of the pairing code", or "trusted by the caller" (SSH,
@@ -196,6 +225,15 @@ class Report:
             lines.append(
                 f"  interruption {i} at {cut.at:.3f} s (link {cut.epoch}, seen {cut.detected_by}"
                 f": {cut.seen}); acknowledged {cut.acked} of {cut.sent} bytes; {how}"
+            )
+        if self.hard_nat is not None:
+            hn = self.hard_nat
+            lines.append(
+                f"  birthday punching ({hn.role} side): budget {hn.sockets} sockets x "
+                f"{hn.probes} probes, expected success {100 * hn.expected_success:.1f} %; "
+                f"spent {hn.spent_syns} SYNs in {hn.seconds:.2f} s (at most {hn.spent_sockets} "
+                f"sockets open), "
+                f"{hn.hits} met"
             )
         for note in self.notes:
             lines.append(f"  note: {note}")

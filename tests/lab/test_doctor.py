@@ -26,6 +26,8 @@ CASES = {
     "rst-rst": ("present", "endpoint-independent", True, "yes", 0),
     "random-random": ("present", "endpoint-dependent", False, "no", 3),
     "symmetric-symmetric": ("present", "endpoint-dependent", False, "no", 3),
+    # the same NAT, with a router that maps ports (miniupnpd): crossed after all
+    "symmetric-pcp": ("present", "endpoint-dependent", False, "yes", 0),
 }
 
 
@@ -57,11 +59,19 @@ def test_doctor_classifies(lab_factory: Factory, preset: str) -> None:
     if likely == "no":
         assert "Symmetric NAT" in str(result["summary"])
         assert any("endpoint-independently" in a for a in result["advice"])  # type: ignore[attr-defined]
+    gateway = result["port_mapping"]
+    assert isinstance(gateway, dict)
+    if preset == "symmetric-pcp":
+        assert gateway["protocol"] == "pcp" and gateway["external_address"] == "198.51.100.10"
+        assert "gateway offers port mapping (pcp)" in str(result["summary"])
+    else:
+        assert gateway["protocol"] is None
     # the human rendering says the same in words
     rc2, text = doctor(lab, "--port", "40124")
     assert rc2 == code
     assert f"direct link likely: {likely}" in str(text)
     assert f"mapping:    {mapping}" in str(text)
+    assert ("port mapping: pcp on 10.1.0.1:5351" in str(text)) is (preset == "symmetric-pcp")
 
 
 @pytest.mark.netns

@@ -105,7 +105,11 @@ def test_expectations_markdown_and_png() -> None:
     width, height = struct.unpack("!II", png[16:24])
     assert width >= 300 and height >= 150 and len(png) > 5_000
     shown = heatmap.heat_cells(m.to_dict())[2]
-    assert [shown[(c.preset, 0)].label for c in cells] == ["1/1 0.05 s", "expected fail", "0/1 !"]
+    assert [shown[(c.preset, (0, 0.0))].label for c in cells] == [
+        "1/1 0.05 s",
+        "expected fail",
+        "0/1 !",
+    ]
 
 
 def test_matrix_png_without_matplotlib_says_how_to_get_it(

@@ -57,9 +57,10 @@ def test_host_candidates_reject_bad_port() -> None:
 
 
 def test_gather_without_stun() -> None:
-    cands, notes = trio.run(
+    cands, notes, nat = trio.run(
         lambda: gather(4000, given=[("203.0.113.5", 4000), ("203.0.113.5", 4000)])
     )
+    assert nat == "unknown"  # no STUN: nothing known about the NAT
     assert cands[0].kind == "given" and cands[0].endpoint == ("203.0.113.5", 4000)
     assert len([c for c in cands if c.kind == "given"]) == 1
     prios = [c.priority for c in cands]
@@ -78,7 +79,7 @@ def test_gather_rejects_bad_given() -> None:
 def test_gather_with_coturn(coturn: tuple[str, int]) -> None:
     port = free_port()
     dead = ("127.0.0.1", free_port())
-    cands, notes = trio.run(
+    cands, notes, nat = trio.run(
         lambda: gather(
             port,
             stun_servers=[coturn, dead],
@@ -90,6 +91,7 @@ def test_gather_with_coturn(coturn: tuple[str, int]) -> None:
     # deduplicated, the host (higher priority) wins.
     lo = [c for c in cands if c.endpoint == ("127.0.0.1", port)]
     assert len(lo) == 1 and lo[0].kind == "host"
+    assert nat == "none"  # the mapped address is our own: no NAT
     assert f"STUN {coturn[0]}:{coturn[1]}: mapped to 127.0.0.1:{port}" in notes
     assert any(n.startswith(f"STUN 127.0.0.1:{dead[1]} failed:") and "refused" in n for n in notes)
 
@@ -106,7 +108,7 @@ def test_gather_queries_stun_servers_concurrently() -> None:
                 listeners = await nursery.start(serve)
                 servers.append(("127.0.0.1", listeners[0].socket.getsockname()[1]))
             start = trio.current_time()
-            _cands, notes = await gather(free_port(), stun_servers=servers, stun_timeout=0.5)
+            _cands, notes, _nat = await gather(free_port(), stun_servers=servers, stun_timeout=0.5)
             elapsed = trio.current_time() - start
             nursery.cancel_scope.cancel()
         return elapsed, servers, notes

@@ -187,3 +187,21 @@ def test_unreachable_private_candidates_do_not_hide_timeouts_both_ways() -> None
     d = diagnose_pairs(pairs, role="source")
     assert d.causes == ["syn-timeout"]
     assert "timed out both ways" in d.verdict
+
+
+def test_birthday_miss_says_what_was_spent_and_the_odds() -> None:
+    from holepunch_mig.report import HardNatReport
+
+    spent = HardNatReport(
+        role="easy", sockets=256, probes=1024, expected_success=0.983, rate=500,
+        spent_syns=1024, seconds=2.05, refused=3,
+    )  # fmt: skip
+    notes = ["STUN servers saw different mappings 198.51.100.1:61000, 198.51.100.1:61007"]
+    d = diagnose_pairs(
+        [_out("198.51.100.1:61000", "timed out")], role="destination", notes=[], hard_nat=spent
+    )
+    assert d.cause == "birthday-missed"
+    assert "1024 SYNs in 2.05 s (3 refused" in d.verdict
+    assert "chance of missing is 1.7 %" in d.verdict and "--birthday-probes" in d.verdict
+    without = diagnose_pairs([_out("198.51.100.1:61000", "timed out")], role="source", notes=notes)
+    assert "birthday-missed" not in without.causes

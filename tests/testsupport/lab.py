@@ -24,17 +24,21 @@ skipped every traversal test would prove nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from holepunch_mig.lab import NS_PREFIX, Lab, LabError, LabSpec, presets
+from holepunch_mig.lab import CONTROL_PORT, NS_PREFIX, Lab, LabError, LabSpec, presets
+from holepunch_mig.net.keyfiles import pinned_pair
 
 __all__ = [
     "CLI",
@@ -132,7 +136,10 @@ def lab_factory() -> Iterator[Callable[[LabSpec | str], Lab]]:
 
     def make(spec: LabSpec | str) -> Lab:
         resolved = _as_spec(spec)
-        require_netns(need=("turnserver",) if resolved.stun else ())
+        need = ["turnserver"] if resolved.stun else []
+        if resolved.left.port_mapping or resolved.right.port_mapping:
+            need.append("miniupnpd")
+        require_netns(need=need)
         lab = Lab(resolved)
         built.append(lab)
         return lab.build()
@@ -192,4 +199,55 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
     """Run ``holepunch-mig ARGS`` (in the root namespace) and capture its text output."""
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )
+
+
+def cli_transfer(
+    lab: Lab,
+    tmp: Path,
+    *,
+    send_extra: Sequence[str] = (),
+    recv_extra: Sequence[str] = (),
+) -> tuple[int, int, dict[str, Any], dict[str, Any], Path, str]:
+    """One 1 MiB transfer left -> right with the real CLI (pinned keys, both STUN
+    addresses, one round): (send exit, recv exit, send report, recv report, output path,
+    "sha256 of the input\\nstderr of both")."""
+    data = os.urandom(1 << 20)
+    payload = tmp / "in.bin"
+    payload.write_bytes(data)
+    out, rrep, srep = tmp / "out.bin", tmp / "recv.json", tmp / "send.json"
+    stun = [a for h, p in lab.stun_endpoints() for a in ("--stun", f"{h}:{p}")]
+    keys = pinned_pair(tmp)
+    common = ["-q", "--rounds", "1", *stun]
+    recv = lab.popen(
+        "right",
+        [*CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}", "--output", str(out),
+         "--report", str(rrep), *common, *keys.destination, *recv_extra],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    lab.wait_listening("right", CONTROL_PORT, timeout=15.0)
+    host, port = lab.control_endpoint("right", CONTROL_PORT)
+    send = lab.popen(
+        "left",
+        [*CLI, "send", "--control", f"{host}:{port}", "--input", str(payload),
+         "--report", str(srep), *common, *keys.source, *send_extra],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, send_err = send.communicate(timeout=60)
+        _, recv_err = recv.communicate(timeout=30)
+    finally:
+        for proc in (send, recv):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    reports = json.loads(srep.read_text()), json.loads(rrep.read_text())
+    errs = (send_err + recv_err).decode(errors="replace")
+    return (
+        send.returncode,
+        recv.returncode,
+        reports[0],
+        reports[1],
+        out,
+        (hashlib.sha256(data).hexdigest() + "\n" + errs),
     )

@@ -29,6 +29,7 @@ from holepunch_mig.net.secure_control import (
     secure,
 )
 from holepunch_mig.roles import POLICIES
+from holepunch_mig.wire.birthday import BirthdayBudget
 from holepunch_mig.wire.candidates import parse_endpoint
 from holepunch_mig.wire.control_auth import ControlAuth, PairingCode
 from holepunch_mig.wire.text import printable
@@ -271,6 +272,50 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
         "tunnel only.  The sender's policy counts; a receiver's 'direct' forbids the tunnel",
     )
     p.add_argument("--rounds", type=int, default=3, help="punch rounds before giving up")
+    p.add_argument(
+        "--port-mapping",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ask the gateway (PCP, then NAT-PMP) to forward a public port to the punch "
+        "port while it is open: 'auto' (default) when --stun is given, 'on', 'off'",
+    )
+    hard = BirthdayBudget()
+    p.add_argument(
+        "--hard-nat",
+        choices=("off", "birthday"),
+        default="birthday",
+        help="one side behind a symmetric (endpoint-dependent) NAT, the other not: "
+        "'birthday' (default) lets the first round open many sockets / dial guessed ports "
+        "within the budget below (both sides must allow it); 'off' never does",
+    )
+    p.add_argument(
+        "--birthday-sockets",
+        type=int,
+        default=hard.sockets,
+        metavar="N",
+        help=f"sockets this side opens as the hard side (default {hard.sockets})",
+    )
+    p.add_argument(
+        "--birthday-probes",
+        type=int,
+        default=hard.probes,
+        metavar="N",
+        help=f"guessed ports this side dials as the easy side (default {hard.probes})",
+    )
+    p.add_argument(
+        "--birthday-rate",
+        type=int,
+        default=hard.rate,
+        metavar="SYNS",
+        help=f"birthday SYNs per second, at most (default {hard.rate})",
+    )
+    p.add_argument(
+        "--birthday-seconds",
+        type=float,
+        default=hard.seconds,
+        metavar="S",
+        help=f"seconds birthday dialing may last (default {hard.seconds:g})",
+    )
     p.add_argument("--dial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -322,6 +367,14 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
         "policy": args.policy,
         "rounds": args.rounds,
         "dial_delay": args.dial_delay,
+        "hard_nat": args.hard_nat,
+        "port_mapping": args.port_mapping,
+        "birthday": BirthdayBudget(
+            sockets=args.birthday_sockets,
+            probes=args.birthday_probes,
+            rate=args.birthday_rate,
+            seconds=args.birthday_seconds,
+        ),
     }
 
 

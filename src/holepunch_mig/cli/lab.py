@@ -293,6 +293,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from holepunch_mig.lab import heatmap, matrix
 
     rtts = [int(r) for part in (args.rtt or ["0"]) for r in part.split(",") if r.strip()]
+    losses = [float(x) for part in (args.loss or ["0"]) for x in part.split(",") if x.strip()]
     runs = 1 if args.quick and args.runs is None else (args.runs or 5)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     names = [n.strip() for n in args.presets.split(",")] if args.presets else None
@@ -313,6 +314,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         payload_bytes=int(args.payload_mib * (1 << 20)),
         jobs=args.jobs,
         progress=progress,
+        losses=losses,
     )
     if args.json:
         write_file_atomically(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -385,6 +387,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mx = lsub.add_parser("matrix", help="run every preset with the real CLI")
     mx.add_argument("--quick", action="store_true", help="every cell once (CI)")
     mx.add_argument("--rtt", action="append", metavar="MS[,MS...]", help="RTT(s) in ms (default 0)")
+    mx.add_argument(
+        "--loss",
+        action="append",
+        metavar="PCT[,PCT...]",
+        help="random inbound loss on both sides, in percent: one column per value (default 0)",
+    )
     mx.add_argument("--runs", type=int, default=None, help="runs per cell (default 5; quick 1)")
     mx.add_argument("--presets", metavar="A,B,...", help="only these presets")
     mx.add_argument(

@@ -26,6 +26,18 @@ Design choices:
   queue and make the router drop the peer's crossing SYN as NEW.)
 * Queue length 16384; when it is full the kernel drops (like a real queue).
 
+Impairments besides the delay (what netem would do, on kernels without it):
+
+* ``--loss-pct P``: each packet is dropped with probability P/100 (an ``NF_DROP``
+  verdict as soon as it is read).  Loss switches GSO queueing off, so the kernel
+  segments super-packets first and a loss is one segment, not 64 KiB of them;
+* ``--jitter-ms J``: each packet's delay is drawn uniformly from ``delay ± J`` (at least
+  0), so packets can overtake each other;
+* ``--reorder-pct R``: R % of packets skip the delay and overtake those held.
+
+With jitter or reordering packets leave out of order, so each gets its own verdict
+(``NFQNL_MSG_VERDICT``) instead of a batch.
+
 Run: ``python -m holepunch_mig.lab.delay --queue 0 --delay-ms 10 [--stats FILE]``.  It
 prints ``ready`` on stdout once bound, then runs until SIGTERM/SIGINT, releasing
 everything still held before it exits; ``--stats`` gets a JSON line with counters.
@@ -34,11 +46,12 @@ everything still held before it exits; ``--stats`` gets a JSON line with counter
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import errno
+import heapq
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -76,6 +89,7 @@ NFQNL_CFG_CMD_BIND = 1
 NFQNL_CFG_CMD_UNBIND = 2
 NFQNL_COPY_META = 1
 NFQA_CFG_F_GSO = 0x4
+NF_DROP = 0
 NF_ACCEPT = 1
 
 QUEUE_MAXLEN = 16384
@@ -112,13 +126,34 @@ def _attrs(data: bytes, offset: int) -> dict[int, bytes]:
 
 
 class DelayQueue:
-    """One bound NFQUEUE that releases each packet `delay` seconds after it arrived."""
+    """One bound NFQUEUE that releases each packet `delay` seconds after it arrived
+    (± `jitter`, none for a `reorder` fraction), dropping a `loss` fraction."""
 
-    def __init__(self, queue: int, delay: float) -> None:
+    def __init__(
+        self,
+        queue: int,
+        delay: float,
+        *,
+        loss: float = 0.0,
+        jitter: float = 0.0,
+        reorder: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         if not 0 <= queue < 65536:
             raise ValueError(f"queue number {queue} out of range")
+        for name, value in (("loss", loss), ("reorder", reorder)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a fraction in 0..1, not {value}")
+        if delay < 0 or jitter < 0:
+            raise ValueError("delay and jitter must be >= 0")
         self.queue = queue
         self.delay = delay
+        self.loss = loss
+        self.jitter = jitter
+        self.reorder = reorder
+        self.in_order = jitter == 0 and reorder == 0
+        self.rng = random.Random(seed)
+        self.dropped = 0
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
         with contextlib.suppress(OSError):
@@ -126,7 +161,8 @@ class DelayQueue:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
         self._seq = 0
-        self.pending: collections.deque[tuple[float, int]] = collections.deque()
+        self.pending: list[tuple[float, int]] = []
+        """(release time, packet id); a heap (in arrival order when nothing reorders)"""
         self.packets = 0
         self.batches = 0
         self.max_held = 0
@@ -159,12 +195,14 @@ class DelayQueue:
         cmd = struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, socket.AF_INET)
         self._request(NFQNL_MSG_CONFIG, _attr(NFQA_CFG_CMD, cmd))
         params = struct.pack("!IB", 0, NFQNL_COPY_META)
-        flags = struct.pack("!I", NFQA_CFG_F_GSO)
+        # with loss, let the kernel segment GSO packets: one loss = one segment
+        flags = struct.pack("!I", NFQA_CFG_F_GSO if self.loss == 0 else 0)
+        mask = struct.pack("!I", NFQA_CFG_F_GSO)
         self._request(
             NFQNL_MSG_CONFIG,
             _attr(NFQA_CFG_PARAMS, params)
             + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_MAXLEN))
-            + _attr(NFQA_CFG_MASK, flags)
+            + _attr(NFQA_CFG_MASK, mask)
             + _attr(NFQA_CFG_FLAGS, flags),
         )
 
@@ -197,16 +235,44 @@ class DelayQueue:
                     hdr = _attrs(msg, _NLMSGHDR.size + _NFGENMSG.size).get(NFQA_PACKET_HDR)
                     if hdr is not None and len(hdr) >= 4:
                         (packet_id,) = struct.unpack_from("!I", hdr)
-                        self.pending.append((now + self.delay, packet_id))
                         self.packets += 1
+                        self._arrived(now, packet_id)
                 offset += _align(length)
             self.max_held = max(self.max_held, len(self.pending))
 
+    def _arrived(self, now: float, packet_id: int) -> None:
+        if self.loss and self.rng.random() < self.loss:
+            self._verdict(packet_id, NF_DROP)
+            self.dropped += 1
+            return
+        delay = self.delay
+        if self.jitter:
+            delay = max(0.0, delay + self.rng.uniform(-self.jitter, self.jitter))
+        if self.reorder and self.rng.random() < self.reorder:
+            delay = 0.0
+        if self.in_order:
+            self.pending.append((now + delay, packet_id))  # already sorted
+        else:
+            heapq.heappush(self.pending, (now + delay, packet_id))
+
+    def _verdict(self, packet_id: int, verdict: int) -> None:
+        hdr = struct.pack("!II", verdict, packet_id)
+        self.sock.send(_message(NFQNL_MSG_VERDICT, self.queue, _attr(NFQA_VERDICT_HDR, hdr), 0, 0))
+
     def _release(self, now: float, everything: bool = False) -> None:
+        if not self.in_order:
+            while self.pending and (everything or self.pending[0][0] <= now):
+                due, packet_id = heapq.heappop(self.pending)
+                self.late_max = max(self.late_max, now - due)
+                self._verdict(packet_id, NF_ACCEPT)
+            return
         last: int | None = None
-        while self.pending and (everything or self.pending[0][0] <= now):
-            due, last = self.pending.popleft()
+        count = 0
+        while count < len(self.pending) and (everything or self.pending[count][0] <= now):
+            due, last = self.pending[count]
             self.late_max = max(self.late_max, now - due)
+            count += 1
+        del self.pending[:count]
         if last is not None:
             hdr = struct.pack("!II", NF_ACCEPT, last)
             self._seq += 1
@@ -236,6 +302,10 @@ class DelayQueue:
             "batches": self.batches,
             "max_held": self.max_held,
             "max_late_ms": round(self.late_max * 1000, 3),
+            "loss_pct": self.loss * 100,
+            "jitter_ms": self.jitter * 1000,
+            "reorder_pct": self.reorder * 100,
+            "dropped": self.dropped,
         }
 
 
@@ -246,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--queue", type=int, default=0)
     parser.add_argument("--delay-ms", type=float, required=True)
+    parser.add_argument("--loss-pct", type=float, default=0.0)
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--reorder-pct", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stats", default=None, metavar="PATH", help="write counters here")
     args = parser.parse_args(argv)
     stop = [False]
@@ -255,7 +329,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    queue = DelayQueue(args.queue, args.delay_ms / 1000.0)
+    queue = DelayQueue(
+        args.queue,
+        args.delay_ms / 1000.0,
+        loss=args.loss_pct / 100.0,
+        jitter=args.jitter_ms / 1000.0,
+        reorder=args.reorder_pct / 100.0,
+        seed=args.seed,
+    )
     try:
         queue.bind()
     except OSError as exc:

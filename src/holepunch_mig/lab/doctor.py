@@ -13,6 +13,10 @@ to each given server in turn and compares what they saw (:func:`stun.probe_mappi
   connection *to* us (RFC 5780's CHANGE-REQUEST is UDP only).  It also matters less for
   TCP simultaneous open: each side's own SYN creates the state the peer's SYN matches.
 
+It also asks the default gateway, without mapping anything, whether it offers router
+port mapping (a PCP ANNOUNCE, then a NAT-PMP address request): with it even a symmetric
+NAT is crossed, because holepunch-mig asks the gateway to forward the punch port.
+
 Then it says in plain words whether a direct link is likely and what to change if not.
 """
 
@@ -27,6 +31,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.net.gather import host_candidates
+from holepunch_mig.net.portmap import probe_gateway
 from holepunch_mig.net.stun import probe_mapping
 from holepunch_mig.wire.endpoints import format_endpoint
 
@@ -64,6 +69,7 @@ async def diagnose(
     servers = unique
     port = local_port or _free_port()
     probe = await probe_mapping(servers, port, timeout=timeout)
+    gateway = await probe_gateway(timeout=min(timeout, 2.0))
     local_addrs = {c.host for c in host_candidates(port, include_loopback=False, ipv6=True)}
     mapped = [r["mapped"] for r in probe["results"]]
     nat: str
@@ -115,6 +121,19 @@ async def diagnose(
             "or run the peer with an open/forwarded port (it can then reach us through our "
             "SYN's mapping)",
         ]
+        summary += (
+            " If the peer's NAT is endpoint-independent (or it has none), birthday punching "
+            "(--hard-nat birthday, the default) still gets through in about 98 % of tries "
+            "with the default budget."
+        )
+        if gateway["protocol"] is not None:
+            likely = "yes"
+            summary = (
+                f"Symmetric NAT, but the gateway offers port mapping ({gateway['protocol']}): "
+                "holepunch-mig asks it to forward the punch port (--port-mapping auto with "
+                "--stun, the default), which makes this host reachable. A direct link is likely."
+            )
+            advice = []
     else:
         likely = "unknown"
         if not mapped:
@@ -141,6 +160,7 @@ async def diagnose(
         "nat": nat,
         "filtering": "unknown",
         "filtering_note": FILTERING_NOTE,
+        "port_mapping": gateway,
         "direct_link_likely": likely,
         "summary": summary,
         "advice": advice,
@@ -160,6 +180,12 @@ def render(result: dict[str, Any]) -> str:
         f"mapping:    {result['mapping']} ({result['explanation']})",
         "ports:      " + ("unknown" if pp is None else "preserved" if pp else "rewritten"),
         "filtering:  unknown over TCP (see --json filtering_note)",
+        "port mapping: "
+        + (
+            str(result["port_mapping"]["detail"])
+            if result["port_mapping"]["protocol"]
+            else f"none ({result['port_mapping'].get('detail', '')})"
+        ),
         f"direct link likely: {result['direct_link_likely']}",
         f"  {result['summary']}",
     ]

@@ -1,9 +1,10 @@
 """The traversal matrix as a heat map (``lab matrix --png``), drawn with matplotlib.
 
-Rows are presets, columns RTTs; a cell's colour goes from red (0 % direct) through amber
-to green (100 %), and says what it shows in text ("5/5 0.21 s").  A cell that does not
-match its expectation gets a thick magenta frame and a "!"; expected failures that
-failed as expected are drawn grey-blue ("expected fail").
+Rows are presets, columns RTTs (and loss, when the matrix ran a loss column); a cell's
+colour goes from red (0 % direct) through amber to green (100 %), and says what it
+shows in text ("5/5 0.21 s").  A cell that does not match its expectation gets a thick
+magenta frame and a "!"; expected failures that failed as expected are drawn grey-blue
+("expected fail").
 
 matplotlib is an optional extra (``pip install 'holepunch_mig[plot]'``), imported only
 to draw.  What the map shows (:func:`heat_cells`) is read from the matrix's JSON form,
@@ -46,13 +47,22 @@ def rate_color(rate: float) -> Color:
     )
 
 
+Column = tuple[int, float]
+"""(RTT in ms, loss in percent)"""
+
+
+def column_label(column: Column) -> str:
+    rtt, loss = column
+    return f"{rtt} ms" + (f", {loss:g} % loss" if loss else "")
+
+
 def heat_cells(
     data: dict[str, Any],
-) -> tuple[list[str], list[int], dict[tuple[str, int], HeatCell]]:
-    """(presets in order, RTTs, cell by (preset, RTT)) of a matrix in its JSON form
-    (:meth:`Matrix.to_dict`)."""
+) -> tuple[list[str], list[Column], dict[tuple[str, Column], HeatCell]]:
+    """(presets in order, columns (RTT, loss), cell by (preset, column)) of a matrix in
+    its JSON form (:meth:`Matrix.to_dict`)."""
     presets: list[str] = []
-    cells: dict[tuple[str, int], HeatCell] = {}
+    cells: dict[tuple[str, Column], HeatCell] = {}
     for c in data["cells"]:
         if c["preset"] not in presets:
             presets.append(c["preset"])
@@ -65,8 +75,11 @@ def heat_cells(
             label = f"{c['successes']}/{c['runs']}" + (f" {ttl:.2f} s" if ttl else "")
         if not matches:
             label += " !"
-        cells[(c["preset"], int(c["rtt_ms"]))] = HeatCell(color, label, matches)
-    return presets, [int(r) for r in data["rtts_ms"]], cells
+        column = (int(c["rtt_ms"]), float(c.get("loss_pct", 0.0)))
+        cells[(c["preset"], column)] = HeatCell(color, label, matches)
+    losses = [float(x) for x in data.get("losses_pct", [0.0])]
+    columns = [(int(r), loss) for loss in losses for r in data["rtts_ms"]]
+    return presets, columns, cells
 
 
 def _rgb(color: Color) -> tuple[float, float, float]:
@@ -103,9 +116,9 @@ def render_data(data: dict[str, Any]) -> bytes:
             ax.text(j, i, cell.label, ha="center", va="center", fontsize=9)
     ax.set_xlim(-0.5, len(rtts) - 0.5)
     ax.set_ylim(len(presets) - 0.5, -0.5)
-    ax.set_xticks(range(len(rtts)), [f"{rtt} ms" for rtt in rtts])
+    ax.set_xticks(range(len(rtts)), [column_label(c) for c in rtts])
     ax.set_yticks(range(len(presets)), presets)
-    ax.set_xlabel("round-trip time between the hosts")
+    ax.set_xlabel("round-trip time between the hosts (and inbound loss on both)")
     ax.set_ylabel("lab preset (left-right)")
     ax.set_title(f"Traversal matrix {data['generated']}: direct runs / runs, median time to link")
     ax.tick_params(length=0)

@@ -48,8 +48,14 @@ EXPECTED: dict[str, Expect] = {
     "nat-nat": "direct",
     "rst-rst": "direct",
     "random-random": "fail-symmetric",
-    "symmetric-nat": "fail-symmetric",
+    "symmetric-nat": "direct",
+    "symmetric-fw": "direct",
+    "nat-symmetric": "direct",
     "symmetric-symmetric": "fail-symmetric",
+    "symmetric-pcp": "direct",
+    "symmetric-symmetric-pcp": "direct",
+    "dual-stack": "direct",
+    "symmetric-symmetric-v6": "direct",
     "double-nat": "direct",
     "double-double": "direct",
 }
@@ -93,6 +99,12 @@ class RunResult:
     reason: str = ""
     symmetric: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Failed runs only: both reports' notes (STUN answers, mapping, birthday), so a
+    failure can be understood from the JSON alone."""
+    birthday: dict[str, Any] | None = None
+    """Birthday punching in this run: each side's role and what it spent (SYNs, most
+    sockets open at once, hits), from the reports' ``hard_nat``."""
 
 
 @dataclass
@@ -105,6 +117,8 @@ class Cell:
     rounds: int = 3
     runs: list[RunResult] = field(default_factory=list)
     error: str | None = None
+    loss_pct: float = 0.0
+    """Random inbound loss on both sides (the NFQUEUE stage), in percent."""
 
     @property
     def fail_fast_seconds(self) -> float:
@@ -158,6 +172,7 @@ class Cell:
         return {
             "preset": self.preset,
             "rtt_ms": self.rtt_ms,
+            "loss_pct": self.loss_pct,
             "left": self.left,
             "right": self.right,
             "expected": self.expected,
@@ -197,6 +212,15 @@ def _count_outcomes(*reports: dict[str, Any]) -> dict[str, int]:
                 key = str(pair.get("outcome"))
                 counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def _birthday(send: dict[str, Any], recv: dict[str, Any]) -> dict[str, Any] | None:
+    spent = {}
+    for side, rep in (("source", send), ("destination", recv)):
+        hn = rep.get("hard_nat")
+        if isinstance(hn, dict):
+            spent[side] = {k: hn.get(k) for k in ("role", "spent_syns", "spent_sockets", "hits")}
+    return spent or None
 
 
 def _reason(
@@ -277,11 +301,17 @@ def run_once(lab: Lab, workdir: Path, payload: Path, digest: str, rounds: int) -
         rtt_ms=None if send.get("rtt") is None else round(1000 * float(send["rtt"]), 2),
         verified=verified,
         outcomes=_count_outcomes(send, recv),
+        birthday=_birthday(send, recv),
     )
     if send_code is None or recv_code is None:
         result.reason = f"hang: killed after {RUN_TIMEOUT:g} s"
     elif not ok:
         result.reason, result.symmetric = _reason(send, recv, (send_code, recv_code))
+        result.notes = [
+            f"{side}: {note}"[:300]
+            for side, rep in (("source", send), ("destination", recv))
+            for note in rep.get("notes") or []
+        ][:20]
         if send_code == 0 and recv_code == 0 and not verified:
             result.reason = "payload mismatch: " + result.reason
     else:
@@ -307,6 +337,7 @@ def run_cell(
     payload: Path,
     digest: str,
     rounds: int,
+    loss_pct: float = 0.0,
 ) -> Cell:
     cell = Cell(
         preset=spec.name,
@@ -315,9 +346,16 @@ def run_cell(
         right=_side_text(spec.right.nat, spec.right.firewall),
         expected=EXPECTED.get(spec.name, "direct"),
         rounds=rounds,
+        loss_pct=loss_pct,
+    )
+    lossy = replace(
+        spec,
+        rtt_ms=rtt_ms,
+        left=replace(spec.left, loss_pct=loss_pct),
+        right=replace(spec.right, loss_pct=loss_pct),
     )
     try:
-        with Lab(replace(spec, rtt_ms=rtt_ms)) as lab:
+        with Lab(lossy) as lab:
             for i in range(runs):
                 cell.runs.append(run_once(lab, workdir / f"run{i}", payload, digest, rounds))
     except LabError as exc:
@@ -334,6 +372,7 @@ class Matrix:
     payload_bytes: int
     seconds: float
     generated: str
+    losses: list[float] = field(default_factory=lambda: [0.0])
 
     @property
     def all_match(self) -> bool:
@@ -343,6 +382,7 @@ class Matrix:
         return {
             "generated": self.generated,
             "rtts_ms": self.rtts,
+            "losses_pct": self.losses,
             "runs": self.runs,
             "rounds": self.rounds,
             "payload_bytes": self.payload_bytes,
@@ -360,8 +400,9 @@ def run_matrix(
     payload_bytes: int = 4 << 20,
     jobs: int = 1,
     progress: Callable[[Cell], None] | None = None,
+    losses: Sequence[float] = (0.0,),
 ) -> Matrix:
-    """Run every (preset, RTT) cell; `jobs` cells at a time (each in its own lab)."""
+    """Run every (preset, RTT, loss) cell; `jobs` cells at a time (each in its own lab)."""
     cells_spec = presets()
     names = list(preset_names) if preset_names else list(cells_spec)
     unknown = [n for n in names if n not in cells_spec]
@@ -373,8 +414,8 @@ def run_matrix(
         data = os.urandom(payload_bytes)
         payload.write_bytes(data)
         digest = hashlib.sha256(data).hexdigest()
-        work = [(cells_spec[n], rtt) for rtt in rtts for n in names]
-        results: dict[tuple[str, int], Cell] = {}
+        work = [(cells_spec[n], rtt, loss) for loss in losses for rtt in rtts for n in names]
+        results: dict[tuple[str, int, float], Cell] = {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             futures = {
                 pool.submit(
@@ -382,19 +423,20 @@ def run_matrix(
                     spec,
                     rtt,
                     runs,
-                    Path(tmp) / f"{spec.name}-{rtt}",
+                    Path(tmp) / f"{spec.name}-{rtt}-{loss:g}",
                     payload,
                     digest,
                     rounds,
-                ): (spec.name, rtt)
-                for spec, rtt in work
+                    loss,
+                ): (spec.name, rtt, loss)
+                for spec, rtt, loss in work
             }
             for fut in concurrent.futures.as_completed(futures):
                 cell = fut.result()
                 results[futures[fut]] = cell
                 if progress:
                     progress(cell)
-    ordered = [results[(spec.name, rtt)] for spec, rtt in work]
+    ordered = [results[(spec.name, rtt, loss)] for spec, rtt, loss in work]
     return Matrix(
         cells=ordered,
         rtts=list(rtts),
@@ -403,6 +445,7 @@ def run_matrix(
         payload_bytes=payload_bytes,
         seconds=time.monotonic() - started,
         generated=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        losses=list(losses),
     )
 
 
@@ -415,7 +458,9 @@ def cell_line(cell: Cell) -> str:
     ttl = f"median {_fmt_s(cell.ttl(0.5))}, p95 {_fmt_s(cell.ttl(0.95))}"
     why = f" — {cell.reason}" if cell.reason else ""
     return (
-        f"[{mark}] {cell.preset:20} rtt {cell.rtt_ms:>3} ms: {cell.successes}/{len(cell.runs)} "
+        f"[{mark}] {cell.preset:20} rtt {cell.rtt_ms:>3} ms"
+        + (f", loss {cell.loss_pct:g} %" if cell.loss_pct else "")
+        + f": {cell.successes}/{len(cell.runs)} "
         f"direct, {ttl}, expected {cell.expected}{why}"
     )
 
@@ -428,15 +473,15 @@ def to_markdown(matrix: Matrix) -> str:
         f"**{'yes' if matrix.all_match else 'NO'}**.",
         "",
     ]
-    for rtt in matrix.rtts:
+    for loss, rtt in ((loss, rtt) for loss in matrix.losses for rtt in matrix.rtts):
         lines += [
-            f"### RTT {rtt} ms",
+            f"### RTT {rtt} ms" + (f", {loss:g} % loss on both sides" if loss else ""),
             "",
             "| preset | left | right | expected | success | median TTL | p95 TTL | path | "
             "failure reason | as expected |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for c in (c for c in matrix.cells if c.rtt_ms == rtt):
+        for c in (c for c in matrix.cells if c.rtt_ms == rtt and c.loss_pct == loss):
             reason = c.reason.replace("|", "\\|")
             if len(reason) > 140:
                 reason = reason[:137] + "..."

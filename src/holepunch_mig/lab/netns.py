@@ -161,9 +161,18 @@ def _nft_policy(firewall: str, rst: bool) -> str:
     return "\n".join(f"    {line}" for line in lines)
 
 
-def host_ruleset(firewall: str, allowed: Sequence[int]) -> str:
-    """nft ruleset of a host on the public segment: its own input policy, no NAT."""
+#: IPv6 neighbour discovery, which a dual-stack firewall must let in (RFC 4890).
+_ND = (
+    "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, "
+    "nd-router-advert } accept\n"
+)
+
+
+def host_ruleset(firewall: str, allowed: Sequence[int], ipv6: bool = False) -> str:
+    """nft ruleset of a host on the public segment: its own input policy, no NAT (the
+    inet table covers IPv6 too; ``ipv6`` lets neighbour discovery in)."""
     allow = f"    tcp dport {{ {', '.join(map(str, allowed))} }} accept\n" if allowed else ""
+    allow += _ND if ipv6 else ""
     return (
         "table inet hpm {\n"
         "  chain input {\n"
@@ -178,13 +187,31 @@ def host_ruleset(firewall: str, allowed: Sequence[int]) -> str:
 
 
 def router_ruleset(
-    firewall: str, masquerade: str, rst: bool, forward_to: str, allowed: Sequence[int]
+    firewall: str,
+    masquerade: str,
+    rst: bool,
+    forward_to: str,
+    allowed: Sequence[int],
+    stun_replies: Sequence[str] = (),
+    own_address: str | None = None,
+    ipv6: bool = False,
 ) -> str:
     """nft ruleset of a NAT router: masquerade out of ``wan``, DNAT of the allowed ports
-    to ``forward_to``, the firewall policy on what arrives on ``wan``."""
+    to ``forward_to``, the firewall policy on what arrives on ``wan``.  ``stun_replies``:
+    addresses whose STUN answers (UDP from 3478/3479) the router itself accepts, so a
+    port-mapping daemon's filtering test (RFC 5780) sees an open router.  ``own_address``:
+    the router's WAN address, whose own packets (that daemon's STUN) are not masqueraded
+    (with ``fully-random`` they would get random ports)."""
     dnat = "".join(f'    iifname "wan" tcp dport {p} dnat to {forward_to}:{p}\n' for p in allowed)
     policy = _nft_policy(firewall, rst)
     guard = '    iifname != "wan" accept\n    ct state established,related accept\n'
+    own = f"ip saddr != {own_address} " if own_address else ""
+    nd = _ND if ipv6 else ""
+    stun = (
+        f"    ip saddr {{ {', '.join(stun_replies)} }} udp sport {{ 3478, 3479 }} accept\n"
+        if stun_replies
+        else ""
+    )
     return (
         "table ip hpm_nat {\n"
         "  chain prerouting {\n"
@@ -193,13 +220,15 @@ def router_ruleset(
         "  }\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
-        f'    oifname "wan" {masquerade}\n'
+        f'    oifname "wan" {own}{masquerade}\n'
         "  }\n"
         "}\n"
         "table inet hpm_filter {\n"
         "  chain input {\n"
         "    type filter hook input priority filter; policy accept;\n"
         f"{guard}"
+        f"{stun}"
+        f"{nd}"
         f"{policy}\n"
         "  }\n"
         "  chain forward {\n"
@@ -209,6 +238,55 @@ def router_ruleset(
         f"{policy}\n"
         "  }\n"
         "}\n"
+    )
+
+
+#: The tables and chains miniupnpd (nftables backend) fills with its DNAT and accept
+#: rules; their names go into its config.  They run just before the lab's own chains.
+MINIUPNPD_RULESET = """table inet miniupnpd {
+  chain forward {
+    type filter hook forward priority filter - 5; policy accept;
+    jump forward_miniupnpd
+  }
+  chain forward_miniupnpd {
+  }
+  chain prerouting {
+    type nat hook prerouting priority dstnat - 5; policy accept;
+    jump prerouting_miniupnpd
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat - 5; policy accept;
+    jump postrouting_miniupnpd
+  }
+  chain prerouting_miniupnpd {
+  }
+  chain postrouting_miniupnpd {
+  }
+}
+"""
+
+
+def miniupnpd_config(lan_cidr: str, stun_host: str, stun_port: int) -> str:
+    """miniupnpd's config for a lab router: PCP and NAT-PMP on ``lan``, no UPnP, mappings
+    only for the LAN's own addresses (secure mode), the public address learnt by STUN."""
+    return (
+        "ext_ifname=wan\n"
+        "listening_ip=lan\n"
+        "enable_natpmp=yes\n"
+        "enable_upnp=no\n"
+        "secure_mode=yes\n"
+        "ext_perform_stun=yes\n"
+        f"ext_stun_host={stun_host}\n"
+        f"ext_stun_port={stun_port}\n"
+        "upnp_table_name=miniupnpd\n"
+        "upnp_nat_table_name=miniupnpd\n"
+        "upnp_forward_chain=forward_miniupnpd\n"
+        "upnp_nat_chain=prerouting_miniupnpd\n"
+        "upnp_nat_postrouting_chain=postrouting_miniupnpd\n"
+        "min_lifetime=60\n"
+        "max_lifetime=86400\n"
+        f"allow 1024-65535 {lan_cidr} 1024-65535\n"
+        "deny 0-65535 0.0.0.0/0 0-65535\n"
     )
 
 
@@ -244,17 +322,20 @@ def ip_batch(netns: str, commands: Sequence[str]) -> None:
     run_cmd(["ip", "-n", netns, "-batch", "-"], input_text="\n".join(commands) + "\n")
 
 
-def check_environment(need_stun: bool, need_delay: bool = False) -> None:
+def check_environment(
+    need_stun: bool, need_delay: bool = False, need_miniupnpd: bool = False
+) -> None:
     """Fail before building anything when root or a needed tool is missing."""
     if os.geteuid() != 0:
         raise LabError("lab needs root (network namespaces); run as root")
     needed = ["ip", "nft", "sysctl"] + (["turnserver"] if need_stun else [])
     needed += ["iptables"] if need_delay else []
+    needed += ["miniupnpd"] if need_miniupnpd else []
     missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
         raise LabError(
             f"lab needs {', '.join(missing)} on PATH (apt-get install --no-install-recommends "
-            "iproute2 nftables procps coturn iptables)"
+            "iproute2 nftables procps coturn iptables miniupnpd-nftables)"
         )
     if not Path("/proc/self/ns/net").exists():
         raise LabError("this kernel has no network namespaces (/proc/self/ns/net missing)")

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,23 +42,49 @@ class SideSpec:
         (masquerade) in front of a home NAT (masquerade).
     allow_inbound_tcp: ports accepted inbound (no NAT) or port-forwarded to the same port on
         the host (NAT), e.g. the receiver's control port.
+    loss_pct, jitter_ms, reorder_pct: impairments of what arrives at this side from the
+        public segment (the NFQUEUE stage at its edge): random loss in percent, delay
+        jitter (uniform ± ms around rtt_ms / 2), percent of packets that skip the delay
+        and overtake the others.
+    rate_kbit: a token-bucket (tc tbf) rate limit in kbit/s on this side's link, both
+        directions (0 = none).
+    port_mapping: the side's router runs miniupnpd (PCP and NAT-PMP) so the host can ask
+        it to map a port; needs a single NAT (not "none" or "double") and ``stun``.
     """
 
     firewall: Firewall = "drop"
     nat: Nat = "none"
     allow_inbound_tcp: tuple[int, ...] = ()
+    loss_pct: float = 0.0
+    jitter_ms: float = 0.0
+    reorder_pct: float = 0.0
+    rate_kbit: int = 0
+    port_mapping: bool = False
+
+    @property
+    def impaired(self) -> bool:
+        """Whether this side needs the NFQUEUE stage for loss, jitter or reordering."""
+        return bool(self.loss_pct or self.jitter_ms or self.reorder_pct)
 
 
 @dataclass(frozen=True)
 class LabSpec:
-    """A whole lab: two sides, an optional STUN server (coturn on two addresses) and a
-    round-trip delay between the two sides in milliseconds (0 = none)."""
+    """A whole lab: two sides, an optional STUN server (coturn on two addresses), a
+    round-trip delay between the two sides in milliseconds (0 = none) and, with
+    ``ipv6``, a dual stack: besides IPv4 (NATed as each side says) every host gets a
+    routed IPv6 address (2001:db8::/32) behind the same firewalls and no NAT66."""
 
     left: SideSpec
     right: SideSpec
     stun: bool = False
     rtt_ms: int = 0
     name: str = "lab"
+    ipv6: bool = False
+
+    @property
+    def needs_queue(self) -> bool:
+        """Whether the lab runs an NFQUEUE stage (delay, loss, jitter or reordering)."""
+        return self.rtt_ms > 0 or self.left.impaired or self.right.impaired
 
 
 def presets() -> dict[str, LabSpec]:
@@ -71,11 +97,17 @@ def presets() -> dict[str, LabSpec]:
         left: tuple[Firewall, Nat],
         right: tuple[Firewall, Nat],
         stun: bool | None = None,
+        mapping: Side | None = None,
     ) -> LabSpec:
         natted = left[1] != "none" or right[1] != "none"
         return LabSpec(
-            left=SideSpec(firewall=left[0], nat=left[1]),
-            right=SideSpec(firewall=right[0], nat=right[1], allow_inbound_tcp=ctl),
+            left=SideSpec(firewall=left[0], nat=left[1], port_mapping=mapping == "left"),
+            right=SideSpec(
+                firewall=right[0],
+                nat=right[1],
+                allow_inbound_tcp=ctl,
+                port_mapping=mapping == "right",
+            ),
             stun=natted if stun is None else stun,
             name=name,
         )
@@ -91,15 +123,45 @@ def presets() -> dict[str, LabSpec]:
         spec("rst-rst", ("drop", "rst"), ("drop", "rst")),
         spec("random-random", ("drop", "random"), ("drop", "random")),
         spec("symmetric-nat", ("drop", "fully-random"), ("drop", "masquerade")),
+        spec("symmetric-fw", ("drop", "fully-random"), ("drop", "none")),
+        spec("nat-symmetric", ("drop", "masquerade"), ("drop", "fully-random")),
         spec("symmetric-symmetric", ("drop", "fully-random"), ("drop", "fully-random")),
+        spec("symmetric-pcp", ("drop", "fully-random"), ("drop", "masquerade"), mapping="left"),
+        spec(
+            "symmetric-symmetric-pcp",
+            ("drop", "fully-random"),
+            ("drop", "fully-random"),
+            mapping="left",
+        ),
+        replace(spec("dual-stack", ("drop", "masquerade"), ("drop", "masquerade")), ipv6=True),
+        replace(
+            spec("symmetric-symmetric-v6", ("drop", "fully-random"), ("drop", "fully-random")),
+            ipv6=True,
+        ),
         spec("double-nat", ("drop", "double"), ("drop", "masquerade")),
         spec("double-double", ("drop", "double"), ("drop", "double")),
     ]
     return {c.name: c for c in cells}
 
 
-_SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms")
-_SIDE_KEYS = ("firewall", "nat", "allow_inbound_tcp")
+_SPEC_KEYS = ("name", "left", "right", "stun", "rtt_ms", "ipv6")
+_SIDE_KEYS = (
+    "firewall",
+    "nat",
+    "allow_inbound_tcp",
+    "loss_pct",
+    "jitter_ms",
+    "reorder_pct",
+    "rate_kbit",
+    "port_mapping",
+)
+#: Side keys that are numbers, and their (inclusive) ranges.
+_SIDE_NUMBERS: dict[str, tuple[float, float]] = {
+    "loss_pct": (0.0, 100.0),
+    "jitter_ms": (0.0, float(MAX_RTT_MS)),
+    "reorder_pct": (0.0, 100.0),
+    "rate_kbit": (0.0, 10_000_000.0),
+}
 
 
 def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> LabSpec:
@@ -133,7 +195,27 @@ def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> Lab
         if nat not in _NATS:
             errors.append(f"{key}.nat must be one of {', '.join(_NATS)}, not {nat!r}")
             nat = "none"
-        return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports))
+        numbers: dict[str, Any] = {}
+        for field_name in _SIDE_NUMBERS:
+            value = raw.get(field_name, 0)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                errors.append(f"{key}.{field_name} must be a number, not {value!r}")
+                value = 0
+            elif field_name == "rate_kbit" and not isinstance(value, int):
+                errors.append(f"{key}.rate_kbit must be an integer (kbit/s), not {value!r}")
+                value = 0
+            numbers[field_name] = value
+        mapping = raw.get("port_mapping", False)
+        if not isinstance(mapping, bool):
+            errors.append(f"{key}.port_mapping must be true or false, not {mapping!r}")
+            mapping = False
+        return SideSpec(
+            firewall=fw,
+            nat=nat,
+            allow_inbound_tcp=tuple(ports),
+            port_mapping=mapping,
+            **numbers,
+        )
 
     name = data.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
@@ -147,10 +229,14 @@ def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> Lab
     if not isinstance(rtt, int) or isinstance(rtt, bool):
         errors.append(f"rtt_ms must be an integer number of milliseconds, not {rtt!r}")
         rtt = 0
+    ipv6 = data.get("ipv6", False)
+    if not isinstance(ipv6, bool):
+        errors.append(f"ipv6 must be true or false, not {ipv6!r}")
+        ipv6 = False
     left, right = side("left"), side("right")
     if errors:
         raise LabError("; ".join(errors))
-    spec = LabSpec(left=left, right=right, stun=stun, rtt_ms=rtt, name=name)
+    spec = LabSpec(left=left, right=right, stun=stun, rtt_ms=rtt, name=name, ipv6=ipv6)
     validate_spec(spec)
     return spec
 
@@ -163,12 +249,18 @@ def spec_to_dict(spec: LabSpec) -> dict[str, Any]:
             "firewall": s.firewall,
             "nat": s.nat,
             "allow_inbound_tcp": list(s.allow_inbound_tcp),
+            "loss_pct": s.loss_pct,
+            "jitter_ms": s.jitter_ms,
+            "reorder_pct": s.reorder_pct,
+            "rate_kbit": s.rate_kbit,
+            "port_mapping": s.port_mapping,
         }
 
     return {
         "name": spec.name,
         "stun": spec.stun,
         "rtt_ms": spec.rtt_ms,
+        "ipv6": spec.ipv6,
         "left": side(spec.left),
         "right": side(spec.right),
     }
@@ -203,6 +295,26 @@ def validate_spec(spec: LabSpec) -> None:
         for port in side.allow_inbound_tcp:
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise LabError(f"{side_name}.allow_inbound_tcp: bad port {port!r}")
+        for field_name, (low, high) in _SIDE_NUMBERS.items():
+            value = getattr(side, field_name)
+            if not low <= value <= high:
+                raise LabError(
+                    f"{side_name}.{field_name} must be in {low:g}..{high:g}, not {value!r}"
+                )
+        if side.port_mapping and side.nat in ("none", "double"):
+            raise LabError(
+                f"{side_name}.port_mapping needs a single NAT router (nat masquerade, random, "
+                f"fully-random or rst), not nat {side.nat!r}"
+            )
+        if side.port_mapping and not spec.stun:
+            raise LabError(
+                f"{side_name}.port_mapping needs stun = true: miniupnpd learns from STUN that "
+                "the lab's documentation-range address may be forwarded"
+            )
+        if spec.ipv6 and side.nat == "double":
+            raise LabUnsupported(f"ipv6 with {side_name}.nat 'double' is not implemented")
+        if 0 < side.rate_kbit < 8:
+            raise LabError(f"{side_name}.rate_kbit must be 0 (none) or >= 8, not {side.rate_kbit}")
     if spec.rtt_ms < 0:
         raise LabError(f"rtt_ms must be >= 0, not {spec.rtt_ms}")
     if spec.rtt_ms > MAX_RTT_MS:

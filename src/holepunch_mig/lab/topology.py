@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -63,6 +63,7 @@ from typing import Any, TypeVar
 from holepunch_mig.errors import LabError
 from holepunch_mig.lab.netns import (
     MASQUERADE,
+    MINIUPNPD_RULESET,
     call_in_netns,
     check_environment,
     delete_netns,
@@ -70,6 +71,7 @@ from holepunch_mig.lab.netns import (
     ip_batch,
     kill_netns_processes,
     list_netns,
+    miniupnpd_config,
     pid_alive,
     proc_start_time,
     router_ruleset,
@@ -98,6 +100,8 @@ _STUN_HOST = "198.51.100.3"
 #: coturn's second address (same host, same port): a second "server" for mapping tests.
 _STUN_HOST2 = "198.51.100.4"
 _SIDE_WAN = {"left": "198.51.100.10", "right": "198.51.100.20"}
+#: The public segment's IPv6 prefix in dual-stack labs (addresses ::2, ::3, ::10, ::20).
+_PUBLIC6 = "2001:db8:100::"
 _SIDE_INDEX = {"left": 1, "right": 2}
 
 _T = TypeVar("_T")
@@ -121,6 +125,8 @@ class LabHost:
     public_address: str
     side: Side | None = None
     wan_address: str | None = None
+    address6: str | None = None
+    """Dual-stack labs: the host's routed IPv6 address (no NAT66: also its public one)."""
 
 
 @dataclass
@@ -143,6 +149,8 @@ class _Plan:
     rulesets: dict[str, str] = field(default_factory=dict)  # host -> nft ruleset
     forwarding: set[str] = field(default_factory=set)
     extra_addrs: dict[str, list[str]] = field(default_factory=dict)  # host -> more on eth0
+    addrs6: dict[str, list[str]] = field(default_factory=dict)  # host -> "CIDR dev IF"
+    routes6: dict[str, list[str]] = field(default_factory=dict)  # host -> "PREFIX via GW"
 
 
 # --------------------------------------------------------------------------- the lab
@@ -216,6 +224,14 @@ class Lab:
     def address(self, host: str) -> str:
         """The host's own (inside) IPv4 address."""
         return self._host(host).address
+
+    def address6(self, host: str) -> str:
+        """Dual-stack labs: the host's IPv6 address (routed, not NATed: also where the
+        other side reaches it).  LabError in an IPv4-only lab."""
+        addr = self._host(host).address6
+        if addr is None:
+            raise LabError(f"host {host!r} has no IPv6 address (the spec has ipv6 = false)")
+        return addr
 
     def public_address(self, host: str) -> str:
         """The address the other side reaches `host` at: its outermost NAT's public address
@@ -338,7 +354,9 @@ class Lab:
             if spec.nat == "none":
                 h = add(side, role="host", address=wan, public_address=wan, side=side)
                 plan.links.append(_Link(h.netns, "eth0", f"{wan}/24", pub, side))
-                plan.rulesets[side] = host_ruleset(spec.firewall, spec.allow_inbound_tcp)
+                plan.rulesets[side] = host_ruleset(
+                    spec.firewall, spec.allow_inbound_tcp, ipv6=self.spec.ipv6
+                )
                 continue
             lan_gw, host_addr = f"10.{idx}.0.1", f"10.{idx}.0.2"
             rst = spec.nat == "rst"
@@ -383,10 +401,53 @@ class Lab:
             )
             plan.routes[side] = lan_gw
             plan.rulesets[router] = router_ruleset(
-                spec.firewall, masq, rst, host_addr, spec.allow_inbound_tcp
+                spec.firewall,
+                masq,
+                rst,
+                host_addr,
+                spec.allow_inbound_tcp,
+                stun_replies=(_STUN_HOST, _STUN_HOST2) if spec.port_mapping else (),
+                own_address=wan if spec.port_mapping else None,
+                ipv6=self.spec.ipv6,
             )
+            if spec.port_mapping:
+                plan.rulesets[router] += MINIUPNPD_RULESET
             plan.forwarding.add(router)
+        if self.spec.ipv6:
+            self._plan_ipv6(plan)
         return plan
+
+    def _plan_ipv6(self, plan: _Plan) -> None:
+        """The IPv6 half of a dual-stack lab: the public segment is 2001:db8:100::/64, a
+        NATed side's LAN 2001:db8:1N::/64 behind its router (routed, firewalled by the
+        same inet rules, never NATed); every namespace on the segment routes each LAN
+        via its router."""
+        seg = _PUBLIC6
+        on_segment: dict[str, str] = {"public": f"{seg}2", "stun": f"{seg}3"}
+        lans: list[tuple[str, str]] = []  # (LAN prefix, router WAN address)
+        for side in ("left", "right"):
+            idx = _SIDE_INDEX[side]
+            wan6 = f"{seg}{idx}0"
+            if self._side(side).nat == "none":
+                on_segment[side] = wan6
+                continue
+            router, lan = f"{side}-router", f"2001:db8:1{idx}::"
+            on_segment[router] = wan6
+            plan.addrs6[router] = [f"{lan}1/64 dev lan"]
+            plan.addrs6[side] = [f"{lan}2/64 dev eth0"]
+            plan.routes6[side] = [f"::/0 via {lan}1"]
+            plan.hosts[side] = replace(plan.hosts[side], address6=f"{lan}2")
+            lans.append((f"{lan}/64", wan6))
+        for name, addr in on_segment.items():
+            if name not in plan.hosts:
+                continue  # no stun host
+            dev = "wan" if name.endswith("-router") else "eth0"
+            plan.addrs6.setdefault(name, []).append(f"{addr}/64 dev {dev}")
+            if name in ("public", "stun", "left", "right"):
+                plan.hosts[name] = replace(plan.hosts[name], address6=addr)
+            plan.routes6[name] = plan.routes6.get(name, []) + [
+                f"{prefix} via {via}" for prefix, via in lans if via != addr
+            ]
 
     # ---------------------------------------------------------------- build / teardown
 
@@ -396,7 +457,11 @@ class Lab:
         KeyboardInterrupt) whatever was created is torn down before the error propagates."""
         if self.built:
             raise LabError(f"lab {self.spec.name!r} is already built")
-        check_environment(need_stun=self.spec.stun, need_delay=self.spec.rtt_ms > 0)
+        check_environment(
+            need_stun=self.spec.stun,
+            need_delay=self.spec.needs_queue,
+            need_miniupnpd=self.spec.left.port_mapping or self.spec.right.port_mapping,
+        )
         try:
             self._write_state()
             self._build()
@@ -404,8 +469,10 @@ class Lab:
             self.built = True
             if self.spec.stun:
                 self._start_stun()
-            if self.spec.rtt_ms > 0:
+            self._start_port_mapping()
+            if self.spec.needs_queue:
                 self._start_delay()
+            self._start_rate_limits()
             if self.detached:
                 # from here on no process owns the lab: only `lab down` removes it
                 self._procs.clear()
@@ -425,7 +492,8 @@ class Lab:
 
     def _start_delay(self) -> None:
         """One NFQUEUE delay stage per side, on packets entering the side's outermost
-        namespace (before conntrack): each holds them rtt_ms / 2."""
+        namespace (before conntrack): each holds them rtt_ms / 2 and applies the side's
+        loss, jitter and reordering."""
         tmp = self._ensure_tmpdir()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -445,6 +513,9 @@ class Lab:
                 "--stats",
                 str(stats),
             ]
+            spec = self._side(side)
+            argv += ["--loss-pct", f"{spec.loss_pct:g}", "--jitter-ms", f"{spec.jitter_ms:g}"]
+            argv += ["--reorder-pct", f"{spec.reorder_pct:g}"]
             with open(tmp / f"delay-{side}.log", "wb") as log:
                 proc = self._service(edge, argv, stdout=subprocess.PIPE, stderr=log, env=env)
             self._delay_procs.append(proc)
@@ -455,13 +526,71 @@ class Lab:
                 log_text = (tmp / f"delay-{side}.log").read_text(errors="replace")[-1000:]
                 raise LabError(f"delay stage in {edge} did not start: {ready!r} {log_text}")
             ifname = "eth0" if edge == side else "wan"
-            run_cmd(
-                [
-                    "ip", "netns", "exec", self.netns(edge),
-                    "iptables", "-w", "5", "-t", "raw", "-A", "PREROUTING", "-i", ifname,
-                    "-j", "NFQUEUE", "--queue-num", "0",
-                ]
-            )  # fmt: skip
+            # IPv6 (dual stack) goes through the same queue: nfnetlink_queue binds a
+            # queue number, whatever the family
+            for tool in ("iptables", "ip6tables") if self.spec.ipv6 else ("iptables",):
+                run_cmd(
+                    [
+                        "ip", "netns", "exec", self.netns(edge),
+                        tool, "-w", "5", "-t", "raw", "-A", "PREROUTING", "-i", ifname,
+                        "-j", "NFQUEUE", "--queue-num", "0",
+                    ]
+                )  # fmt: skip
+
+    def _start_port_mapping(self) -> None:
+        """miniupnpd (PCP + NAT-PMP) in the router of each side with ``port_mapping``;
+        ready once its STUN test has enabled port forwarding."""
+        for side in ("left", "right"):
+            if not self._side(side).port_mapping:
+                continue
+            tmp = self._ensure_tmpdir()
+            conf, log = tmp / f"miniupnpd-{side}.conf", tmp / f"miniupnpd-{side}.log"
+            idx = _SIDE_INDEX[side]
+            conf.write_text(miniupnpd_config(f"10.{idx}.0.0/24", _STUN_HOST, STUN_PORT))
+            argv = [
+                "miniupnpd", "-d", "-f", str(conf), "-P", str(tmp / f"miniupnpd-{side}.pid"),
+            ]  # fmt: skip
+            with open(log, "wb") as out:
+                proc = self._service(f"{side}-router", argv, stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 15.0
+            while True:
+                text = log.read_text(errors="replace")
+                if "Listening for NAT-PMP/PCP" in text and "Port forwarding is now enabled" in text:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(
+                        f"miniupnpd in {side}-router did not enable port forwarding: {text[-1500:]}"
+                    )
+                time.sleep(0.05)
+
+    def miniupnpd_log(self, side: str) -> str:
+        """What the port-mapping daemon of `side` logged so far ("" without one)."""
+        if self._tmpdir is None:
+            return ""
+        try:
+            return (self._tmpdir / f"miniupnpd-{side}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _start_rate_limits(self) -> None:
+        """A token bucket (tc tbf) on both ends of a rate-limited side's outer link: the
+        edge's outer interface (upload) and its bridge port on the segment (download)."""
+        for side in ("left", "right"):
+            rate = self._side(side).rate_kbit
+            if not rate:
+                continue
+            edge = self.edge(side)
+            # burst: at least one MTU and ~10 ms at the rate; latency bounds the queue
+            burst = max(4000, rate * 1000 // 8 // 100)
+            for ns, ifname in ((self.netns(edge), "eth0" if edge == side else "wan"),
+                               (self.segment_netns, side)):  # fmt: skip
+                run_cmd(
+                    [
+                        "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", ifname,
+                        "root", "tbf", "rate", f"{rate}kbit", "burst", str(burst),
+                        "latency", "200ms",
+                    ]
+                )  # fmt: skip
 
     def _ensure_tmpdir(self) -> Path:
         if self._tmpdir is None:
@@ -476,13 +605,23 @@ class Lab:
             run_cmd(["ip", "netns", "add", ns])
             self._namespaces.append(ns)
             self._write_state()
-        # sysctls: no IPv6 (keeps the segments quiet), forwarding in routers, plain bridge.
+        # sysctls: no IPv6 unless dual stack (keeps the segments quiet), forwarding in
+        # routers, plain bridge.
+        v6 = "0" if self.spec.ipv6 else "1"
         for name, host in plan.hosts.items():
             settings = [
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
+                f"net.ipv6.conf.all.disable_ipv6={v6}",
+                f"net.ipv6.conf.default.disable_ipv6={v6}",
                 f"net.ipv4.ip_forward={1 if name in plan.forwarding else 0}",
             ]
+            if self.spec.ipv6:
+                settings += [
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    "net.ipv6.conf.all.accept_ra=0",
+                    "net.ipv6.conf.default.accept_ra=0",
+                    f"net.ipv6.conf.all.forwarding={1 if name in plan.forwarding else 0}",
+                ]
             run_cmd(["ip", "netns", "exec", host.netns, "sysctl", "-q", "-w", *settings])
         pub_settings = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
         if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
@@ -536,6 +675,10 @@ class Lab:
             per_ns[plan.hosts[name].netns] += [f"addr add {a} dev eth0" for a in addrs]
         for name, gw in plan.routes.items():
             per_ns[plan.hosts[name].netns].append(f"route add default via {gw}")
+        for name, addrs in plan.addrs6.items():
+            per_ns[plan.hosts[name].netns] += [f"addr add {a} nodad" for a in addrs]
+        for name, routes in plan.routes6.items():
+            per_ns[plan.hosts[name].netns] += [f"route add {r}" for r in routes]
         # routes need the gateway's link up first: hosts' batches run after their routers'
         order = [self.segment_netns] + [
             h.netns for h in plan.hosts.values() if h.role in ("cgn", "router", "public", "stun")
@@ -696,10 +839,10 @@ class Lab:
         self._stun_proc = None
         # delay stages first (SIGTERM: they release what they hold and write their stats)
         for ns in [self.netns(self.edge(side)) for side in ("left", "right")]:
-            if ns in self._namespaces and self.spec.rtt_ms > 0:
+            if ns in self._namespaces and self.spec.needs_queue:
                 kill_netns_processes(ns)
         self._delay_procs.clear()
-        if self.spec.rtt_ms > 0:
+        if self.spec.needs_queue:
             self._keep_stats()
         for ns in reversed(self._namespaces):
             try:

@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import ifaddr
 import trio
 
 from holepunch_mig.errors import CandidateError, StunError
 from holepunch_mig.net.stun import stun_binding_tcp
+from holepunch_mig.wire.birthday import NatClass, nat_class
 from holepunch_mig.wire.candidates import Candidate, check_port, dedupe_and_sort, make_candidate
 from holepunch_mig.wire.endpoints import format_endpoint
+from holepunch_mig.wire.stun import MappingProbe, classify_mapping
 
-__all__ = ["gather", "host_candidates"]
+__all__ = ["Gathered", "gather", "host_candidates"]
+
+
+class Gathered(NamedTuple):
+    """Our candidates, notes for the report, and what STUN says about our NAT."""
+
+    candidates: list[Candidate]
+    notes: list[str]
+    nat: NatClass = "unknown"
 
 
 def _interface_addresses(include_loopback: bool, ipv6: bool) -> list[str]:
@@ -73,15 +84,16 @@ async def gather(
     include_loopback: bool = False,
     ipv6: bool = True,
     stun_timeout: float = 3.0,
-) -> tuple[list[Candidate], list[str]]:
+) -> Gathered:
     """Gather our candidates for punch port ``port``.
 
     Host candidates from interfaces, server-reflexive ones from STUN over TCP sent from
     ``port`` (servers queried concurrently), and ``given`` ones.  Returns candidates
     deduplicated by (host, port) — the higher priority wins, e.g. a STUN answer equal to a
     host address stays ``host`` — sorted by priority descending, plus human-readable notes
-    for the report.  Bad ``given`` entries raise :class:`CandidateError`; STUN failures
-    only produce notes.
+    for the report, and this side's NAT class from the STUN answers (birthday punching
+    needs it).  Bad ``given`` entries raise :class:`CandidateError`; STUN failures only
+    produce notes.
     """
     check_port(port, "punch port")
     notes: list[str] = []
@@ -112,6 +124,7 @@ async def gather(
             nursery.start_soon(ask, i, server)
 
     srflx: list[Candidate] = []
+    mapped: list[tuple[tuple[str, int], tuple[str, int]]] = []
     for index, server, answer in sorted(answers, key=lambda a: a[0]):
         where = format_endpoint(*server)
         if isinstance(answer, str):
@@ -120,6 +133,7 @@ async def gather(
             notes.append(f"STUN {where} failed: {detail}")
             continue
         mhost, mport = answer
+        mapped.append((server, answer))
         try:
             cand = make_candidate(mhost, mport, "srflx", other_pref=max(0, 8191 - index))
         except CandidateError as exc:
@@ -137,7 +151,9 @@ async def gather(
             + ", ".join(format_endpoint(*e) for e in sorted(distinct))
             + ": NAT mapping looks endpoint-dependent (symmetric); punching may fail"
         )
-    return dedupe_and_sort([*given_cands, *hosts, *srflx]), notes
+    verdict = classify_mapping(MappingProbe(port, tuple(mapped)))
+    nat = nat_class(verdict, [m for _s, m in mapped], [c.host for c in hosts], port)
+    return Gathered(dedupe_and_sort([*given_cands, *hosts, *srflx]), notes, nat)
 
 
 def _is_v6_literal(host: str) -> bool:

@@ -12,11 +12,12 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
 from holepunch_mig.errors import HandshakeError, HolepunchError
-from holepunch_mig.report import Outcome, PairReport
+from holepunch_mig.report import HardNatReport, Outcome, PairReport
 from holepunch_mig.wire.endpoints import format_endpoint, unmap_ipv4
 
 Endpoint = tuple[str, int]
@@ -50,6 +51,29 @@ class AuthenticatedLink:
     """The Noise handshake hash h: the same on both ends of this link and on no other
     (the nomination names it).  Not secret, but never logged."""
 
+
+@dataclass
+class BirthdayDial:
+    """This side's birthday dialing in one round (a :class:`wire.birthday.BirthdayPlan`
+    made concrete): the hard side opens one socket per entry of ``remotes`` (the easy
+    side's endpoints, repeated), each from its own ephemeral port, held for the round;
+    the easy side dials every entry (the hard side's address, a guessed port) from the
+    punch port, each held ``hold`` seconds, at most ``max_open`` at once.  Both start at
+    most ``rate`` SYNs per second and stop starting new ones after ``seconds``."""
+
+    role: Literal["hard", "easy"]
+    remotes: list[Endpoint]
+    rate: int
+    seconds: float
+    report: HardNatReport
+    start_delay: float = 0.0
+    hold: float = 1.5
+    max_open: int = 512
+
+
+MAX_ANY_PORT_INBOUND = 64
+"""Per round, inbound connections taken from unannounced ports of an endpoint-dependent
+peer's public address (each costs a handshake); the rest are rejected like strangers."""
 
 MAX_UNOFFERED_HOSTS = 16
 """Report entries for connections from unoffered hosts, per round; the rest are counted."""
@@ -108,7 +132,16 @@ class PunchRound:
         log: logging.LoggerAdapter[logging.Logger],
         first_link_id: int = 1,
         dial_delay: float = 0.0,
+        birthday: BirthdayDial | None = None,
+        accept_hosts: frozenset[str] = frozenset(),
+        dial: bool = True,
     ) -> None:
+        """``accept_hosts``: inbound connections from these addresses are taken from any
+        port, not only the offered ones (a peer behind an endpoint-dependent NAT: its
+        router picks the source port); they are authenticated like every other.
+        ``dial=False``: only accept (this side holds a router port mapping and the peer
+        dials it; our own SYNs from the punch port would take the 4-tuple the router's
+        DNAT needs)."""
         self.round_no = round_no
         self.listeners = listeners
         self.bind_host = bind_host
@@ -123,6 +156,11 @@ class PunchRound:
         self._unoffered: dict[str, PairReport] = {}
         self._unoffered_counts: dict[str, int] = {}
         self.dial_delay = dial_delay
+        self.birthday = birthday
+        self._accept_hosts = accept_hosts
+        self._birthday_open = 0
+        self._any_port_inbound = 0
+        self.dial = dial
 
     def _new_link_id(self) -> int:
         link_id = self._next_link_id
@@ -134,10 +172,12 @@ class PunchRound:
         async with out, trio.open_nursery() as nursery:
             for listener in self.listeners.values():
                 nursery.start_soon(self._accept_loop, listener, out.clone())
-            for remote in self.remotes:
+            for remote in self.remotes if self.dial else ():
                 family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
                 if family in self.listeners:
                     nursery.start_soon(self._dial, remote, family, out.clone())
+            if self.birthday is not None and socket.AF_INET in self.listeners:
+                nursery.start_soon(self._birthday, self.birthday, out.clone())
 
     async def _accept_loop(
         self, listener: trio.socket.SocketType, out: trio.MemorySendChannel[AuthenticatedLink]
@@ -152,8 +192,15 @@ class PunchRound:
                     continue
                 peer = (unmap_ipv4(addr[0]), int(addr[1]))
                 if peer not in self.offered:
-                    self._reject_unoffered(sock, peer)
-                    continue
+                    # from any port of an endpoint-dependent peer's address: at most
+                    # MAX_ANY_PORT_INBOUND per round (others behind that NAT, a flood)
+                    if (
+                        peer[0] not in self._accept_hosts
+                        or self._any_port_inbound >= MAX_ANY_PORT_INBOUND
+                    ):
+                        self._reject_unoffered(sock, peer)
+                        continue
+                    self._any_port_inbound += 1
                 pair = PairReport(
                     self.round_no,
                     format_endpoint(*_local(sock)),
@@ -245,6 +292,84 @@ class PunchRound:
             except BaseException:
                 sock.close()
                 raise
+            await self._authenticate(sock, pair, started, out)
+
+    async def _birthday(
+        self, plan: BirthdayDial, out: trio.MemorySendChannel[AuthenticatedLink]
+    ) -> None:
+        """Start the birthday dials at the rate limit, within the time budget."""
+        rep = plan.report
+        async with out, trio.open_nursery() as nursery:
+            if plan.start_delay:
+                await trio.sleep(plan.start_delay)
+            started = trio.current_time()
+            stop = started + plan.seconds
+            open_slots = trio.Semaphore(plan.max_open)
+            hold = plan.hold if plan.role == "easy" else self.timing.round_timeout
+            bind_port = self.port if plan.role == "easy" else 0
+            for i, remote in enumerate(plan.remotes):
+                now = trio.current_time()
+                if now >= stop:
+                    break
+                await trio.sleep_until(started + i / plan.rate)
+                await open_slots.acquire()
+                rep.spent_syns += 1
+                rep.seconds = trio.current_time() - started
+                nursery.start_soon(
+                    self._birthday_dial, remote, bind_port, hold, rep, open_slots, out.clone()
+                )
+
+    async def _birthday_dial(
+        self,
+        remote: Endpoint,
+        bind_port: int,
+        hold: float,
+        rep: HardNatReport,
+        open_slots: trio.Semaphore,
+        out: trio.MemorySendChannel[AuthenticatedLink],
+    ) -> None:
+        """One birthday SYN; only a connection that comes up gets a report entry (a
+        budget of thousands of misses would drown the report: they are counted)."""
+        async with out:
+            started = trio.current_time()
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._birthday_open += 1
+            rep.spent_sockets = max(rep.spent_sockets, self._birthday_open)
+            try:
+                if bind_port:
+                    _reuse(sock)
+                await sock.bind((self.bind_host[socket.AF_INET], bind_port))
+                with trio.move_on_after(hold) as scope:
+                    await sock.connect(remote)
+                if scope.cancelled_caught:
+                    sock.close()
+                    return
+                local = _local(sock)
+            except OSError as exc:
+                sock.close()
+                if _classify(exc)[0] == "refused":
+                    rep.refused += 1
+                else:
+                    rep.errors += 1
+                return
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                self._birthday_open -= 1
+                open_slots.release()
+            if local == (unmap_ipv4(remote[0]), remote[1]):
+                sock.close()
+                return
+            rep.hits += 1
+            pair = PairReport(
+                self.round_no,
+                format_endpoint(*local),
+                format_endpoint(*remote),
+                "abandoned",
+                detail=f"birthday ({rep.role} side)",
+            )
+            self.pairs.append(pair)
             await self._authenticate(sock, pair, started, out)
 
     async def _authenticate(

@@ -10,6 +10,8 @@ Causes, strongest first (docs/tunnel.md has the table):
 =====================  ==============================================================
 handshake-rejected     TCP connected but the Noise handshake failed: wrong peer on that
                        address, key mismatch, or interference.
+birthday-missed        birthday punching ran (one side symmetric) and no guess met: what
+                       was spent and the chance of that miss for the budget.
 symmetric-nat          STUN showed endpoint-dependent mapping, or a NAT rewrote the
                        punch port (named side).
 unoffered-inbound      a connection arrived from an address the peer never announced:
@@ -30,11 +32,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from holepunch_mig.errors import CandidateError
-from holepunch_mig.report import PairReport, Report
+from holepunch_mig.report import HardNatReport, PairReport, Report
 from holepunch_mig.wire.candidates import Candidate
 
 Cause = Literal[
     "handshake-rejected",
+    "birthday-missed",
     "symmetric-nat",
     "unoffered-inbound",
     "rst",
@@ -184,6 +187,7 @@ def diagnose_pairs(
     local_port: int | None = None,
     remote_port: int | None = None,
     tunnel: str | None = TUNNEL_BOTH,
+    hard_nat: HardNatReport | None = None,
 ) -> Diagnosis:
     """Diagnose a failed direct attempt from one side's view (``role`` is that side).
     ``tunnel`` is the advice about the fallback tunnel that fits what the user did
@@ -212,7 +216,26 @@ def diagnose_pairs(
             )
         )
 
-    # 2. NAT mapping evidence from STUN / candidates
+    # 2. birthday punching ran and missed
+    if hard_nat is not None:
+        miss = 100 * (1 - hard_nat.expected_success)
+        knob = "--birthday-sockets" if hard_nat.role == "hard" else "--birthday-probes"
+        findings.append(
+            Finding(
+                "birthday-missed",
+                f"birthday punching ran with this side ({role}) as the {hard_nat.role} side: "
+                f"{hard_nat.spent_syns} SYNs in {hard_nat.seconds:.2f} s "
+                f"({hard_nat.refused} refused, {hard_nat.errors} errors), {hard_nat.hits} "
+                f"connections came up, none authenticated in time; for a budget of "
+                f"{hard_nat.sockets} sockets x {hard_nat.probes} probes the chance of "
+                f"missing is {miss:.1f} % (if fewer SYNs went out than the budget, the time "
+                f"budget or the round ended first). Fix: run again, raise {knob} (and the "
+                "peer's counterpart), or let the symmetric side's router map the punch port "
+                "(PCP / NAT-PMP).",
+            )
+        )
+
+    # 3. NAT mapping evidence from STUN / candidates
     evidence = nat_evidence(
         notes=notes,
         local_candidates=local_candidates,
@@ -244,7 +267,7 @@ def diagnose_pairs(
             )
         )
 
-    # 3. inbound from an address the peer never offered
+    # 4. inbound from an address the peer never offered
     unoffered = [p for p in inbound if p.outcome == "rejected" and "not offered" in p.detail]
     if unoffered:
         findings.append(
@@ -257,7 +280,7 @@ def diagnose_pairs(
             )
         )
 
-    # 4. RST
+    # 5. RST
     refused = [p for p in outbound if p.outcome == "refused"]
     if refused:
         ports = _join(str(_port_of(p.remote)) for p in refused)
@@ -275,7 +298,7 @@ def diagnose_pairs(
             )
         )
 
-    # 5. timeouts
+    # 6. timeouts
     timed_out = [p for p in outbound if p.outcome == "timed out"]
     unreachable = [p for p in outbound if p.outcome == "unreachable"]
     if timed_out:
@@ -303,7 +326,7 @@ def diagnose_pairs(
                 )
             )
 
-    # 6. unreachable: worth saying only when nothing else explains the failure (the
+    # 7. unreachable: worth saying only when nothing else explains the failure (the
     #    peer's private host candidates are unreachable across NATs, and that is normal)
     if unreachable and not findings:
         findings.append(
@@ -345,4 +368,5 @@ def explain_no_path(report: Report, tunnel: str | None = TUNNEL_BOTH) -> Diagnos
         remote_candidates=report.remote_candidates,
         local_port=report.local_port,
         remote_port=report.remote_port,
+        hard_nat=report.hard_nat,
     )

@@ -37,9 +37,12 @@ from holepunch_mig.session.diagnosis import explain_no_path, mapping_varies, tun
 from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.policy import decide, direct_rounds
-from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
+from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round, release
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.birthday import announce, announced_class, public_addresses
+from holepunch_mig.wire.birthday import plan as plan_birthday
+from holepunch_mig.wire.portmap import PortMapping
 from holepunch_mig.wire.resume_auth import check_resume_mac, resume_mac
 from holepunch_mig.wire.text import printable
 
@@ -90,14 +93,16 @@ async def establish(
     started = trio.current_time()
 
     listeners: Listeners = {}
+    mappings: list[PortMapping] = []
     try:
-        return await _negotiate(control, role, options, listeners, session_id, started, nursery)
+        return await _negotiate(
+            control, role, options, listeners, mappings, session_id, started, nursery
+        )
     except HolepunchError as exc:
         await _tell_abort(control, exc)
         raise
     finally:
-        for sock in listeners.values():
-            sock.close()
+        await release(listeners, mappings)
 
 
 async def _tell_abort(control: ControlReader, exc: HolepunchError) -> None:
@@ -116,6 +121,7 @@ async def _negotiate(
     role: Role,
     options: ConnectOptions,
     listeners: Listeners,
+    mappings: list[PortMapping],
     session_id: bytes,
     started: float,
     nursery: trio.Nursery | None,
@@ -124,6 +130,7 @@ async def _negotiate(
         options,
         control.channel.peer_host,
         listeners,
+        mappings=mappings,
         # no direct attempt will be made: don't spend time on STUN
         skip_gather=(
             "policy tunnel: no candidates gathered"
@@ -135,6 +142,8 @@ async def _negotiate(
     limits = {"max_record": 1 << 20}
     if options.resume_attempts > 0:
         limits["resume"] = 1
+    budget = options.birthday if options.hard_nat == "birthday" else None
+    limits.update(announce(prepared.nat, budget))
 
     if role == "source":
         offer = await control.send(
@@ -215,8 +224,48 @@ async def _negotiate(
                 f"({', '.join(varied[doomed[0]])}) before round 1: one direct round instead "
                 f"of {options.rounds}, then the tunnel"
             )
+    birthday, why = plan_birthday(
+        local_class=prepared.nat,
+        local_limits=limits,
+        peer_limits=peer.limits,
+        peer_candidates=peer.candidates,
+        peer_port=peer.port,
+        peer_host=control.channel.peer_host,
+        local_budget=budget,
+    )
+    if birthday is not None:
+        report.notes.append(
+            f"birthday punching: {why} ({birthday.sockets} sockets x {birthday.probes} "
+            f"probes, expected success {100 * birthday.expected_success:.1f} %)"
+        )
+        log.info("birthday punching as the %s side", birthday.role)
+    elif prepared.nat == "dependent" or announced_class(peer.limits) == "dependent":
+        report.notes.append(f"birthday punching not used: {why}")
     try:
-        link = await DirectAttempt(control, prepared, keys, remotes, report, log, rounds).run(role)
+        accept = (
+            frozenset(public_addresses(peer.candidates))
+            if announced_class(peer.limits) == "dependent"
+            else frozenset()
+        )
+        mapped = prepared.nat == "mapped"
+        listen_only = mapped and (announced_class(peer.limits) != "mapped" or role == "destination")
+        if listen_only:
+            report.notes.append(
+                "this side holds a router port mapping: it only accepts (the peer dials it)"
+            )
+        attempt = DirectAttempt(
+            control,
+            prepared,
+            keys,
+            remotes,
+            report,
+            log,
+            rounds,
+            birthday=birthday,
+            accept_hosts=accept,
+            dial=not listen_only,
+        )
+        link = await attempt.run(role)
     except NoDirectPath as exc:
         after = decide(policy, destination_policy, "failed")
         advice = tunnel_advice(policy, destination_policy, after.action == "tunnel")
@@ -289,8 +338,11 @@ async def repunch(
     scratch report holding that negotiation's rounds and pairs."""
     scratch = Report(session=session_id.hex(), role=role)
     listeners: Listeners = {}
+    mappings: list[PortMapping] = []
     try:
-        prepared = await prepare_round(options, control.channel.peer_host, listeners)
+        prepared = await prepare_round(
+            options, control.channel.peer_host, listeners, mappings=mappings
+        )
         scratch.notes.extend(prepared.notes)
         fields: dict[str, Any] = {
             "session": session_id.hex(),
@@ -345,8 +397,7 @@ async def repunch(
         attempt = DirectAttempt(control, prepared, keys, remotes, scratch, log)
         link = await attempt.run(role)
     finally:
-        for sock in listeners.values():
-            sock.close()
+        await release(listeners, mappings)
     link.pair.outcome = "nominated"
     scratch.path = "direct"
     scratch.local, scratch.remote = link.local, link.remote

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from holepunch_mig.net.punch import PunchTiming
 from holepunch_mig.roles import Policy, Role
+from holepunch_mig.wire.birthday import BirthdayBudget
 from holepunch_mig.wire.credit import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK
 
-__all__ = ["ConnectOptions", "Policy", "Role"]
+__all__ = ["BirthdayBudget", "ConnectOptions", "HardNat", "Policy", "PortMapMode", "Role"]
+
+HardNat = Literal["off", "birthday"]
+PortMapMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,19 @@ class ConnectOptions:
     control_timeout: float = 15.0
     pings: int = 3
     stun_timeout: float = 2.0
+    hard_nat: HardNat = "birthday"
+    """One side behind an endpoint-dependent (symmetric) NAT and the other not: "birthday"
+    lets the first round try birthday punching within ``birthday`` (both sides must
+    allow it); "off" never does (docs/traversal.md, "Hard NATs")."""
+    birthday: BirthdayBudget = field(default_factory=BirthdayBudget)
+    """Birthday punching budget: sockets (hard side), probes (easy side), SYNs per second,
+    seconds."""
+    port_mapping: PortMapMode = "auto"
+    """Ask the default gateway (PCP, then NAT-PMP) to forward a public port to the punch
+    port while the punch port is open, and announce that address: "auto" when STUN
+    servers are given (a NATed deployment), "on" always, "off" never."""
+    port_mapping_timeout: float = 1.0
+    """How long the gateway may take to answer (it runs beside STUN)."""
     dial_delay: float = 0.0
     """Lab knob: hold this side's dials after sync, to prove skew tolerance."""
     tunnel_window: int = DEFAULT_WINDOW
@@ -55,6 +73,13 @@ class ConnectOptions:
         """Raise ValueError naming the first option that is out of range."""
         if self.policy not in ("direct", "auto", "tunnel"):
             raise ValueError(f"policy must be 'direct', 'auto' or 'tunnel', not {self.policy!r}")
+        if self.port_mapping not in ("auto", "on", "off"):
+            raise ValueError(
+                f"port_mapping must be 'auto', 'on' or 'off', not {self.port_mapping!r}"
+            )
+        if self.hard_nat not in ("off", "birthday"):
+            raise ValueError(f"hard_nat must be 'off' or 'birthday', not {self.hard_nat!r}")
+        self.birthday.check()  # (its seconds never outlast the round: the round ends it)
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, not {self.rounds}")
         if self.tunnel_window < MAX_CHUNK:

@@ -5,6 +5,7 @@ peer's offer or answer is in, the keys and prologue the handshakes use."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
@@ -12,15 +13,31 @@ from dataclasses import dataclass
 import trio
 
 from holepunch_mig.errors import HandshakeError
-from holepunch_mig.net.gather import gather
+from holepunch_mig.net.gather import Gathered, gather
+from holepunch_mig.net.portmap import delete_mapping, request_mapping
 from holepunch_mig.net.punch import open_listener
 from holepunch_mig.report import Report
 from holepunch_mig.session.handshake import prologue
 from holepunch_mig.session.options import ConnectOptions
-from holepunch_mig.wire.candidates import Candidate, is_loopback_address, observed_candidates
+from holepunch_mig.wire.birthday import NatClass
+from holepunch_mig.wire.candidates import (
+    Candidate,
+    dedupe_and_sort,
+    is_loopback_address,
+    make_candidate,
+    observed_candidates,
+)
+from holepunch_mig.wire.endpoints import format_endpoint
 from holepunch_mig.wire.noise import generate_keypair
+from holepunch_mig.wire.portmap import PortMapError, PortMapping
 
 Listeners = dict[int, trio.socket.SocketType]
+
+#: Seconds a router port mapping is asked for; it is deleted as soon as the punch port
+#: closes, the lifetime only bounds what a crashed process leaves behind.
+MAPPING_LIFETIME = 300
+
+logger = logging.getLogger("holepunch_mig")
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,8 @@ class Prepared:
     static_public: bytes
     seconds: float = 0.0
     """How long the preparation took (listeners, STUN): part of the time to link."""
+    nat: NatClass = "unknown"
+    """This side's NAT as its STUN answers show it (birthday punching needs it)."""
 
     @property
     def lines(self) -> list[str]:
@@ -87,9 +106,12 @@ async def prepare_round(
     listeners: Listeners,
     *,
     skip_gather: str | None = None,
+    mappings: list[PortMapping] | None = None,
 ) -> Prepared:
     """Open the punch listeners into ``listeners`` (the caller closes them), gather the
-    candidates (none when ``skip_gather`` says why not) and make a fresh keypair."""
+    candidates (none when ``skip_gather`` says why not), ask the gateway for a port
+    mapping of the punch port (into ``mappings``; the caller deletes them with
+    :func:`release`) and make a fresh keypair."""
     began = trio.current_time()
     port = await open_listeners(options, listeners)
     include_loopback = options.include_loopback
@@ -98,15 +120,56 @@ async def prepare_round(
     if skip_gather is not None:
         local: list[Candidate] = []
         notes = [skip_gather]
+        nat: NatClass = "unknown"
     else:
-        local, notes = await gather(
-            port,
-            stun_servers=options.stun,
-            given=options.candidates,
-            include_loopback=include_loopback,
-            ipv6=socket.AF_INET6 in listeners,
-            stun_timeout=options.stun_timeout,
+        gathered: list[Gathered] = []
+        mapped: list[PortMapping | str] = []
+        want_mapping = mappings is not None and (
+            options.port_mapping == "on" or (options.port_mapping == "auto" and options.stun)
         )
+
+        async def do_gather() -> None:
+            gathered.append(
+                await gather(
+                    port,
+                    stun_servers=options.stun,
+                    given=options.candidates,
+                    include_loopback=include_loopback,
+                    ipv6=socket.AF_INET6 in listeners,
+                    stun_timeout=options.stun_timeout,
+                )
+            )
+
+        async def do_map() -> None:
+            try:
+                mapped.append(
+                    await request_mapping(
+                        port, MAPPING_LIFETIME, timeout=options.port_mapping_timeout
+                    )
+                )
+            except PortMapError as exc:
+                mapped.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(do_gather)
+            if want_mapping:
+                nursery.start_soon(do_map)
+        local, notes, nat = gathered[0]
+        for result in mapped:
+            if isinstance(result, str):
+                notes.append(f"no router port mapping: {result}")
+                continue
+            assert mappings is not None
+            mappings.append(result)
+            where = format_endpoint(result.external_ip, result.external_port)
+            notes.append(
+                f"router port mapping ({result.protocol}): {where} -> punch port {port} "
+                f"for {result.lifetime} s"
+            )
+            local = dedupe_and_sort(
+                [*local, make_candidate(result.external_ip, result.external_port, "given")]
+            )
+            nat = "mapped"
     static_private, static_public = generate_keypair()
     return Prepared(
         options,
@@ -117,7 +180,31 @@ async def prepare_round(
         static_private,
         static_public,
         trio.current_time() - began,
+        nat,
     )
+
+
+async def release(listeners: Listeners, mappings: Sequence[PortMapping]) -> None:
+    """Close the punch listeners and delete the router mappings of their port (shielded:
+    this runs on the way out, also when cancelled).  Links already set up through a
+    mapping keep working: the router's connection tracking holds them."""
+    for sock in listeners.values():
+        sock.close()
+    for mapping in mappings:
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            try:
+                await delete_mapping(mapping)
+            except PortMapError as exc:
+                logger.warning(
+                    "could not delete the %s mapping of port %d: %s",
+                    mapping.protocol,
+                    mapping.internal_port,
+                    exc,
+                )
+            else:
+                logger.info(
+                    "deleted the %s mapping of port %d", mapping.protocol, mapping.internal_port
+                )
 
 
 def choose_bind(options: ConnectOptions, family: int) -> str:

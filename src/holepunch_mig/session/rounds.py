@@ -7,20 +7,22 @@ of a round; the destination dials on ``sync`` and keeps what it is told to keep.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
 
 from holepunch_mig.errors import HolepunchError, NoDirectPath, ProtocolError
-from holepunch_mig.net.punch import AuthenticatedLink, PunchRound
-from holepunch_mig.report import PairReport, Report, count_outcomes
+from holepunch_mig.net.punch import AuthenticatedLink, BirthdayDial, PunchRound
+from holepunch_mig.report import HardNatReport, PairReport, Report, count_outcomes
 from holepunch_mig.roles import Role
 from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.prepare import PeerKeys, Prepared
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.birthday import BirthdayPlan, guess_ports
 
 
 async def _measure_rtt(control: ControlReader, count: int) -> float:
@@ -53,6 +55,14 @@ class DirectAttempt:
     log: logging.LoggerAdapter[logging.Logger]
     rounds: int | None = None
     """The source's round count when not the options' (see policy.direct_rounds)."""
+    birthday: BirthdayPlan | None = None
+    """Birthday punching for the first round (both sides agreed on it from offer/answer)."""
+    accept_hosts: frozenset[str] = frozenset()
+    """The peer's public addresses when its NAT picks source ports (endpoint-dependent):
+    inbound connections from them are accepted from any port."""
+    dial: bool = True
+    """False when this side holds a router port mapping the peer dials (docs/protocol.md
+    section 2): it only accepts."""
 
     @property
     def options(self) -> ConnectOptions:
@@ -83,6 +93,40 @@ class DirectAttempt:
             log=self.log,
             first_link_id=first_link_id,
             dial_delay=self.options.dial_delay,
+            birthday=self._birthday_dial() if round_no == 1 else None,
+            accept_hosts=self.accept_hosts,
+            dial=self.dial,
+        )
+
+    def _birthday_dial(self) -> BirthdayDial | None:
+        """The plan made concrete: which endpoints to dial (guessed ports for the easy
+        side, the easy side's endpoints repeated for the hard side)."""
+        plan = self.birthday
+        if plan is None:
+            return None
+        rep = HardNatReport(
+            role=plan.role,
+            sockets=plan.sockets,
+            probes=plan.probes,
+            expected_success=round(plan.expected_success, 4),
+            rate=plan.rate,
+        )
+        self.report.hard_nat = rep
+        hosts = [h for h, _p in plan.targets]
+        if plan.role == "hard":
+            remotes = [plan.targets[i % len(plan.targets)] for i in range(plan.count)]
+        else:
+            ports = guess_ports(
+                random.SystemRandom(), plan.count, low=plan.port_low, high=plan.port_high
+            )
+            remotes = [(hosts[i % len(hosts)], port) for i, port in enumerate(ports)]
+        return BirthdayDial(
+            role=plan.role,
+            remotes=remotes,
+            rate=plan.rate,
+            seconds=plan.seconds,
+            report=rep,
+            start_delay=plan.start_delay,
         )
 
     async def run(self, role: Role) -> AuthenticatedLink:
