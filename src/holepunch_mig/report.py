@@ -94,6 +94,8 @@ class Report:
     bytes: int | None = None
     sha256: str | None = None
     seconds: float | None = None
+    links: int = 1
+    """Direct links this session carried (the first and those of ``open_links``)."""
     resume: bool = False
     """True when both sides agreed that a lost link may be re-punched (stream transfers)."""
     interruptions: list[Interruption] = field(default_factory=list)

@@ -106,6 +106,7 @@ async def migrate_in_lab(
     ram_image: Path | None = None,
     max_bandwidth: int = 10**10,
     proxy_args: tuple[str, ...] = (),
+    links: int | None = None,
     during: Callable[[QemuVM, QemuVM, dict[str, subprocess.Popen[bytes]]], Awaitable[None]]
     | None = None,
     after: Callable[[QemuVM, QemuVM], Awaitable[None]] | None = None,
@@ -116,7 +117,8 @@ async def migrate_in_lab(
     """Migrate a fresh ``mem_mib`` guest from lab host "left" to "right" through
     migrate-proxy processes.  ``during`` runs beside the migration (tests inject
     failures with it); ``after`` runs once it is over, before the VMs are stopped
-    (tests compare RAM with it).  ``mode="handoff"`` runs the proxies in handoff mode
+    (tests compare RAM with it).  ``links``: the source proxy's ``--links`` (default one
+    per QEMU connection).  ``mode="handoff"`` runs the proxies in handoff mode
     (see the module docstring).  Every QEMU and proxy started here is gone on return."""
     handoff = mode == "handoff"
     if ram_image is None:
@@ -174,7 +176,9 @@ async def migrate_in_lab(
                 )
                 src_args = ["--mode", "handoff", "--qmp", str(src.proxy_qmp_path)]
             else:
-                src_args = ["--listen-unix", str(outgoing)]
+                src_args = ["--listen-unix", str(outgoing), "--multifd-channels", str(multifd)]
+                if links is not None:
+                    src_args += ["--links", str(links)]
             procs["source"] = lab.popen(
                 "left",
                 [

@@ -34,6 +34,7 @@ from holepunch_mig.net.record_io import RecordReader, RecordWriter
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Report
 from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.session.links import DataLink, blocking_socket, punch_links
 from holepunch_mig.session.negotiate import Established, SessionLog, repunch
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.resume import (
@@ -58,8 +59,6 @@ Progress = Callable[[int], None]
 RESULT_TIMEOUT = 120.0
 """How long the source waits for the destination's verdict after end-of-stream."""
 
-SOCKET_BUFFER = 4 << 20
-
 
 @dataclass(frozen=True)
 class TransferResult:
@@ -68,16 +67,6 @@ class TransferResult:
     bytes: int
     sha256: str | None
     seconds: float
-
-
-def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
-    fd = stream.socket.detach()
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-    return sock
 
 
 class Link:
@@ -93,7 +82,7 @@ class Link:
         self.control: ControlReader = established.control
         self.tunnel: Tunnel | None = established.tunnel
         self.fell_back: bool = established.fell_back
-        self.sock = _blocking_socket(established.stream)
+        self.sock = blocking_socket(established.stream)
         if self.tunnel is not None:
             # with the worker-thread pump, records go straight into tunnel frames (a
             # socket-like FrameTransport: sendall/recv_into/shutdown/settimeout/close)
@@ -130,6 +119,37 @@ class Link:
         except trio.Cancelled:
             self._shutdown()
             raise
+
+    @property
+    def data_link(self) -> DataLink:
+        """The first link (index 0) as a bulk-data worker sees it."""
+        return DataLink(
+            0,
+            self.sock,
+            self.writer,
+            self.reader,
+            self.report.local or "",
+            self.report.remote or "",
+        )
+
+    async def open_links(self, count: int) -> list[DataLink]:
+        """Punch ``count`` more links beside this one (docs/protocol.md section 9); both
+        sides call it with the same count at the same point of their control
+        conversation.  Over the tunnel there are none (returns [] without a message).
+        The caller owns and closes the links returned; they are never resumed."""
+        if count <= 0 or self.tunnel is not None:
+            return []
+        extra = await punch_links(
+            self.control,
+            self.report.role,
+            self._options,
+            self._session_id,
+            count,
+            self.report,
+            self.log,
+        )
+        self.report.links = 1 + len(extra)
+        return extra
 
     def split_keys(self) -> tuple[bytes, bytes]:
         """This link's Noise split() keys as (source->destination, destination->source),
@@ -225,7 +245,7 @@ class Link:
 
     def _adopt(self, link: AuthenticatedLink) -> None:
         """Carry on over a freshly nominated link (fresh keys, counters from 0)."""
-        self.sock = _blocking_socket(link.stream)
+        self.sock = blocking_socket(link.stream)
         tune_link(self.sock, self._options.link_timeout)
         self._arm_idle_timeout()
         self.writer = RecordWriter(self.sock, link.send_key)
