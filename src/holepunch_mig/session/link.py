@@ -7,7 +7,6 @@ thread (OpenSSL and socket calls release the GIL), never through trio streams.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import socket
@@ -49,6 +48,7 @@ from holepunch_mig.session.resume import (
 )
 from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import StreamPosition
 
 logger = logging.getLogger("holepunch_mig")
@@ -62,11 +62,13 @@ RESULT_TIMEOUT = 120.0
 
 @dataclass(frozen=True)
 class TransferResult:
-    """What was moved and how it was verified."""
+    """What was moved and how it was verified: ``sha256`` is the hex digest of the
+    algorithm ``digest`` names ("blake3" or "sha256"; None when not hashed)."""
 
     bytes: int
     sha256: str | None
     seconds: float
+    digest: str | None = None
 
 
 class Link:
@@ -95,6 +97,8 @@ class Link:
         self._options = established.options or ConnectOptions()
         self._session_id = established.session_id
         self._resume = established.resume and self.tunnel is None
+        self.digest: Algorithm = established.digest
+        """The session's end-to-end digest of stream transfers."""
         self.epoch = 0
         """Generation of the current link: 0 for the first, +1 per resume negotiation."""
         if self.tunnel is None:
@@ -190,7 +194,9 @@ class Link:
         started = time.monotonic()
         try:
             count, hashed = await self._in_thread(
-                lambda: self.writer.send_file(0, src, digest=digest, progress=progress)
+                lambda: self.writer.send_file(
+                    0, src, digest=digest, progress=progress, algorithm=self.digest
+                )
             )
         except (OSError, RecordError) as exc:
             reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(exc)}"
@@ -216,7 +222,9 @@ class Link:
         started = time.monotonic()
         try:
             count, hashed = await self._in_thread(
-                lambda: self.reader.receive_file(0, dst, digest=digest, progress=progress)
+                lambda: self.reader.receive_file(
+                    0, dst, digest=digest, progress=progress, algorithm=self.digest
+                )
             )
         except (OSError, HolepunchError) as exc:
             reason = self._why(exc)
@@ -239,7 +247,7 @@ class Link:
         self._fill(count, local_digest, seconds)
         self.report.ok = True
         await self._tell_result(True, count, local_digest, None)
-        return TransferResult(count, local_digest, seconds)
+        return TransferResult(count, local_digest, seconds, self.digest if local_digest else None)
 
     # -- resume (docs/protocol.md section 7) ----------------------------------------------
 
@@ -271,7 +279,9 @@ class Link:
     ) -> TransferResult:
         started = time.monotonic()
         opts = self._options
-        source = ResumableSource(src, digest=digest, limit=opts.resume_buffer)
+        source = ResumableSource(
+            src, digest=digest, limit=opts.resume_buffer, algorithm=self.digest
+        )
         machine = self._resume_machine()
         while True:
             state = _Epoch()
@@ -352,9 +362,9 @@ class Link:
         if msg.bytes != count:
             raise TransferError(f"destination got {msg.bytes} bytes, {count} were sent")
         if local_digest and msg.sha256 and msg.sha256 != local_digest:
-            raise TransferError("destination's sha256 differs from what was sent")
+            raise TransferError(f"destination's {self.digest} differs from what was sent")
         self.report.ok = True
-        return TransferResult(count, local_digest, seconds)
+        return TransferResult(count, local_digest, seconds, self.digest if local_digest else None)
 
     async def _source_epoch(
         self,
@@ -446,7 +456,7 @@ class Link:
     ) -> TransferResult:
         started = time.monotonic()
         opts = self._options
-        position = StreamPosition(0, hashlib.sha256() if digest else None)
+        position = StreamPosition(0, new_hash(self.digest) if digest else None)
         machine = self._resume_machine()
         while True:
             state = _Epoch()
@@ -520,7 +530,7 @@ class Link:
         self._fill(count, local_digest, seconds)
         self.report.ok = True
         await self._tell_result(True, count, local_digest, None)
-        return TransferResult(count, local_digest, seconds)
+        return TransferResult(count, local_digest, seconds, self.digest if local_digest else None)
 
     async def _destination_epoch(
         self,
@@ -604,6 +614,7 @@ class Link:
     def _fill(self, count: int, digest: str | None, seconds: float) -> None:
         self.report.bytes = count
         self.report.sha256 = digest
+        self.report.digest = self.digest if digest else None
         self.report.seconds = seconds
 
     async def _tell_result(

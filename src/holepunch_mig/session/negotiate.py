@@ -36,6 +36,8 @@ from holepunch_mig.session.policy import decide
 from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.digests import Algorithm, offers_blake3
+from holepunch_mig.wire.digests import choose as choose_digest
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -65,6 +67,8 @@ class Established:
     options: ConnectOptions | None = None
     resume: bool = False
     """Both sides offered resume (``limits.resume``) and the path is direct."""
+    digest: Algorithm = "sha256"
+    """The stream transfers' end-to-end digest (BLAKE3 when both offered it)."""
 
 
 async def establish(
@@ -115,6 +119,8 @@ async def _negotiate(
     limits = {"max_record": 1 << 20}
     if options.resume_attempts > 0:
         limits["resume"] = 1
+    if offers_blake3(options.digest):
+        limits["blake3"] = 1
 
     if role == "source":
         offer = await control.send(
@@ -159,6 +165,13 @@ async def _negotiate(
     report.remote_candidates = list(peer.candidates)
     report.notes.extend(prepared.notes)
     resume = options.resume_attempts > 0 and peer.limits.get("resume", 0) >= 1
+    try:
+        digest = choose_digest(options.digest, peer.limits.get("blake3", 0) >= 1)
+    except ValueError as why:
+        proto = ProtocolError(str(why))
+        _fail_report(report, proto, str(why))
+        raise proto from None
+    report.digest = digest
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
     keys = prepared.keys_for(peer.key, session_id, offer, answer)
@@ -220,6 +233,7 @@ async def _negotiate(
         session_id=session_id,
         options=options,
         resume=resume,
+        digest=digest,
     )
 
 
@@ -376,5 +390,12 @@ async def _switch_to_tunnel(
     report.time_to_link = trio.current_time() - started
     log.info("using the tunnel over the control channel: %s", reason)
     return Established(
-        stream, send_key, recv_key, report, control, tunnel=tunnel, fell_back=fell_back
+        stream,
+        send_key,
+        recv_key,
+        report,
+        control,
+        tunnel=tunnel,
+        fell_back=fell_back,
+        digest="blake3" if report.digest == "blake3" else "sha256",
     )
