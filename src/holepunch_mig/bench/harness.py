@@ -58,6 +58,7 @@ from holepunch_mig.bench.model import (
 from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_with, tune_socket
 from holepunch_mig.bench.payload import expected_sha256
 from holepunch_mig.bench.qemu_cells import run_qemu_cells
+from holepunch_mig.wire.digests import blake3_available, new_hash
 from holepunch_mig.wire.records import MAX_RECORD
 
 __all__ = [
@@ -188,8 +189,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def crypto_only(seconds: float = 0.5) -> dict[str, float]:
-    """MB/s of the primitives alone, 1 MiB buffers, one thread (AES-GCM and SHA-256), and
-    AES-GCM encrypt in two threads (it releases the GIL)."""
+    """MB/s of the primitives alone, 1 MiB buffers, one thread (AES-GCM, SHA-256 and
+    BLAKE3), and AES-GCM encrypt in two threads (it releases the GIL)."""
     aead = AESGCM(os.urandom(32))
     pt = memoryview(bytearray(os.urandom(MAX_RECORD)))
     nonce = bytes(12)
@@ -221,11 +222,14 @@ def crypto_only(seconds: float = 0.5) -> dict[str, float]:
     enc_out = memoryview(bytearray(MAX_RECORD + 16))
     dec_out = memoryview(bytearray(MAX_RECORD))
     h = hashlib.sha256()
+    b3 = new_hash("blake3") if blake3_available() else None
+    extra = {"blake3_MBps": rate(lambda: b3.update(pt))} if b3 is not None else {}
     return {
         "aes_gcm_encrypt_into_MBps": rate(lambda: aead.encrypt_into(nonce, pt, b"hdr", enc_out)),
         "aes_gcm_decrypt_into_MBps": rate(lambda: aead.decrypt_into(nonce, ct, b"hdr", dec_out)),
         "sha256_MBps": rate(lambda: h.update(pt)),
         "aes_gcm_encrypt_2threads_MBps": rate(lambda: None, threads=2),
+        **extra,
     }
 
 
@@ -346,14 +350,15 @@ def run_bench(
         specs = {m.key: m.factory(cfg) for m in chosen}
         for sp in {id(s.prepare): s.prepare for s in specs.values() if s.prepare}.values():
             sp(cfg)
-        hashes: dict[int, str] = {}
+        hashes: dict[tuple[int, str], str] = {}
 
         def expected_for(total: int, spec: PairSpec) -> str | None:
             if not (cfg.full_verify or spec.hashes):
                 return None
-            if total not in hashes:
-                hashes[total] = expected_sha256(total, cfg.seed)
-            return hashes[total]
+            key = (total, spec.algorithm)
+            if key not in hashes:
+                hashes[key] = expected_sha256(total, cfg.seed, spec.algorithm)
+            return hashes[key]
 
         for rtt in rtts:
             cells = {

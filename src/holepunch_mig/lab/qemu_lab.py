@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,6 +60,8 @@ class Outcome:
     destination_exit: int | None
     source_report: dict[str, Any] | None
     destination_report: dict[str, Any] | None
+    qemu_cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each QEMU ("source", "destination") used from migrate to the end."""
 
 
 async def _ready_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -191,6 +193,7 @@ async def migrate_in_lab(
                 stdout=subprocess.PIPE, stderr=out, env=env,
             )  # fmt: skip
             uri = await _ready_line(procs["source"], timeout=60)
+            cpu0 = {"source": src.cpu_seconds(), "destination": dst.cpu_seconds()}
             # 3. migrate through it (handoff: the source proxy already issued migrate)
             async with trio.open_nursery() as nursery:
                 if during is not None:
@@ -209,6 +212,10 @@ async def migrate_in_lab(
             # 4. verdicts: QEMU's, the VMs' states, the proxies'
             if result.status == "completed":
                 await wait_status(dst.qmp, "running", timeout=20)
+            qemu_cpu = {
+                "source": src.cpu_seconds() - cpu0["source"],
+                "destination": dst.cpu_seconds() - cpu0["destination"],
+            }
             codes = {side: await _exit_code(p, timeout=60) for side, p in procs.items()}
             if after is not None:
                 await after(src, dst)
@@ -220,6 +227,7 @@ async def migrate_in_lab(
                 destination_exit=codes["destination"],
                 source_report=_read_json(reports["source"]),
                 destination_report=_read_json(reports["destination"]),
+                qemu_cpu=qemu_cpu,
             )
         finally:
             for proc in procs.values():

@@ -88,6 +88,9 @@ class MigrationReport:
     mode: Mode = "mux"
     links: int = 1
     """Parallel links that carried the streams (mux mode; stream k rode link (k-1) % links)."""
+    cpu_seconds: float | None = None
+    """CPU (user + system, every thread of this process) from the path being ready to the
+    verdict: the proxy's cost when the process is a migrate-proxy command."""
     link_bytes: list[int] = field(default_factory=list)
     """Per link, the bytes this side put on it (record headers, ciphertext and tags)."""
     streams: list[StreamReport] = field(default_factory=list)

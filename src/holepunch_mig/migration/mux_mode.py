@@ -89,6 +89,7 @@ class MigrationProxy(ProxyBase):
         self._timeout = timeout
         self._link_timeout = link_timeout
         self._mux: MuxGroup | None = None
+        self._cpu0: float | None = None
         self._listener: SourceProxy | None = None
 
     # -- public ------------------------------------------------------------------------
@@ -181,6 +182,7 @@ class MigrationProxy(ProxyBase):
                 messages.MigrateReady(digest=self._digest, links=links if links > 1 else None)
             )
         self.report.links = 1 + len(self._extra)
+        self._cpu0 = time.process_time()
 
     def _triples(self) -> list[tuple[socket.socket, LinkWriter, LinkReader]]:
         out: list[tuple[socket.socket, LinkWriter, LinkReader]] = [
@@ -272,6 +274,8 @@ class MigrationProxy(ProxyBase):
         with trio.CancelScope(shield=True):
             mux = self._mux
             rep = self.report
+            if self._cpu0 is not None:
+                rep.cpu_seconds = time.process_time() - self._cpu0
             if mux is not None:
                 stats = mux.stats()
                 rep.streams = [
