@@ -1,10 +1,17 @@
 """Exception hierarchy: every failure a caller can see has its own class and a message
-that names what was wrong, so a migration manager can branch on type, not on text."""
+that names what was wrong, so a migration manager can branch on type, not on text.
+
+Every exception class of the package is defined here, grouped by the layer that raises
+it, so this base module stays importable from every layer.  Two exceptions carry a
+result type of an upper layer and so live beside it, still subclassing these:
+``MigrationError`` (holepunch_mig.migration.common, carries the MigrationReport) and
+``MigrationFailed`` (holepunch_mig.migration.qemu, a QemuError carrying QEMU's result)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,6 +85,162 @@ class ResumeFailed(TransferError):
     def __init__(self, message: str, attempts: int = 0) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+# -- wire: Noise ---------------------------------------------------------------------------
+
+
+class DecryptError(HandshakeError):
+    """A CipherState failed to authenticate a ciphertext (wrong key, nonce, AD or tampering)."""
+
+
+class NonceExhausted(HandshakeError):
+    """A CipherState reached the reserved nonce 2**64-1; the key must not be used further."""
+
+
+# -- wire: records -------------------------------------------------------------------------
+
+
+class RecordAuthError(RecordError):
+    """A record failed AEAD authentication: tampered, replayed, reordered, dropped or
+    encrypted under another key."""
+
+
+class RecordTooLarge(RecordError):
+    """A record's length field exceeds the maximum record size."""
+
+
+class StreamMismatch(RecordError, TransferError):
+    """The END record's byte count or digest disagrees with what actually arrived."""
+
+
+class PeerAborted(RecordError, PeerAbort):
+    """The peer sent an ABORT record; ``reason`` is its UTF-8 explanation."""
+
+    def __init__(self, message: str, stream: int, reason: str) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.reason = reason
+
+
+# -- net: tunnel ---------------------------------------------------------------------------
+
+
+class TunnelRefused(NoDirectPath):
+    """The policies of the two sides do not allow the tunnel (for example the source asked
+    for ``auto`` or ``tunnel`` and the destination's policy is ``direct``)."""
+
+
+class TunnelClosed(ChannelClosed):
+    """The tunnel stopped (closed locally, or its control channel ended)."""
+
+
+# -- session: signals inside a transfer's threads (never reach a caller) -------------------
+
+
+class Interrupted(Exception):
+    """Raised inside the sender's reader when the link was declared lost."""
+
+
+class InputFailed(Exception):
+    """The sender's own input failed (not the link): never resumed."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.error = exc
+
+
+class OutputFailed(Exception):
+    """The destination's own output failed (not the link): never resumed."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.error = exc
+
+
+# -- session: resume state machine ---------------------------------------------------------
+
+
+class IllegalTransition(RuntimeError):
+    """The driver reported an event the transfer's state does not allow (a bug)."""
+
+    def __init__(self, state: Enum, event: Enum) -> None:
+        super().__init__(f"resume: {event.value} is not allowed in state {state.value}")
+        self.state = state
+        self.event = event
+
+
+# -- migration -----------------------------------------------------------------------------
+
+
+class ProxyError(HolepunchError):
+    """The local migration socket could not be set up or connected."""
+
+
+class ManagerAbort(HolepunchError):
+    """Raised inside the proxy when the manager called ``abort()``."""
+
+
+class MuxError(HolepunchError):
+    """The multiplexed link failed; every local connection was shut down."""
+
+
+class MuxPeerAbort(MuxError, PeerAbort):
+    """The peer sent ABORT."""
+
+
+class QemuError(HolepunchError):
+    """QEMU could not be started, died, or a migration failed or timed out."""
+
+
+class QmpError(HolepunchError):
+    """QMP failed: the command returned an error, the socket closed, or a deadline passed.
+
+    ``error_class`` and ``desc`` carry QEMU's error class (e.g. ``GenericError``) and
+    description when QEMU answered with an error; both are ``None`` for transport
+    failures.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: str | None = None,
+        error_class: str | None = None,
+        desc: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class HandoffRefused(HolepunchError):
+    """Handoff mode cannot carry this migration (multifd on, no punched socket, the
+    destination QEMU not waiting with ``-incoming defer``, or the peer runs mux mode)."""
+
+
+# -- lab -----------------------------------------------------------------------------------
+
+
+class LabError(HolepunchError):
+    """The lab could not be built, used or torn down (message says what and why)."""
+
+
+class LabUnsupported(LabError, NotImplementedError):
+    """The spec asks for something the lab does not implement (e.g. ``rtt_ms`` above
+    :data:`MAX_RTT_MS`)."""
+
+
+class DelayError(OSError):
+    """The queue could not be bound or a netlink request failed."""
+
+
+# -- bench ---------------------------------------------------------------------------------
+
+
+class BenchError(Exception):
+    """A measurement failed: a side crashed, timed out, or the payload did not verify."""
 
 
 @contextmanager

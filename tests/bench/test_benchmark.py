@@ -19,6 +19,7 @@ from holepunch_mig.bench.floor import pair_floor, qemu_floor
 from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource, expected_sha256
 from holepunch_mig.bench.report import load_result, render_markdown
 from holepunch_mig.cli.main import main
+from holepunch_mig.errors import BenchError
 
 TINY = 8 << 20
 
@@ -147,7 +148,7 @@ def test_a_fast_wrong_answer_fails() -> None:
         return b.SideResult(nbytes=got)
 
     cfg = b.BenchConfig(total=4 * CHUNK, runs=1)
-    with pytest.raises(b.BenchError, match="byte count"):
+    with pytest.raises(BenchError, match="byte count"):
         harness.run_pair(b.PairSpec(send, drop_a_chunk), cfg, None)
 
 

@@ -25,7 +25,7 @@ import trio
 from testsupport.lab import require_netns
 from testsupport.qemu import require_qemu
 
-from holepunch_mig.errors import ProtocolError
+from holepunch_mig.errors import ProtocolError, ProxyError
 from holepunch_mig.lab import CONTROL_PORT, Lab, presets
 from holepunch_mig.lab.qemu_lab import migrate_in_lab
 from holepunch_mig.migration.api import (
@@ -37,7 +37,7 @@ from holepunch_mig.migration.api import (
     migration_source_blocking,
 )
 from holepunch_mig.migration.mux import Mux
-from holepunch_mig.migration.proxy import ProxyError, SourceProxy
+from holepunch_mig.migration.proxy import SourceProxy
 from holepunch_mig.migration.qemu import (
     QemuVM,
     make_ram_image,

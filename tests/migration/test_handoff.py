@@ -23,14 +23,14 @@ import pytest
 import trio
 from testsupport.qemu import require_qemu
 
-from holepunch_mig.errors import HolepunchError
+from holepunch_mig.errors import HandoffRefused, HolepunchError
 from holepunch_mig.migration import handoff
 from holepunch_mig.migration.api import (
     MigrationError,
     migration_destination,
     migration_source,
 )
-from holepunch_mig.migration.handoff import PSK_IDENTITY, HandoffRefused, PskFile, derive_psk
+from holepunch_mig.migration.handoff import PSK_IDENTITY, PskFile, derive_psk
 from holepunch_mig.migration.qemu import (
     QemuVM,
     make_ram_image,

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import trio
 
-from holepunch_mig.migration.mux import DATA, Mux, MuxError, MuxPeerAbort
+from holepunch_mig.errors import MuxError, MuxPeerAbort
+from holepunch_mig.migration.mux import DATA, Mux
 from holepunch_mig.migration.proxy import run_destination, run_source, unix_connector
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
 

@@ -15,6 +15,7 @@ import pytest
 import trio
 from testsupport.qemu import require_qemu
 
+from holepunch_mig.errors import QmpError
 from holepunch_mig.migration.qemu import (
     MigrationFailed,
     QemuVM,
@@ -23,7 +24,7 @@ from holepunch_mig.migration.qemu import (
     query_status,
     wait_status,
 )
-from holepunch_mig.migration.qmp import QmpClient, QmpError
+from holepunch_mig.migration.qmp import QmpClient
 
 pytestmark = pytest.mark.qemu
 

@@ -21,18 +21,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from holepunch_mig.errors import PeerAbort, RecordError, TruncatedStream
-from holepunch_mig.net.record_io import RecordReader, RecordWriter
-from holepunch_mig.wire.records import (
-    HEADER,
-    MAX_RECORD,
+from holepunch_mig.errors import (
+    PeerAbort,
     PeerAborted,
     RecordAuthError,
+    RecordError,
     RecordTooLarge,
-    RecordType,
     StreamMismatch,
-    rekey,
+    TruncatedStream,
 )
+from holepunch_mig.net.record_io import RecordReader, RecordWriter
+from holepunch_mig.wire.records import HEADER, MAX_RECORD, RecordType, rekey
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

@@ -17,10 +17,17 @@ import pytest
 import trio
 import trio.testing
 
-from holepunch_mig.errors import ChannelClosed, NoDirectPath, PeerAbort, ProtocolError
+from holepunch_mig.errors import (
+    ChannelClosed,
+    NoDirectPath,
+    PeerAbort,
+    ProtocolError,
+    TunnelClosed,
+    TunnelRefused,
+)
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.net.punch import PunchRound, PunchTiming
-from holepunch_mig.net.tunnel import Tunnel, TunnelClosed, TunnelRefused
+from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.net.tunnel_pump import FrameTransport
 from holepunch_mig.session import api
 from holepunch_mig.session.control_reader import ControlReader

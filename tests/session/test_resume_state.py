@@ -8,15 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from holepunch_mig.errors import ProtocolError
+from holepunch_mig.errors import IllegalTransition, ProtocolError
 from holepunch_mig.report import Interruption
-from holepunch_mig.session.resume_state import (
-    TRANSITIONS,
-    IllegalTransition,
-    ResumeEvent,
-    ResumeMachine,
-    ResumeState,
-)
+from holepunch_mig.session.resume_state import TRANSITIONS, ResumeEvent, ResumeMachine, ResumeState
 
 S, E = ResumeState, ResumeEvent
 

@@ -15,15 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
-from holepunch_mig.errors import HandshakeError, HolepunchError
+from holepunch_mig.errors import DecryptError, HandshakeError, HolepunchError, NonceExhausted
 from holepunch_mig.wire.noise import (
     DHLEN,
     MAX_MESSAGE,
     MAX_NONCE,
     CipherState,
-    DecryptError,
     HandshakeState,
-    NonceExhausted,
     generate_keypair,
     hkdf,
     public_key,

@@ -8,17 +8,14 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from holepunch_mig.errors import RecordError
+from holepunch_mig.errors import RecordAuthError, RecordError, RecordTooLarge, StreamMismatch
 from holepunch_mig.wire.records import (
     ABORT_MAX,
     HEADER,
     TAG,
-    RecordAuthError,
     RecordOpener,
     RecordSealer,
-    RecordTooLarge,
     RecordType,
-    StreamMismatch,
     abort_payload,
     end_payload,
     record_type_name,

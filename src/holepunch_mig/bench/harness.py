@@ -44,7 +44,6 @@ from holepunch_mig.bench.lab_cells import lab_spec, run_pair_lab
 from holepunch_mig.bench.model import (
     REGISTRY,
     BenchConfig,
-    BenchError,
     BenchResult,
     LinkTiming,
     PairSpec,
@@ -58,6 +57,7 @@ from holepunch_mig.bench.model import (
 from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_with, tune_socket
 from holepunch_mig.bench.payload import expected_sha256
 from holepunch_mig.bench.qemu_cells import run_qemu_cells
+from holepunch_mig.errors import BenchError
 from holepunch_mig.wire.digests import blake3_available, new_hash
 from holepunch_mig.wire.records import MAX_RECORD
 

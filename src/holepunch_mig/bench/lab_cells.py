@@ -29,15 +29,9 @@ from pathlib import Path
 from typing import IO
 
 from holepunch_mig.bench import rows as _rows  # noqa: F401  (the side process needs the rows)
-from holepunch_mig.bench.model import (
-    REGISTRY,
-    BenchConfig,
-    BenchError,
-    PairSpec,
-    Sample,
-    SideResult,
-)
+from holepunch_mig.bench.model import REGISTRY, BenchConfig, PairSpec, Sample, SideResult
 from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_with, tune_socket
+from holepunch_mig.errors import BenchError
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec
 
 __all__ = ["DATA_PORT", "lab_spec", "run_pair_lab"]

@@ -31,7 +31,6 @@ __all__ = [
     "GIB",
     "REGISTRY",
     "BenchConfig",
-    "BenchError",
     "BenchResult",
     "LinkTiming",
     "Measurement",
@@ -47,10 +46,6 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-
-
-class BenchError(Exception):
-    """A measurement failed: a side crashed, timed out, or the payload did not verify."""
 
 
 @dataclass(frozen=True)

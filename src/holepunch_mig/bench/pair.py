@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from holepunch_mig.bench.model import GIB, BenchConfig, BenchError, PairSpec, Sample, SideResult
+from holepunch_mig.bench.model import GIB, BenchConfig, PairSpec, Sample, SideResult
 from holepunch_mig.bench.payload import CheckingSink, PatternSource
+from holepunch_mig.errors import BenchError
 
 __all__ = [
     "check_pair",

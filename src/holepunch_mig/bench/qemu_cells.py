@@ -46,7 +46,8 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.bench.model import BenchError, QemuCell
+from holepunch_mig.bench.model import QemuCell
+from holepunch_mig.errors import BenchError
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
 from holepunch_mig.lab.qemu_lab import migrate_in_lab
 from holepunch_mig.migration.mux import Mux

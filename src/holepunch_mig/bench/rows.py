@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from holepunch_mig.bench.model import BenchConfig, BenchError, PairSpec, SideResult, measurement
+from holepunch_mig.bench.model import BenchConfig, PairSpec, SideResult, measurement
 from holepunch_mig.bench.pair import finished, started
 from holepunch_mig.bench.payload import CheckingSink, PatternSource
+from holepunch_mig.errors import BenchError
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
 from holepunch_mig.wire.records import RecordType
 

@@ -9,16 +9,10 @@ from pathlib import Path
 
 from holepunch_mig.bench.chart import render_png
 from holepunch_mig.bench.harness import run_bench
-from holepunch_mig.bench.model import (
-    GIB,
-    REGISTRY,
-    BenchConfig,
-    BenchError,
-    BenchResult,
-    default_rows,
-)
+from holepunch_mig.bench.model import GIB, REGISTRY, BenchConfig, BenchResult, default_rows
 from holepunch_mig.bench.report import load_result, render_markdown, render_text
 from holepunch_mig.cli.common import write_chart
+from holepunch_mig.errors import BenchError
 
 __all__ = ["register"]
 

@@ -8,12 +8,11 @@ never this package.
 
 from __future__ import annotations
 
+from holepunch_mig.errors import LabError, LabUnsupported
 from holepunch_mig.lab.spec import (
     CONTROL_PORT,
     Firewall,
-    LabError,
     LabSpec,
-    LabUnsupported,
     Nat,
     SideSpec,
     load_spec,

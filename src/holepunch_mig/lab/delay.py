@@ -47,6 +47,8 @@ import sys
 import time
 from types import FrameType
 
+from holepunch_mig.errors import DelayError
+
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_NO_ENOBUFS = 5
@@ -81,10 +83,6 @@ QUEUE_MAXLEN = 16384
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("!BBH")
 _NLATTR = struct.Struct("=HH")
-
-
-class DelayError(OSError):
-    """The queue could not be bound or a netlink request failed."""
 
 
 def _align(n: int) -> int:

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from holepunch_mig.lab.spec import CONTROL_PORT, LabError, LabSpec, presets
+from holepunch_mig.errors import LabError
+from holepunch_mig.lab.spec import CONTROL_PORT, LabSpec, presets
 from holepunch_mig.lab.topology import Lab
 
 Expect = Literal["direct", "fail-symmetric"]

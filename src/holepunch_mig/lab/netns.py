@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from holepunch_mig.lab.spec import LabError
+from holepunch_mig.errors import LabError
 
 _CLONE_NEWNET = 0x40000000
 

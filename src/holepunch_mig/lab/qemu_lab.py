@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import trio
 
+from holepunch_mig.errors import QmpError
 from holepunch_mig.lab.spec import CONTROL_PORT
 from holepunch_mig.lab.topology import Lab
 from holepunch_mig.migration.qemu import (
@@ -44,7 +45,6 @@ from holepunch_mig.migration.qemu import (
     wait_migration,
     wait_status,
 )
-from holepunch_mig.migration.qmp import QmpError
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 

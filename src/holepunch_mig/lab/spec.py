@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from holepunch_mig.errors import HolepunchError
+from holepunch_mig.errors import LabError, LabUnsupported
 
 Firewall = Literal["open", "drop", "reject"]
 Nat = Literal["none", "masquerade", "random", "fully-random", "rst", "double"]
@@ -28,15 +28,6 @@ _NATS: tuple[str, ...] = ("none", "masquerade", "random", "fully-random", "rst",
 CONTROL_PORT = 7070
 #: Upper bound for rtt_ms (the delay queue holds at most 16384 packets).
 MAX_RTT_MS = 2000
-
-
-class LabError(HolepunchError):
-    """The lab could not be built, used or torn down (message says what and why)."""
-
-
-class LabUnsupported(LabError, NotImplementedError):
-    """The spec asks for something the lab does not implement (e.g. ``rtt_ms`` above
-    :data:`MAX_RTT_MS`)."""
 
 
 @dataclass(frozen=True)

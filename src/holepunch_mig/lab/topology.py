@@ -60,6 +60,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from holepunch_mig.errors import LabError
 from holepunch_mig.lab.netns import (
     MASQUERADE,
     call_in_netns,
@@ -76,7 +77,6 @@ from holepunch_mig.lab.netns import (
     select_line,
 )
 from holepunch_mig.lab.spec import (
-    LabError,
     LabSpec,
     Side,
     SideSpec,

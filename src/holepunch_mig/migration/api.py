@@ -48,9 +48,9 @@ from typing import Any
 
 import trio
 
+from holepunch_mig.errors import ManagerAbort
 from holepunch_mig.migration import handoff
 from holepunch_mig.migration.common import (
-    ManagerAbort,
     MigrationError,
     MigrationProgress,
     MigrationReport,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import trio
 
-from holepunch_mig.errors import HolepunchError
+from holepunch_mig.errors import HolepunchError, ManagerAbort
 from holepunch_mig.report import Report
 from holepunch_mig.roles import Role
 from holepunch_mig.session.control_reader import ControlReader
@@ -36,10 +36,6 @@ class MigrationError(HolepunchError):
         super().__init__(message)
         self.migration = migration
         self.report = migration.link
-
-
-class ManagerAbort(HolepunchError):
-    """Raised inside the proxy when the manager called ``abort()``."""
 
 
 @dataclass(frozen=True)

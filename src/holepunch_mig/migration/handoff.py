@@ -46,9 +46,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from holepunch_mig.errors import (
     ChannelClosed,
     ControlTimeout,
+    HandoffRefused,
     HolepunchError,
     PeerAbort,
     ProtocolError,
+    QmpError,
 )
 from holepunch_mig.migration.common import (
     MigrationError,
@@ -60,7 +62,7 @@ from holepunch_mig.migration.common import (
     receive_offer,
 )
 from holepunch_mig.migration.proxy import private_dir
-from holepunch_mig.migration.qmp import QmpClient, QmpError
+from holepunch_mig.migration.qmp import QmpClient
 from holepunch_mig.roles import Role
 from holepunch_mig.session.link import Link
 from holepunch_mig.session.resume import tune_link
@@ -84,11 +86,6 @@ POLL_INTERVAL = 0.05
 PROGRESS_INTERVAL = 0.25
 QMP_TIMEOUT = 30.0
 TERMINAL = ("completed", "failed", "cancelled")
-
-
-class HandoffRefused(HolepunchError):
-    """Handoff mode cannot carry this migration (multifd on, no punched socket, the
-    destination QEMU not waiting with ``-incoming defer``, or the peer runs mux mode)."""
 
 
 def derive_psk(source_to_destination: bytes, destination_to_source: bytes, session: str) -> bytes:

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from holepunch_mig.errors import HolepunchError, PeerAbort, RecordError
+from holepunch_mig.errors import MuxError, MuxPeerAbort, RecordError
 from holepunch_mig.wire.records import RecordType
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,6 @@ class LinkReader(Protocol):
     """What the mux needs from ``records.RecordReader`` (single consumer)."""
 
     def read(self) -> RecordLike: ...
-
-
-class MuxError(HolepunchError):
-    """The multiplexed link failed; every local connection was shut down."""
-
-
-class MuxPeerAbort(MuxError, PeerAbort):
-    """The peer sent ABORT."""
 
 
 @dataclass

@@ -26,7 +26,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxError, MuxStats
+from holepunch_mig.errors import MuxError
+from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxStats
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from holepunch_mig.errors import (
     ChannelClosed,
     ControlTimeout,
     HolepunchError,
+    MuxError,
     PeerAbort,
     ProtocolError,
 )
@@ -41,7 +42,7 @@ from holepunch_mig.migration.common import (
     StreamReport,
     receive_offer,
 )
-from holepunch_mig.migration.mux import LinkReader, LinkWriter, MuxError
+from holepunch_mig.migration.mux import LinkReader, LinkWriter
 from holepunch_mig.migration.mux_group import MuxGroup
 from holepunch_mig.migration.proxy import SourceProxy, unix_connector
 from holepunch_mig.roles import Role

@@ -27,8 +27,8 @@ from typing import Protocol
 
 import trio
 
-from holepunch_mig.errors import HolepunchError
-from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxError, MuxStats
+from holepunch_mig.errors import MuxError, ProxyError
+from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxStats
 from holepunch_mig.migration.qemu import MigrationResult, migrate, start_incoming
 from holepunch_mig.migration.qmp import QmpClient
 
@@ -41,10 +41,6 @@ class StreamSink(Protocol):
     def add_stream(self, sock: socket.socket) -> int: ...
 
     def abort(self, reason: str) -> None: ...
-
-
-class ProxyError(HolepunchError):
-    """The local migration socket could not be set up or connected."""
 
 
 def private_dir(parent: Path | None = None, prefix: str = "hpm-") -> Path:

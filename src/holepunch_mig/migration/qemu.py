@@ -24,17 +24,13 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.errors import HolepunchError
-from holepunch_mig.migration.qmp import QmpClient, QmpError
+from holepunch_mig.errors import QemuError, QmpError
+from holepunch_mig.migration.qmp import QmpClient
 
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
 MiB = 1024 * 1024
-
-
-class QemuError(HolepunchError):
-    """QEMU could not be started, died, or a migration failed or timed out."""
 
 
 class MigrationFailed(QemuError):

@@ -21,34 +21,12 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.errors import HolepunchError
+from holepunch_mig.errors import QmpError
 
 log = logging.getLogger(__name__)
 
 _MAX_LINE = 16 * 1024 * 1024
 _MAX_EVENTS = 1000
-
-
-class QmpError(HolepunchError):
-    """QMP failed: the command returned an error, the socket closed, or a deadline passed.
-
-    ``error_class`` and ``desc`` carry QEMU's error class (e.g. ``GenericError``) and
-    description when QEMU answered with an error; both are ``None`` for transport
-    failures.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        command: str | None = None,
-        error_class: str | None = None,
-        desc: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
 
 
 class QmpClient:

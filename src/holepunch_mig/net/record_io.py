@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any, BinaryIO
 
-from holepunch_mig.errors import RecordError, TruncatedStream
+from holepunch_mig.errors import PeerAborted, RecordError, TruncatedStream
 from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import (
     ACK_PAYLOAD,
@@ -22,7 +22,6 @@ from holepunch_mig.wire.records import (
     MAX_RECORD,
     REKEY_INTERVAL,
     TAG,
-    PeerAborted,
     Record,
     RecordOpener,
     RecordSealer,

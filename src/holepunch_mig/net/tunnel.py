@@ -48,7 +48,7 @@ import socket
 
 import trio
 
-from holepunch_mig.errors import ChannelClosed, HolepunchError, NoDirectPath
+from holepunch_mig.errors import ChannelClosed, HolepunchError, TunnelClosed
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.net.tunnel_pump import FrameTransport, InboxItem, ThreadPump, TunnelStats
 from holepunch_mig.wire import messages
@@ -71,15 +71,6 @@ PUMP_ENV = "HOLEPUNCH_MIG_TUNNEL_PUMP"
 
 _GATHER = 16
 _TUNNEL_KIND = bytes([messages.KIND_TUNNEL])
-
-
-class TunnelRefused(NoDirectPath):
-    """The policies of the two sides do not allow the tunnel (for example the source asked
-    for ``auto`` or ``tunnel`` and the destination's policy is ``direct``)."""
-
-
-class TunnelClosed(ChannelClosed):
-    """The tunnel stopped (closed locally, or its control channel ended)."""
 
 
 # --------------------------------------------------------------------------- the pump

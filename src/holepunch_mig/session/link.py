@@ -20,7 +20,10 @@ import trio
 from holepunch_mig.errors import (
     ControlTimeout,
     HolepunchError,
+    InputFailed,
+    Interrupted,
     NoDirectPath,
+    OutputFailed,
     PeerAbort,
     RecordError,
     ResumeFailed,
@@ -36,16 +39,7 @@ from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.session.links import DataLink, blocking_socket, punch_links
 from holepunch_mig.session.negotiate import Established, SessionLog, repunch
 from holepunch_mig.session.options import ConnectOptions
-from holepunch_mig.session.resume import (
-    AckPoster,
-    InputFailed,
-    Interrupted,
-    Output,
-    OutputFailed,
-    ResumableSource,
-    abort_socket,
-    tune_link,
-)
+from holepunch_mig.session.resume import AckPoster, Output, ResumableSource, abort_socket, tune_link
 from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.digests import Algorithm, new_hash

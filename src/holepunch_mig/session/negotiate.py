@@ -22,10 +22,11 @@ from holepunch_mig.errors import (
     NoDirectPath,
     PeerAbort,
     ProtocolError,
+    TunnelRefused,
 )
 from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.net.punch import AuthenticatedLink
-from holepunch_mig.net.tunnel import Tunnel, TunnelRefused
+from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Report
 from holepunch_mig.roles import Policy, Role
 from holepunch_mig.session.control_reader import ControlReader

@@ -23,28 +23,9 @@ from typing import Any, BinaryIO
 
 import trio
 
+from holepunch_mig.errors import InputFailed, Interrupted, OutputFailed
 from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import MAX_RECORD, StreamPosition
-
-
-class Interrupted(Exception):
-    """Raised inside the sender's reader when the link was declared lost."""
-
-
-class InputFailed(Exception):
-    """The sender's own input failed (not the link): never resumed."""
-
-    def __init__(self, exc: OSError) -> None:
-        super().__init__(str(exc))
-        self.error = exc
-
-
-class OutputFailed(Exception):
-    """The destination's own output failed (not the link): never resumed."""
-
-    def __init__(self, exc: OSError) -> None:
-        super().__init__(str(exc))
-        self.error = exc
 
 
 class Output:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
-from holepunch_mig.errors import ProtocolError
+from holepunch_mig.errors import IllegalTransition, ProtocolError
 from holepunch_mig.report import Interruption
 
 DetectedBy = Literal["local", "peer"]
@@ -72,15 +72,6 @@ TRANSITIONS: dict[tuple[ResumeState, ResumeEvent], ResumeState] = {
     (S.LOST, E.FAIL): S.FAILED,
     (S.REPUNCHING, E.FAIL): S.FAILED,
 }  # fmt: skip
-
-
-class IllegalTransition(RuntimeError):
-    """The driver reported an event the transfer's state does not allow (a bug)."""
-
-    def __init__(self, state: ResumeState, event: ResumeEvent) -> None:
-        super().__init__(f"resume: {event.value} is not allowed in state {state.value}")
-        self.state = state
-        self.event = event
 
 
 class ResumeMachine:

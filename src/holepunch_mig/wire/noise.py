@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from holepunch_mig.errors import HandshakeError
+from holepunch_mig.errors import DecryptError, HandshakeError, NonceExhausted
 
 __all__ = [
     "DHLEN",
@@ -34,9 +34,7 @@ __all__ = [
     "PATTERNS",
     "TAGLEN",
     "CipherState",
-    "DecryptError",
     "HandshakeState",
-    "NonceExhausted",
     "generate_keypair",
     "hkdf",
     "public_key",
@@ -50,14 +48,6 @@ TAGLEN = 16
 PSKLEN = 32
 MAX_MESSAGE = 65535
 MAX_NONCE = 2**64 - 1  # reserved: never used to encrypt a message (only by rekey)
-
-
-class DecryptError(HandshakeError):
-    """A CipherState failed to authenticate a ciphertext (wrong key, nonce, AD or tampering)."""
-
-
-class NonceExhausted(HandshakeError):
-    """A CipherState reached the reserved nonce 2**64-1; the key must not be used further."""
 
 
 # --- primitives -------------------------------------------------------------------------

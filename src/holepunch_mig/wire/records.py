@@ -28,7 +28,12 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from holepunch_mig.errors import PeerAbort, RecordError, TransferError
+from holepunch_mig.errors import (
+    RecordAuthError,
+    RecordError,
+    RecordTooLarge,
+    StreamMismatch,
+)
 
 __all__ = [
     "ABORT_MAX",
@@ -36,14 +41,10 @@ __all__ = [
     "MAX_RECORD",
     "REKEY_INTERVAL",
     "TAG",
-    "PeerAborted",
     "Record",
-    "RecordAuthError",
     "RecordOpener",
     "RecordSealer",
-    "RecordTooLarge",
     "RecordType",
-    "StreamMismatch",
     "StreamPosition",
     "abort_payload",
     "end_payload",
@@ -84,28 +85,6 @@ _FIXED_LEN: dict[int, int] = {
     RecordType.ACK: ACK_PAYLOAD.size,
     RecordType.CLOSE: 0,
 }
-
-
-class RecordAuthError(RecordError):
-    """A record failed AEAD authentication: tampered, replayed, reordered, dropped or
-    encrypted under another key."""
-
-
-class RecordTooLarge(RecordError):
-    """A record's length field exceeds the maximum record size."""
-
-
-class StreamMismatch(RecordError, TransferError):
-    """The END record's byte count or digest disagrees with what actually arrived."""
-
-
-class PeerAborted(RecordError, PeerAbort):
-    """The peer sent an ABORT record; ``reason`` is its UTF-8 explanation."""
-
-    def __init__(self, message: str, stream: int, reason: str) -> None:
-        super().__init__(message)
-        self.stream = stream
-        self.reason = reason
 
 
 @dataclass
