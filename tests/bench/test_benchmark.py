@@ -15,7 +15,7 @@ from testsupport.qemu import require_qemu
 
 from holepunch_mig.bench import harness
 from holepunch_mig.bench import model as b
-from holepunch_mig.bench.floor import pair_floor, qemu_floor
+from holepunch_mig.bench.floor import pair_floor, qemu_floor, scale, stages
 from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource, expected_sha256
 from holepunch_mig.bench.report import load_result, render_markdown
 from holepunch_mig.cli.main import main
@@ -215,7 +215,20 @@ def test_floor_from_the_runs_rates() -> None:
     assert qf.send_cpu == pytest.approx(1.1 + 0.9 + 1.0)
     assert qf.recv_cpu == pytest.approx(0.8 + 0.9 + 2.0)
     assert qf.mbps == pytest.approx(one_second_per_gib / ((3.0 + 3.7) / 2))
+    # the paper model: one link is its slowest thread, many links meet the NIC
+    st = stages(res)
+    assert st is not None
+    assert (st.pump, st.reader, st.deliverer) == pytest.approx((0.4 + 1 + 0.5, 0.4 + 2, 0.5))
+    assert (st.qemu_src, st.qemu_dst) == pytest.approx((1.1, 0.8))
+    one, why = scale(st, 1, 16, 3000.0)
+    assert one == pytest.approx(one_second_per_gib / 2.4) and "destination's reader" in why
+    assert scale(st, 8, 16, 3000.0) == (3000.0, "the NIC")
+    few_cores, why = scale(st, 8, 4, 3000.0)
+    assert few_cores == pytest.approx(4 * one_second_per_gib / (2.4 + 0.5 + 0.8))
+    assert why == "the destination's cores"
     page = render_markdown(res)
+    assert "## Scaling with cores and links (on paper)" in page
+    assert "| 16 | 2969 | 23.8 | the NIC |" in page
     assert "CPU s/GiB src / dst (QEMU + proxy)" in page
     assert "1.80 / 1.50" in page  # the proxy row: QEMU + proxy, each side
     assert "1.10 / 0.80" in page  # the direct row: QEMU alone (medians)

@@ -136,3 +136,71 @@ def qemu_floor(res: BenchResult, c: Any) -> Floor | None:
     recv = qd + copies + _primitive(res, "aes", "recv")
     wall = max(direct_wall, (send + recv) / cores(res))
     return Floor(send, recv, GIB / 1e6 / wall)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Per-GiB CPU seconds of each thread of one link's data path, from this run's rates:
+    the source proxy's pump (read QEMU's socket, AES-GCM seal, send on the link: one
+    thread, serial) and the destination's reader (receive and open records) and
+    deliverer (write to QEMU's socket), plus QEMU's own CPU per side."""
+
+    pump: float
+    reader: float
+    deliverer: float
+    qemu_src: float
+    qemu_dst: float
+
+    @property
+    def link_mbps(self) -> float:
+        """The most one link carries: its slowest thread on one core."""
+        return GIB / 1e6 / max(self.pump, self.reader, self.deliverer)
+
+    @property
+    def source_cpu(self) -> float:
+        return self.pump + self.qemu_src
+
+    @property
+    def destination_cpu(self) -> float:
+        return self.reader + self.deliverer + self.qemu_dst
+
+
+def stages(res: BenchResult) -> Stages | None:
+    """The stage costs (None without row 1 at 0 ms or the crypto-only figures)."""
+    plain = _plain(res, 0)
+    if plain is None or not res.crypto_only:
+        return None
+    send, recv = plain.median["send_cpu_per_gib"], plain.median["recv_cpu_per_gib"]
+    qs = qd = 0.0
+    direct = [_cell(c) for c in res.qemu if _cell(c)["case"] == "direct"]
+    if direct:
+        qs = _med([x for c in direct for x in c.get("qemu_cpu_src", [])]) or 0.0
+        qd = _med([x for c in direct for x in c.get("qemu_cpu_dst", [])]) or 0.0
+    return Stages(
+        pump=recv + _primitive(res, "aes", "send") + send,
+        reader=recv + _primitive(res, "aes", "recv"),
+        deliverer=send,
+        qemu_src=qs,
+        qemu_dst=qd,
+    )
+
+
+def scale(st: Stages, links: int, host_cores: int, nic_mbps: float) -> tuple[float, str]:
+    """MB/s of a migration over ``links`` links on a host with ``host_cores`` cores per
+    side and a NIC of ``nic_mbps``, and the stage that bounds it: the NIC, the links'
+    slowest thread (one core each), or one side's cores (every thread's CPU, QEMU's own
+    included)."""
+    bounds = {
+        "the NIC": nic_mbps,
+        "one thread per link (" + _slowest(st) + ")": links * st.link_mbps,
+        "the source's cores": host_cores * GIB / 1e6 / st.source_cpu,
+        "the destination's cores": host_cores * GIB / 1e6 / st.destination_cpu,
+    }
+    stage = min(bounds, key=lambda k: bounds[k])
+    return bounds[stage], stage
+
+
+def _slowest(st: Stages) -> str:
+    names = {"the source's pump": st.pump, "the destination's reader": st.reader}
+    names["the destination's deliverer"] = st.deliverer
+    return max(names, key=lambda k: names[k])

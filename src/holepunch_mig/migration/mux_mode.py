@@ -134,7 +134,12 @@ class MigrationProxy(ProxyBase):
         tune_link(self.link.sock, self._link_timeout)
         self.report.digest = "sha256" if self._digest else "count-only"
         if self.role == "source":
-            wanted = self._links_wanted if self.link.path == "direct" else 1
+            # over the tunnel, or with a peer that does not announce parallel links: one
+            wanted = min(self._links_wanted, self.link.max_links)
+            if wanted < self._links_wanted:
+                self.report.notes.append(
+                    f"{self._links_wanted} links wanted, the session allows {wanted}"
+                )
             await control.send(
                 messages.MigrateOffer(digest=self._digest, links=wanted if wanted > 1 else None)
             )

@@ -25,6 +25,7 @@ from holepunch_mig.errors import (
     NoDirectPath,
     OutputFailed,
     PeerAbort,
+    ProtocolError,
     RecordError,
     ResumeFailed,
     TransferError,
@@ -91,6 +92,8 @@ class Link:
         self._options = established.options or ConnectOptions()
         self._session_id = established.session_id
         self._resume = established.resume and self.tunnel is None
+        self.max_links: int = established.max_links if self.tunnel is None else 1
+        """Most links (this one included) :meth:`open_links` may bring the session to."""
         self.digest: Algorithm = established.digest
         """The session's end-to-end digest of stream transfers."""
         self.epoch = 0
@@ -137,6 +140,11 @@ class Link:
         The caller owns and closes the links returned; they are never resumed."""
         if count <= 0 or self.tunnel is not None:
             return []
+        if 1 + count > self.max_links:
+            raise ProtocolError(
+                f"{1 + count} links asked for, the session allows {self.max_links} "
+                "(the peer announced fewer in its limits)"
+            )
         extra = await punch_links(
             self.control,
             self.report.role,

@@ -39,6 +39,7 @@ from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.digests import Algorithm, offers_blake3
 from holepunch_mig.wire.digests import choose as choose_digest
+from holepunch_mig.wire.messages import MAX_LINKS
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -70,6 +71,9 @@ class Established:
     """Both sides offered resume (``limits.resume``) and the path is direct."""
     digest: Algorithm = "sha256"
     """The stream transfers' end-to-end digest (BLAKE3 when both offered it)."""
+    max_links: int = 1
+    """Most links (the first included) the session may carry: 1 unless both sides
+    announced ``limits.links`` (docs/protocol.md section 9)."""
 
 
 async def establish(
@@ -122,6 +126,7 @@ async def _negotiate(
         limits["resume"] = 1
     if offers_blake3(options.digest):
         limits["blake3"] = 1
+    limits["links"] = MAX_LINKS  # this side takes part in link-offer/link-answer (section 9)
 
     if role == "source":
         offer = await control.send(
@@ -173,6 +178,7 @@ async def _negotiate(
         _fail_report(report, proto, str(why))
         raise proto from None
     report.digest = digest
+    max_links = max(1, min(MAX_LINKS, peer.limits.get("links", 1)))
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
     keys = prepared.keys_for(peer.key, session_id, offer, answer)
@@ -235,6 +241,7 @@ async def _negotiate(
         options=options,
         resume=resume,
         digest=digest,
+        max_links=max_links,
     )
 
 
