@@ -58,7 +58,7 @@ from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_wi
 from holepunch_mig.bench.payload import expected_sha256
 from holepunch_mig.bench.qemu_cells import run_qemu_cells
 from holepunch_mig.errors import BenchError
-from holepunch_mig.wire.digests import blake3_available, new_hash
+from holepunch_mig.wire.digests import blake3_available, hexdigest, new_hash
 from holepunch_mig.wire.records import MAX_RECORD
 
 __all__ = [
@@ -249,7 +249,7 @@ def time_to_link(runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 <
             payload = Path(tmp) / "payload.bin"
             data = os.urandom(payload_bytes)
             payload.write_bytes(data)
-            want = hashlib.sha256(data).hexdigest()
+            want = {alg: hexdigest(alg, data) for alg in ("sha256", "blake3")}
             host, port = lab.control_endpoint("right", CONTROL_PORT)
             for i in range(runs):
                 out, rrep, srep = (Path(tmp) / f"{n}{i}" for n in ("out", "recv.json", "send.json"))
@@ -281,7 +281,8 @@ def time_to_link(runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 <
                     )
                 srepj, rrepj = json.loads(srep.read_text()), json.loads(rrep.read_text())
                 for rep in (srepj, rrepj):
-                    if not rep.get("ok") or rep.get("sha256") != want:
+                    alg = rep.get("digest") or "sha256"  # the session's, in the report
+                    if not rep.get("ok") or rep.get("sha256") != want.get(alg):
                         raise BenchError(
                             f"lab run {i}: transfer not verified: {rep.get('verdict')}"
                         )

@@ -42,6 +42,14 @@ def new_hash(algorithm: Algorithm) -> Any:
     raise ValueError(f"unknown digest algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
 
 
+def hexdigest(algorithm: str, data: bytes) -> str:
+    """Hex digest of ``data`` with a report's ``digest`` algorithm ("sha256" when absent)."""
+    h = new_hash("blake3" if algorithm == "blake3" else "sha256")
+    h.update(data)
+    out: str = h.hexdigest()
+    return out
+
+
 Preference = Literal["auto", "blake3", "sha256"]
 PREFERENCES: Final[tuple[Preference, ...]] = ("auto", "blake3", "sha256")
 
