@@ -473,6 +473,19 @@ def scaling_section(res: BenchResult) -> list[str]:
         mbps, stage = scale(st, n, HOST_CORES, nic)
         rows.append([f"{n}", f"{mbps:.0f}", f"{mbps * 8 / 1e3:.1f}", stage])
     L += _table(["links", "MB/s", "Gb/s", "bound by"], rows)
+    at_nic = nic * 1e6 / GIB
+    L += [
+        "",
+        f"At the NIC's rate the proxies keep about {at_nic * st.pump:.1f} cores busy on the "
+        f"source and {at_nic * (st.reader + st.deliverer):.1f} on the destination, QEMU "
+        f"about {at_nic * st.qemu_src:.1f} / {at_nic * st.qemu_dst:.1f} more (TCG figures), "
+        f"well inside {HOST_CORES} cores: the links' threads, then the NIC, bound such a "
+        "host, not its cores. `send`/`recv` move a stream over one link, so they are bound "
+        "by one pump-like chain (the sender's read, seal and send; plus the digest in its "
+        "own thread), about the single-link figure above; striping a stream over links "
+        "is not implemented (on this 2-core machine it could not help: the cores are the "
+        "limit).",
+    ]
     both = here * GIB / 1e6 / (st.source_cpu + st.destination_cpu)
     L += [
         "",
