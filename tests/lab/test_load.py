@@ -129,6 +129,7 @@ CONCURRENT_PAYLOAD = 2 << 20
 
 SIDE = r"""
 import hashlib, io, json, socket, sys, time
+import blake3
 import trio
 from holepunch_mig.session import api
 from holepunch_mig.net.control import StreamChannel, open_tcp_channel
