@@ -2,8 +2,9 @@
 
 As root (with network namespaces) the peers live in two namespaces behind stateful
 nftables firewalls that drop every inbound connection except the receiver's control
-port; otherwise they run on loopback.  The demo says which, runs the real CLI on both
-sides, checks the payload's sha256 and prints the sender's report.
+port; otherwise they run on loopback.  The demo says which, gives each host a key
+(``holepunch-mig keygen``) that the other pins, runs the real CLI on both sides, checks
+the payload's sha256 and prints the sender's report.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ def _peers() -> Iterator[tuple[str, object, tuple[str, int]]]:
         yield "loopback", None, ("127.0.0.1", CONTROL_PORT)
 
 
+def _keygen(work: Path, name: str) -> tuple[Path, str]:
+    """A host identity as an operator makes one: the key file and its public line."""
+    key = work / f"{name}.key"
+    line = subprocess.run(
+        [*CLI, "keygen", "--out", str(key), "--name", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return key, line
+
+
 def _start(where: object, host: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
     if isinstance(where, Lab):
         return where.popen(host, argv)
@@ -66,6 +79,10 @@ def main() -> int:
         payload.write_bytes(data)
         digest = hashlib.sha256(data).hexdigest()
         del data
+        # each host pins the other's public key: the control channel authenticates both
+        src_key, src_line = _keygen(work, "source")
+        dst_key, dst_line = _keygen(work, "destination")
+        print(f"keys: source {src_line}\n      destination {dst_line}")
         with _peers() as (mode, where, (host, port)):
             listen = "0.0.0.0" if mode == "netns" else "127.0.0.1"
             receiver = _start(
@@ -80,6 +97,10 @@ def main() -> int:
                     str(out),
                     "--report",
                     str(work / "recv.json"),
+                    "--identity",
+                    str(dst_key),
+                    "--peer",
+                    src_line,
                     "-q",
                 ],
             )
@@ -95,6 +116,10 @@ def main() -> int:
                     str(payload),
                     "--report",
                     str(work / "send.json"),
+                    "--identity",
+                    str(src_key),
+                    "--peer",
+                    dst_line,
                 ],
             )
             try:
@@ -113,6 +138,7 @@ def main() -> int:
         print("\nsender's JSON report (abridged):")
         keys = (
             "session",
+            "control_peer",
             "path",
             "path_reason",
             "local",
@@ -132,7 +158,8 @@ def main() -> int:
         rate = report["bytes"] / report["seconds"] / 1e6 if report.get("seconds") else 0
         print(
             f"\ndemo OK ({mode}): {PAYLOAD_MIB} MiB through a punched, Noise-authenticated, "
-            f"AES-256-GCM link at {rate:.0f} MB/s; sha256 matches."
+            f"AES-256-GCM link at {rate:.0f} MB/s, control channel authenticated by pinned "
+            "keys; sha256 matches."
         )
         return 0
 

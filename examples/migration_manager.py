@@ -2,12 +2,16 @@
 
 The two "hosts" are network namespaces of the lab's ``fw-fw`` preset: each drops every
 inbound NEW connection, except the destination's control port.  There is no port QEMU
-could migrate to directly, so the migration goes through ``holepunch-mig migrate-proxy``:
+could migrate to directly, so the migration goes through ``holepunch-mig migrate-proxy``.
+Each host has a key (``holepunch-mig keygen --out HOST.key`` prints its public line) and
+pins the other's, so the control channel authenticates both proxies (``KEYS`` below is
+``--identity HOST.key --peers PEER.pub``; a manager could hand out ``--psk-file`` instead):
 
 1. destination: QEMU with ``-incoming defer``; QMP ``migrate-incoming unix:IN``;
-   ``holepunch-mig migrate-proxy destination --connect-unix IN --control-listen :7070``
-2. source: ``holepunch-mig migrate-proxy source --listen-unix OUT --control DST:7070``
-   punches a TCP link, authenticates it (Noise KK) and prints ``ready unix:OUT``
+   ``holepunch-mig migrate-proxy destination --connect-unix IN --control-listen :7070 KEYS``
+2. source: ``holepunch-mig migrate-proxy source --listen-unix OUT --control DST:7070 KEYS``
+   authenticates the control channel, punches a TCP link, authenticates it (Noise KK,
+   bound to the control session) and prints ``ready unix:OUT``
 3. source: QMP ``migrate unix:OUT``; poll ``query-migrate`` until it is over
 4. check the destination VM is ``running`` and both proxies exited 0
 
@@ -16,8 +20,8 @@ QMP monitor of its own (a second ``-qmp`` socket: QEMU serves one client per mon
 and looks ``getfd`` names up on the monitor that received them):
 
 1. destination: QEMU with ``-incoming defer``, nothing else;
-   ``migrate-proxy destination --mode handoff --qmp DST-PROXY.qmp --control-listen :7070``
-2. source: ``migrate-proxy source --mode handoff --qmp SRC-PROXY.qmp --control DST:7070``
+   ``migrate-proxy destination --mode handoff --qmp DST-PROXY.qmp --control-listen :7070 KEYS``
+2. source: ``migrate-proxy source --mode handoff --qmp SRC-PROXY.qmp --control DST:7070 KEYS``
    punches and authenticates the link, hands the socket to both QEMUs with a TLS-PSK
    derived from the session, issues ``migrate fd:NAME`` and prints ``ready fd:NAME``
 3. the manager watches ``query-migrate`` on its own monitor until it is over

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from holepunch_mig.errors import (
     ChannelClosed,
+    ControlAuthError,
+    ControlRejected,
     ControlTimeout,
+    CredentialError,
     HandshakeError,
     HolepunchError,
     NoDirectPath,
+    PairingFailed,
     PeerAbort,
     ProtocolError,
     RecordError,
     TransferError,
     TruncatedStream,
+    UnknownPeer,
 )
 from holepunch_mig.migration.api import (
     BlockingMigrationProxy,
@@ -37,7 +42,20 @@ from holepunch_mig.net.control import (
     open_tcp_channel,
     stdio_channel,
 )
+from holepunch_mig.net.keyfiles import (
+    load_auth,
+    read_identity,
+    read_peers,
+    read_secret,
+    write_private_key,
+)
 from holepunch_mig.net.punch import PunchTiming
+from holepunch_mig.net.secure_control import (
+    SecureChannel,
+    accept_authenticated,
+    connect_authenticated,
+    secure,
+)
 from holepunch_mig.report import PairReport, Report
 from holepunch_mig.session.api import (
     BlockingLink,
@@ -48,6 +66,8 @@ from holepunch_mig.session.api import (
 from holepunch_mig.session.link import Link, TransferResult
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.testing import memory_channel_pair
+from holepunch_mig.wire.control_auth import ControlAuth, PairingCode
+from holepunch_mig.wire.identity import Identity, PeerKey, PeerSet, parse_peer_line
 
 __version__ = "0.1.0"
 
@@ -56,10 +76,15 @@ __all__ = [
     "BlockingMigrationProxy",
     "ChannelClosed",
     "ConnectOptions",
+    "ControlAuth",
+    "ControlAuthError",
     "ControlChannel",
+    "ControlRejected",
     "ControlTimeout",
+    "CredentialError",
     "HandshakeError",
     "HolepunchError",
+    "Identity",
     "Link",
     "MigrationError",
     "MigrationProgress",
@@ -67,19 +92,28 @@ __all__ = [
     "MigrationReport",
     "NoDirectPath",
     "PairReport",
+    "PairingCode",
+    "PairingFailed",
     "PeerAbort",
+    "PeerKey",
+    "PeerSet",
     "ProtocolError",
     "PunchTiming",
     "RecordError",
     "Report",
+    "SecureChannel",
     "StreamChannel",
     "StreamReport",
     "TransferError",
     "TransferResult",
     "TruncatedStream",
+    "UnknownPeer",
+    "accept_authenticated",
     "connect",
     "connect_asyncio",
+    "connect_authenticated",
     "connect_blocking",
+    "load_auth",
     "memory_channel_pair",
     "migration_destination",
     "migration_destination_blocking",
@@ -87,5 +121,11 @@ __all__ = [
     "migration_source_blocking",
     "open_process_channel",
     "open_tcp_channel",
+    "parse_peer_line",
+    "read_identity",
+    "read_peers",
+    "read_secret",
+    "secure",
     "stdio_channel",
+    "write_private_key",
 ]

@@ -53,6 +53,29 @@ class HandshakeError(HolepunchError):
     offer said it would be."""
 
 
+class ControlAuthError(HolepunchError):
+    """The control channel could not be authenticated: a key file, peers file, psk or
+    pairing code is unusable, or the peer did not prove the identity or secret this side
+    was told to expect.  Nothing of the session ran over such a channel."""
+
+
+class CredentialError(ControlAuthError):
+    """A key file, peers file, psk file or pairing code is malformed or unsafe (the
+    message names the file, the line and what is wrong)."""
+
+
+class UnknownPeer(ControlAuthError):
+    """The peer proved a static key that is not among the pinned ones."""
+
+
+class ControlRejected(ControlAuthError):
+    """The peer refused the control handshake and said why (its text, escaped)."""
+
+
+class PairingFailed(ControlAuthError):
+    """A pairing code was wrong, used up, already used or expired."""
+
+
 class RecordError(HolepunchError):
     """A bulk record failed authentication or violated the record layer's rules."""
 

@@ -102,6 +102,13 @@ class Report:
     resume: bool = False
     """True when both sides agreed that a lost link may be re-punched (stream transfers)."""
     interruptions: list[Interruption] = field(default_factory=list)
+    control_peer: str | None = None
+    """Who the control channel authenticated: a pinned key's name, "holder of the
+    pre-shared secret", "holder of the pairing code", or "trusted by the caller" (SSH,
+    or a channel a library caller authenticated itself)."""
+    control_handshake: float | None = None
+    """Seconds the control handshake took on this side (before the offer; not part of
+    ``time_to_link``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +127,8 @@ class Report:
             lines[0] += " (FALLBACK: the direct path failed)"
         if self.path_reason:
             lines.append(f"  why: {self.path_reason}")
+        if self.control_peer:
+            lines.append(f"  control peer: {self.control_peer}")
         if self.local and self.remote:
             lines.append(f"  link {self.local} <-> {self.remote}")
         if self.time_to_link is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import blake3
 
+from holepunch_mig.net.keyfiles import pinned_pair
+
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 
 
@@ -45,6 +47,7 @@ def test_send_recv_over_tcp_control(tmp_path: Path) -> None:
     src, digest = _payload(tmp_path)
     port = _free_port()
     out = tmp_path / "out.bin"
+    keys = pinned_pair(tmp_path)
     recv = subprocess.Popen(
         [
             *CLI,
@@ -55,6 +58,7 @@ def test_send_recv_over_tcp_control(tmp_path: Path) -> None:
             str(out),
             "--report",
             str(tmp_path / "r.json"),
+            *keys.destination,
         ],
         stderr=subprocess.PIPE,
     )
@@ -68,6 +72,7 @@ def test_send_recv_over_tcp_control(tmp_path: Path) -> None:
             str(src),
             "--report",
             str(tmp_path / "s.json"),
+            *keys.source,
         ],
         capture_output=True,
         timeout=60,
@@ -87,6 +92,8 @@ def test_send_recv_over_tcp_control(tmp_path: Path) -> None:
         assert report["bytes"] == src.stat().st_size
         assert report["seconds"] > 0
         assert report["ok"] is True
+        peer = "destination" if name == "s.json" else "source"
+        assert report["control_peer"].startswith(f"pinned key {peer!r}")
     assert b"verified" in send.stderr
     assert f"blake3 {b3}".encode() in send.stderr
 
@@ -144,15 +151,19 @@ def test_stdin_to_stdout(tmp_path: Path) -> None:
     src, digest = _payload(tmp_path, 1 << 20)
     port = _free_port()
     sink = tmp_path / "stdout.bin"
+    psk = tmp_path / "psk"
+    psk.write_bytes(os.urandom(32))
+    psk.chmod(0o600)
+    auth = ["--psk-file", str(psk)]
     with sink.open("wb") as out_fh:
         recv = subprocess.Popen(
-            [*CLI, "recv", "--control-listen", f"127.0.0.1:{port}", "-q"],
+            [*CLI, "recv", "--control-listen", f"127.0.0.1:{port}", "-q", *auth],
             stdout=out_fh,
             stderr=subprocess.PIPE,
         )
         with src.open("rb") as fh:
             send = subprocess.run(
-                [*CLI, "send", "--control", f"127.0.0.1:{port}", "-q"],
+                [*CLI, "send", "--control", f"127.0.0.1:{port}", "-q", *auth],
                 stdin=fh,
                 capture_output=True,
                 timeout=60,
@@ -166,6 +177,7 @@ def test_stdin_to_stdout(tmp_path: Path) -> None:
 def test_unreachable_control_port_exit_1_with_verdict(tmp_path: Path) -> None:
     port = _free_port()
     report = tmp_path / "s.json"
+    keys = pinned_pair(tmp_path)
     send = subprocess.run(
         [
             *CLI,
@@ -178,6 +190,7 @@ def test_unreachable_control_port_exit_1_with_verdict(tmp_path: Path) -> None:
             "/dev/null",
             "--report",
             str(report),
+            *keys.source,
         ],
         capture_output=True,
         timeout=30,
@@ -211,16 +224,47 @@ def test_sender_vanishing_leaves_no_output(tmp_path: Path) -> None:
             str(out),
             "--report",
             str(tmp_path / "r.json"),
+            "--pair",
+            "--pair-timeout",
+            "3",
             "-q",
         ],
         stderr=subprocess.PIPE,
     )
-    # a "sender" that connects, says nothing valid and leaves
+    # a "sender" that connects, says nothing valid and leaves: refused, the receiver goes
+    # on listening until its pairing code expires
     conn = _connect_when_listening(port)
     conn.sendall(b"\x00\x00\x00\x05\x01{}{}")
     conn.close()
     _, err = recv.communicate(timeout=30)
     assert recv.returncode == 1
-    assert b"ProtocolError" in err
+    assert b"expected a control handshake frame" in err
+    assert b"PairingFailed" in err and b"expired" in err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.bin.*"))
+
+
+def test_ssh_control_accepts_a_psk_and_a_one_sided_psk_fails_by_name(tmp_path: Path) -> None:
+    src, digest = _payload(tmp_path, 1 << 20)
+    psk = tmp_path / "psk"
+    psk.write_bytes(os.urandom(32))
+    psk.chmod(0o600)
+    out = tmp_path / "out.bin"
+    remote = f"{sys.executable} -m holepunch_mig.cli recv --control-stdio --output {out} -q"
+    both = subprocess.run(
+        [*CLI, "send", "--control-cmd", f"{remote} --psk-file {psk}", "--peer-host", "127.0.0.1",
+         "--input", str(src), "--psk-file", str(psk), "--report", str(tmp_path / "s.json")],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert both.returncode == 0, both.stderr.decode()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["control_peer"] == "holder of the pre-shared secret"
+    one_sided = subprocess.run(
+        [*CLI, "send", "--control-cmd", remote, "--peer-host", "127.0.0.1", "--input", str(src),
+         "--psk-file", str(psk), "-q"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert one_sided.returncode == 1
+    # the receiver (its stderr is ours) names what the sender used
+    assert b"authenticated control frame" in one_sided.stderr, one_sided.stderr.decode()

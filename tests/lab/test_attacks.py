@@ -22,6 +22,7 @@ import trio
 
 from holepunch_mig.errors import ControlTimeout, ProtocolError
 from holepunch_mig.net.control import StreamChannel
+from holepunch_mig.net.keyfiles import pinned_pair
 from holepunch_mig.session import api
 from holepunch_mig.wire import messages
 
@@ -39,8 +40,8 @@ async def _stream_pair() -> tuple[StreamChannel, trio.SocketStream]:
 @pytest.mark.parametrize(
     ("prefix", "needle"),
     [
-        (b"\xff\xff\xff\xff", "frame of 4294967295 bytes exceeds the 65536-byte limit"),
-        ((65537).to_bytes(4, "big"), "frame of 65537 bytes exceeds"),
+        (b"\xff\xff\xff\xff", "frame of 4294967295 bytes exceeds the 65553-byte limit"),
+        ((65554).to_bytes(4, "big"), "frame of 65554 bytes exceeds"),
         (b"\x00\x00\x00\x00", "zero-length frame"),
     ],
 )
@@ -198,6 +199,7 @@ def test_flood_on_the_punch_port_during_a_session(tmp_path: Path) -> None:
         receiver = lab.popen(
             "right",
             [*CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}", "--output", str(out),
+             *pinned_pair(tmp_path).destination,
              "--port", str(PUNCH_PORT), "--dial-delay", "2", "--report",
              str(tmp_path / "recv.json"), "-q"],
         )  # fmt: skip
@@ -212,6 +214,7 @@ def test_flood_on_the_punch_port_during_a_session(tmp_path: Path) -> None:
         sender = lab.popen(
             "left",
             [*CLI, "send", "--control", f"{host}:{port}", "--input", str(payload),
+             *pinned_pair(tmp_path).source,
              "--dial-delay", "2", "--report", str(tmp_path / "send.json"), "-q"],
         )  # fmt: skip
         peak = 0

@@ -25,6 +25,7 @@ import pytest
 from testsupport.lab import require_netns
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, presets
+from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = pytest.mark.netns
 
@@ -96,6 +97,7 @@ def run_cli(
         "recv",
         "--control-listen",
         f"0.0.0.0:{CONTROL_PORT}",
+        *pinned_pair(workdir).destination,
         "--output",
         str(out),
         "--report",
@@ -111,6 +113,7 @@ def run_cli(
         "send",
         "--control",
         f"{host}:{port}",
+        *pinned_pair(workdir).source,
         "--input",
         str(payload),
         "--report",

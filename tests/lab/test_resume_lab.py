@@ -21,6 +21,7 @@ import pytest
 from testsupport.lab import require_netns
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, presets
+from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = pytest.mark.netns
 
@@ -81,6 +82,7 @@ def _run_with_cut(
     receiver = lab.popen(
         "right",
         [*CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}", "--output", str(out),
+         *pinned_pair(workdir).destination,
          "--report", str(rrep), *common],
         stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -89,6 +91,7 @@ def _run_with_cut(
     sender = lab.popen(
         "left",
         [*CLI, "send", "--control", f"{host}:{port}", "--input", str(payload),
+         *pinned_pair(workdir).source,
          "--report", str(srep), "--rate-limit", str(RATE), *common,
          *(["--stun", f"{stun[0]}:{stun[1]}"] if stun else [])],
         stderr=subprocess.PIPE,

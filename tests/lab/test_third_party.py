@@ -19,6 +19,7 @@ import pytest
 from testsupport.lab import require_netns
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, presets
+from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = pytest.mark.netns
 
@@ -89,6 +90,7 @@ def test_third_party_is_rejected_and_real_peer_wins(tmp_path: Path, offered: boo
                 "recv",
                 "--control-listen",
                 f"0.0.0.0:{CONTROL_PORT}",
+                *pinned_pair(tmp_path).destination,
                 "--output",
                 str(out),
                 "--port",
@@ -108,6 +110,7 @@ def test_third_party_is_rejected_and_real_peer_wins(tmp_path: Path, offered: boo
                 "send",
                 "--control",
                 f"{host}:{port}",
+                *pinned_pair(tmp_path).source,
                 "--input",
                 str(payload),
                 "--dial-delay",

@@ -17,6 +17,7 @@ import pytest
 from testsupport.lab import require_netns
 
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
+from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = pytest.mark.netns
 
@@ -57,6 +58,7 @@ def transfer(
         "recv",
         "--control-listen",
         f"0.0.0.0:{CONTROL_PORT}",
+        *pinned_pair(workdir).destination,
         "--output",
         str(out),
         "--report",
@@ -70,6 +72,7 @@ def transfer(
         "send",
         "--control",
         f"{host}:{port}",
+        *pinned_pair(workdir).source,
         "--input",
         str(payload),
         "--report",
@@ -177,6 +180,7 @@ def test_punch_port_stays_closed_to_everyone_else(
             "recv",
             "--control-listen",
             f"0.0.0.0:{CONTROL_PORT}",
+            *pinned_pair(tmp_path).destination,
             "--output",
             str(out),
             "--port",
@@ -196,6 +200,7 @@ def test_punch_port_stays_closed_to_everyone_else(
             "send",
             "--control",
             f"{host}:{port}",
+            *pinned_pair(tmp_path).source,
             "--input",
             str(path),
             "--dial-delay",

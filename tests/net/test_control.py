@@ -31,7 +31,7 @@ async def test_stream_channel_round_trip() -> None:
 async def test_stream_channel_refuses_oversize_send() -> None:
     a, _b = trio.testing.memory_stream_pair()
     with pytest.raises(ProtocolError, match="exceeds"):
-        await StreamChannel(a).send_message(b"x" * (messages.MAX_MESSAGE + 1))
+        await StreamChannel(a).send_message(b"x" * (messages.MAX_FRAME + 1))
 
 
 async def test_stream_channel_oversize_frame_from_peer() -> None:

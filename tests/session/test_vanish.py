@@ -42,7 +42,9 @@ from holepunch_mig.errors import (
     TransferError,
     TruncatedStream,
 )
+from holepunch_mig.net.keyfiles import PinnedPair, load_auth, pinned_pair
 from holepunch_mig.net.punch import PunchTiming
+from holepunch_mig.net.secure_control import connect_authenticated
 from holepunch_mig.session import api, rounds
 from holepunch_mig.session import link as link_module
 from holepunch_mig.testing import MemoryChannel, memory_channel_pair
@@ -464,18 +466,26 @@ def _part_files(folder: Path) -> list[Path]:
     return list(folder.glob(".out.bin.*.part"))
 
 
+def _keys(tmp_path: Path) -> PinnedPair:
+    """Key files outside the output folder (whose contents the tests check)."""
+    folder = tmp_path.parent / f"{tmp_path.name}-keys"
+    folder.mkdir(exist_ok=True)
+    return pinned_pair(folder)
+
+
 def _start_pair(tmp_path: Path) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """A receiver writing tmp/out.bin and a sender reading its stdin (fed by the test)."""
     port = _free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    keys = _keys(tmp_path)
     recv = subprocess.Popen(
         [*CLI, "recv", "--control-listen", f"127.0.0.1:{port}", "--output",
-         str(tmp_path / "out.bin"), "-q"],
+         str(tmp_path / "out.bin"), "-q", *keys.destination],
         stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     send = subprocess.Popen(
-        [*CLI, "send", "--control", f"127.0.0.1:{port}", "-q"],
+        [*CLI, "send", "--control", f"127.0.0.1:{port}", "-q", *keys.source],
         stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     return recv, send
@@ -553,23 +563,23 @@ def test_cli_receiver_killed_mid_transfer(tmp_path: Path) -> None:
 
 def test_cli_sender_killed_before_offer(tmp_path: Path) -> None:
     port = _free_port()
+    keys = _keys(tmp_path)
     recv = subprocess.Popen(
         [*CLI, "recv", "--control-listen", f"127.0.0.1:{port}", "--output",
-         str(tmp_path / "out.bin"), "-q"],
+         str(tmp_path / "out.bin"), "-q", *keys.destination],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        # a "sender" that connects and dies before saying anything (SIGKILL of a process
-        # that had only connected looks the same on the wire: FIN from its kernel)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)  # polling for the listener, bounded
-        conn.close()
+        # a sender that authenticates and dies before saying anything more (its kernel
+        # sends FIN, as for a SIGKILL): the receiver fails, it does not wait forever
+        auth = load_auth(Path(keys.source[1]), peers_file=Path(keys.source[3]))
+        assert auth is not None
+
+        async def handshake_then_vanish() -> None:
+            channel = await connect_authenticated("127.0.0.1", port, auth, wait=15)
+            await channel.aclose()
+
+        trio.run(handshake_then_vanish)
         _, err = recv.communicate(timeout=30)
     finally:
         _kill(recv)

@@ -177,8 +177,8 @@ def test_frame_decoder_splits_and_joins() -> None:
 
 def test_frame_decoder_refuses_oversize_before_buffering() -> None:
     dec = FrameDecoder()
-    with pytest.raises(ProtocolError, match="frame of 65537 bytes exceeds"):
-        dec.feed((65537).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match="frame of 65554 bytes exceeds"):
+        dec.feed((65554).to_bytes(4, "big"))
 
 
 def test_frame_decoder_refuses_zero_length() -> None:

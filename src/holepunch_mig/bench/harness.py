@@ -58,6 +58,7 @@ from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_wi
 from holepunch_mig.bench.payload import expected_sha256
 from holepunch_mig.bench.qemu_cells import run_qemu_cells
 from holepunch_mig.errors import BenchError
+from holepunch_mig.net.keyfiles import pinned_pair
 from holepunch_mig.wire.digests import blake3_available, hexdigest, new_hash
 from holepunch_mig.wire.records import MAX_RECORD
 
@@ -233,11 +234,13 @@ def crypto_only(seconds: float = 0.5) -> dict[str, float]:
     }
 
 
-def time_to_link(runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 << 20) -> LinkTiming:
+def time_to_link(
+    runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 << 20, rtt_ms: int = 0
+) -> LinkTiming:
     """Run the real ``holepunch-mig recv``/``send`` in the namespace lab ``runs`` times and
     collect ``time_to_link`` from each side's ``--report`` JSON (the payload is checked
     too).  Skipped, with the reason, when the lab cannot run here."""
-    res = LinkTiming(runs=runs)
+    res = LinkTiming(runs=runs, rtt_ms=rtt_ms)
     if os.geteuid() != 0:
         res.skipped = "not root: the namespace lab needs root (time to link not measured)"
         return res
@@ -245,24 +248,28 @@ def time_to_link(runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 <
 
     cli = [sys.executable, "-m", "holepunch_mig.cli"]
     try:
-        with tempfile.TemporaryDirectory(prefix="hpm-bench-") as tmp, Lab(presets()[preset]) as lab:
+        with (
+            tempfile.TemporaryDirectory(prefix="hpm-bench-") as tmp,
+            Lab(replace(presets()[preset], rtt_ms=rtt_ms)) as lab,
+        ):
             payload = Path(tmp) / "payload.bin"
             data = os.urandom(payload_bytes)
             payload.write_bytes(data)
             want = {alg: hexdigest(alg, data) for alg in ("sha256", "blake3")}
             host, port = lab.control_endpoint("right", CONTROL_PORT)
+            keys = pinned_pair(Path(tmp))
             for i in range(runs):
                 out, rrep, srep = (Path(tmp) / f"{n}{i}" for n in ("out", "recv.json", "send.json"))
                 recv = lab.popen(
                     "right",
                     [*cli, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}",
-                     "--output", str(out), "--report", str(rrep), "-q"],
+                     "--output", str(out), "--report", str(rrep), "-q", *keys.destination],
                     stderr=subprocess.PIPE,
                 )  # fmt: skip
                 send = lab.popen(
                     "left",
                     [*cli, "send", "--control", f"{host}:{port}", "--input", str(payload),
-                     "--report", str(srep), "-q"],
+                     "--report", str(srep), "-q", *keys.source],
                     stderr=subprocess.PIPE,
                 )  # fmt: skip
                 try:
@@ -290,6 +297,7 @@ def time_to_link(runs: int = 20, preset: str = "fw-fw", payload_bytes: int = 1 <
                     raise BenchError(f"lab run {i}: output differs from the payload")
                 res.seconds.append(float(srepj["time_to_link"]))
                 res.recv_seconds.append(float(rrepj["time_to_link"]))
+                res.control_seconds.append(float(srepj.get("control_handshake") or 0.0))
     except LabError as exc:
         res.skipped = f"lab unavailable: {exc}"
         return res

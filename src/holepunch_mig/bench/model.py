@@ -161,6 +161,8 @@ class LinkTiming:
     runs: int = 0
     seconds: list[float] = field(default_factory=list)  # sender's report time_to_link
     recv_seconds: list[float] = field(default_factory=list)
+    control_seconds: list[float] = field(default_factory=list)  # sender's control handshake
+    rtt_ms: int = 0
     median: float | None = None
     p95: float | None = None
     skipped: str | None = None

@@ -111,11 +111,17 @@ def link_line(res: BenchResult) -> str:
         return "time to link of the real CLI: not run (--lab-runs 0)"
     if link.skipped:
         return f"time to link of the real CLI: skipped - {link.skipped}"
-    return (
-        f"time to link (real `holepunch-mig send`/`recv`, fw-fw lab, 0 ms, {link.runs} runs, "
-        f"sender's report): median {link.median:.3f} s, p95 {link.p95:.3f} s "
+    line = (
+        f"time to link (real `holepunch-mig send`/`recv`, fw-fw lab, {link.rtt_ms} ms, "
+        f"{link.runs} runs, sender's report): median {link.median:.3f} s, p95 {link.p95:.3f} s "
         f"(receiver's: median {statistics.median(link.recv_seconds):.3f} s)"
     )
+    if link.control_seconds:
+        line += (
+            "; before it, the control handshake (pinned keys, sender's report): median "
+            f"{statistics.median(link.control_seconds):.3f} s"
+        )
+    return line
 
 
 def context_lines(res: BenchResult) -> list[str]:

@@ -7,33 +7,47 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from holepunch_mig.errors import CandidateError
-from holepunch_mig.net.control import StreamChannel
+from holepunch_mig.net.control import ControlChannel
+from holepunch_mig.net.keyfiles import load_auth
+from holepunch_mig.net.secure_control import (
+    SecureChannel,
+    accept_authenticated,
+    connect_authenticated,
+    secure,
+)
 from holepunch_mig.roles import POLICIES
 from holepunch_mig.wire.candidates import parse_endpoint
+from holepunch_mig.wire.control_auth import ControlAuth, PairingCode
 
 __all__ = [
+    "AUTH_OPTIONS",
     "EXIT_FAILED",
     "EXIT_NO_PATH",
     "EXIT_OK",
     "EXIT_USAGE",
     "PLOT_HINT",
     "Progress",
-    "accept_control",
+    "add_auth_options",
     "add_link_options",
+    "auth_usage_problem",
     "connect_options",
+    "control_auth",
+    "dial_control",
     "endpoint",
+    "listen_control",
     "listen_endpoint",
     "named_endpoint",
     "say",
+    "secure_existing",
     "setup_logging",
     "write_chart",
 ]
@@ -145,7 +159,7 @@ def setup_logging(verbose: int) -> None:
     )
 
 
-def connect_options(args: argparse.Namespace) -> dict[str, object]:
+def connect_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of :func:`add_link_options` as ``api.connect`` keywords."""
     return {
         "port": args.port,
@@ -163,16 +177,151 @@ def say(text: str) -> None:
     sys.stderr.flush()
 
 
-async def accept_control(host: str, port: int) -> StreamChannel:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = trio.socket.socket(family, socket.SOCK_STREAM)
-    with listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await listener.bind((host, port))
-        listener.listen(1)
-        sock, _addr = await listener.accept()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return StreamChannel(trio.SocketStream(sock))
+AUTH_OPTIONS = (
+    "--identity PATH with --peer KEY or --peers FILE (pinned keys), --psk-file PATH "
+    "(a secret from the manager), or --pair on the receiver and --code CODE on the sender"
+)
+
+
+def add_auth_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
+    """Control channel authentication: every subcommand that opens a TCP control channel
+    (and, optionally, one over SSH) takes these."""
+    g = p.add_argument_group(
+        "control channel authentication",
+        "A TCP control channel must be authenticated with one of these (over SSH, with "
+        "--control-cmd/--control-stdio, SSH already did it and they are optional).",
+    )
+    g.add_argument(
+        "--identity",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="this host's private key file (holepunch-mig keygen); with --peer/--peers",
+    )
+    g.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a pinned peer: its public key line 'hpm-x25519 KEY [name]' as keygen printed "
+        "it (quote it); repeatable",
+    )
+    g.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="pinned peers: one 'hpm-x25519 KEY [name]' line each, # comments",
+    )
+    g.add_argument(
+        "--psk-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a secret shared with the peer (>= 32 random bytes, mode 0600), mixed into "
+        "the control handshake; may be combined with pinned keys",
+    )
+    if listening:
+        g.add_argument(
+            "--pair",
+            action="store_true",
+            help="no key files: print a one-time pairing code (stderr) for the sender's "
+            "--code; it serves one session, expires, and 3 wrong attempts end it",
+        )
+        g.add_argument(
+            "--pair-timeout",
+            type=float,
+            default=600.0,
+            metavar="SECONDS",
+            help="how long the pairing code is valid (default 600)",
+        )
+    else:
+        g.add_argument(
+            "--code",
+            default=None,
+            metavar="CODE",
+            help="the receiver's one-time pairing code (xxxxx-xxxxx, from its --pair)",
+        )
+
+
+def _has_auth(args: argparse.Namespace) -> bool:
+    return bool(
+        args.identity
+        or args.peer
+        or args.peers
+        or args.psk_file
+        or getattr(args, "pair", False)
+        or getattr(args, "code", None)
+    )
+
+
+def auth_usage_problem(args: argparse.Namespace, *, tcp: bool) -> str | None:
+    """The usage error for the authentication options, or None; ``tcp``: the control
+    channel is a TCP connection this command opens (it must be authenticated)."""
+    pairing = getattr(args, "pair", False) or getattr(args, "code", None)
+    if pairing and (args.identity or args.peer or args.peers or args.psk_file):
+        flag = "--pair" if getattr(args, "pair", False) else "--code"
+        return f"{flag} replaces --identity/--peer/--peers/--psk-file: give one or the other"
+    if (args.peer or args.peers) and not args.identity:
+        return "--peer/--peers need this host's key too: --identity PATH (holepunch-mig keygen)"
+    if args.identity and not (args.peer or args.peers or args.psk_file):
+        return "--identity needs the peer's key: --peer 'hpm-x25519 KEY [name]' or --peers FILE"
+    if tcp and not _has_auth(args):
+        return (
+            "a TCP control channel must be authenticated; give "
+            + AUTH_OPTIONS
+            + " (or run the control channel over SSH with --control-cmd/--control-stdio)"
+        )
+    return None
+
+
+def control_auth(args: argparse.Namespace) -> ControlAuth | None:
+    """The credentials the options name, read from their files (CredentialError names a
+    bad file); a pairing receiver's code is made when it starts listening."""
+    if getattr(args, "pair", False):
+        return None
+    code = getattr(args, "code", None)
+    return load_auth(args.identity, args.peer, args.peers, args.psk_file, code)
+
+
+def _pairing(args: argparse.Namespace) -> ControlAuth:
+    code = PairingCode.generate(trio.current_time(), args.pair_timeout)
+    # the code is printed even with --quiet: without it the sender cannot connect
+    say(
+        f"pairing code: {code.text}  (sender: holepunch-mig ... --code {code.text}; one "
+        f"session, valid {args.pair_timeout:g} s, 3 wrong attempts end it)"
+    )
+    return ControlAuth(code=code)
+
+
+async def listen_control(
+    args: argparse.Namespace, host: str, port: int, auth: ControlAuth | None
+) -> SecureChannel:
+    """Accept the authenticated control connection: keeps listening through strangers."""
+    if getattr(args, "pair", False):
+        auth = _pairing(args)
+    assert auth is not None  # auth_usage_problem refused the rest
+    if not args.quiet:
+        say(f"waiting for the control connection on {host}:{port} ({auth.describe()})")
+    return await accept_authenticated(host, port, auth)
+
+
+async def dial_control(
+    host: str, port: int, auth: ControlAuth | None, wait: float
+) -> SecureChannel:
+    assert auth is not None
+    return await connect_authenticated(host, port, auth, wait=wait)
+
+
+async def secure_existing(
+    args: argparse.Namespace, channel: ControlChannel, auth: ControlAuth | None, *, initiator: bool
+) -> ControlChannel:
+    """An SSH channel: authenticated as well when credentials were given."""
+    if getattr(args, "pair", False):
+        auth = _pairing(args)
+    if auth is None:
+        return channel
+    return await secure(channel, auth, initiator=initiator)
 
 
 PLOT_HINT = "pip install 'holepunch_mig[plot]'"

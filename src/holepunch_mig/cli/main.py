@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from holepunch_mig.cli import bench, lab, migrate, transfer
+from holepunch_mig.cli import bench, keys, lab, migrate, transfer
 from holepunch_mig.cli.common import setup_logging
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-#: in help order: recv, send, lab, doctor, migrate-proxy, bench
+#: in help order: recv, send, keygen, lab, doctor, migrate-proxy, bench
 SUBCOMMANDS: tuple[Register, ...] = (
     transfer.register,
+    keys.register,
     lab.register,
     migrate.register,
     bench.register,

@@ -3,7 +3,8 @@
 Source host (QEMU migrates to a UNIX socket of ours)::
 
     holepunch-mig migrate-proxy source --listen-unix /run/hpm/vm1.sock \\
-        --control dst-host:7070 [--stun HOST:PORT]... [--report r.json]
+        --control dst-host:7070 --identity /etc/hpm/host.key --peers /etc/hpm/peers \\
+        [--stun HOST:PORT]... [--report r.json]
 
 prints ``ready unix:/run/hpm/vm1.sock`` on stdout once the whole path is up (link
 punched, destination proxy connected to its QEMU); the manager then issues QMP
@@ -15,7 +16,12 @@ Destination host (QEMU started with ``-incoming defer`` and told
 ``migrate-incoming unix:PATH``)::
 
     holepunch-mig migrate-proxy destination --connect-unix PATH \\
-        --control-listen 0.0.0.0:7070 [--report r.json]
+        --control-listen 0.0.0.0:7070 --identity /etc/hpm/host.key --peers /etc/hpm/peers \\
+        [--report r.json]
+
+The control channel is authenticated before anything else (pinned keys as above,
+``--psk-file`` from the manager, or ``--pair`` here and ``--code`` on the source); the
+destination keeps listening through connections that fail to authenticate.
 
 ``--listen-unix PATH`` is used exactly as given (socket 0600, created atomically,
 never replacing an existing file; the caller owns the directory's permissions).
@@ -44,7 +50,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.cli import common as cli
-from holepunch_mig.errors import HolepunchError, NoDirectPath
+from holepunch_mig.errors import CredentialError, HolepunchError, NoDirectPath
 from holepunch_mig.migration.api import (
     DEFAULT_LINK_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -57,7 +63,7 @@ from holepunch_mig.migration.api import (
     migration_source,
 )
 from holepunch_mig.migration.handoff import HandoffProxy
-from holepunch_mig.net.control import ControlChannel, open_tcp_channel
+from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.roles import Role
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -184,6 +190,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _options(src)
     cli.add_link_options(src)
+    cli.add_auth_options(src, listening=False)
     src.set_defaults(run=run_source)
 
     dst = roles.add_parser(
@@ -205,6 +212,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _options(dst)
     cli.add_link_options(dst)
+    cli.add_auth_options(dst, listening=True)
     dst.set_defaults(run=run_destination)
 
 
@@ -244,7 +252,7 @@ def _check_mode(args: argparse.Namespace) -> str | None:
             default_links(args.links, args.multifd_channels)
         except ValueError as exc:
             return str(exc)
-    return None
+    return cli.auth_usage_problem(args, tcp=True)
 
 
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,12 +303,13 @@ def _finish(
 
 
 async def _source_main(args: argparse.Namespace) -> int:
+    auth = cli.control_auth(args)  # a bad key file is a usage error (exit 2), not a failure
     progress = _progress(args, "migrated")
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         host, port = args.control
-        channel = await open_tcp_channel(host, port, wait=args.control_wait)
+        channel = await cli.dial_control(host, port, auth, args.control_wait)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(
@@ -331,14 +340,13 @@ async def _source_main(args: argparse.Namespace) -> int:
 
 
 async def _destination_main(args: argparse.Namespace) -> int:
+    auth = cli.control_auth(args)
     progress = _progress(args, "delivered")
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
         host, port = args.control_listen
-        if not args.quiet:
-            cli.say(f"waiting for the control connection on {host}:{port}")
-        channel = await cli.accept_control(host, port)
+        channel = await cli.listen_control(args, host, port, auth)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(connect_unix=args.connect_unix)
@@ -369,6 +377,9 @@ def _run(main: Any, args: argparse.Namespace) -> int:
     try:
         code: int = trio.run(main, args)
         return code
+    except CredentialError as exc:
+        cli.say(f"holepunch-mig migrate-proxy {args.migrate_role}: {exc}")
+        return cli.EXIT_USAGE
     except KeyboardInterrupt:
         cli.say("holepunch-mig: interrupted")
         return 130

@@ -23,20 +23,22 @@ from holepunch_mig.cli.common import (
     EXIT_FAILED,
     EXIT_NO_PATH,
     EXIT_OK,
+    EXIT_USAGE,
     Progress,
-    accept_control,
+    add_auth_options,
     add_link_options,
+    auth_usage_problem,
     connect_options,
+    control_auth,
+    dial_control,
+    listen_control,
     listen_endpoint,
     named_endpoint,
     say,
+    secure_existing,
 )
-from holepunch_mig.errors import HolepunchError, NoDirectPath
-from holepunch_mig.net.control import (
-    ControlChannel,
-    open_process_channel,
-    open_tcp_channel,
-)
+from holepunch_mig.errors import CredentialError, HolepunchError, NoDirectPath
+from holepunch_mig.net.control import ControlChannel, open_process_channel
 from holepunch_mig.net.control import stdio_channel as open_stdio_channel
 from holepunch_mig.report import Report
 from holepunch_mig.roles import Role
@@ -101,6 +103,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_link_options(recv)
     _resume_args(recv)
     _digest_args(recv)
+    add_auth_options(recv, listening=True)
 
     send = sub.add_parser("send", help="send a payload (the migration source)")
     ctl = send.add_mutually_exclusive_group(required=True)
@@ -137,14 +140,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_link_options(send)
     _resume_args(send)
     _digest_args(send)
+    add_auth_options(send, listening=False)
     recv.set_defaults(run=run_recv, usage_problem=_recv_usage_problem)
-    send.set_defaults(run=run_send)
+    send.set_defaults(run=run_send, usage_problem=_send_usage_problem)
 
 
 def _recv_usage_problem(args: argparse.Namespace) -> str | None:
     if args.control_stdio and args.output == "-":
         return "--control-stdio uses stdout for the control channel; give --output PATH"
-    return None
+    return auth_usage_problem(args, tcp=not args.control_stdio)
+
+
+def _send_usage_problem(args: argparse.Namespace) -> str | None:
+    return auth_usage_problem(args, tcp=not args.control_cmd)
 
 
 def _write_report(path: str | None, report: Report | None, **extra: object) -> None:
@@ -212,14 +220,18 @@ def _input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
 
 
 async def _run_recv(args: argparse.Namespace) -> int:
+    auth = control_auth(args)
     channel: ControlChannel
     if args.control_stdio:
         channel = open_stdio_channel()
+        try:
+            channel = await secure_existing(args, channel, auth, initiator=False)
+        except BaseException:
+            await channel.aclose()
+            raise
     else:
         host, port = args.control_listen
-        if not args.quiet:
-            say(f"waiting for the control connection on {host}:{port}")
-        channel = await accept_control(host, port)
+        channel = await listen_control(args, host, port, auth)
 
     async def receive(link: Link) -> str:
         with _output(args.output) as (dst, verified):
@@ -240,12 +252,18 @@ async def _run_recv(args: argparse.Namespace) -> int:
 async def _run_send(args: argparse.Namespace) -> int:
     # open the input first: a missing file fails before the peer is involved
     with _input(args.input) as (src, total):
+        auth = control_auth(args)
         channel: ControlChannel
         if args.control_cmd:
             channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+            try:
+                channel = await secure_existing(args, channel, auth, initiator=True)
+            except BaseException:
+                await channel.aclose()
+                raise
         else:
             host, port = args.control
-            channel = await open_tcp_channel(host, port, wait=args.control_wait)
+            channel = await dial_control(host, port, auth, args.control_wait)
 
         async def send(link: Link) -> str:
             progress = None if args.quiet else Progress("sent", total)
@@ -340,6 +358,9 @@ def _run(runner: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.
     except KeyboardInterrupt:
         say("holepunch-mig: interrupted")
         return 130
+    except CredentialError as exc:  # a key, peers or psk file, or a code, is unusable
+        say(f"holepunch-mig {args.command}: {exc}")
+        return EXIT_USAGE
     except HolepunchError as exc:  # failures before a session exists (control port, ssh)
         return _fail(args, exc, None, EXIT_FAILED)
     except OSError as exc:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from holepunch_mig.errors import LabError
 from holepunch_mig.lab.spec import CONTROL_PORT, LabSpec, presets
 from holepunch_mig.lab.topology import Lab
+from holepunch_mig.net.keyfiles import pinned_pair
 from holepunch_mig.wire.digests import Algorithm, new_hash
 
 Expect = Literal["direct", "fail-symmetric"]
@@ -222,14 +223,15 @@ def run_once(lab: Lab, workdir: Path, payload: Path, digest: str, rounds: int) -
     common = ["-q", "--rounds", str(rounds), *stun]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    keys = pinned_pair(workdir)  # both hosts pin each other's key, as in production
     recv_cmd = [
         *CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}",
-        "--output", str(out), "--report", str(rrep), *common,
+        "--output", str(out), "--report", str(rrep), *common, *keys.destination,
     ]  # fmt: skip
     host, port = lab.control_endpoint("right", CONTROL_PORT)
     send_cmd = [
         *CLI, "send", "--control", f"{host}:{port}",
-        "--input", str(payload), "--report", str(srep), *common,
+        "--input", str(payload), "--report", str(srep), *common, *keys.source,
     ]  # fmt: skip
     logs = workdir / "recv.log", workdir / "send.log"
     started = time.monotonic()

@@ -45,6 +45,7 @@ from holepunch_mig.migration.qemu import (
     wait_migration,
     wait_status,
 )
+from holepunch_mig.net.keyfiles import pinned_pair
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 
@@ -132,6 +133,7 @@ async def migrate_in_lab(
     out = log if log is not None else subprocess.DEVNULL
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    keys = pinned_pair(work)  # the proxies pin each other's key
     async with (
         QemuVM(
             work,
@@ -166,7 +168,7 @@ async def migrate_in_lab(
                     *CLI, "migrate-proxy", "destination", *dst_args,
                     "--control-listen", f"0.0.0.0:{CONTROL_PORT}",
                     "--report", str(reports["destination"]),
-                    "-q", *proxy_args,
+                    "-q", *keys.destination, *proxy_args,
                 ],
                 stdout=out, stderr=out, env=env,
             )  # fmt: skip
@@ -188,7 +190,7 @@ async def migrate_in_lab(
                     "--control", f"{host}:{port}",
                     "--report", str(reports["source"]),
                     "--expected-size", f"{mem_mib}M",
-                    "-q", *proxy_args,
+                    "-q", *keys.source, *proxy_args,
                 ],
                 stdout=subprocess.PIPE, stderr=out, env=env,
             )  # fmt: skip

@@ -18,7 +18,7 @@ import trio
 
 from holepunch_mig.errors import ChannelClosed, ProtocolError
 from holepunch_mig.wire.endpoints import unmap_ipv4
-from holepunch_mig.wire.messages import MAX_MESSAGE, FrameDecoder, frame
+from holepunch_mig.wire.messages import MAX_FRAME, FrameDecoder, frame
 
 
 @runtime_checkable
@@ -47,7 +47,7 @@ class StreamChannel:
         self,
         stream: trio.abc.Stream,
         peer_host: str | None = None,
-        max_message: int = MAX_MESSAGE,
+        max_message: int = MAX_FRAME,
     ) -> None:
         self._stream = stream
         self._decoder = FrameDecoder(max_message)

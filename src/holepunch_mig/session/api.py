@@ -21,11 +21,13 @@ import trio
 
 from holepunch_mig.errors import single_exception
 from holepunch_mig.net.control import ControlChannel, StreamChannel
+from holepunch_mig.net.secure_control import secure
 from holepunch_mig.report import Report
 from holepunch_mig.roles import ROLES, Role
 from holepunch_mig.session.link import Link, Progress, TransferResult
 from holepunch_mig.session.negotiate import establish
 from holepunch_mig.session.options import ConnectOptions
+from holepunch_mig.wire.control_auth import ControlAuth
 
 T = TypeVar("T")
 
@@ -40,10 +42,28 @@ def _options(**kwargs: Any) -> ConnectOptions:
     return options
 
 
+async def _authenticated(
+    channel: ControlChannel, role: Role, auth: ControlAuth | None, opts: ConnectOptions
+) -> ControlChannel:
+    if auth is None:
+        return channel
+    return await secure(
+        channel, auth, initiator=role == "source", timeout=min(opts.control_timeout, 30.0)
+    )
+
+
 @asynccontextmanager
-async def connect(channel: ControlChannel, *, role: Role, **options: Any) -> AsyncIterator[Link]:
+async def connect(
+    channel: ControlChannel, *, role: Role, auth: ControlAuth | None = None, **options: Any
+) -> AsyncIterator[Link]:
     """Punch, authenticate and nominate a direct link over ``channel`` (or, as ``policy``
     allows, run the tunnel over it).
+
+    ``channel`` is trusted as it is (it authenticated the peer: SSH, a manager's own
+    connection) unless ``auth`` is given: then the control handshake with those
+    credentials (pinned keys, a pre-shared secret or a pairing code; see
+    :class:`~holepunch_mig.ControlAuth`) runs first, every control message is sealed,
+    and every link is bound to that handshake.  The source initiates it.
 
     ``role`` is ``"source"`` (migration source, controlling side) or ``"destination"``.
     Options are the fields of :class:`ConnectOptions`.  ``policy`` (the source's counts;
@@ -57,6 +77,7 @@ async def connect(channel: ControlChannel, *, role: Role, **options: Any) -> Asy
         raise ValueError(f"role must be 'source' or 'destination', not {role!r}")
     opts = _options(**options)
     with single_exception():
+        channel = await _authenticated(channel, role, auth, opts)
         async with trio.open_nursery() as nursery:
             established = await establish(channel, role, opts, nursery=nursery)
             link = Link(established)
@@ -106,10 +127,13 @@ class BlockingLink:
         self.close()
 
 
-def connect_blocking(control: socket.socket, *, role: Role, **options: Any) -> BlockingLink:
+def connect_blocking(
+    control: socket.socket, *, role: Role, auth: ControlAuth | None = None, **options: Any
+) -> BlockingLink:
     """Threaded managers: hand in the connected control socket; get a blocking link.
 
     The control socket is owned by the session from here on and closed with the link.
+    ``auth`` as for :func:`connect`.
     """
     opts = _options(**options)
     ready: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -117,9 +141,10 @@ def connect_blocking(control: socket.socket, *, role: Role, **options: Any) -> B
     async def main() -> None:
         closing = trio.Event()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(control))
-        channel = StreamChannel(stream)
+        channel: ControlChannel = StreamChannel(stream)
         async with trio.open_nursery() as nursery:
             try:
+                channel = await _authenticated(channel, role, auth, opts)
                 established = await establish(channel, role, opts, nursery=nursery)
             except BaseException as exc:
                 await channel.aclose()
@@ -142,9 +167,13 @@ def connect_blocking(control: socket.socket, *, role: Role, **options: Any) -> B
     return BlockingLink(token, link, done)
 
 
-async def connect_asyncio(control: socket.socket, *, role: Role, **options: Any) -> BlockingLink:
+async def connect_asyncio(
+    control: socket.socket, *, role: Role, auth: ControlAuth | None = None, **options: Any
+) -> BlockingLink:
     """asyncio managers: the blocking facade, awaited through a worker thread.
 
     Call the returned link's methods with ``await asyncio.to_thread(link.send_file, f)``.
     """
-    return await asyncio.to_thread(lambda: connect_blocking(control, role=role, **options))
+    return await asyncio.to_thread(
+        lambda: connect_blocking(control, role=role, auth=auth, **options)
+    )

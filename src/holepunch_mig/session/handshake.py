@@ -20,13 +20,16 @@ LINK_PAYLOAD = struct.Struct(">II")  # round, link id
 _FRAME = struct.Struct(">H")
 
 
-def prologue(session_id: bytes, offer: bytes, answer: bytes) -> bytes:
-    """Binds every handshake to this session and to both sides' exact offers."""
+def prologue(session_id: bytes, offer: bytes, answer: bytes, binding: bytes = b"") -> bytes:
+    """Binds every handshake to this session, to both sides' exact offers and, when the
+    control channel was authenticated by the control handshake, to that handshake's hash
+    (``binding``): a key swapped between two control sessions cannot work."""
     return (
         PROLOGUE_LABEL
         + session_id
         + hashlib.sha256(offer).digest()
         + hashlib.sha256(answer).digest()
+        + binding
     )
 
 

@@ -27,6 +27,7 @@ from holepunch_mig.net.record_io import RecordReader, RecordWriter
 from holepunch_mig.report import Report
 from holepunch_mig.roles import Role
 from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.session.negotiate import control_binding
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.prepare import Listeners, Prepared, prepare_round
 from holepunch_mig.session.resume import tune_link
@@ -153,7 +154,9 @@ async def punch_links(
         for i, (prep, peer, (offer_raw, answer_raw)) in enumerate(
             zip(ready, peers, raws, strict=True), 1
         ):
-            keys = prep.keys_for(peer.key, session_id, offer_raw, answer_raw)
+            keys = prep.keys_for(
+                peer.key, session_id, offer_raw, answer_raw, control_binding(control)
+            )
             scratch = Report(session=sid, role=role, rtt=rtt)
             remotes = prep.remotes(peer.candidates, control.channel.peer_host, peer.port, scratch)
             attempt = DirectAttempt(control, prep, keys, remotes, scratch, log)

@@ -26,6 +26,7 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.net.punch import AuthenticatedLink
+from holepunch_mig.net.secure_control import SecureChannel
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Report
 from holepunch_mig.roles import Policy, Role
@@ -181,7 +182,8 @@ async def _negotiate(
     max_links = max(1, min(MAX_LINKS, peer.limits.get("links", 1)))
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
-    keys = prepared.keys_for(peer.key, session_id, offer, answer)
+    keys = prepared.keys_for(peer.key, session_id, offer, answer, control_binding(control))
+    _note_control(report, control, log)
 
     first = decide(policy, destination_policy, "untried")
     if first.action == "fail":
@@ -310,7 +312,9 @@ async def repunch(
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
             answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept))
-        keys = prepared.keys_for(peer.key, session_id, offer_raw, answer_raw)
+        keys = prepared.keys_for(
+            peer.key, session_id, offer_raw, answer_raw, control_binding(control)
+        )
         remotes = prepared.remotes(peer.candidates, control.channel.peer_host, peer.port, scratch)
         attempt = DirectAttempt(control, prepared, keys, remotes, scratch, log)
         link = await attempt.run(role)
@@ -321,6 +325,23 @@ async def repunch(
     scratch.path = "direct"
     scratch.local, scratch.remote = link.local, link.remote
     return link, kept, scratch
+
+
+def control_binding(control: ControlReader) -> bytes:
+    """The control handshake hash when this side authenticated the channel, else b""."""
+    channel = control.channel
+    return channel.binding if isinstance(channel, SecureChannel) else b""
+
+
+def _note_control(report: Report, control: ControlReader, log: SessionLog) -> None:
+    channel = control.channel
+    if isinstance(channel, SecureChannel):
+        report.control_peer = channel.session.peer
+        report.control_handshake = channel.handshake_seconds
+        report.notes.extend(channel.notes)
+        log.info("control peer: %s", channel.session.peer)
+    else:
+        report.control_peer = "trusted by the caller"
 
 
 def _fail_report(report: Report, exc: HolepunchError, verdict: str) -> None:

@@ -53,12 +53,17 @@ class Prepared:
     def bind_host(self, family: int) -> str:
         return choose_bind(self.options, family)
 
-    def keys_for(self, peer_key: str, session_id: bytes, offer: bytes, answer: bytes) -> PeerKeys:
-        """The peer's announced key (hex) with the prologue; our own key back is refused."""
+    def keys_for(
+        self, peer_key: str, session_id: bytes, offer: bytes, answer: bytes, binding: bytes = b""
+    ) -> PeerKeys:
+        """The peer's announced key (hex) with the prologue (ending with the control
+        session's ``binding``); our own key back is refused."""
         remote_public = bytes.fromhex(peer_key)
         if remote_public == self.static_public:
             raise HandshakeError("peer announced our own public key")
-        return PeerKeys(self.static_private, remote_public, prologue(session_id, offer, answer))
+        return PeerKeys(
+            self.static_private, remote_public, prologue(session_id, offer, answer, binding)
+        )
 
     def remotes(
         self, lines: Sequence[str], peer_host: str | None, peer_port: int, report: Report

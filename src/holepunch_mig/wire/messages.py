@@ -7,7 +7,10 @@ bytes (the *message*).  A message starts with one kind byte:
   ``"type"``, plus the fields listed in :data:`SCHEMAS`, and nothing else; decoded into
   the frozen dataclass of its type (:class:`Offer`, :class:`Answer` ...), whose fields are
   the schema's (a test holds them equal);
-* ``0x02`` — tunnel data: opaque bytes of the fallback tunnel (see ``tunnel``).
+* ``0x02`` — tunnel data: opaque bytes of the fallback tunnel (see ``tunnel``);
+* ``0x03`` — a control handshake frame and ``0x04`` — a sealed control frame: an
+  authenticated control channel (``wire.control_auth``) wraps messages of kinds 0x01 and
+  0x02 in these; :func:`decode` sees only what they carry.
 
 Validation is strict on purpose: the control channel is trusted for integrity, so any
 deviation means a bug or a version skew, and saying exactly what is wrong beats guessing.
@@ -32,6 +35,10 @@ LENGTH_PREFIX: Final = struct.Struct(">I")
 
 KIND_CONTROL: Final = 0x01
 KIND_TUNNEL: Final = 0x02
+KIND_HANDSHAKE: Final = 0x03
+KIND_SEALED: Final = 0x04
+MAX_FRAME: Final = MAX_MESSAGE + 17
+"""Largest frame body: a sealed frame adds a kind byte and a 16-byte tag to a message."""
 
 _HEX32 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{32}")
@@ -473,6 +480,12 @@ def decode(data: bytes) -> Event:
     kind = data[0]
     if kind == KIND_TUNNEL:
         return TunnelData(bytes(data[1:]))
+    if kind in (KIND_HANDSHAKE, KIND_SEALED):
+        raise ProtocolError(
+            f"authenticated control frame (kind 0x{kind:02x}) on a channel this side does not "
+            "authenticate: the peer runs with --identity/--peer, --psk-file or a pairing "
+            "code; give this side the same"
+        )
     if kind != KIND_CONTROL:
         raise ProtocolError(f"unknown message kind 0x{kind:02x}")
     try:
@@ -520,7 +533,7 @@ class FrameDecoder:
     us allocate more than one maximal frame.
     """
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = MAX_FRAME) -> None:
         self._buf = bytearray()
         self._max = max_message
 
@@ -564,9 +577,9 @@ class FrameDecoder:
 
 
 def frame(message: bytes) -> bytes:
-    """Prefix a message with its length."""
+    """Prefix a message (or a sealed frame body, up to :data:`MAX_FRAME`) with its length."""
     if not message:
         raise ProtocolError("cannot frame an empty message")
-    if len(message) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    if len(message) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(message)} bytes exceeds the {MAX_FRAME}-byte limit")
     return LENGTH_PREFIX.pack(len(message)) + message

@@ -259,7 +259,7 @@ class HandshakeState:
         s: bytes | None = None,
         rs: bytes | None = None,
         e: bytes | None = None,
-        psks: Sequence[bytes] = (),
+        psks: Sequence[bytes] | None = (),
     ) -> None:
         (pre_i, pre_r, messages), n_psk = _parse_pattern(pattern)
         self.protocol_name = f"Noise_{pattern}_25519_AESGCM_SHA256"
@@ -296,8 +296,11 @@ class HandshakeState:
         self._e: X25519PrivateKey | None = None
         self._re: bytes | None = None
 
-        self._psks = [_check_len(f"psk {i}", p, PSKLEN) for i, p in enumerate(psks)]
-        if len(self._psks) != n_psk:
+        # psks=None defers them: add_psk() before the message holding the psk token
+        # (a PAKE's key that only the handshake's own payloads can produce)
+        self._n_psk = n_psk
+        self._psks = [_check_len(f"psk {i}", p, PSKLEN) for i, p in enumerate(psks or ())]
+        if psks is not None and len(self._psks) != n_psk:
             raise ValueError(f"pattern {pattern} needs {n_psk} psk(s), got {len(self._psks)}")
         self._psk_mode = n_psk > 0
 
@@ -308,6 +311,12 @@ class HandshakeState:
             self._ss.mix_hash(self._s_pub if initiator else self._require_rs())
         for _ in pre_r:
             self._ss.mix_hash(self._require_rs() if initiator else self._s_pub)
+
+    def add_psk(self, psk: bytes) -> None:
+        """Supply a deferred psk (constructed with ``psks=None``) before its token."""
+        if len(self._psks) >= self._n_psk:
+            raise ValueError(f"{self.protocol_name} takes {self._n_psk} psk(s); all given")
+        self._psks.append(_check_len("psk", psk, PSKLEN))
 
     # -- public state --
 
@@ -374,7 +383,7 @@ class HandshakeState:
                 elif token == "s":
                     out += self._ss.encrypt_and_hash(self._s_pub)
                 elif token == "psk":
-                    self._ss.mix_key_and_hash(self._psks.pop(0))
+                    self._ss.mix_key_and_hash(self._take_psk(num))
                 else:
                     self._ss.mix_key(self._dh_token(token, num))
             out += self._ss.encrypt_and_hash(payload)
@@ -425,7 +434,7 @@ class HandshakeState:
                 self._rs = self._ss.decrypt_and_hash(message[pos : pos + n])
                 pos += n
             elif token == "psk":
-                self._ss.mix_key_and_hash(self._psks.pop(0))
+                self._ss.mix_key_and_hash(self._take_psk(num))
             else:
                 self._ss.mix_key(self._dh_token(token, num))
         payload = self._ss.decrypt_and_hash(message[pos:])
@@ -456,6 +465,11 @@ class HandshakeState:
             else:  # ee es se ss psk all call MixKey
                 keyed = True
         return size + payload_len + (TAGLEN if keyed else 0)
+
+    def _take_psk(self, num: int) -> bytes:
+        if not self._psks:
+            raise HandshakeError(f"handshake message {num} needs a psk that was not supplied")
+        return self._psks.pop(0)
 
     def _require_rs(self) -> bytes:
         if self._rs is None:  # pragma: no cover - excluded by the constructor checks

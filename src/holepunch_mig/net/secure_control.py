@@ -1,0 +1,300 @@
+"""The authenticated control channel: the control handshake (``wire.control_auth``) run
+over any :class:`~holepunch_mig.net.control.ControlChannel`, then every message sealed.
+
+* :func:`secure` runs the handshake over a channel that exists (SSH stdio, a caller's
+  socket) and returns a :class:`SecureChannel`;
+* :func:`connect_authenticated` dials a TCP control port and retries, within its wait,
+  when the listener closes on it before answering (a full listener, a restart);
+* :func:`accept_authenticated` keeps the control port open until a peer completes the
+  handshake: every connection gets a short deadline, at most ``max_pending`` (and
+  ``per_source`` per address) handshakes run at once, and every connection that fails
+  or is dropped is counted, logged and noted, so a stranger, a squatter's probe or a
+  flood of silent connections cannot take the session's place.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from holepunch_mig.errors import (
+    ChannelClosed,
+    ControlAuthError,
+    ControlRejected,
+    ControlTimeout,
+    HolepunchError,
+    PairingFailed,
+    ProtocolError,
+)
+from holepunch_mig.net.control import ControlChannel, StreamChannel
+from holepunch_mig.wire.control_auth import (
+    ControlAuth,
+    ControlHandshake,
+    ControlSession,
+    PairingCode,
+    Sealer,
+    Unsealer,
+)
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "AcceptStats",
+    "SecureChannel",
+    "accept_authenticated",
+    "connect_authenticated",
+    "secure",
+]
+
+logger = logging.getLogger("holepunch_mig")
+
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_MAX_PENDING = 16
+DEFAULT_PER_SOURCE = 4
+SEALED_SEND_TIMEOUT = 30.0
+
+
+class SecureChannel:
+    """A control channel after the control handshake: messages sealed both ways, the
+    authenticated peer in :attr:`session`, its handshake hash as :attr:`binding`."""
+
+    def __init__(
+        self,
+        inner: ControlChannel,
+        session: ControlSession,
+        sealer: Sealer,
+        unsealer: Unsealer,
+        notes: list[str] | None = None,
+        handshake_seconds: float | None = None,
+    ) -> None:
+        self.inner = inner
+        self.handshake_seconds = handshake_seconds
+        """How long the control handshake took on this side (for the report)."""
+        self.session = session
+        self.peer_host = inner.peer_host
+        self.notes = notes or []
+        """What the listener saw before the peer arrived (drops, failures), for reports."""
+        self._sealer = sealer
+        self._unsealer = unsealer
+        self._send_lock = trio.Lock()
+
+    @property
+    def binding(self) -> bytes:
+        """The control handshake hash: every per-link prologue ends with it."""
+        return self.session.handshake_hash
+
+    async def send_message(self, message: bytes) -> None:
+        async with self._send_lock:  # the sequence number is the order on the wire
+            frame = self._sealer.seal(message)
+            # Once sealed, the frame must reach the wire even if this task is cancelled
+            # (a racing task's nursery): a skipped sequence number would fail every later
+            # message.  The shield is bounded so a stalled peer cannot hold it forever.
+            with trio.CancelScope(shield=True):
+                try:
+                    with trio.fail_after(SEALED_SEND_TIMEOUT):
+                        await self.inner.send_message(frame)
+                except trio.TooSlowError:
+                    raise ChannelClosed(
+                        f"control channel stalled: a sealed message could not be written "
+                        f"within {SEALED_SEND_TIMEOUT:.0f} s"
+                    ) from None
+
+    async def receive_message(self) -> bytes:
+        return self._unsealer.open(await self.inner.receive_message())
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def secure(
+    inner: ControlChannel,
+    auth: ControlAuth,
+    *,
+    initiator: bool,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> SecureChannel:
+    """Run the control handshake over ``inner`` (the source initiates).  On failure the
+    peer is told why when there is something to tell, and the error is raised; the
+    caller closes ``inner``."""
+    started = trio.current_time()
+    hs = ControlHandshake(auth, initiator, now=started)
+    try:
+        with trio.fail_after(timeout):
+            if initiator:
+                await inner.send_message(hs.start())
+                reply = hs.receive(await inner.receive_message())
+                assert reply is not None
+                await inner.send_message(reply)
+            else:
+                reply = hs.receive(await inner.receive_message())
+                assert reply is not None
+                await inner.send_message(reply)
+                hs.now = trio.current_time()
+                hs.receive(await inner.receive_message())
+    except trio.TooSlowError:
+        raise ControlTimeout(
+            f"the control handshake did not complete within {timeout:g} s"
+        ) from None
+    except (ControlAuthError, ProtocolError):
+        if hs.reject is not None:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1),
+                contextlib.suppress(HolepunchError),
+            ):
+                await inner.send_message(hs.reject)
+        raise
+    assert hs.session is not None and hs.sealer is not None and hs.unsealer is not None
+    logger.info("control channel authenticated: %s", hs.session.peer)
+    return SecureChannel(
+        inner, hs.session, hs.sealer, hs.unsealer, handshake_seconds=trio.current_time() - started
+    )
+
+
+async def connect_authenticated(
+    host: str,
+    port: int,
+    auth: ControlAuth,
+    *,
+    wait: float = 0.0,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> SecureChannel:
+    """Dial ``host:port`` and authenticate; within ``wait`` seconds, retry refused
+    connections and listeners that closed before their handshake reply."""
+    deadline = trio.current_time() + wait
+    while True:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            if trio.current_time() + 0.1 >= deadline:
+                raise ChannelClosed(f"cannot reach the control port {host}:{port}: {exc}") from None
+            await trio.sleep(0.1)
+            continue
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        inner = StreamChannel(stream)
+        try:
+            return await secure(inner, auth, initiator=True, timeout=handshake_timeout)
+        except ChannelClosed as exc:
+            await inner.aclose()
+            if trio.current_time() + 0.1 >= deadline:
+                raise ChannelClosed(
+                    f"the control port {host}:{port} closed the connection during the "
+                    f"control handshake: {exc}"
+                ) from None
+            await trio.sleep(0.1)
+        except BaseException:
+            await inner.aclose()
+            raise
+
+
+@dataclass
+class AcceptStats:
+    """What the listener did with connections that were not the session."""
+
+    dropped: int = 0
+    """Closed on arrival: too many handshakes pending (overall or from that address)."""
+    failed: int = 0
+    """Closed after a failed or timed-out handshake."""
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.dropped:
+            out.append(
+                f"control listener dropped {self.dropped} connection(s) over its pending limit"
+            )
+        for reason, count in self.reasons.most_common(8):
+            out.append(f"control listener refused {count} connection(s): {reason}")
+        return out
+
+
+async def accept_authenticated(
+    host: str,
+    port: int,
+    auth: ControlAuth,
+    *,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    max_pending: int = DEFAULT_MAX_PENDING,
+    per_source: int = DEFAULT_PER_SOURCE,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> SecureChannel:
+    """Listen on ``host:port`` until one peer completes the control handshake; return
+    its channel.  ``task_status.started`` gets the bound port.  A pairing code's expiry
+    or its used-up failure budget ends the wait with :class:`PairingFailed`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    stats = AcceptStats()
+    pending: collections.Counter[str] = collections.Counter()
+    won: list[SecureChannel] = []
+    fatal: list[HolepunchError] = []
+    code = auth.code if isinstance(auth.code, PairingCode) else None
+
+    async def attempt(sock: trio.socket.SocketType, source: str, scope: trio.CancelScope) -> None:
+        inner = StreamChannel(trio.SocketStream(sock))
+        keep = False
+        try:
+            channel = await secure(inner, auth, initiator=False, timeout=handshake_timeout)
+            if not won:
+                won.append(channel)
+                keep = True
+                scope.cancel()
+        except (HolepunchError, OSError) as exc:
+            stats.failed += 1
+            reason = _reason(exc)
+            stats.reasons[reason] += 1
+            logger.warning("control listener: refused %s: %s", source, reason)
+            if code is not None and isinstance(exc, PairingFailed):
+                try:
+                    code.check_usable(trio.current_time())
+                except PairingFailed as over:
+                    if code.failures >= code.attempts:
+                        fatal.append(over)
+                        scope.cancel()
+        finally:
+            pending[source] -= 1
+            if not keep:
+                with trio.CancelScope(shield=True):
+                    await inner.aclose()
+
+    with listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await listener.bind((host, port))
+        listener.listen(64)
+        task_status.started(int(listener.getsockname()[1]))
+        until = code.expires if code is not None else math.inf
+        with trio.move_on_at(until):
+            async with trio.open_nursery() as nursery:
+                while True:
+                    sock, addr = await listener.accept()
+                    source = str(addr[0]) if isinstance(addr, tuple) else "?"
+                    if sum(pending.values()) >= max_pending or pending[source] >= per_source:
+                        stats.dropped += 1
+                        sock.close()
+                        logger.warning("control listener: dropped %s (too many pending)", source)
+                        continue
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    pending[source] += 1
+                    nursery.start_soon(attempt, sock, source, nursery.cancel_scope)
+    if won:
+        won[0].notes.extend(stats.notes())
+        return won[0]
+    if fatal:
+        raise fatal[0]
+    raise PairingFailed(
+        "the pairing code expired before a peer used it; start a new pairing for a new code"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ControlTimeout):
+        return "no control handshake within the deadline"
+    if isinstance(exc, ChannelClosed):
+        return "closed before completing the control handshake"
+    if isinstance(exc, ControlRejected):
+        return "the peer gave up the handshake"
+    return f"{type(exc).__name__}: {exc}"[:200]

@@ -1,0 +1,221 @@
+"""The authenticated control channel through the library: the listener keeps serving
+through a stranger, the tunnel runs over sealed messages, and every link is bound to the
+control session (a relay that splices two authenticated control sessions gets no link)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pytest
+import trio
+
+from holepunch_mig.errors import ControlRejected, HolepunchError, NoDirectPath
+from holepunch_mig.net.control import ControlChannel, StreamChannel
+from holepunch_mig.net.secure_control import (
+    SecureChannel,
+    accept_authenticated,
+    connect_authenticated,
+    secure,
+)
+from holepunch_mig.session import api, negotiate
+from holepunch_mig.wire.control_auth import ControlAuth
+
+FAST = {"control_timeout": 10.0, "rounds": 1, "stun_timeout": 0.5, "ipv6": False}
+
+
+async def test_listener_serves_through_a_stranger_then_authenticates() -> None:
+    auth = ControlAuth.from_secret(os.urandom(32))
+    stranger = ControlAuth.from_secret(os.urandom(32))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: _accept(auth, task_status))
+        with trio.fail_after(10):
+            with pytest.raises(ControlRejected, match="another pre-shared secret"):
+                ch = await connect_authenticated("127.0.0.1", port, stranger)
+                await ch.receive_message()
+            real = await connect_authenticated("127.0.0.1", port, auth)
+            await real.send_message(b"\x01hello")
+            assert await real.receive_message() == b"\x01hello back"
+            await real.aclose()
+
+
+async def _accept(auth: ControlAuth, task_status: trio.TaskStatus[int]) -> None:
+    channel = await accept_authenticated("127.0.0.1", 0, auth, task_status=task_status)
+    assert channel.session.peer == "holder of the pre-shared secret"
+    assert any("refused 1 connection(s)" in n for n in channel.notes), channel.notes
+    assert await channel.receive_message() == b"\x01hello"
+    await channel.send_message(b"\x01hello back")
+    with pytest.raises(HolepunchError):
+        await channel.receive_message()  # the peer closed
+    await channel.aclose()
+
+
+async def _pair() -> tuple[StreamChannel, StreamChannel]:
+    a, b = trio.socket.socketpair()
+    return (
+        StreamChannel(trio.SocketStream(a), peer_host="127.0.0.1"),
+        StreamChannel(trio.SocketStream(b), peer_host="127.0.0.1"),
+    )
+
+
+async def test_tunnel_runs_over_the_sealed_channel() -> None:
+    """The tunnel cannot borrow the socket of a sealed channel: it goes through the
+    trio pump, sealed, and still delivers verified bytes."""
+    auth = ControlAuth.from_secret(os.urandom(32))
+    a, b = await _pair()
+    data = os.urandom(3 << 20)
+    got = io.BytesIO()
+
+    async def source() -> None:
+        async with api.connect(a, role="source", auth=auth, policy="tunnel", **FAST) as link:
+            assert link.report.path == "tunnel"
+            assert link.report.control_peer == "holder of the pre-shared secret"
+            await link.send_file(io.BytesIO(data))
+
+    async def destination() -> None:
+        async with api.connect(b, role="destination", auth=auth, policy="auto", **FAST) as link:
+            result = await link.receive_file(got)
+            assert result.sha256 == hashlib.sha256(data).hexdigest()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source)
+            nursery.start_soon(destination)
+    assert got.getvalue() == data
+
+
+async def _splice(left: ControlChannel, right: ControlChannel) -> None:
+    async def pump(src: ControlChannel, dst: ControlChannel) -> None:
+        try:
+            while True:
+                await dst.send_message(await src.receive_message())
+        except HolepunchError:
+            await dst.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, left, right)
+        nursery.start_soon(pump, right, left)
+
+
+async def _spliced_session(monkeypatch: pytest.MonkeyPatch | None) -> tuple[object, object]:
+    """A relay that holds the psk (a third host the manager gave it to) terminates one
+    control session towards each side and forwards every message unchanged."""
+    if monkeypatch is not None:  # the control: no binding, as before the change
+        monkeypatch.setattr(negotiate, "control_binding", lambda control: b"")
+    auth = ControlAuth.from_secret(os.urandom(32))
+    src_ch, relay_a = await _pair()
+    relay_b, dst_ch = await _pair()
+    outcome: dict[str, object] = {}
+
+    async def side(channel: ControlChannel, role: str) -> None:
+        try:
+            secured = await secure(channel, auth, initiator=role == "source")
+            async with api.connect(secured, role=role, **FAST) as link:  # type: ignore[arg-type]
+                outcome[role] = link.report.path
+        except HolepunchError as exc:
+            outcome[role] = exc
+
+    async def relay() -> None:
+        facing_src, facing_dst = await _both(
+            secure(relay_a, auth, initiator=False), secure(relay_b, auth, initiator=True)
+        )
+        assert isinstance(facing_src, SecureChannel) and isinstance(facing_dst, SecureChannel)
+        assert facing_src.binding != facing_dst.binding  # two control sessions
+        await _splice(facing_src, facing_dst)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            nursery.start_soon(side, src_ch, "source")
+            nursery.start_soon(side, dst_ch, "destination")
+            while len(outcome) < 2:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    return outcome["source"], outcome["destination"]
+
+
+async def _both(*coros):  # type: ignore[no-untyped-def]
+    results: list[object] = [None] * len(coros)
+
+    async def run(i: int, coro) -> None:  # type: ignore[no-untyped-def]
+        results[i] = await coro
+
+    async with trio.open_nursery() as nursery:
+        for i, coro in enumerate(coros):
+            nursery.start_soon(run, i, coro)
+    return results
+
+
+async def test_a_relay_splicing_two_control_sessions_gets_no_link() -> None:
+    source, destination = await _spliced_session(None)
+    assert isinstance(source, NoDirectPath), source
+    assert isinstance(destination, HolepunchError), destination
+
+
+async def test_without_the_binding_the_splice_would_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control for the test above: the same relay, links not bound to the control
+    session, and the spliced session links (the relay could then steer it)."""
+    source, destination = await _spliced_session(monkeypatch)
+    assert source == "direct" and destination == "direct"
+
+
+class _GatedChannel:
+    """Forwards to ``inner``; once armed, the next send waits at a gate first (a write
+    that has not reached the socket yet when its task is cancelled)."""
+
+    def __init__(self, inner: ControlChannel) -> None:
+        self.inner = inner
+        self.peer_host = inner.peer_host
+        self.armed = False
+        self.waiting = trio.Event()
+        self.gate = trio.Event()
+
+    async def send_message(self, message: bytes) -> None:
+        if self.armed:
+            self.armed = False
+            self.waiting.set()
+            await self.gate.wait()
+        await self.inner.send_message(message)
+
+    async def receive_message(self) -> bytes:
+        return await self.inner.receive_message()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_cancelled_send_does_not_desynchronise_the_sealed_stream() -> None:
+    """A send cancelled after its frame was sealed (a racing task cancelled by its
+    nursery) must still put that frame on the wire: otherwise the next message carries a
+    sequence number the peer does not expect and the session fails authentication."""
+    auth = ControlAuth.from_secret(os.urandom(32))
+    a, b = await _pair()
+    gated = _GatedChannel(a)
+    sides: dict[bool, SecureChannel] = {}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_secure_into, gated, auth, True, sides)
+            nursery.start_soon(_secure_into, b, auth, False, sides)
+        src, dst = sides[True], sides[False]
+        scope = trio.CancelScope()
+
+        async def first() -> None:
+            with scope:
+                await src.send_message(b"\x01first")
+
+        gated.armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await gated.waiting.wait()  # sealed, not yet written
+            scope.cancel()
+            gated.gate.set()
+        await src.send_message(b"\x01second")
+        assert await dst.receive_message() == b"\x01first"
+        assert await dst.receive_message() == b"\x01second"
+
+
+async def _secure_into(
+    inner: ControlChannel, auth: ControlAuth, initiator: bool, out: dict[bool, SecureChannel]
+) -> None:
+    out[initiator] = await secure(inner, auth, initiator=initiator)
