@@ -104,14 +104,15 @@ def test_digest_sha256_matches_sha256sum(tmp_path: Path) -> None:
     src, digest = _payload(tmp_path)
     port = _free_port()
     out = tmp_path / "out.bin"
+    keys = pinned_pair(tmp_path)
     recv = subprocess.Popen(
         [*CLI, "recv", "--control-listen", f"127.0.0.1:{port}", "--output", str(out),
-         "--report", str(tmp_path / "r.json"), "--digest", "sha256"],
+         "--report", str(tmp_path / "r.json"), "--digest", "sha256", *keys.destination],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     send = subprocess.run(
         [*CLI, "send", "--control", f"127.0.0.1:{port}", "--input", str(src),
-         "--report", str(tmp_path / "s.json")],
+         "--report", str(tmp_path / "s.json"), *keys.source],
         capture_output=True, timeout=60,
     )  # fmt: skip
     _, recv_err = recv.communicate(timeout=30)
