@@ -10,9 +10,11 @@ What a row must do per GiB, per side:
   the receiver (the crypto-only figures of the run, one thread, 1 MiB buffers);
 * its digest, when it verifies: GiB / (SHA-256 or BLAKE3 rate), both sides.
 
-The floor time per GiB is the larger of plain TCP's time per GiB (nothing that uses
-the same sockets can be faster) and the floor CPU of both sides spread perfectly over
-the cores (sender and receiver share this machine).  Scheduling, thread hand-offs and
+The floor time per GiB is the larger of plain TCP's best time per GiB in the run
+(nothing that uses the same sockets can be faster) and the floor CPU of both sides
+spread perfectly over the cores (sender and receiver share this machine).  CPU figures
+are medians; the crypto-only rates are per CPU second of the measuring thread, so other
+sessions' load does not inflate them.  Scheduling, thread hand-offs and
 the other sessions' load are what a row loses on top.
 
 QEMU through the proxies (row 5 QEMU) must do what direct QEMU did (QEMU's own CPU per
@@ -81,7 +83,7 @@ def pair_floor(res: BenchResult, row: RowResult) -> Floor | None:
     work = CRYPTO_WORK.get(row.key, ("aes",))
     send = plain.median["send_cpu_per_gib"] + sum(_primitive(res, w, "send") for w in work)
     recv = plain.median["recv_cpu_per_gib"] + sum(_primitive(res, w, "recv") for w in work)
-    plain_wall = GIB / (plain.median["mbps"] * 1e6)
+    plain_wall = GIB / (max(plain.mbps_max, plain.median["mbps"]) * 1e6)
     wall = max(plain_wall, (send + recv) / cores(res))
     return Floor(send, recv, GIB / 1e6 / wall)
 
@@ -125,9 +127,10 @@ def qemu_floor(res: BenchResult, c: Any) -> Floor | None:
     qs, qd = _med(direct.get("qemu_cpu_src", [])), _med(direct.get("qemu_cpu_dst", []))
     if qs is None or qd is None or not direct["median_mbps"]:
         return None
-    direct_wall = GIB / (direct["median_mbps"] * 1e6)
+    best = max([direct["median_mbps"], *direct.get("mbps", [])])
+    direct_wall = GIB / (best * 1e6)
     if d["case"] == "direct":
-        return Floor(qs, qd, direct["median_mbps"])
+        return Floor(qs, qd, best)
     plain = _plain(res, d["rtt_ms"])
     if plain is None or not res.crypto_only:
         return None

@@ -546,7 +546,8 @@ def render_markdown(res: BenchResult) -> str:
         "costs at the rates measured in the same run (row 1's CPU per GiB on each side for "
         "the copies, plus AES-256-GCM and the digest at the crypto-only rates below), and "
         "its fastest possible rate is that CPU spread over the cores, never above row 1's "
-        "rate; `of floor` is the row's MB/s over that (`holepunch_mig.bench.floor`)."
+        "best rate in the run; `of floor` is the row's MB/s over that "
+        "(`holepunch_mig.bench.floor`)."
     )
     L.append("")
     L.append(
@@ -601,7 +602,7 @@ def render_markdown(res: BenchResult) -> str:
             "QEMU process from /proc, migrate .. completed) plus the migrate-proxy "
             "process's (its report's `cpu_seconds`); the floor is direct QEMU's CPU plus, "
             "per proxy, one more read and write of every byte (row 1's CPU per GiB) and "
-            "AES-GCM, over the cores, but never faster than direct QEMU "
+            "AES-GCM, over the cores, but never faster than direct QEMU's best run "
             "(`holepunch_mig.bench.floor`)."
         )
         L.append("")
