@@ -353,13 +353,15 @@ def targets(res: BenchResult) -> list[tuple[str, str, str]]:
             cause = (
                 f". Cause (measured): the floor of this work here is {fl.mbps:.0f} MB/s "
                 f"({fl.send_cpu:.2f} + {fl.recv_cpu:.2f} CPU s/GiB on {cores_of(res)} "
-                f"cores shared by both QEMUs and both proxies), i.e. at best "
-                f"{c['median_mbps'] / fl.mbps * c['ratio']:.2f}x of direct"
+                "cores shared by both QEMUs and both proxies; direct QEMU's best run "
+                f"bounds it), the cell reached {c['median_mbps'] / fl.mbps:.2f} of it"
                 + (
-                    f"; measured {src:.2f} + {dst:.2f} CPU s/GiB"
+                    f" with {src:.2f} + {dst:.2f} CPU s/GiB measured"
                     if src is not None and dst is not None
                     else ""
                 )
+                + "; the rest is scheduling on cores that other sessions load too (load "
+                "average in the header)"
             )
         out.append(
             (
