@@ -53,7 +53,7 @@ def message_seeds() -> list[bytes]:
         messages.Ping(seq=0),
         messages.Pong(seq=2),
         messages.Sync(round=1),
-        messages.Nominate(round=1, link=1),
+        messages.Nominate(round=1, link=1, handshake="ef" * 32),
         messages.RoundFailed(round=1, retry=True, reason="2 refused"),
         messages.Path(path="direct", reason="ok"),
         messages.Credit(bytes=4 << 20),

@@ -32,6 +32,11 @@ class ProtocolError(HolepunchError):
     """A control message or frame broke the wire format (see docs/protocol.md)."""
 
 
+class FlowControlError(ProtocolError):
+    """The peer sent more than the window it was granted: it ignores flow control (the
+    tunnel's credit, the multiplexer's per-stream window)."""
+
+
 class ChannelClosed(HolepunchError):
     """The control channel ended (peer vanished or closed it) while a message was expected."""
 
@@ -94,6 +99,12 @@ class NoDirectPath(HolepunchError):
 
 class TransferError(HolepunchError):
     """A transfer ended without verification: byte count or digest mismatch, or peer abort."""
+
+
+class CommitFailed(TransferError):
+    """The destination verified the stream but could not commit its output (flush,
+    fsync, rename, directory fsync, or the caller's commit step failed); it told the
+    source ``ok: false`` with this reason."""
 
 
 class PeerAbort(TransferError):
@@ -210,6 +221,11 @@ class MuxError(HolepunchError):
 
 class MuxPeerAbort(MuxError, PeerAbort):
     """The peer sent ABORT."""
+
+
+class MuxWindowExceeded(MuxError, FlowControlError):
+    """The peer of the multiplexed link sent DATA beyond a stream's window (it ignored
+    the ACKs), which would otherwise grow this side's memory with whatever it sends."""
 
 
 class QemuError(HolepunchError):

@@ -6,11 +6,41 @@ key material, only public facts about the session.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from holepunch_mig.roles import Role
+
+
+def write_file_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all, never through a symlink: a
+    temporary file beside it (created exclusively, so a name planted in a shared
+    directory is never opened), fsync'ed, then renamed over ``path`` -- rename replaces
+    a symlink that sits at ``path`` instead of following it.  A directory at ``path`` or
+    an entry another user owns in a sticky directory fails with OSError."""
+    target = os.fspath(path)
+    folder, name = os.path.split(target)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(target).st_mode):
+            raise IsADirectoryError(f"{target} is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # reports hold no secrets (see docs/security.md)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
 
 Outcome = Literal[
     "connected",  # TCP connected and the Noise handshake succeeded

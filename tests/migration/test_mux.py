@@ -21,8 +21,14 @@ from typing import Any
 import pytest
 import trio
 
-from holepunch_mig.errors import MuxError, MuxPeerAbort
-from holepunch_mig.migration.mux import DATA, Mux
+from holepunch_mig.errors import (
+    FlowControlError,
+    MuxError,
+    MuxPeerAbort,
+    MuxWindowExceeded,
+    RecordError,
+)
+from holepunch_mig.migration.mux import DATA, OPEN, Mux
 from holepunch_mig.migration.proxy import run_destination, run_source, unix_connector
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
 
@@ -344,3 +350,47 @@ def test_qemu_migration_through_mux(tmp_path: Path, multifd: int) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_peer_that_ignores_the_window_fails_the_mux(tmp_path: Path) -> None:
+    """A peer that opens a stream and keeps sending DATA although no ACK came back (the
+    local endpoint reads nothing) fails the mux with a named error once it is a window
+    ahead, instead of growing the receiver's queue with everything it sends."""
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.bind(str(tmp_path / "stall.sock"))
+    stalled.listen(4)  # accepted by the kernel backlog, never read
+    (a, wa, _ra), (b, wb, rb) = link_pair()
+    window, bufsize = 4 << 20, 1 << 20
+    dst = Mux(
+        b,
+        wb,
+        rb,
+        connect=unix_connector(tmp_path / "stall.sock"),
+        name="B",
+        window=window,
+        bufsize=bufsize,
+    )
+    dst.start()
+    record = os.urandom(1 << 20)
+    written = 0
+
+    def flood() -> None:
+        nonlocal written
+        with contextlib.suppress(OSError, RecordError):
+            wa.write(OPEN, 1, b"")
+            for _ in range(64):  # ACKs ignored
+                wa.write(DATA, 1, record)
+                written += len(record)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    assert dst.wait_idle(timeout=20), "the mux kept queueing what the peer sent"
+    assert isinstance(dst.failed, MuxWindowExceeded), dst.failed
+    assert isinstance(dst.failed, FlowControlError)
+    assert "window" in str(dst.failed)
+    t.join(10)
+    queued = sum(len(x) for x in dst._streams[1].queue if isinstance(x, bytes))
+    assert queued <= window
+    dst.close()
+    for s in (a, b, stalled):
+        s.close()

@@ -225,15 +225,16 @@ def test_shared_writer_is_thread_safe() -> None:
 def test_mux_types_pass_through_and_close_ends_link() -> None:
     with pair() as (a, b):
         w = RecordWriter(a, KEY)
-        for t in (0x10, 0x1F):
-            w.write(t, 9, b"open")
+        w.write(0x10, 9, b"")
+        with pytest.raises(RecordError, match="0x1f: not a defined type"):
+            w.write(0x1F, 9, b"reserved")
         w.ack(9, 12345)
         w.close()
         with pytest.raises(RecordError, match="CLOSE already sent"):
             w.write(RecordType.DATA, 1, b"late")
         r = RecordReader(b, KEY)
-        recs = [r.read() for _ in range(4)]
-        assert [(x.type, x.stream) for x in recs] == [(0x10, 9), (0x1F, 9), (4, 9), (5, 0)]
+        recs = [r.read() for _ in range(3)]
+        assert [(x.type, x.stream) for x in recs] == [(0x10, 9), (4, 9), (5, 0)]
         with pytest.raises(RecordError, match="CLOSE"):
             r.read()
 

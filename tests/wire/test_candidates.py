@@ -28,7 +28,7 @@ def _usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if ip.is_unspecified or ip.is_multicast:
         return False
     if isinstance(ip, ipaddress.IPv4Address):
-        return ip != ipaddress.IPv4Address("255.255.255.255")
+        return ip != ipaddress.IPv4Address("255.255.255.255") and not ip.is_link_local
     return not ip.is_link_local and ip.ipv4_mapped is None
 
 
@@ -103,9 +103,8 @@ def test_from_line_accepts_foreign_lines() -> None:
     )
     assert c.kind == "srflx"
     assert Candidate.from_line("x 1 tcp 7 2001:DB8::1 1 typ prflx tcptype so").host == "2001:db8::1"
-    assert Candidate.from_line("x 1 tcp 7 ::ffff:192.0.2.1 1 typ prflx tcptype so").host == (
-        "192.0.2.1"
-    )
+    with pytest.raises(CandidateError, match="IPv4-mapped"):  # one endpoint, one spelling
+        Candidate.from_line("x 1 tcp 7 ::ffff:192.0.2.1 1 typ prflx tcptype so")
     assert Candidate.from_line("  candidate:x 1 tcp 7 192.0.2.1 1 typ host tcptype so\n").port == 1
 
 

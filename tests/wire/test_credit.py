@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from holepunch_mig.errors import ProtocolError
-from holepunch_mig.wire.credit import MAX_CHUNK, ReceiveWindow, SendCredit
+from holepunch_mig.errors import FlowControlError, ProtocolError
+from holepunch_mig.wire.credit import MAX_CHUNK, ReceiveWindow, SendCredit, StreamWindow
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -76,3 +76,15 @@ def test_window_invariants(steps: list[tuple[int, bool]]) -> None:
         assert win.buffered <= window
         assert credit.available + win.buffered + win.unreturned == window
         assert credit.available == win.outstanding
+
+
+def test_stream_window_refuses_bytes_beyond_the_window() -> None:
+    w = StreamWindow(4)
+    w.on_data(3)
+    w.on_data(1)
+    with pytest.raises(FlowControlError, match="5 bytes unacknowledged, beyond the 4-byte"):
+        w.on_data(1)
+    assert not w.ack_due(1, 2) and w.ack_due(2, 2)
+    w.on_data(2)  # two bytes acknowledged: two more fit
+    with pytest.raises(FlowControlError):
+        w.on_data(1)

@@ -70,7 +70,7 @@ def test_messages_target(data: bytes) -> None:
 
 VALID = [
     messages.encode(messages.Ping(seq=7)),
-    messages.encode(messages.Nominate(round=2, link=1001)),
+    messages.encode(messages.Nominate(round=2, link=1001, handshake="ef" * 32)),
     messages.encode(messages.Result(ok=True, bytes=3, sha256="ab" * 32, error=None)),
 ]
 

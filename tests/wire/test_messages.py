@@ -44,7 +44,7 @@ def test_round_trip_every_type() -> None:
         messages.Ping(seq=3),
         messages.Pong(seq=3),
         messages.Sync(round=1),
-        messages.Nominate(round=2, link=7),
+        messages.Nominate(round=2, link=7, handshake="ef" * 32),
         messages.RoundFailed(round=1, retry=True, reason="2 timed out"),
         messages.Result(ok=True, bytes=10, sha256="00" * 32, error=None),
         messages.Abort(reason="disk full"),

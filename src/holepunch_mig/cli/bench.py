@@ -13,6 +13,7 @@ from holepunch_mig.bench.model import GIB, REGISTRY, BenchConfig, BenchResult, d
 from holepunch_mig.bench.report import load_result, render_markdown, render_text
 from holepunch_mig.cli.common import write_chart
 from holepunch_mig.errors import BenchError
+from holepunch_mig.report import write_file_atomically
 
 __all__ = ["register"]
 
@@ -163,9 +164,9 @@ def _write(res: BenchResult, args: argparse.Namespace, md: Path | None, png: Pat
     print(render_text(res))
     if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(res.to_json())
+        write_file_atomically(args.json, res.to_json())
     if md:
-        md.write_text(render_markdown(res))
+        write_file_atomically(md, render_markdown(res))
         print(f"wrote {md}", file=sys.stderr)
     if png and write_chart(png, lambda: render_png(res), "holepunch-mig bench"):
         print(f"wrote {png}", file=sys.stderr)

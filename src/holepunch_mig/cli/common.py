@@ -27,6 +27,7 @@ from holepunch_mig.net.secure_control import (
 from holepunch_mig.roles import POLICIES
 from holepunch_mig.wire.candidates import parse_endpoint
 from holepunch_mig.wire.control_auth import ControlAuth, PairingCode
+from holepunch_mig.wire.text import printable
 
 __all__ = [
     "AUTH_OPTIONS",
@@ -84,7 +85,7 @@ class Progress:
         if self.tty:
             sys.stderr.write("\r" + text.ljust(78))
         else:
-            sys.stderr.write(text + "\n")
+            sys.stderr.write(printable(text, keep_newlines=True) + "\n")
         sys.stderr.flush()
 
     def finish(self) -> None:
@@ -173,7 +174,7 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def say(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text, keep_newlines=True) + "\n")
     sys.stderr.flush()
 
 

@@ -29,6 +29,7 @@ from holepunch_mig.lab import (
     presets,
     spec_to_dict,
 )
+from holepunch_mig.report import write_file_atomically
 
 
 def _err(text: str) -> None:
@@ -238,9 +239,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         progress=progress,
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_file_atomically(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(matrix.to_markdown(result) + "\n")
+        write_file_atomically(args.markdown, matrix.to_markdown(result) + "\n")
     if args.png:
         write_chart(Path(args.png), lambda: heatmap.render(result), "holepunch-mig lab matrix")
     sys.stdout.write("\n".join(matrix.cell_line(c) for c in result.cells) + "\n")

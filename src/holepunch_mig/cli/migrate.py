@@ -64,6 +64,7 @@ from holepunch_mig.migration.api import (
 )
 from holepunch_mig.migration.handoff import HandoffProxy
 from holepunch_mig.net.control import ControlChannel
+from holepunch_mig.report import write_file_atomically
 from holepunch_mig.roles import Role
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -292,7 +293,7 @@ def _finish(
         report.ok = False
         report.verdict = report.verdict or f"{type(exc).__name__}: {exc}"
     if args.report:
-        Path(args.report).write_text(report.to_json() + "\n")
+        write_file_atomically(args.report, report.to_json() + "\n")
     if not args.quiet or not report.ok:
         cli.say(report.summary())
     if report.ok:

@@ -37,13 +37,13 @@ from holepunch_mig.cli.common import (
     say,
     secure_existing,
 )
-from holepunch_mig.errors import CredentialError, HolepunchError, NoDirectPath
+from holepunch_mig.errors import CredentialError, HolepunchError, NoDirectPath, TransferError
 from holepunch_mig.net.control import ControlChannel, open_process_channel
 from holepunch_mig.net.control import stdio_channel as open_stdio_channel
-from holepunch_mig.report import Report
+from holepunch_mig.report import Report, write_file_atomically
 from holepunch_mig.roles import Role
 from holepunch_mig.session import api
-from holepunch_mig.session.link import Link
+from holepunch_mig.session.link import Link, TransferResult
 from holepunch_mig.wire.digests import PREFERENCES
 
 __all__ = ["register", "run_recv", "run_send"]
@@ -159,27 +159,58 @@ def _write_report(path: str | None, report: Report | None, **extra: object) -> N
     if path is None or report is None:
         return
     report.extra.update(extra)
-    Path(path).write_text(report.to_json() + "\n")
+    write_file_atomically(path, report.to_json() + "\n")
 
 
-@contextlib.contextmanager
-def _output(path: str) -> Iterator[tuple[BinaryIO, list[bool]]]:
-    """Write to a temporary name beside ``path``; rename only once verified."""
-    if path == "-":
-        yield sys.stdout.buffer, [False]
-        return
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    verified = [False]
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh, verified
-        if verified[0]:
-            os.replace(tmp, target)
-    finally:
-        if not verified[0]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+class _Output:
+    """The receiver's output: a temporary file beside ``path`` that :meth:`commit` makes
+    durable and renames into place (stdout for ``-``).  Commit runs before the source is
+    told ``ok``; whatever is not committed is removed on the way out."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tmp: str | None = None
+        self.committed = False
+        if path == "-":
+            self.fh: BinaryIO = sys.stdout.buffer
+            return
+        target = Path(path)
+        if target.is_dir():
+            raise IsADirectoryError(f"--output {path} is a directory; name a file")
+        fd, self.tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".part", dir=target.parent
+        )
+        self.fh = os.fdopen(fd, "wb")
+
+    def commit(self, result: TransferResult) -> None:
+        """flush, fsync, rename into place, fsync the directory -- or raise."""
+        if not result.verified:
+            raise TransferError("the sender's SHA-256 was not compared: not verified")
+        self.fh.flush()
+        if self.tmp is None:
+            return
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        target = Path(self.path)
+        if target.is_dir():
+            raise IsADirectoryError(f"--output {self.path} is a directory; name a file")
+        os.replace(self.tmp, target)
+        self.tmp = None
+        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        self.committed = True
+
+    def discard(self) -> None:
+        if self.tmp is None:
+            return
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+        self.tmp = None
 
 
 class _RateLimited:
@@ -234,11 +265,12 @@ async def _run_recv(args: argparse.Namespace) -> int:
         channel = await listen_control(args, host, port, auth)
 
     async def receive(link: Link) -> str:
-        with _output(args.output) as (dst, verified):
+        out = _Output(args.output)
+        try:
             progress = None if args.quiet else Progress("received", None)
-            result = await link.receive_file(dst, progress=progress)
-            dst.flush()
-            verified[0] = True
+            result = await link.receive_file(out.fh, progress=progress, commit=out.commit)
+        finally:
+            out.discard()
         if progress:
             progress.finish()
         return (
@@ -271,6 +303,8 @@ async def _run_send(args: argparse.Namespace) -> int:
             result = await link.send_file(data, progress=progress)  # type: ignore[arg-type]
             if progress:
                 progress.finish()
+            if not result.verified:  # send_file hashes: a peer's missing digest raised
+                raise TransferError("the receiver's SHA-256 was not compared: not verified")
             return (
                 f"sent {result.bytes} bytes, {result.digest} {result.sha256}, "
                 "verified by the receiver" + _resumed(link)

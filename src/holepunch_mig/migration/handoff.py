@@ -67,6 +67,7 @@ from holepunch_mig.roles import Role
 from holepunch_mig.session.link import Link
 from holepunch_mig.session.resume import tune_link
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class HandoffProxy(ProxyBase):
                 step="waiting for the destination proxy to be ready",
             )
             if isinstance(msg, messages.MigrateResult):
-                raise HandoffRefused(f"destination proxy refused: {msg.error}")
+                raise HandoffRefused(f"destination proxy refused: {printable(msg.error or '')}")
             if (msg.mode or "mux") != "handoff":
                 raise ProtocolError("migrate-ready does not confirm handoff mode")
             await self._give_qemu("client")
@@ -334,7 +335,7 @@ class HandoffProxy(ProxyBase):
             )
             self._peer_result = msg
             if not msg.ok and not self._done.is_set():
-                self.abort(f"peer reported failure: {msg.error}")
+                self.abort(f"peer reported failure: {printable(msg.error or '')}")
         except (PeerAbort, ChannelClosed, ControlTimeout, ProtocolError) as exc:
             self.report.notes.append(f"control channel: {exc}")
         finally:
@@ -487,7 +488,7 @@ class HandoffProxy(ProxyBase):
                     rep.verdict = f"{error}; peer: {theirs}"
             elif peer is not None and not peer.ok:
                 rep.ok = False
-                rep.verdict = f"peer reported failure: {peer.error}"
+                rep.verdict = f"peer reported failure: {printable(peer.error or '')}"
             else:
                 rep.ok = True
                 where = (

@@ -12,7 +12,8 @@ OPEN 0x10   the opener accepted a new local connection; the peer connects one to
             its local endpoint, in the order the OPENs arrive (empty payload)
 DATA        bytes of that connection, in order
 ACK         u64 BE: bytes of the stream delivered to the local socket so far
-            (credit: a sender keeps at most ``window`` bytes unacknowledged)
+            (credit: a sender keeps at most ``window`` bytes unacknowledged; a
+            receiver fails with MuxWindowExceeded when the peer goes beyond it)
 END         u64 BE count + SHA-256 (or zeros): the sender saw EOF; the receiver
             checks count and digest of what it delivered, then half-closes
             (``shutdown(SHUT_WR)``) its local socket
@@ -43,15 +44,22 @@ import contextlib
 import hashlib
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from holepunch_mig.errors import MuxError, MuxPeerAbort, RecordError
-from holepunch_mig.wire.records import RecordType
+from holepunch_mig.errors import (
+    FlowControlError,
+    MuxError,
+    MuxPeerAbort,
+    MuxWindowExceeded,
+    RecordError,
+)
+from holepunch_mig.wire.credit import StreamWindow
+from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, RecordType
+from holepunch_mig.wire.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +70,6 @@ ACK = RecordType.ACK
 CLOSE = RecordType.CLOSE
 OPEN = RecordType.OPEN
 
-_END = struct.Struct(">Q32s")
-_ACK = struct.Struct(">Q")
 _ZERO_DIGEST = bytes(32)
 MAX_STREAM = 0xFFFF
 DEFAULT_BUFSIZE = 1 << 20
@@ -89,6 +95,9 @@ class LinkReader(Protocol):
     """What the mux needs from ``records.RecordReader`` (single consumer)."""
 
     def read(self) -> RecordLike: ...
+
+
+__all__ = ["Mux", "MuxError", "MuxPeerAbort", "MuxStats", "MuxWindowExceeded", "StreamStats"]
 
 
 @dataclass
@@ -123,7 +132,7 @@ class _End:
 
 
 class _Stream:
-    def __init__(self, sid: int, sock: socket.socket) -> None:
+    def __init__(self, sid: int, sock: socket.socket, window: int) -> None:
         self.id = sid
         self.sock = sock
         self.cond = threading.Condition()
@@ -133,7 +142,7 @@ class _Stream:
         self.tx_done = False
         # rx: link -> local socket
         self.queue: collections.deque[bytes | _End] = collections.deque()
-        self.rx_acked_sent = 0
+        self.rx_window = StreamWindow(window)
         self.rx_done = False
         self.rx_end_seen = False
         self.closed = False
@@ -241,7 +250,7 @@ class Mux:
                 sock.close()
                 raise MuxError(f"{self.name}: stream id {sid} not after {self._next_id - 1}")
             self._next_id = sid + 1
-            st = _Stream(sid, sock)
+            st = _Stream(sid, sock, self._window)
             self._streams[sid] = st
             # OPEN under the lock so stream order on the wire is the accept order.
             self._writer.write(OPEN, sid, b"")
@@ -418,7 +427,7 @@ class Mux:
                 st.stats.sent = sent
             dig = h.digest() if h is not None else b""
             st.stats.sent_digest = dig
-            write(END, st.id, _END.pack(sent, dig or _ZERO_DIGEST))
+            write(END, st.id, END_PAYLOAD.pack(sent, dig or _ZERO_DIGEST))
             with st.cond:
                 st.tx_done = True
                 self._maybe_close(st)
@@ -464,9 +473,10 @@ class Mux:
                     h.update(item)
                 delivered += len(item)
                 st.stats.received = delivered
-                if delivered - st.rx_acked_sent >= ack_every:
-                    st.rx_acked_sent = delivered
-                    self._writer.write(ACK, st.id, _ACK.pack(delivered))
+                with st.cond:
+                    due = st.rx_window.ack_due(delivered, ack_every)
+                if due:
+                    self._writer.write(ACK, st.id, ACK_PAYLOAD.pack(delivered))
         except Exception as exc:
             if self._failed is None:
                 err = exc if isinstance(exc, MuxError) else None
@@ -495,18 +505,22 @@ class Mux:
                     with st.cond:
                         if st.rx_end_seen:
                             raise MuxError(f"DATA after END on stream {st.id}")
+                        try:
+                            st.rx_window.on_data(len(data))
+                        except FlowControlError as exc:
+                            raise MuxWindowExceeded(f"{self.name}: stream {st.id}: {exc}") from None
                         st.queue.append(data)
                         st.cond.notify()
                 elif t == ACK:
                     acked = self._streams.get(rec.stream)
                     if acked is not None:
-                        (n,) = _ACK.unpack(rec.payload)
+                        (n,) = ACK_PAYLOAD.unpack(rec.payload)
                         with acked.cond:
                             acked.tx_acked = max(acked.tx_acked, n)
                             acked.cond.notify()
                 elif t == END:
                     st = self._stream_for(rec.stream, "END")
-                    count, dig = _END.unpack(rec.payload)
+                    count, dig = END_PAYLOAD.unpack(rec.payload)
                     with st.cond:
                         if st.rx_end_seen:
                             raise MuxError(f"second END on stream {st.id}")
@@ -516,7 +530,7 @@ class Mux:
                 elif t == OPEN:
                     self._on_open(rec.stream)
                 elif t == ABORT:
-                    reason = bytes(rec.payload).decode("utf-8", "replace")
+                    reason = printable(bytes(rec.payload).decode("utf-8", "replace"))
                     self._fail(
                         MuxPeerAbort(f"{self.name}: peer aborted: {reason}"), notify_peer=False
                     )
@@ -556,7 +570,7 @@ class Mux:
             sock = self._connect(sid)
         except OSError as exc:
             raise MuxError(f"stream {sid}: cannot connect the local endpoint: {exc}") from exc
-        st = _Stream(sid, sock)
+        st = _Stream(sid, sock, self._window)
         with self._lock:
             self._streams[sid] = st
             if self.first_open is None:

@@ -50,6 +50,7 @@ from holepunch_mig.session.link import Link
 from holepunch_mig.session.links import DataLink
 from holepunch_mig.session.resume import tune_link
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class MigrationProxy(ProxyBase):
                 step="waiting for the destination proxy to be ready",
             )
             if isinstance(msg, messages.MigrateResult):
-                raise ProtocolError(f"destination proxy refused: {msg.error}")
+                raise ProtocolError(f"destination proxy refused: {printable(msg.error or '')}")
             if (msg.mode or "mux") != "mux":
                 raise ProtocolError("migrate-ready is not for mux mode")
             if msg.digest != self._digest:
@@ -207,7 +208,7 @@ class MigrationProxy(ProxyBase):
             )
             self._peer_result = msg
             if not msg.ok and not self._done.is_set():
-                self.abort(f"peer reported failure: {msg.error}")
+                self.abort(f"peer reported failure: {printable(msg.error or '')}")
         except (PeerAbort, ChannelClosed, ControlTimeout, ProtocolError) as exc:
             self.report.notes.append(f"control channel: {exc}")
             if isinstance(exc, PeerAbort):
@@ -310,10 +311,10 @@ class MigrationProxy(ProxyBase):
                 rep.ok = False
                 rep.verdict = error
                 if peer is not None and not peer.ok and peer.error not in (None, error):
-                    rep.verdict = f"{error}; peer: {peer.error}"
+                    rep.verdict = f"{error}; peer: {printable(peer.error or '')}"
             elif peer is not None and not peer.ok:
                 rep.ok = False
-                rep.verdict = f"peer reported failure: {peer.error}"
+                rep.verdict = f"peer reported failure: {printable(peer.error or '')}"
             elif peer is not None and (
                 peer.sent != rep.bytes_received or peer.received != rep.bytes_sent
             ):

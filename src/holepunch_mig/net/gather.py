@@ -33,7 +33,7 @@ def _interface_addresses(include_loopback: bool, ipv6: bool) -> list[str]:
                 continue
             if addr.version == 6 and (not ipv6 or addr.is_link_local):
                 continue
-            if addr.is_unspecified or addr.is_multicast:
+            if addr.is_unspecified or addr.is_multicast or addr.is_link_local:
                 continue
             text = str(addr)
             if addr.is_loopback:

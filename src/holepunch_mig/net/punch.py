@@ -46,13 +46,17 @@ class AuthenticatedLink:
     local: str
     remote: str
     pair: PairReport
+    handshake_hash: bytes = b""
+    """The Noise handshake hash h: the same on both ends of this link and on no other
+    (the nomination names it).  Not secret, but never logged."""
 
 
 MAX_UNOFFERED_HOSTS = 16
 """Report entries for connections from unoffered hosts, per round; the rest are counted."""
 
-Authenticator = Callable[[trio.SocketStream, int], Awaitable[tuple[int, bytes, bytes]]]
-"""(stream, proposed link id) -> (link id, send key, recv key); raises on failure."""
+Authenticator = Callable[[trio.SocketStream, int], Awaitable[tuple[int, bytes, bytes, bytes]]]
+"""(stream, proposed link id) -> (link id, send key, recv key, handshake hash); raises
+on failure."""
 
 
 def _reuse(sock: trio.socket.SocketType) -> None:
@@ -251,7 +255,9 @@ class PunchRound:
         try:
             stream = trio.SocketStream(sock)
             with trio.fail_after(self.timing.handshake_timeout):
-                link_id, send_key, recv_key = await self.authenticate(stream, self._new_link_id())
+                link_id, send_key, recv_key, hhash = await self.authenticate(
+                    stream, self._new_link_id()
+                )
         except (trio.TooSlowError, HolepunchError, trio.BrokenResourceError, OSError) as exc:
             self._rejected(sock, pair, started, exc)
             return
@@ -260,7 +266,9 @@ class PunchRound:
             raise
         pair.outcome, pair.detail = "connected", ""
         pair.seconds = trio.current_time() - started
-        link = AuthenticatedLink(stream, link_id, send_key, recv_key, pair.local, pair.remote, pair)
+        link = AuthenticatedLink(
+            stream, link_id, send_key, recv_key, pair.local, pair.remote, pair, hhash
+        )
         try:
             await out.send(link)
         except BaseException as exc:

@@ -32,6 +32,7 @@ from holepunch_mig.wire.records import (
     record_type_name,
     verify_end,
 )
+from holepunch_mig.wire.text import printable
 
 __all__ = ["RecordReader", "RecordWriter"]
 
@@ -386,6 +387,9 @@ class RecordReader(RecordOpener):
         super().__init__(key, max_record=max_record, rekey_interval=rekey_interval)
         self._sock = sock
         self._fview = memoryview(bytearray(HEADER.size + max_record + TAG))
+        self._require_digest = False
+        self.end_verified = False
+        """The last receive_file compared the sender's SHA-256 with its own."""
 
     def _truncated(self, where: str, rec_no: int, nbytes: int) -> RecordError:
         # rec_no == number of records verified before it (the counter starts at 0).
@@ -506,11 +510,14 @@ class RecordReader(RecordOpener):
         progress: Callable[[int], None] | None = None,
         prefetch: int = 3,
         position: StreamPosition | None = None,
+        require_digest: bool = False,
         algorithm: Algorithm = "sha256",
     ) -> tuple[int, bytes]:
         """Write the DATA of ``stream`` to ``dst`` until its END; verify END's byte count
         (and the ``algorithm`` digest, when both sides hashed).  Returns
-        ``(count, digest or b"")``.
+        ``(count, digest or b"")``; :attr:`end_verified` then says whether both digests
+        were compared (a sender's zero digest checks the count only).
+        ``require_digest``: END without a digest fails (StreamMismatch).
 
         Only verified records reach ``dst``.  ACK records are skipped; ABORT raises
         PeerAborted; DATA/END of another stream, CLOSE or multiplexing records raise
@@ -525,6 +532,7 @@ class RecordReader(RecordOpener):
         stop = [False]
         records = self._prefetched(stream, prefetch, stop) if prefetch >= 2 else self._fetched()
         try:
+            self._require_digest = require_digest
             return self._receive_loop(
                 stream, dst, records, digest, progress, prefetch, position, algorithm
             )
@@ -585,10 +593,12 @@ class RecordReader(RecordOpener):
                     mine = b""
                     if hasher is not None:
                         mine, hasher = hasher.finish(), None
-                    verify_end(stream, rec.payload, total, mine)
+                    self.end_verified = verify_end(
+                        stream, rec.payload, total, mine, require_digest=self._require_digest
+                    )
                     return total, mine
                 elif t == RecordType.ABORT:
-                    reason = bytes(rec.payload).decode("utf-8")
+                    reason = printable(bytes(rec.payload).decode("utf-8"))
                     raise PeerAborted(
                         f"peer aborted stream {rec.stream}: {reason}", rec.stream, reason
                     )

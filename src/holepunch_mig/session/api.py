@@ -24,7 +24,7 @@ from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.net.secure_control import secure
 from holepunch_mig.report import Report
 from holepunch_mig.roles import ROLES, Role
-from holepunch_mig.session.link import Link, Progress, TransferResult
+from holepunch_mig.session.link import Commit, Link, Progress, TransferResult
 from holepunch_mig.session.negotiate import establish
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.wire.control_auth import ControlAuth
@@ -110,10 +110,15 @@ class BlockingLink:
         return result
 
     def receive_file(
-        self, dst: BinaryIO, *, digest: bool = True, progress: Progress | None = None
+        self,
+        dst: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Progress | None = None,
+        commit: Commit | None = None,
     ) -> TransferResult:
         result: TransferResult = self._run(
-            lambda: self._link.receive_file(dst, digest=digest, progress=progress)
+            lambda: self._link.receive_file(dst, digest=digest, progress=progress, commit=commit)
         )
         return result
 

@@ -11,6 +11,7 @@ from holepunch_mig.net.control import ControlChannel
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.messages import Message
+from holepunch_mig.wire.text import printable
 
 _M1 = TypeVar("_M1", bound=Message)
 _M2 = TypeVar("_M2", bound=Message)
@@ -99,7 +100,7 @@ class ControlReader:
         if isinstance(event, messages.TunnelData):
             raise ProtocolError(f"tunnel data arrived while waiting for {what}")
         if isinstance(event, messages.Abort) and messages.Abort not in expected:
-            raise PeerAbort(f"peer aborted{_step(step)}: {event.reason}")
+            raise PeerAbort(f"peer aborted{_step(step)}: {printable(event.reason)}")
         if not isinstance(event, expected):
             raise ProtocolError(f"expected {what} message, got {event.type}" + _step(step))
         return event, raw

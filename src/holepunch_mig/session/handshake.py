@@ -57,18 +57,32 @@ async def _receive_hs(stream: trio.SocketStream) -> bytes:
 
 
 def make_authenticator(
-    role: Role, round_no: int, static_private: bytes, remote_public: bytes, pro: bytes
+    role: Role,
+    round_no: int,
+    static_private: bytes,
+    remote_public: bytes,
+    pro: bytes,
+    seen: set[int] | None = None,
 ) -> Any:
-    """The per-link Noise KK handshake; the source always initiates."""
+    """The per-link Noise KK handshake; the source always initiates.  Returns
+    ``(link id, send key, recv key, handshake hash)``.
 
-    async def initiate(stream: trio.SocketStream, link_id: int) -> tuple[int, bytes, bytes]:
+    In KK the responder completes the handshake of a *replayed* message 1 as well (that
+    message proves the initiator's key, not that it is fresh), so the responder's side
+    of a link is not yet proof of anything: it counts only once the source nominates it
+    by its handshake hash (``rounds``).  ``seen`` (responder) holds the link ids
+    already answered in this negotiation; a repeated one -- a replay -- is refused
+    before message 2, so it can never take the genuine link's place."""
+    answered = set() if seen is None else seen
+
+    async def initiate(stream: trio.SocketStream, link_id: int) -> tuple[int, bytes, bytes, bytes]:
         hs = HandshakeState(NOISE_PATTERN, True, pro, s=static_private, rs=remote_public)
         await _send_hs(stream, hs.write_message(LINK_PAYLOAD.pack(round_no, link_id)))
         hs.read_message(await _receive_hs(stream))
         k1, k2 = hs.split()
-        return link_id, k1, k2
+        return link_id, k1, k2, hs.handshake_hash
 
-    async def respond(stream: trio.SocketStream, _proposed: int) -> tuple[int, bytes, bytes]:
+    async def respond(stream: trio.SocketStream, _proposed: int) -> tuple[int, bytes, bytes, bytes]:
         hs = HandshakeState(NOISE_PATTERN, False, pro, s=static_private, rs=remote_public)
         payload = hs.read_message(await _receive_hs(stream))
         if len(payload) != LINK_PAYLOAD.size:
@@ -76,8 +90,11 @@ def make_authenticator(
         their_round, link_id = LINK_PAYLOAD.unpack(payload)
         if their_round != round_no:
             raise HandshakeError(f"handshake for round {their_round}, this is round {round_no}")
+        if link_id in answered:
+            raise HandshakeError(f"duplicate link id {link_id} (a replayed first message)")
+        answered.add(link_id)
         await _send_hs(stream, hs.write_message(b""))
         k1, k2 = hs.split()
-        return link_id, k2, k1
+        return link_id, k2, k1, hs.handshake_hash
 
     return initiate if role == "source" else respond

@@ -18,6 +18,8 @@ from typing import BinaryIO, TypeVar, cast
 import trio
 
 from holepunch_mig.errors import (
+    ChannelClosed,
+    CommitFailed,
     ControlTimeout,
     HolepunchError,
     InputFailed,
@@ -45,6 +47,8 @@ from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import StreamPosition
+from holepunch_mig.wire.resume_auth import resume_key
+from holepunch_mig.wire.text import printable
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -54,16 +58,29 @@ Progress = Callable[[int], None]
 RESULT_TIMEOUT = 120.0
 """How long the source waits for the destination's verdict after end-of-stream."""
 
+SOCKET_BUFFER = 4 << 20
+
 
 @dataclass(frozen=True)
 class TransferResult:
-    """What was moved and how it was verified: ``sha256`` is the hex digest of the
-    algorithm ``digest`` names ("blake3" or "sha256"; None when not hashed)."""
+    """What was moved and how it was verified.  ``sha256`` is the hex digest of the
+    algorithm ``digest`` names ("blake3" or "sha256", the session's; None when not
+    hashed).  ``verified`` is True only when both sides' digests of the stream were
+    compared and equal (a side that did not hash, a
+    zero END digest or a ``result`` without ``sha256`` leave it False: only the byte
+    count was checked)."""
 
     bytes: int
     sha256: str | None
     seconds: float
+    verified: bool = False
     digest: str | None = None
+
+
+Commit = Callable[[TransferResult], None]
+"""The destination's last step before it tells the source ``ok``: make the output
+durable and put it in place (called in a worker thread with the verified result; an
+exception turns the verdict into ``ok: false`` with its text)."""
 
 
 class Link:
@@ -91,6 +108,7 @@ class Link:
         self._closed = False
         self._options = established.options or ConnectOptions()
         self._session_id = established.session_id
+        self._mac_key = self._resume_key()
         self._resume = established.resume and self.tunnel is None
         self.max_links: int = established.max_links if self.tunnel is None else 1
         """Most links (this one included) :meth:`open_links` may bring the session to."""
@@ -188,68 +206,173 @@ class Link:
 
         When :attr:`resumable`, a lost link is re-punched (fresh keys) and the stream goes
         on from the last byte the destination kept; ``link.report.interruptions`` lists
-        each loss.  ``progress`` then counts stream bytes (it may step back on a resume)."""
+        each loss.  ``progress`` then counts stream bytes (it may step back on a resume),
+        and the stream is always hashed (``digest`` is taken as True): with resume the
+        whole-stream SHA-256 is mandatory."""
         self._arm_idle_timeout()
         if self.resumable:
             with single_exception():
-                return await self._send_resumable(src, digest, progress)
+                return await self._send_resumable(src, True, progress)
         started = time.monotonic()
-        try:
-            count, hashed = await self._in_thread(
-                lambda: self.writer.send_file(
-                    0, src, digest=digest, progress=progress, algorithm=self.digest
+        got: dict[str, messages.Result | HolepunchError] = {}
+        arrived = trio.Event()
+
+        async def watch() -> None:
+            """The verdict, or an abort, may come while the stream is still going out."""
+            try:
+                msg, _ = await self.control.receive(
+                    messages.Result,
+                    timeout=math.inf,
+                    step="waiting for the destination's verdict",
                 )
-            )
-        except (OSError, RecordError) as exc:
-            reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(exc)}"
+                got["msg"] = msg
+                if not msg.ok:
+                    self._shutdown()
+            except ChannelClosed as exc:  # the link's own outcome says more, if any
+                got["closed"] = exc
+            except HolepunchError as exc:
+                got["exc"] = exc
+                self._shutdown()
+            arrived.set()
+
+        failure: OSError | RecordError | None = None
+        count, hashed = -1, b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            try:
+                count, hashed = await self._in_thread(
+                    lambda: self.writer.send_file(
+                        0, src, digest=digest, progress=progress, algorithm=self.digest
+                    )
+                )
+            except (OSError, RecordError) as exc:
+                failure = exc
+            with trio.move_on_after(0 if failure is not None else RESULT_TIMEOUT):
+                await arrived.wait()
+            nursery.cancel_scope.cancel()
+        peer = got.get("exc")
+        if isinstance(peer, HolepunchError):
+            raise peer
+        msg = got.get("msg")
+        if isinstance(msg, messages.Result) and not msg.ok:
+            raise PeerAbort(f"destination rejected the transfer: {printable(msg.error or '')}")
+        if failure is not None:
+            reason = f"sending failed after {self.writer.bytes_sent} bytes: {self._why(failure)}"
             await self._tell_abort(reason)
-            raise TransferError(reason) from exc
-        msg, _ = await self.control.receive(
-            messages.Result, timeout=RESULT_TIMEOUT, step="waiting for the destination's verdict"
-        )
+            raise TransferError(reason) from failure
+        closed = got.get("closed")
+        if isinstance(closed, HolepunchError):
+            raise closed
+        if not isinstance(msg, messages.Result):
+            raise ControlTimeout(
+                f"no result message from the peer within {RESULT_TIMEOUT:.1f} s "
+                "(waiting for the destination's verdict)"
+            )
         return self._check_result(count, hashed, msg, started)
 
     async def receive_file(
-        self, dst: BinaryIO, *, digest: bool = True, progress: Progress | None = None
+        self,
+        dst: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Progress | None = None,
+        commit: Commit | None = None,
     ) -> TransferResult:
-        """Receive stream 0 into ``dst``; returns only after end-of-stream verified.
+        """Receive stream 0 into ``dst``; returns only after end-of-stream verified and
+        the output committed.
+
+        The source is told ``ok`` only after ``dst`` was flushed and ``commit`` (when
+        given) returned: a caller that renames a temporary file into place does that in
+        ``commit``, so an ``ok`` never precedes a failure to keep the data.  A failure
+        there is :class:`CommitFailed` here and ``ok: false`` at the source.
 
         When :attr:`resumable`, ``dst`` is only appended to: after a lost link the
         stream goes on from the bytes already written (``dst`` is flushed every
-        ``ack_interval`` bytes, when it reports them to the source)."""
+        ``ack_interval`` bytes, when it reports them to the source), and the stream's
+        SHA-256 is mandatory (``digest`` is taken as True)."""
         self._arm_idle_timeout()
         if self.resumable:
             with single_exception():
-                return await self._receive_resumable(dst, digest, progress)
+                return await self._receive_resumable(dst, progress, commit)
         started = time.monotonic()
-        try:
-            count, hashed = await self._in_thread(
-                lambda: self.reader.receive_file(
-                    0, dst, digest=digest, progress=progress, algorithm=self.digest
+        peer: list[HolepunchError] = []
+
+        async def watch() -> None:
+            """Nothing but abort may come from the source now; it stops the receive."""
+            try:
+                msg, _ = await self.control.receive(
+                    messages.Abort, timeout=math.inf, step="transfer"
                 )
-            )
-        except (OSError, HolepunchError) as exc:
-            reason = self._why(exc)
-            if isinstance(exc, TimeoutError):
-                exc = TruncatedStream(
+                peer.append(PeerAbort(f"peer aborted (transfer): {printable(msg.reason)}"))
+            except ChannelClosed:
+                return  # the link's own outcome says more; no verdict can be sent anyway
+            except HolepunchError as exc:
+                peer.append(exc)
+            self._shutdown()
+
+        failure: OSError | HolepunchError | None = None
+        count, hashed = -1, b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            try:
+                count, hashed = await self._in_thread(
+                    lambda: self.reader.receive_file(
+                        0, dst, digest=digest, progress=progress, algorithm=self.digest
+                    )
+                )
+            except (OSError, HolepunchError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            error: BaseException = peer[0] if peer else failure
+            reason = self._why(error)
+            if isinstance(error, TimeoutError):
+                error = TruncatedStream(
                     f"link silent for {self._options.idle_timeout:.0f} s after "
                     f"{self.reader.bytes_received} bytes, before end-of-stream"
                 )
-                reason = str(exc)
+                reason = str(error)
             await self._tell_result(False, 0, None, reason)
             self.report.ok = False
             self.report.verdict = reason
-            raise exc from None
-            await self._tell_result(False, 0, None, reason)
-            self.report.ok = False
-            self.report.verdict = reason
-            raise
-        seconds = time.monotonic() - started
+            raise error from None
         local_digest = hashed.hex() if hashed else None
-        self._fill(count, local_digest, seconds)
+        result = TransferResult(
+            count,
+            local_digest,
+            time.monotonic() - started,
+            self.reader.end_verified,
+            digest=self.digest if local_digest else None,
+        )
+        return await self._commit_and_tell(dst, result, commit)
+
+    async def _commit_and_tell(
+        self, dst: BinaryIO, result: TransferResult, commit: Commit | None
+    ) -> TransferResult:
+        """Flush ``dst``, run the caller's commit, and only then say ``ok``; any failure
+        there is ``ok: false`` with the reason on both sides."""
+
+        def durable() -> None:
+            Output(dst).flush()
+            if commit is not None:
+                commit(result)
+
+        try:
+            await self._in_thread(durable)
+        except Exception as exc:
+            error = exc.error if isinstance(exc, OutputFailed) else exc
+            reason = f"output not committed: {error}"
+            await self._tell_result(False, result.bytes, None, reason)
+            self._fill(result.bytes, result.sha256, result.seconds)
+            self.report.ok = False
+            self.report.verdict = reason
+            fail = CommitFailed(reason)
+            fail.report = self.report
+            raise fail from exc
+        self._fill(result.bytes, result.sha256, result.seconds)
         self.report.ok = True
-        await self._tell_result(True, count, local_digest, None)
-        return TransferResult(count, local_digest, seconds, self.digest if local_digest else None)
+        await self._tell_result(True, result.bytes, result.sha256, None)
+        return result
 
     # -- resume (docs/protocol.md section 7) ----------------------------------------------
 
@@ -261,7 +384,16 @@ class Link:
         self.writer = RecordWriter(self.sock, link.send_key)
         self.reader = RecordReader(self.sock, link.recv_key)
         self._keys = (link.send_key, link.recv_key)
+        self._mac_key = self._resume_key()
         self.report.local, self.report.remote = link.local, link.remote
+
+    def _resume_key(self) -> bytes:
+        """The MAC key of the resume messages after the current link (secret)."""
+        if not self._session_id:  # the tunnel: never resumes
+            return b""
+        send, recv = self._keys
+        k_sd, k_ds = (send, recv) if self.report.role == "source" else (recv, send)
+        return resume_key(k_sd, k_ds, self._session_id)
 
     def _resume_machine(self) -> ResumeMachine:
         return ResumeMachine(
@@ -315,6 +447,7 @@ class Link:
                         self._session_id,
                         self.epoch,
                         self.log,
+                        mac_key=self._mac_key,
                         reason=f"link {self.epoch - 1} lost: {machine.seen}",
                     )
                 except NoDirectPath as exc:
@@ -355,18 +488,30 @@ class Link:
         self, count: int, hashed: bytes, msg: messages.Result, started: float
     ) -> TransferResult:
         """The source succeeds only when the destination verified the same count and
-        digest that were sent."""
+        digest that were sent: a source that hashed needs the destination's SHA-256 (a
+        ``result`` with ``sha256: null`` verified nothing)."""
         local_digest = hashed.hex() if hashed else None
         seconds = time.monotonic() - started
         self._fill(count, local_digest, seconds)
         if not msg.ok:
-            raise PeerAbort(f"destination rejected the transfer: {msg.error}")
+            raise PeerAbort(f"destination rejected the transfer: {printable(msg.error or '')}")
         if msg.bytes != count:
             raise TransferError(f"destination got {msg.bytes} bytes, {count} were sent")
-        if local_digest and msg.sha256 and msg.sha256 != local_digest:
+        if local_digest and msg.sha256 is None:
+            raise TransferError(
+                "destination reported no sha256: the content was not verified "
+                "(only the byte count matched)"
+            )
+        if local_digest and msg.sha256 != local_digest:
             raise TransferError(f"destination's {self.digest} differs from what was sent")
         self.report.ok = True
-        return TransferResult(count, local_digest, seconds, self.digest if local_digest else None)
+        return TransferResult(
+            count,
+            local_digest,
+            seconds,
+            verified=bool(local_digest),
+            digest=self.digest if local_digest else None,
+        )
 
     async def _source_epoch(
         self,
@@ -402,11 +547,11 @@ class Link:
                         source.ack(msg.bytes)
                     elif isinstance(msg, messages.LinkLost):
                         if msg.epoch == epoch:
-                            stop(f"peer: {msg.reason}", "peer")
+                            stop(f"peer: {printable(msg.reason)}", "peer")
                     else:
                         state.result = msg
                         if not msg.ok:
-                            stop(f"destination failed: {msg.error}", "peer")
+                            stop(f"destination failed: {printable(msg.error or '')}", "peer")
                         settled.set()
                         return
             except HolepunchError as exc:
@@ -454,11 +599,12 @@ class Link:
         return None
 
     async def _receive_resumable(
-        self, dst: BinaryIO, digest: bool, progress: Progress | None
+        self, dst: BinaryIO, progress: Progress | None, commit: Commit | None
     ) -> TransferResult:
         started = time.monotonic()
         opts = self._options
-        position = StreamPosition(0, new_hash(self.digest) if digest else None)
+        digest = True  # with resume the whole-stream digest is mandatory
+        position = StreamPosition(0, new_hash(self.digest))
         machine = self._resume_machine()
         while True:
             state = _Epoch()
@@ -512,6 +658,7 @@ class Link:
                         self._session_id,
                         self.epoch,
                         self.log,
+                        mac_key=self._mac_key,
                         kept=kept,
                         offer=offer,
                     )
@@ -519,6 +666,13 @@ class Link:
                     machine.no_path(f"re-punch {self.epoch} found no path: {exc}")
                     offer = None
                     continue
+                except HolepunchError as exc:  # e.g. a resume-offer that is not authentic
+                    machine.fail()
+                    exc.report = self.report
+                    self.report.ok = False
+                    self.report.verdict = f"resume failed: {exc}"
+                    await self._tell_abort(f"resume failed: {exc}")
+                    raise
                 break
             self._adopt(link)
             machine.resumed(
@@ -527,12 +681,10 @@ class Link:
                 link=f"{scratch.local} <-> {scratch.remote}",
             )
         count, hashed = outcome
-        seconds = time.monotonic() - started
-        local_digest = hashed.hex() if hashed else None
-        self._fill(count, local_digest, seconds)
-        self.report.ok = True
-        await self._tell_result(True, count, local_digest, None)
-        return TransferResult(count, local_digest, seconds, self.digest if local_digest else None)
+        result = TransferResult(
+            count, hashed.hex(), time.monotonic() - started, True, digest=self.digest
+        )
+        return await self._commit_and_tell(dst, result, commit)
 
     async def _destination_epoch(
         self,
@@ -571,7 +723,7 @@ class Link:
                 state.fatal = exc
             else:
                 state.offer = (msg, raw)
-                machine.halt(f"peer: {msg.reason}", "peer")
+                machine.halt(f"peer: {printable(msg.reason)}", "peer")
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
@@ -589,6 +741,7 @@ class Link:
                         digest=digest,
                         progress=on_progress,
                         position=position,
+                        require_digest=True,
                     )
                 )
             except OutputFailed as exc:

@@ -9,6 +9,7 @@ Which path is taken is :mod:`~holepunch_mig.session.policy`'s table; the rounds 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.errors import (
+    ChannelClosed,
     HandshakeError,
     HolepunchError,
     NoDirectPath,
@@ -41,6 +43,8 @@ from holepunch_mig.wire import messages
 from holepunch_mig.wire.digests import Algorithm, offers_blake3
 from holepunch_mig.wire.digests import choose as choose_digest
 from holepunch_mig.wire.messages import MAX_LINKS
+from holepunch_mig.wire.resume_auth import check_resume_mac, resume_mac
+from holepunch_mig.wire.text import printable
 
 logger = logging.getLogger("holepunch_mig")
 
@@ -96,9 +100,23 @@ async def establish(
     listeners: Listeners = {}
     try:
         return await _negotiate(control, role, options, listeners, session_id, started, nursery)
+    except HolepunchError as exc:
+        await _tell_abort(control, exc)
+        raise
     finally:
         for sock in listeners.values():
             sock.close()
+
+
+async def _tell_abort(control: ControlReader, exc: HolepunchError) -> None:
+    """A failure this side found (a malformed or unexpected message, a deadline, a
+    handshake) is told to the peer with ``abort`` before the channel closes, so it fails
+    with the reason instead of a closed channel.  Not for what the peer already knows:
+    its own abort, a closed channel, or no direct path (round-failed said so)."""
+    if isinstance(exc, PeerAbort | ChannelClosed | NoDirectPath):
+        return
+    with trio.move_on_after(1.0), contextlib.suppress(HolepunchError):
+        await control.send(messages.Abort(reason=str(exc)[:4096] or type(exc).__name__))
 
 
 async def _negotiate(
@@ -255,6 +273,7 @@ async def repunch(
     epoch: int,
     log: SessionLog,
     *,
+    mac_key: bytes,
     kept: int = 0,
     offer: tuple[messages.ResumeOffer, bytes] | None = None,
     reason: str = "",
@@ -265,8 +284,10 @@ async def repunch(
     The source sends ``resume-offer`` and learns from ``resume-answer`` where the stream
     goes on (returned); the destination passes the ``offer`` it received and the bytes
     it ``kept``.  Then pings, rounds and nomination run exactly as for the first link,
-    with the Noise prologue over the resume messages.  Returns the nominated link, the
-    offset, and a scratch report holding that negotiation's rounds and pairs."""
+    with the Noise prologue over the resume messages.  Both resume messages carry a MAC
+    under ``mac_key`` (the session's last link's resume key, wire.resume_auth); one that
+    does not verify is a ProtocolError.  Returns the nominated link, the offset, and a
+    scratch report holding that negotiation's rounds and pairs."""
     scratch = Report(session=session_id.hex(), role=role)
     listeners: Listeners = {}
     try:
@@ -280,7 +301,10 @@ async def repunch(
             "candidates": prepared.lines,
         }
         if role == "source":
-            offer_raw = await control.send(messages.ResumeOffer(**fields, reason=reason[:4096]))
+            mac = resume_mac(mac_key, "resume-offer", **fields)
+            offer_raw = await control.send(
+                messages.ResumeOffer(**fields, reason=reason[:4096], mac=mac)
+            )
             while True:
                 msg, answer_raw = await control.receive(
                     messages.ResumeAnswer,
@@ -291,7 +315,7 @@ async def repunch(
                 )
                 if isinstance(msg, messages.Result):
                     if not msg.ok:
-                        raise PeerAbort(f"destination gave up: {msg.error}")
+                        raise PeerAbort(f"destination gave up: {printable(msg.error or '')}")
                     raise ProtocolError("destination sent result ok while a resume was pending")
                 if isinstance(msg, messages.ResumeAnswer):
                     break
@@ -300,6 +324,7 @@ async def repunch(
                     f"resume-answer for session {msg.session[:12]} epoch {msg.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
+            _check_mac(mac_key, msg, msg.bytes)
             peer: messages.ResumeAnswer | messages.ResumeOffer = msg
             kept = msg.bytes
         else:
@@ -311,7 +336,9 @@ async def repunch(
                     f"resume-offer for session {peer.session[:12]} epoch {peer.epoch}, "
                     f"expected {session_id.hex()[:12]} epoch {epoch}"
                 )
-            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept))
+            _check_mac(mac_key, peer, 0)
+            mac = resume_mac(mac_key, "resume-answer", **fields, offset=kept)
+            answer_raw = await control.send(messages.ResumeAnswer(**fields, bytes=kept, mac=mac))
         keys = prepared.keys_for(
             peer.key, session_id, offer_raw, answer_raw, control_binding(control)
         )
@@ -325,6 +352,22 @@ async def repunch(
     scratch.path = "direct"
     scratch.local, scratch.remote = link.local, link.remote
     return link, kept, scratch
+
+
+def _check_mac(
+    mac_key: bytes, msg: messages.ResumeOffer | messages.ResumeAnswer, offset: int
+) -> None:
+    check_resume_mac(
+        mac_key,
+        msg.TYPE,
+        msg.mac,
+        session=msg.session,
+        epoch=msg.epoch,
+        key=msg.key,
+        port=msg.port,
+        candidates=msg.candidates,
+        offset=offset,
+    )
 
 
 def control_binding(control: ControlReader) -> bytes:
@@ -381,7 +424,7 @@ async def _switch_to_tunnel(
             )
             if msg.path != "tunnel":
                 raise ProtocolError(f"source announced path {msg.path!r}, expected 'tunnel'")
-            reason = msg.reason
+            reason = printable(msg.reason)
         tunnel = Tunnel(
             control.channel,
             window=options.tunnel_window,
@@ -396,7 +439,7 @@ async def _switch_to_tunnel(
             )
             try:
                 with trio.fail_after(options.control_timeout):
-                    _, send_key, recv_key = await auth(stream, 0)
+                    _, send_key, recv_key, _hash = await auth(stream, 0)
             except trio.TooSlowError:
                 raise HandshakeError(
                     f"Noise handshake over the tunnel did not finish within "

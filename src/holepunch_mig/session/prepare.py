@@ -17,7 +17,7 @@ from holepunch_mig.net.punch import open_listener
 from holepunch_mig.report import Report
 from holepunch_mig.session.handshake import prologue
 from holepunch_mig.session.options import ConnectOptions
-from holepunch_mig.wire.candidates import Candidate, observed_candidates
+from holepunch_mig.wire.candidates import Candidate, is_loopback_address, observed_candidates
 from holepunch_mig.wire.noise import generate_keypair
 
 Listeners = dict[int, trio.socket.SocketType]
@@ -69,7 +69,14 @@ class Prepared:
         self, lines: Sequence[str], peer_host: str | None, peer_port: int, report: Report
     ) -> list[tuple[str, int]]:
         """The peer's endpoints this side can dial (see :func:`remote_endpoints`)."""
-        return remote_endpoints(lines, peer_host, peer_port, report, self.listeners)
+        return remote_endpoints(
+            lines,
+            peer_host,
+            peer_port,
+            report,
+            self.listeners,
+            allow_loopback=self.options.include_loopback,
+        )
 
 
 async def prepare_round(
@@ -108,7 +115,7 @@ def choose_bind(options: ConnectOptions, family: int) -> str:
 
 
 def is_loopback(host: str | None) -> bool:
-    return host is not None and (host.startswith("127.") or host == "::1")
+    return host is not None and is_loopback_address(host)
 
 
 async def open_listeners(options: ConnectOptions, listeners: Listeners) -> int:
@@ -132,26 +139,57 @@ async def open_listeners(options: ConnectOptions, listeners: Listeners) -> int:
     return port
 
 
+MAX_DIALS_PER_ROUND = 16
+"""Remote endpoints one side dials in one round (the observed one first, then the
+announced ones by priority); the rest are noted in the report and not dialled."""
+
+
 def remote_endpoints(
     lines: Sequence[str],
     peer_host: str | None,
     peer_port: int,
     report: Report,
     families: Container[int],
+    *,
+    allow_loopback: bool | None = None,
+    limit: int = MAX_DIALS_PER_ROUND,
 ) -> list[tuple[str, int]]:
-    """The peer's candidates plus the observed one, deduplicated, of the address families
-    this side has a listener for; bad lines are noted in the report and skipped."""
+    """The peer's endpoints to dial: the observed one plus its candidates by priority,
+    deduplicated, of the address families this side has a listener for, at most
+    ``limit``.  Bad lines are noted in the report and skipped, and so are loopback ones
+    unless ``allow_loopback`` (default: the control peer itself is on loopback) -- a
+    peer elsewhere has no business making this host dial its own services."""
+    if allow_loopback is None:
+        allow_loopback = is_loopback(peer_host)
     out: list[tuple[str, int]] = []
     cands: list[Candidate] = []
     for line in lines:
         try:
-            cands.append(Candidate.from_line(line))
+            cand = Candidate.from_line(line)
         except Exception as exc:
             report.notes.append(f"ignored remote candidate {line[:80]!r}: {exc}")
-    cands.extend(observed_candidates(peer_host, [peer_port]))
+            continue
+        if not allow_loopback and is_loopback_address(cand.host):
+            report.notes.append(
+                f"ignored remote candidate {line[:80]!r}: loopback, and the control peer "
+                "is not on loopback"
+            )
+            continue
+        cands.append(cand)
+    cands.sort(key=lambda c: -c.priority)
+    cands[:0] = observed_candidates(peer_host, [peer_port])
+    dropped = 0
     for cand in cands:
         endpoint = (cand.host, cand.port)
         family = socket.AF_INET6 if ":" in cand.host else socket.AF_INET
-        if endpoint not in out and family in families:
-            out.append(endpoint)
+        if endpoint in out or family not in families:
+            continue
+        if len(out) >= limit:
+            dropped += 1
+            continue
+        out.append(endpoint)
+    if dropped:
+        report.notes.append(
+            f"dialling {limit} remote candidates per round; {dropped} more not dialled"
+        )
     return out

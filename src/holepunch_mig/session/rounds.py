@@ -21,6 +21,7 @@ from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.prepare import PeerKeys, Prepared
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.text import printable
 
 
 async def _measure_rtt(control: ControlReader, count: int) -> float:
@@ -56,6 +57,10 @@ class DirectAttempt:
     def options(self) -> ConnectOptions:
         return self.prepared.options
 
+    def __post_init__(self) -> None:
+        self.answered: set[int] = set()
+        """Link ids the destination answered in this negotiation (replays are refused)."""
+
     def _round(self, role: Role, round_no: int, first_link_id: int = 1) -> PunchRound:
         listeners = self.prepared.listeners
         keys = self.keys
@@ -66,7 +71,12 @@ class DirectAttempt:
             port=self.prepared.port,
             remotes=self.remotes,
             authenticate=make_authenticator(
-                role, round_no, keys.static_private, keys.remote_public, keys.prologue
+                role,
+                round_no,
+                keys.static_private,
+                keys.remote_public,
+                keys.prologue,
+                self.answered,
             ),
             timing=self.options.timing,
             log=self.log,
@@ -93,9 +103,10 @@ class DirectAttempt:
             winner = await _race(punch, self.options.timing.round_timeout)
             self.report.pairs.extend(punch.pairs)
             if winner is not None:
-                await self.control.send(
-                    messages.Nominate(round=round_no, link=winner.link_id), step=f"round {round_no}"
+                nominate = messages.Nominate(
+                    round=round_no, link=winner.link_id, handshake=winner.handshake_hash.hex()
                 )
+                await self.control.send(nominate, step=f"round {round_no}")
                 return winner
             reason = _round_reason(punch.pairs)
             self.log.info("round %d failed: %s", round_no, reason)
@@ -112,8 +123,18 @@ class DirectAttempt:
         timing = self.options.timing
         wait = timing.round_timeout * 2 + self.options.control_timeout
         sync, _ = await self.control.receive(messages.Sync, step="waiting for sync")
+        expected = 1
         while True:
             round_no = sync.round
+            # this side's own limit: a source that keeps retrying cannot make it dial on
+            if round_no != expected:
+                raise ProtocolError(f"sync for round {round_no}, expected round {expected}")
+            if round_no > self.options.rounds:
+                raise ProtocolError(
+                    f"sync for round {round_no}: this side allows at most "
+                    f"{self.options.rounds} rounds"
+                )
+            expected += 1
             self.report.rounds = round_no
             punch = self._round("destination", round_no)
             links = _LinkBox()
@@ -152,9 +173,15 @@ class DirectAttempt:
                         f"peer nominated link {msg.link} of round {msg.round}, "
                         "which this side never authenticated"
                     )
+                if chosen.handshake_hash.hex() != msg.handshake:
+                    chosen.stream.socket.close()
+                    raise ProtocolError(
+                        f"peer nominated link {msg.link} with another handshake than the "
+                        "one this side completed for it (a replayed first message?)"
+                    )
                 return chosen
             if not msg.retry:
-                raise NoDirectPath(f"no direct link: {msg.reason}")
+                raise NoDirectPath(f"no direct link: {printable(msg.reason)}")
             sync, _ = await self.control.receive(messages.Sync, step="waiting for the next round")
 
 

@@ -96,7 +96,34 @@ def _canonical_ip(text: str, what: str = "address") -> str:
         raise CandidateError(f"{what} {text!r} is the broadcast address")
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local:
         raise CandidateError(f"{what} {text!r} is link-local IPv6, unusable without a scope id")
+    if isinstance(ip, ipaddress.IPv4Address) and ip.is_link_local:
+        raise CandidateError(f"{what} {text!r} is link-local IPv4 (169.254/16), not routable")
     return str(ip)
+
+
+def _check_remote_address(text: str) -> None:
+    """What a peer may not announce although this side accepts it in other places (the
+    control connection's address): an IPv4-mapped IPv6 literal -- the IPv4 address is to
+    be announced as such, so one endpoint has one spelling."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return  # _canonical_ip names what is wrong with it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise CandidateError(
+            f"candidate address {text!r} is IPv4-mapped IPv6; announce {ip.ipv4_mapped} instead"
+        )
+
+
+def is_loopback_address(text: str) -> bool:
+    """127/8, ::1 (and their IPv4-mapped spelling)."""
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def check_port(port: object, what: str = "port") -> int:
@@ -276,6 +303,7 @@ class Candidate:
             raise CandidateError(f"candidate transport {transport!r} is not tcp")
         if not _DIGITS.fullmatch(priority) or not 1 <= int(priority) <= _MAX_PRIORITY:
             raise CandidateError(f"candidate priority {priority!r} is not an integer 1-2^31-1")
+        _check_remote_address(host)
         address = _canonical_ip(host, "candidate address")
         if not _DIGITS.fullmatch(port) or not 1 <= int(port) <= 65535:
             raise CandidateError(f"candidate port {port!r} is not an integer 1-65535")

@@ -9,10 +9,17 @@ tunnel pumps (``net.tunnel``, ``net.tunnel_pump``) move bytes by these rules.
 
 from __future__ import annotations
 
-from holepunch_mig.errors import ProtocolError
+from holepunch_mig.errors import FlowControlError, ProtocolError
 from holepunch_mig.wire import messages
 
-__all__ = ["DEFAULT_CREDIT_BATCH", "DEFAULT_WINDOW", "MAX_CHUNK", "ReceiveWindow", "SendCredit"]
+__all__ = [
+    "DEFAULT_CREDIT_BATCH",
+    "DEFAULT_WINDOW",
+    "MAX_CHUNK",
+    "ReceiveWindow",
+    "SendCredit",
+    "StreamWindow",
+]
 
 DEFAULT_WINDOW = 16 << 20
 """Bytes a receiver lets the sender have in flight; >= the bandwidth-delay product."""
@@ -80,7 +87,7 @@ class ReceiveWindow:
         if n == 0:
             raise ProtocolError("empty tunnel data message")
         if n > self.outstanding:
-            raise ProtocolError(
+            raise FlowControlError(
                 f"peer sent {n} tunnel bytes with only {self.outstanding} bytes of credit "
                 f"left (window {self.window}): it ignores flow control"
             )
@@ -100,3 +107,36 @@ class ReceiveWindow:
         grant, self.unreturned = self.unreturned, 0
         self.outstanding += grant
         return grant
+
+
+class StreamWindow:
+    """The receiving side of one multiplexed stream's window (docs/protocol.md section
+    5): the peer may have at most ``window`` bytes of the stream unacknowledged; ACK
+    records carry the bytes delivered so far.  Bytes beyond that are refused, so a peer
+    that ignores the ACKs cannot grow this side's queue."""
+
+    def __init__(self, window: int) -> None:
+        if window <= 0:
+            raise ValueError(f"stream window must be positive, got {window}")
+        self.window = window
+        self.received = 0
+        """Bytes of the stream that arrived."""
+        self.acked = 0
+        """The highest count this side has put (or is putting) in an ACK."""
+
+    def on_data(self, n: int) -> None:
+        """``n`` bytes of DATA arrived; raises FlowControlError beyond the window."""
+        if self.received + n - self.acked > self.window:
+            raise FlowControlError(
+                f"peer has {self.received + n - self.acked} bytes unacknowledged, beyond "
+                f"the {self.window}-byte window: it ignores flow control"
+            )
+        self.received += n
+
+    def ack_due(self, delivered: int, every: int) -> bool:
+        """True (and the ACK counted) when ``delivered`` is ``every`` bytes past the last
+        ACK: the caller sends ACK(``delivered``) now."""
+        if delivered - self.acked < every:
+            return False
+        self.acked = delivered
+        return True

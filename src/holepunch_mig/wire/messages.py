@@ -135,6 +135,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
     "nominate": {
         "round": (_check_uint, "an unsigned integer", True),
         "link": (_check_uint, "an unsigned integer", True),
+        # the chosen link's Noise handshake hash: binds the nomination to one handshake
+        "handshake": (_check_hex32, "64 lowercase hex digits (the link's handshake hash)", True),
     },
     "round-failed": {
         "round": (_check_uint, "an unsigned integer", True),
@@ -170,6 +172,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "port": (_check_port, "a TCP port 1-65535", True),
         "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
         "reason": (_check_short_str, "a string of at most 4096 characters", True),
+        # HMAC under the last link's resume key (wire.resume_auth)
+        "mac": (_check_hex32, "64 lowercase hex digits (HMAC-SHA256)", True),
     },
     # destination -> source: its fresh key and candidates, and where the stream resumes
     "resume-answer": {
@@ -179,6 +183,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "port": (_check_port, "a TCP port 1-65535", True),
         "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
         "bytes": (_check_uint, "an unsigned integer", True),
+        "mac": (_check_hex32, "64 lowercase hex digits (HMAC-SHA256)", True),
     },
     # -- more links (docs/protocol.md section 9): parallel links of one session --
     # source -> destination: punch link number `index` (>= 1; the first link is 0)
@@ -288,6 +293,7 @@ class Nominate(Message):
     TYPE: ClassVar[str] = "nominate"
     round: int
     link: int
+    handshake: str
 
 
 @dataclass(frozen=True)
@@ -349,6 +355,7 @@ class ResumeOffer(Message):
     port: int
     candidates: list[str]
     reason: str
+    mac: str
 
 
 @dataclass(frozen=True)
@@ -360,6 +367,7 @@ class ResumeAnswer(Message):
     port: int
     candidates: list[str]
     bytes: int
+    mac: str
 
 
 @dataclass(frozen=True)
@@ -471,6 +479,22 @@ def encode(event: Event) -> bytes:
     return out
 
 
+class _DuplicateMember(Exception):
+    """A JSON object named one member twice (raised out of the JSON parser)."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with unique member names only: the prologue hashes the raw bytes, so
+    two readers that kept different copies of a member would agree on a hash and not on
+    the message."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _DuplicateMember(name)
+        out[name] = value
+    return out
+
+
 def decode(data: bytes) -> Event:
     """Decode one message; any deviation raises :class:`ProtocolError` naming it."""
     if not data:
@@ -489,7 +513,9 @@ def decode(data: bytes) -> Event:
     if kind != KIND_CONTROL:
         raise ProtocolError(f"unknown message kind 0x{kind:02x}")
     try:
-        obj = json.loads(bytes(data[1:]).decode("utf-8"))
+        obj = json.loads(bytes(data[1:]).decode("utf-8"), object_pairs_hook=_unique_members)
+    except _DuplicateMember as exc:
+        raise ProtocolError(f"control message has a duplicate member {str(exc)[:64]!r}") from None
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"control message is not UTF-8: {exc.reason}") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, nesting

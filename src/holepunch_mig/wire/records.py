@@ -65,7 +65,6 @@ _NONCE = struct.Struct(">4xQ")
 _REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
 _MAX_COUNTER = (1 << 64) - 1  # nonce 2**64-1 is reserved for REKEY
 _ZERO_DIGEST = bytes(32)
-_MUX_TYPES = range(0x10, 0x20)
 
 
 class RecordType(enum.IntEnum):
@@ -75,7 +74,8 @@ class RecordType(enum.IntEnum):
     ACK = 0x04
     CLOSE = 0x05
     OPEN = 0x10
-    """Multiplexing (``migration.mux``): a new stream; 0x10-0x1f are the mux's range."""
+    """Multiplexing (``migration.mux``): a new stream.  0x11-0x1f are reserved for later
+    multiplexing records and, like every other undefined type, rejected from the header."""
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)
@@ -84,6 +84,7 @@ _FIXED_LEN: dict[int, int] = {
     RecordType.END: END_PAYLOAD.size,
     RecordType.ACK: ACK_PAYLOAD.size,
     RecordType.CLOSE: 0,
+    RecordType.OPEN: 0,
 }
 
 
@@ -176,7 +177,7 @@ class RecordSealer:
         self._broken: str | None = None
 
     def _check_record(self, type: int, stream: int, n: int) -> None:
-        if type not in _KNOWN_TYPES and type not in _MUX_TYPES:
+        if type not in _KNOWN_TYPES:
             raise RecordError(f"cannot send record type 0x{type:02x}: not a defined type")
         if not 0 <= stream <= 0xFFFF:
             raise RecordError(f"stream id {stream} out of range 0..65535")
@@ -242,7 +243,7 @@ class RecordOpener:
             raise self._fail(
                 RecordError(f"record {rec_no}: reserved header byte is 0x{reserved:02x}, not 0")
             )
-        if rtype not in _KNOWN_TYPES and rtype not in _MUX_TYPES:
+        if rtype not in _KNOWN_TYPES:
             raise self._fail(RecordError(f"record {rec_no}: unknown record type 0x{rtype:02x}"))
         if length > self.max_record:
             raise self._fail(
@@ -317,17 +318,29 @@ def end_payload(total: int, digest: bytes = b"") -> bytes:
     return END_PAYLOAD.pack(total, digest or _ZERO_DIGEST)
 
 
-def verify_end(stream: int, payload: memoryview, total: int, mine: bytes) -> None:
+def verify_end(
+    stream: int, payload: memoryview, total: int, mine: bytes, *, require_digest: bool = False
+) -> bool:
     """Check an END of ``stream`` against the ``total`` bytes that arrived and their
-    SHA-256 ``mine`` (b"" = not hashed here); a zero digest means the sender did not hash."""
+    SHA-256 ``mine`` (b"" = not hashed here); a zero digest means the sender did not hash.
+
+    Returns True only when both digests were there and compared equal: a zero digest
+    checks the count, never the content.  ``require_digest`` (resume) makes a missing
+    digest on either side a StreamMismatch."""
     count, their = END_PAYLOAD.unpack(payload)
     if count != total:
         raise StreamMismatch(f"stream {stream}: END says {count} bytes but {total} arrived")
+    if require_digest and (their == _ZERO_DIGEST or not mine):
+        side = "the sender's END" if their == _ZERO_DIGEST else "this side"
+        raise StreamMismatch(
+            f"stream {stream}: {side} has no SHA-256 of the stream; it is mandatory here"
+        )
     if mine and their != _ZERO_DIGEST and their != mine:
         raise StreamMismatch(
             f"stream {stream}: SHA-256 mismatch over {total} bytes "
             f"(sender {their.hex()}, received {mine.hex()})"
         )
+    return bool(mine) and their != _ZERO_DIGEST
 
 
 def abort_payload(reason: str) -> bytes:
