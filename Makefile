@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 SYSTEM := .ci/system-packages.sh
 DPKG_STATUS := /var/lib/dpkg/status
 
@@ -15,15 +16,22 @@ DPKG_STATUS := /var/lib/dpkg/status
 $(VENV)/.system-%: $(SYSTEM) $(wildcard $(DPKG_STATUS))
 	$(SYSTEM) $* $@
 
-# the venv needs python3-venv, in the demo's (smallest) set
-$(STAMP): pyproject.toml | $(VENV)/.system-demo
+# the venv needs python3-venv, in the demo's (smallest) set.  The demo installs the
+# package alone (its runtime dependencies); the test tools come with `make test`.
+$(DEMO_STAMP): pyproject.toml | $(VENV)/.system-demo
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml $(DEMO_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(VENV)/.system-demo $(STAMP)
+demo: $(VENV)/.system-demo $(DEMO_STAMP)
 	$(BIN)/python examples/demo.py
+	@echo "the command is installed in $(VENV): run $(BIN)/holepunch-mig --help," \
+		"or activate the venv first (. $(BIN)/activate) and run holepunch-mig --help"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples fuzz

@@ -12,8 +12,11 @@ set -eu
 # demo: the venv, and as root the two firewalled namespaces (ip, ss; nft; sysctl).
 demo="python3-venv iproute2 nftables procps"
 # test: + NAT mapping deletion (conntrack), STUN servers (coturn), the lab's delay
-# stage (iptables' NFQUEUE target; nft's own `queue` is not in the kernel), QEMU.
-test="$demo conntrack coturn iptables qemu-system-x86"
+# stage (iptables' NFQUEUE target; nft's own `queue` is not in the kernel), QEMU,
+# libvirt's daemons and virsh for the libvirt lab, and what pip needs to build the
+# libvirt Python binding (the `libvirt` extra) against them.
+test="$demo conntrack coturn iptables qemu-system-x86 libvirt-daemon-system libvirt-clients"
+test="$test libvirt-dev pkg-config gcc python3-dev"
 
 case "${1-}" in
 demo) need=$demo ;;

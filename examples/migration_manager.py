@@ -8,7 +8,7 @@ pins the other's, so the control channel authenticates both proxies (``KEYS`` be
 ``--identity HOST.key --peers PEER.pub``; a manager could hand out ``--psk-file`` instead):
 
 1. destination: QEMU with ``-incoming defer``; QMP ``migrate-incoming unix:IN``;
-   ``holepunch-mig migrate-proxy destination --connect-unix IN --control-listen :7070 KEYS``
+   ``holepunch-mig migrate-proxy destination --connect-unix IN --control-listen 0.0.0.0:7070 KEYS``
 2. source: ``holepunch-mig migrate-proxy source --listen-unix OUT --control DST:7070 KEYS``
    authenticates the control channel, punches a TCP link, authenticates it (Noise KK,
    bound to the control session) and prints ``ready unix:OUT``
@@ -27,7 +27,9 @@ and looks ``getfd`` names up on the monitor that received them):
 3. the manager watches ``query-migrate`` on its own monitor until it is over
 4. as above
 
-Run as root (namespaces):  ``sudo PYTHONPATH=src python examples/migration_manager.py``
+Run as root (namespaces), after ``make demo`` (which creates ``.venv``), from the
+checkout: ``sudo .venv/bin/python examples/migration_manager.py`` (the venv's python has
+the package and its dependencies; the system python has neither).
 Options: ``--mem 512 --multifd 4 --mode handoff``.  The manager itself is
 :func:`holepunch_mig.lab.qemu_lab.migrate_in_lab`, which the test suite runs too.
 """
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import trio
 
-from holepunch_mig.lab import Lab, presets
+from holepunch_mig.lab import Lab, LabError, presets
 from holepunch_mig.lab.qemu_lab import migrate_in_lab
 
 
@@ -51,15 +53,22 @@ async def main() -> int:
     ap.add_argument("--multifd", type=int, default=0, help="multifd channels (0: off)")
     ap.add_argument("--mode", choices=("mux", "handoff"), default="mux", help="proxy mode")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hpm-manager-") as tmp, Lab(presets()["fw-fw"]) as lab:
-        outcome = await migrate_in_lab(
-            lab,
-            Path(tmp),
-            mem_mib=args.mem,
-            multifd=args.multifd,
-            log=sys.stderr.buffer,
-            mode=args.mode,
-        )
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="hpm-manager-") as tmp,
+            Lab(presets()["fw-fw"]) as lab,
+        ):
+            outcome = await migrate_in_lab(
+                lab,
+                Path(tmp),
+                mem_mib=args.mem,
+                multifd=args.multifd,
+                log=sys.stderr.buffer,
+                mode=args.mode,
+            )
+    except LabError as exc:  # the proxies refused or the lab could not be built: one line
+        print(f"migration_manager: {exc}", file=sys.stderr)
+        return 1
     q = outcome.qemu
     print(
         f"QEMU: {q.status} in {q.wall_seconds:.3f} s, {q.transferred} bytes ({q.mb_per_s:.0f} MB/s)"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from holepunch_mig.errors import (
     ChannelClosed,
+    CommitFailed,
     ControlAuthError,
     ControlRejected,
     ControlTimeout,
     CredentialError,
+    HandoffRefused,
     HandshakeError,
     HolepunchError,
     NoDirectPath,
@@ -19,8 +21,10 @@ from holepunch_mig.errors import (
     PeerAbort,
     ProtocolError,
     RecordError,
+    ResumeFailed,
     TransferError,
     TruncatedStream,
+    TunnelRefused,
     UnknownPeer,
 )
 from holepunch_mig.migration.api import (
@@ -56,9 +60,10 @@ from holepunch_mig.net.secure_control import (
     connect_authenticated,
     secure,
 )
-from holepunch_mig.report import PairReport, Report
+from holepunch_mig.report import Interruption, PairReport, Report
 from holepunch_mig.session.api import (
     BlockingLink,
+    abort,
     connect,
     connect_asyncio,
     connect_blocking,
@@ -75,6 +80,7 @@ __all__ = [
     "BlockingLink",
     "BlockingMigrationProxy",
     "ChannelClosed",
+    "CommitFailed",
     "ConnectOptions",
     "ControlAuth",
     "ControlAuthError",
@@ -82,9 +88,11 @@ __all__ = [
     "ControlRejected",
     "ControlTimeout",
     "CredentialError",
+    "HandoffRefused",
     "HandshakeError",
     "HolepunchError",
     "Identity",
+    "Interruption",
     "Link",
     "MigrationError",
     "MigrationProgress",
@@ -101,13 +109,16 @@ __all__ = [
     "PunchTiming",
     "RecordError",
     "Report",
+    "ResumeFailed",
     "SecureChannel",
     "StreamChannel",
     "StreamReport",
     "TransferError",
     "TransferResult",
     "TruncatedStream",
+    "TunnelRefused",
     "UnknownPeer",
+    "abort",
     "accept_authenticated",
     "connect",
     "connect_asyncio",

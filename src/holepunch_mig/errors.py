@@ -223,6 +223,10 @@ class MuxPeerAbort(MuxError, PeerAbort):
     """The peer sent ABORT."""
 
 
+class LibvirtMissing(HolepunchError):
+    """The libvirt Python binding is not installed (the ``libvirt`` extra)."""
+
+
 class MuxWindowExceeded(MuxError, FlowControlError):
     """The peer of the multiplexed link sent DATA beyond a stream's window (it ignored
     the ACKs), which would otherwise grow this side's memory with whatever it sends."""
@@ -269,6 +273,11 @@ class LabError(HolepunchError):
 class LabUnsupported(LabError, NotImplementedError):
     """The spec asks for something the lab does not implement (e.g. ``rtt_ms`` above
     :data:`MAX_RTT_MS`)."""
+
+
+class ProxyNotReady(LabError, RuntimeError):
+    """A lab migration's source proxy exited (or said something else) instead of
+    ``ready URI``; the message carries its verdict when its report has one."""
 
 
 class DelayError(OSError):

@@ -150,8 +150,11 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
-    def summary(self) -> str:
-        """A few plain lines for stderr."""
+    def summary(self, *, verdict: bool = True) -> str:
+        """A few plain lines for stderr.  Once a path is up only the nominated pair is
+        shown and the others are counted (the JSON has them all: an unreachable private
+        address of the peer is normal, not news); a failed session lists every pair.
+        ``verdict=False`` leaves the verdict out for a caller that prints it itself."""
         lines = [f"session {self.session} ({self.role}): path {self.path}"]
         if self.fell_back:
             lines[0] += " (FALLBACK: the direct path failed)"
@@ -159,19 +162,26 @@ class Report:
             lines.append(f"  why: {self.path_reason}")
         if self.control_peer:
             lines.append(f"  control peer: {self.control_peer}")
-        if self.local and self.remote:
+        if self.local and self.remote and self.path == "direct":
             lines.append(f"  link {self.local} <-> {self.remote}")
         if self.time_to_link is not None:
             rtt = f"{self.rtt * 1000:.2f} ms" if self.rtt is not None else "n/a"
-            lines.append(
-                f"  time to link {self.time_to_link:.3f} s, control RTT {rtt}, rounds {self.rounds}"
-            )
-        for pair in self.pairs:
-            detail = f" ({pair.detail})" if pair.detail else ""
-            lines.append(
-                f"  round {pair.round} {pair.direction:8} {pair.local} -> {pair.remote}: "
-                f"{pair.outcome}{detail}"
-            )
+            rounds = f"{self.rounds} round{'s' if self.rounds != 1 else ''}"
+            lines.append(f"  time to link {self.time_to_link:.3f} s, control RTT {rtt}, {rounds}")
+        if self.path == "none":
+            for pair in self.pairs:
+                detail = f" ({pair.detail})" if pair.detail else ""
+                lines.append(
+                    f"  round {pair.round} {pair.direction:8} {pair.local} -> {pair.remote}: "
+                    f"{pair.outcome}{detail}"
+                )
+        else:
+            others = [p for p in self.pairs if p.outcome != "nominated"]
+            if others:
+                lines.append(
+                    f"  {len(others)} other pair{'s' if len(others) != 1 else ''} tried: "
+                    f"{count_outcomes(others)} (every pair is in the JSON report)"
+                )
         if self.bytes is not None:
             rate = ""
             if self.seconds:
@@ -194,6 +204,16 @@ class Report:
             )
         for note in self.notes:
             lines.append(f"  note: {note}")
-        if self.verdict:
+        if self.verdict and verdict:
             lines.append(f"  verdict: {self.verdict}")
         return "\n".join(lines)
+
+
+def count_outcomes(pairs: list[PairReport]) -> str:
+    """ "9 timed out, 3 unreachable": how many pairs ended which way, most first."""
+    if not pairs:
+        return "no candidate pairs"
+    counts: dict[str, int] = {}
+    for pair in pairs:
+        counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
+    return ", ".join(f"{n} {o}" for o, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

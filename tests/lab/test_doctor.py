@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -93,3 +94,36 @@ def test_doctor_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert cli.main(["doctor"]) == 2
     assert "--stun" in capsys.readouterr().err
+
+
+@pytest.mark.netns
+def test_doctor_merges_a_repeated_server(lab_factory: Factory) -> None:
+    """The same server twice is probed once and said so, not read as endpoint-dependent."""
+    lab = lab_factory("nat-nat")
+    run = lab.run(
+        "left",
+        [*DOCTOR, "--stun", "198.51.100.3:3478", "--stun", "198.51.100.3:3478", "--json"],
+        timeout=30,
+        capture_output=True,
+        env=cli_env(),
+    )
+    res = json.loads(run.stdout)
+    assert res["servers"] == ["198.51.100.3:3478"]
+    assert len(res["results"]) == 1
+    assert res["mapping"] != "endpoint-dependent"
+    assert "given more than once (198.51.100.3:3478)" in res["advice"][0]
+
+
+def test_doctor_names_an_unresolvable_server() -> None:
+    """A name that does not resolve is reported as such, not as "no answer"."""
+    run = subprocess.run(
+        [*DOCTOR, "--stun", "stun.invalid:3478", "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+    )
+    assert run.returncode == 1
+    assert "cannot resolve STUN server name 'stun.invalid'" in run.stdout, run.stdout
+    assert "no answer within" not in run.stdout
+    assert "Errno" not in run.stdout

@@ -4,6 +4,8 @@ through, down removes everything."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testsupport.lab import require_netns, run_cli
+from testsupport.lab import CLI, cli_env, require_netns, run_cli
 
+from holepunch_mig.cli import lab as lab_cli
 from holepunch_mig.cli import main as cli
-from holepunch_mig.lab import STATE_DIR, Lab
+from holepunch_mig.lab import STATE_DIR, Lab, LabError
+from holepunch_mig.lab.spec import spec_from_dict
 
 SPEC = """\
 # a double NAT on the left, a firewall that rejects on the right, 20 ms between them
@@ -27,7 +31,7 @@ nat = "double"
 
 [right]
 firewall = "reject"
-allow_inbound_tcp = [7070]
+allow_inbound_tcp = [7070, 8022]
 """
 
 
@@ -64,6 +68,15 @@ def test_up_exec_list_down(up_lab: dict[str, object]) -> None:
     assert hosts["left"]["public_address"] == "198.51.100.10"
     assert info["stun"] == ["198.51.100.3:3478", "198.51.100.4:3478"]
     assert info["right_control"] == "198.51.100.20:7070"
+    # every port the spec opens gets its "reachable at" line, not only the control port
+    assert info["reachable"] == [
+        {"side": "right", "port": 7070, "at": "198.51.100.20:7070"},
+        {"side": "right", "port": 8022, "at": "198.51.100.20:8022"},
+    ]
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        lab_cli._print_info(info)
+    assert "right's port 8022 is reachable at 198.51.100.20:8022" in shown.getvalue()
     namespaces = set(info["namespaces"])  # type: ignore[arg-type]
     assert namespaces <= netns_list(), "the lab must outlive `lab up`"
 
@@ -106,19 +119,25 @@ def test_up_exec_list_down(up_lab: dict[str, object]) -> None:
 
 
 @pytest.mark.netns
-def test_down_all_and_default_is_newest() -> None:
+def test_down_without_a_name_never_guesses() -> None:
     require_netns()
     a = run_cli("lab", "up", "--preset", "open-open", "--name", "cli-a", "--json")
     b = run_cli("lab", "up", "--preset", "fw-fw", "--name", "cli-b", "--json")
     try:
         assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
         # no --lab: the newest (cli-b, firewall drop) answers
-        ex = run_cli("lab", "exec", "right", "--", "nft", "list", "ruleset")
+        ex = run_cli("lab", "exec", "--lab", "cli-b", "right", "--", "nft", "list", "ruleset")
         assert ex.returncode == 0 and "drop" in ex.stdout
+        # a program that does not exist: 127, as a shell says, not ip's 1
+        missing = run_cli("lab", "exec", "--lab", "cli-b", "left", "--", "no-such-program-x")
+        assert missing.returncode == 127, missing.stderr
+        assert "no-such-program-x: command not found" in missing.stderr
+        # several labs up (another test's or user's may be newer): name one
         first = run_cli("lab", "down")
-        assert "cli-b" in first.stdout
+        assert first.returncode == 2, first.stdout + first.stderr
+        assert "several labs are up" in first.stderr and "cli-a" in first.stderr
         names = {st["name"] for st in Lab.list_labs() if st.get("detached")}
-        assert "cli-a" in names and "cli-b" not in names
+        assert {"cli-a", "cli-b"} <= names
     finally:
         for name in ("cli-a", "cli-b"):
             run_cli("lab", "down", name)
@@ -129,9 +148,39 @@ def test_lab_needs_root(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    for argv in (["lab", "list"], ["lab", "up", "--preset", "fw-fw"], ["lab", "down"]):
+    for argv in (["lab", "up", "--preset", "fw-fw"], ["lab", "down"]):
         assert cli.main(argv) == 1
         assert "needs root" in capsys.readouterr().err
+
+
+def test_lab_list_reads_without_root() -> None:
+    """`lab list` only reads the state files: a plain user runs the real command."""
+    require_netns()
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, "lab", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "needs root" not in proc.stderr
+    assert proc.stdout.startswith(("name ", "no labs"))
+
+
+def test_spec_errors_come_all_at_once() -> None:
+    with pytest.raises(LabError) as err:
+        spec_from_dict(
+            {"left": {"nat": "cone", "colour": 1}, "right": {"firewall": "maybe"}, "rtt_ms": "x"}
+        )
+    text = str(err.value)
+    for part in (
+        "left.nat must be one of",
+        "unknown key(s) ['colour'] in left",
+        "right.firewall must be one of",
+        "rtt_ms must be an integer",
+    ):
+        assert part in text, text
 
 
 def test_up_rejects_bad_spec(tmp_path: Path) -> None:

@@ -52,6 +52,15 @@ def test_quick_matrix_has_no_regressions(tmp_path: Path) -> None:
     known_bad = [n for n, c in cells.items() if not c["matches_expected"]]
     assert proc.returncode == (1 if known_bad else 0), proc.stdout + proc.stderr
     assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # each cell once: its line on stderr as it finishes, not again on stdout
+    for name in cells:
+        said = [
+            x
+            for x in (proc.stdout + proc.stderr).splitlines()
+            if x.startswith("[") and x.split("]", 1)[1].split()[:1] == [name]
+        ]
+        assert len(said) == 1, said
+    assert "cells as expected" in proc.stdout
     if known_bad:
         import warnings
 

@@ -25,7 +25,7 @@ import trio
 from testsupport.lab import require_netns
 from testsupport.qemu import require_qemu
 
-from holepunch_mig.errors import ProtocolError, ProxyError
+from holepunch_mig.errors import ProtocolError, ProxyError, ProxyNotReady
 from holepunch_mig.lab import CONTROL_PORT, Lab, presets
 from holepunch_mig.lab.qemu_lab import migrate_in_lab
 from holepunch_mig.migration.api import (
@@ -501,11 +501,40 @@ def test_handoff_refuses_multifd_in_lab(fw_lab: Lab, image: Path, tmp_path: Path
                 fw_lab, tmp_path, mem_mib=MEM_MIB, ram_image=image, mode="handoff", multifd=4
             )
 
-    with pytest.raises(RuntimeError, match="did not get ready"):
+    with pytest.raises(ProxyNotReady, match="did not get ready") as err:
         trio.run(main)
     report = json.loads((tmp_path / "source-proxy.json").read_text())
     assert report["ok"] is False and report["mode"] == "handoff"
     assert "multifd" in report["verdict"] and "--mode mux" in report["verdict"]
+    assert report["verdict"] in str(err.value)  # the manager sees the proxy's reason
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+def test_example_manager_ends_in_one_line_when_the_proxies_refuse() -> None:
+    require_netns()
+    require_qemu()
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "migration_manager.py"),
+            "--mode",
+            "handoff",
+            "--multifd",
+            "2",
+            "--mem",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("migration_manager: source proxy did not get ready (exit 1): ")
+    assert "multifd" in last
 
 
 def test_cli_handoff_usage_errors(tmp_path: Path) -> None:

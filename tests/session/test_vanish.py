@@ -272,18 +272,18 @@ def cases() -> list[Case]:
         Case("after-sync", "source", "close", ChannelClosed,
              r"closed by the peer while sending round-failed \(round 1\)",
              on("recv", messages.Sync)),
-        Case("after-sync", "source", "silent", NoDirectPath, "no direct link after 1 rounds",
+        Case("after-sync", "source", "silent", NoDirectPath, "no direct link after 1 round ",
              on("recv", messages.Sync)),
         # mid-handshake: TCP connected, then the peer closes or says nothing
         Case("handshake", "source", "close", ChannelClosed,
              r"closed by the peer while sending round-failed \(round 1\)",
              in_handshake=True),
-        Case("handshake", "source", "silent", NoDirectPath, "1 rounds: .*rejected",
+        Case("handshake", "source", "silent", NoDirectPath, r"1 round \(.*rejected",
              in_handshake=True),
         Case("handshake", "destination", "close", ChannelClosed,
              r"waiting for nominate or round-failed \(round 1\)", in_handshake=True, grouped=True),
         # the frozen authenticator times out; the source carries on and ends the round
-        Case("handshake", "destination", "silent", NoDirectPath, "no direct link: .*rejected",
+        Case("handshake", "destination", "silent", NoDirectPath, r"after 1 round \(.*rejected",
              in_handshake=True),
         # mid-transfer: the link is cut (socket shutdown), the peer vanishes
         Case("mid-transfer", "source", "close", TransferError, r"sending failed after \d+ bytes",
@@ -293,6 +293,9 @@ def cases() -> list[Case]:
         # all data sent, END never comes / the verdict never comes
         Case("before-end", "destination", "close", TruncatedStream,
              r"link ended at the start of record 1\b", peer_action=send_data_without_end),
+        Case("before-end", "destination", "silent", TruncatedStream,
+             r"link silent for 2 s after 1048576 bytes, before end-of-stream",
+             peer_action=send_data_without_end),
         Case("before-verdict", "source", "close", ChannelClosed,
              r"waiting for result \(waiting for the destination's verdict\)",
              peer_action=receive_then_no_verdict),
@@ -521,9 +524,10 @@ def test_cli_sender_killed_mid_transfer_leaves_no_output(tmp_path: Path) -> None
     assert elapsed < 10
     # resume is on in the CLI: the receiver waits for the sender to re-punch, and learns
     # from the control channel that it is gone
-    assert (b"TruncatedStream" in err and b"before CLOSE" in err) or (
-        b"ChannelClosed" in err and b"waiting for resume-offer" in err
+    assert (b"before CLOSE" in err) or (
+        b"control channel" in err and b"waiting for resume-offer" in err
     ), err.decode()
+    assert b"TruncatedStream" not in err and b"ChannelClosed" not in err  # no class names
     assert not (tmp_path / "out.bin").exists()
     assert not _part_files(tmp_path)
 
@@ -555,7 +559,10 @@ def test_cli_receiver_killed_mid_transfer(tmp_path: Path) -> None:
         _kill(send, recv)
     assert send.returncode == 1, err.decode()
     assert elapsed < 15
-    assert b"TransferError: sending failed after" in err or b"verdict" in err, err.decode()
+    assert b"sending failed after" in err or b"verdict" in err or b"control channel" in err, (
+        err.decode()
+    )
+    assert b"TransferError" not in err  # words, not class names
     # SIGKILL leaves the temporary file behind, but never under the final name
     assert not (tmp_path / "out.bin").exists()
     assert all(p.name.endswith(".part") for p in tmp_path.iterdir())

@@ -73,6 +73,7 @@ def test_opener_refuses_tampering_and_stays_failed() -> None:
         (HEADER.pack(0x20, 0, 0, 0), RecordError, "unknown record type 0x20"),
         (HEADER.pack(1, 0, 0, 101), RecordTooLarge, "length 101 exceeds max record 100"),
         (HEADER.pack(2, 0, 0, 3), RecordError, "END payload must be 40 bytes, header says 3"),
+        (HEADER.pack(0x10, 0, 1, 33), RecordError, "OPEN label of 33 bytes > 32"),
     ],
 )
 def test_header_validator(header: bytes, error: type[RecordError], message: str) -> None:
@@ -81,6 +82,17 @@ def test_header_validator(header: bytes, error: type[RecordError], message: str)
     frame[: HEADER.size] = header
     with pytest.raises(error, match=message):
         opener._check_header(frame, 4)
+
+
+def test_open_carries_a_channel_label_of_at_most_32_bytes() -> None:
+    sealer, opener = RecordSealer(KEY, max_record=100), RecordOpener(KEY, max_record=100)
+    frame = _frame()
+    sealer._seal_into(frame, RecordType.OPEN, 1, b"nbd")
+    rec = opener._open(frame, *opener._check_header(frame, 0))
+    assert (rec.type, rec.stream, bytes(rec.payload)) == (RecordType.OPEN, 1, b"nbd")
+    with pytest.raises(RecordError, match="OPEN channel label is 33 bytes, max 32"):
+        sealer._check_record(RecordType.OPEN, 2, 33)
+    sealer._check_record(RecordType.OPEN, 2, 32)
 
 
 def test_sealer_refuses_records_after_close() -> None:

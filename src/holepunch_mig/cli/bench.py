@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
 from holepunch_mig.bench.chart import render_png
 from holepunch_mig.bench.harness import run_bench
+from holepunch_mig.bench.libvirt_cells import ROWS as LIBVIRT_ROWS
+from holepunch_mig.bench.libvirt_cells import render_libvirt_table, run_libvirt_cells
 from holepunch_mig.bench.model import GIB, REGISTRY, BenchConfig, BenchResult, default_rows
 from holepunch_mig.bench.report import load_result, render_markdown, render_text
 from holepunch_mig.cli.common import write_chart
@@ -103,6 +106,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help="measure nothing: re-render the page and chart from an earlier --json",
     )
+    lv = p.add_argument_group(
+        "libvirt rows",
+        "--libvirt runs only these: the same random-RAM domain migrated by libvirt between "
+        "two libvirt daemons in the lab (fw-fw), interleaved, ratio to the first row: "
+        "native direct over plain TCP, --tunnelled, holepunch_mig (root; libvirtd, QEMU "
+        "and the libvirt extra)",
+    )
+    lv.add_argument("--libvirt", action="store_true", help="run the libvirt rows only")
+    lv.add_argument("--libvirt-runs", type=int, default=3, help="migrations per row (default 3)")
+    lv.add_argument("--libvirt-mem", type=int, default=256, help="guest MiB (default 256)")
+    lv.add_argument(
+        "--libvirt-rows",
+        default=",".join(LIBVIRT_ROWS),
+        metavar="ROW,...",
+        help=f"rows, first is the baseline (default {','.join(LIBVIRT_ROWS)})",
+    )
+    lv.add_argument(
+        "--libvirt-parallel",
+        default="0",
+        metavar="N,...",
+        help="multifd connections per group (default 0; tunnelled is skipped with N > 0)",
+    )
     p.set_defaults(run=_run)
 
 
@@ -110,7 +135,28 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _run_libvirt(args: argparse.Namespace) -> int:
+    try:
+        cells = run_libvirt_cells(
+            mem=args.libvirt_mem,
+            runs=args.libvirt_runs,
+            rows=[r for r in args.libvirt_rows.split(",") if r],
+            parallel=_ints(args.libvirt_parallel),
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+    except (BenchError, ModuleNotFoundError) as exc:
+        print(f"holepunch-mig bench --libvirt: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(render_libvirt_table(cells))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([c.to_dict() for c in cells], indent=2) + "\n")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.libvirt:
+        return _run_libvirt(args)
     gib = args.gib if args.gib is not None else (1.0 if args.quick else 2.0)
     runs = args.runs if args.runs is not None else 3
     lab_runs = args.lab_runs if args.lab_runs is not None else (3 if args.quick else 20)

@@ -6,7 +6,11 @@ stderr, accepting the control connection, and writing a chart when matplotlib is
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import shlex
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +20,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.errors import CandidateError
-from holepunch_mig.net.control import ControlChannel
+from holepunch_mig.net.control import ControlChannel, open_process_channel
 from holepunch_mig.net.keyfiles import load_auth
 from holepunch_mig.net.secure_control import (
     SecureChannel,
@@ -32,35 +36,129 @@ from holepunch_mig.wire.text import printable
 __all__ = [
     "AUTH_OPTIONS",
     "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
     "EXIT_NO_PATH",
     "EXIT_OK",
     "EXIT_USAGE",
+    "LIBVIRT_HINT",
     "PLOT_HINT",
+    "PROG",
     "Progress",
+    "UsageError",
     "add_auth_options",
     "add_link_options",
+    "amount",
     "auth_usage_problem",
+    "bind_control",
+    "check_input",
+    "check_output_path",
+    "colour",
     "connect_options",
     "control_auth",
+    "describe",
     "dial_control",
     "endpoint",
+    "interrupted",
     "listen_control",
     "listen_endpoint",
     "named_endpoint",
     "say",
     "secure_existing",
     "setup_logging",
+    "source_control",
+    "warn",
     "write_chart",
 ]
 
+PROG = "holepunch-mig"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_PATH = 3
+EXIT_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A mistake in the command line found before anything is connected (exit 2)."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a person: the message without a Python class name.  An OSError is
+    its strerror and the file it concerns ("No such file or directory: 'x'")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc)
+    return text or type(exc).__name__.lower()
+
+
+def interrupted(exc: BaseException) -> bool:
+    """True for a KeyboardInterrupt, bare or inside exception groups (trio nurseries
+    wrap it when Ctrl-C lands while several tasks run)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(interrupted(e) for e in exc.exceptions)
+    return False
+
+
+def colour(text: str, code: str, stream: object = None) -> str:
+    """``text`` in an ANSI colour when ``stream`` (stderr) is a terminal and NO_COLOR is
+    unset (https://no-color.org)."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if os.environ.get("NO_COLOR") or not (isatty and isatty()):
+        return text
+    return f"\x1b[{code}m{text}\x1b[0m"
+
+
+def warn(text: str) -> None:
+    """A warning line that stands out: ``holepunch-mig: WARNING: ...`` (yellow on a TTY).
+    Only the text is escaped (it may carry peer text); the colour is ours."""
+    sys.stderr.write(f"{PROG}: " + colour("WARNING:", "1;33") + f" {printable(text)}\n")
+    sys.stderr.flush()
+
+
+def check_output_path(path: str, what: str) -> None:
+    """Raise UsageError unless ``path`` can be created: its directory exists and is
+    writable, and it is not a directory itself."""
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise UsageError(f"{what} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: directory {parent} is not writable")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"{what} {path} exists and is not writable")
+
+
+def check_input(path: str, what: str) -> None:
+    """Raise UsageError unless ``path`` is a readable file (or a pipe, a device)."""
+    target = Path(path)
+    if not target.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if target.is_dir():
+        raise UsageError(f"{what} {path} is a directory; give a file")
+    if not os.access(target, os.R_OK):
+        raise UsageError(f"{what} {path} is not readable")
+
+
+def amount(n: int, seconds: float) -> str:
+    """ "268.4 MB in 1.52 s, 176.6 MB/s": bytes, time and rate for a final line."""
+    rate = f", {n / seconds / 1e6:,.1f} MB/s" if seconds > 0 else ""
+    return f"{n / 1e6:,.1f} MB in {seconds:.2f} s{rate}"
 
 
 class Progress:
-    """Bytes, rate and ETA on stderr: a redrawn line on a TTY, a line a second otherwise."""
+    """Bytes, rate and ETA on stderr: a redrawn line on a TTY, a line a second otherwise.
+
+    The ETA is shown only while the total is not yet reached (an expected size is an
+    estimate: a migration may move more or less).  :meth:`finish` erases the redrawn
+    line, so what follows (the final line, or "interrupted") starts on a clean line."""
 
     def __init__(self, label: str, total: int | None) -> None:
         self.label = label
@@ -68,29 +166,51 @@ class Progress:
         self.start = time.monotonic()
         self.last = self.start  # first line after one interval, not at byte 0
         self.printed = False
+        self.done = 0
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last < (0.2 if self.tty else 1.0):
+        self.done = done
+        if not self._due():
             return
-        self.last = now
-        self.printed = True
-        elapsed = max(now - self.start, 1e-9)
+        elapsed = max(self.last - self.start, 1e-9)
         rate = done / elapsed
         text = f"{self.label}: {done / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s"
-        if self.total:
+        if self.total and done < self.total:
             eta = (self.total - done) / rate if rate else 0.0
             text += f", {100 * done / self.total:.0f} %, ETA {eta:.0f} s"
+        self._write(text)
+
+    def line(self, text: str) -> None:
+        """Show a caller-made progress line, at the same pace."""
+        if self._due():
+            self._write(text)
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 1.0):
+            return False
+        self.last = now
+        return True
+
+    def _write(self, text: str) -> None:
+        self.printed = True
         if self.tty:
             sys.stderr.write("\r" + text.ljust(78))
         else:
             sys.stderr.write(printable(text, keep_newlines=True) + "\n")
         sys.stderr.flush()
 
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
     def finish(self) -> None:
+        """Erase the redrawn line (idempotent)."""
         if self.tty and self.printed:
-            sys.stderr.write("\n")
+            sys.stderr.write("\r" + " " * 78 + "\r")
+            sys.stderr.flush()
+            self.printed = False
 
 
 def endpoint(text: str) -> tuple[str, int]:
@@ -110,7 +230,10 @@ def named_endpoint(text: str) -> tuple[str, int]:
 
 
 def listen_endpoint(text: str) -> tuple[str, int]:
-    """Where to listen: like a named endpoint, but the wildcard addresses are allowed."""
+    """Where to listen: like a named endpoint, but the wildcard addresses are allowed
+    (``:PORT`` is every IPv4 address, as ``0.0.0.0:PORT``)."""
+    if text.startswith(":") and text[1:].isdigit():
+        text = "0.0.0.0" + text
     for wildcard, host in (("0.0.0.0:", "0.0.0.0"), ("[::]:", "::")):
         if text.startswith(wildcard):
             _, port = named_endpoint("127.0.0.1:" + text[len(wildcard) :])
@@ -153,8 +276,37 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
+#: log messages that are news the command does not print itself (a stranger refused on
+#: the control port): shown without -v too, as one plain line each
+_SHOWN_WITHOUT_V = ("control listener:",)
+
+
+class _Escaped(logging.Formatter):
+    """Log text may carry peer text (a refusal's reason): escaped for the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+class _OnlyNews(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and str(record.msg).startswith(_SHOWN_WITHOUT_V)
+
+
 def setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    """Log lines only with -v (INFO) or -vv (DEBUG): without, the command's own lines say
+    everything once, and the library's warnings would repeat them (except the few that
+    are news only the log carries, see _SHOWN_WITHOUT_V)."""
+    if verbose == 0:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Escaped(f"{PROG}: %(message)s"))
+        handler.addFilter(_OnlyNews())
+        lib = logging.getLogger("holepunch_mig")
+        lib.addHandler(handler)
+        lib.setLevel(logging.WARNING)
+        lib.propagate = False
+        return
+    level = logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -176,6 +328,33 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
 def say(text: str) -> None:
     sys.stderr.write(printable(text, keep_newlines=True) + "\n")
     sys.stderr.flush()
+
+
+class ControlListenError(OSError):
+    """The control port could not be bound (in use, not this host's address)."""
+
+
+def bind_control(host: str, port: int) -> trio.socket.SocketType:
+    """Bind and listen on the control port now, so a busy port fails before anything
+    says "waiting"; raises ControlListenError with the reason in words."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(1)
+    except OSError as exc:
+        listener.close()
+        hint = {
+            errno.EADDRINUSE: " (another holepunch-mig recv or another program is using "
+            "it; pick another port or stop that one)",
+            errno.EADDRNOTAVAIL: " (not an address of this host)",
+            errno.EACCES: " (ports below 1024 need root)",
+        }.get(exc.errno or 0, "")
+        raise ControlListenError(
+            exc.errno or 0, f"cannot listen on {host}:{port}: {exc.strerror}{hint}"
+        ) from None
+    return trio.socket.from_stdlib_socket(listener)
 
 
 AUTH_OPTIONS = (
@@ -299,19 +478,20 @@ async def listen_control(
     args: argparse.Namespace, host: str, port: int, auth: ControlAuth | None
 ) -> SecureChannel:
     """Accept the authenticated control connection: keeps listening through strangers."""
+    listener = bind_control(host, port)  # a busy port fails here, before "waiting"
     if getattr(args, "pair", False):
         auth = _pairing(args)
     assert auth is not None  # auth_usage_problem refused the rest
     if not args.quiet:
         say(f"waiting for the control connection on {host}:{port} ({auth.describe()})")
-    return await accept_authenticated(host, port, auth)
+    return await accept_authenticated(host, port, auth, listener=listener)
 
 
 async def dial_control(
     host: str, port: int, auth: ControlAuth | None, wait: float
 ) -> SecureChannel:
     assert auth is not None
-    return await connect_authenticated(host, port, auth, wait=wait)
+    return await connect_authenticated(host, port, auth, wait=wait)  # deadline-bound
 
 
 async def secure_existing(
@@ -325,7 +505,24 @@ async def secure_existing(
     return await secure(channel, auth, initiator=initiator)
 
 
+async def source_control(args: argparse.Namespace, auth: ControlAuth | None) -> ControlChannel:
+    """The source's control channel: ``--control-cmd`` (a process, e.g. ssh; secured as
+    well when credentials were given) or ``--control`` (an authenticated TCP dial)."""
+    if getattr(args, "control_cmd", None):
+        channel: ControlChannel = await open_process_channel(
+            shlex.split(args.control_cmd), args.peer_host
+        )
+        try:
+            return await secure_existing(args, channel, auth, initiator=True)
+        except BaseException:
+            await channel.aclose()
+            raise
+    host, port = args.control
+    return await dial_control(host, port, auth, args.control_wait)
+
+
 PLOT_HINT = "pip install 'holepunch_mig[plot]'"
+LIBVIRT_HINT = "pip install 'holepunch_mig[libvirt]', or Debian's python3-libvirt"
 
 
 def write_chart(path: Path, render: Callable[[], bytes], prog: str) -> bool:

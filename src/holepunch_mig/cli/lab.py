@@ -2,7 +2,7 @@
 
 lab up      build a lab from a spec file or a preset and leave it running (detached)
 lab exec    run a program inside one of its hosts (exit code passed through)
-lab down    remove it (by name; default the newest; --all for every one)
+lab down    remove it (by name; without one only when a single lab is up; --all)
 lab list    the labs this machine has
 lab matrix  every preset x RTT with the real CLI, against expected outcomes
 doctor      this host's NAT mapping and whether a direct link is likely
@@ -13,13 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from holepunch_mig.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, named_endpoint, write_chart
+from holepunch_mig.cli.common import (
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    named_endpoint,
+    write_chart,
+)
 from holepunch_mig.lab import (
     CONTROL_PORT,
     Lab,
@@ -29,12 +37,35 @@ from holepunch_mig.lab import (
     presets,
     spec_to_dict,
 )
+from holepunch_mig.lab.libvirt_hosts import (
+    LIBVIRT_TCP_PORT,
+    LibvirtHost,
+    attached_hosts,
+    start_detached,
+    stop_detached,
+)
 from holepunch_mig.report import write_file_atomically
 
 
 def _err(text: str) -> None:
     sys.stderr.write(f"holepunch-mig lab: {text}\n")
     sys.stderr.flush()
+
+
+def _linux_only(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """For the commands that only read (``lab list``): no root needed."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        if sys.platform != "linux":
+            _err("the lab needs Linux network namespaces")
+            return EXIT_FAILED
+        try:
+            return fn(args)
+        except LabError as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+
+    return wrapper
 
 
 def _root_only(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -75,6 +106,12 @@ def _lab_info(lab: Lab) -> dict[str, Any]:
         lab.spec.right.nat == "none" and lab.spec.right.firewall == "open"
     ):
         control = "{}:{}".format(*lab.control_endpoint("right", CONTROL_PORT))
+    # every port a spec opens, on either side, and where it is reachable from outside
+    reachable = [
+        {"side": side, "port": port, "at": "{}:{}".format(*lab.control_endpoint(side, port))}
+        for side, spec in (("left", lab.spec.left), ("right", lab.spec.right))
+        for port in spec.allow_inbound_tcp
+    ]
     return {
         "name": lab.spec.name,
         "run_id": lab.run_id,
@@ -82,6 +119,7 @@ def _lab_info(lab: Lab) -> dict[str, Any]:
         "hosts": hosts,
         "stun": [f"{h}:{p}" for h, p in lab.stun_endpoints()],
         "right_control": control,
+        "reachable": reachable,
         "namespaces": lab.namespaces(),
     }
 
@@ -101,8 +139,12 @@ def _print_info(info: dict[str, Any]) -> None:
         )
     if info["stun"]:
         out.append(f"  stun (TCP+UDP): {', '.join(info['stun'])}")
-    if info["right_control"]:
-        out.append(f"  right's port {CONTROL_PORT} is reachable at {info['right_control']}")
+    for r in info["reachable"]:
+        out.append(f"  {r['side']}'s port {r['port']} is reachable at {r['at']}")
+    if info.get("libvirt"):
+        out.append(
+            f"  libvirt on left and right; left reaches right's at {info['libvirt']['right']}"
+        )
     out += [
         f"run a program:  holepunch-mig lab exec --lab {info['name']} left -- CMD ...",
         f"tear it down:   holepunch-mig lab down {info['name']}",
@@ -129,12 +171,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         spec = replace(spec, rtt_ms=args.rtt)
     if args.stun:
         spec = replace(spec, stun=True)
+    if args.libvirt and LIBVIRT_TCP_PORT not in spec.right.allow_inbound_tcp:
+        ports = (*spec.right.allow_inbound_tcp, LIBVIRT_TCP_PORT)
+        spec = replace(spec, right=replace(spec.right, allow_inbound_tcp=ports))
     Lab.cleanup_stale()
     if any(st.get("detached") and st.get("name") == spec.name for st in Lab.list_labs()):
         _err(f"a lab named {spec.name!r} is already up: `holepunch-mig lab down {spec.name}` first")
         return EXIT_FAILED
     lab = Lab(spec, detached=True).build()
+    if args.libvirt:
+        try:
+            start_detached(lab)
+        except BaseException:
+            lab.teardown()
+            raise
     info = _lab_info(lab)
+    if args.libvirt:
+        info["libvirt"] = {
+            "left": "qemu:///system (inside: holepunch-mig lab exec left -- virsh ...)",
+            "right": LibvirtHost(lab, "right").tcp_uri(),
+        }
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
@@ -155,8 +211,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     lab = Lab.attach(args.lab)
     netns = lab.netns(args.host)
+    # the namespace shares this filesystem: a program missing here is missing there, and
+    # is "command not found" (127, as a shell says), not ip's own exit 1
+    if shutil.which(argv[0]) is None:
+        _err(f"{argv[0]}: command not found")
+        return EXIT_NOT_FOUND
+    libvirt = attached_hosts(lab).get(args.host)
     sys.stdout.flush()
     sys.stderr.flush()
+    if libvirt is not None:  # its network and its private mount namespace
+        os.execvp("nsenter", libvirt.argv(argv))
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
     return EXIT_FAILED  # not reached
 
@@ -171,7 +235,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         failed = 0
         for run_id, st in zip(names, labs, strict=True):
             try:
-                Lab.attach(run_id).teardown()
+                attached = Lab.attach(run_id)
+                stop_detached(attached)
+                attached.teardown()
                 sys.stdout.write(f"lab {st.get('name')} ({run_id}) removed\n")
             except LabError as exc:
                 _err(str(exc))
@@ -180,13 +246,21 @@ def cmd_down(args: argparse.Namespace) -> int:
         if removed:
             sys.stdout.write(f"also removed {len(removed)} stale namespace(s)\n")
         return EXIT_FAILED if failed else EXIT_OK
+    if args.name is None:
+        # never guess between several labs: the newest may be another user's or test's
+        up = [st for st in Lab.list_labs() if st.get("detached")]
+        if len(up) > 1:
+            listed = ", ".join(str(st.get("name")) for st in up)
+            _err(f"several labs are up ({listed}): name the one to remove, or --all")
+            return EXIT_USAGE
     lab = Lab.attach(args.name)
+    stop_detached(lab)
     lab.teardown()
     sys.stdout.write(f"lab {lab.spec.name} ({lab.run_id}) removed\n")
     return EXIT_OK
 
 
-@_root_only
+@_linux_only
 def cmd_list(args: argparse.Namespace) -> int:
     labs = Lab.list_labs()
     if args.json:
@@ -229,6 +303,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             sys.stderr.write(matrix.cell_line(cell) + "\n")
             sys.stderr.flush()
 
+    # each cell once: on stderr as it finishes, or (--quiet) on stdout at the end
+
     result = matrix.run_matrix(
         names,
         rtts=rtts,
@@ -244,7 +320,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         write_file_atomically(args.markdown, matrix.to_markdown(result) + "\n")
     if args.png:
         write_chart(Path(args.png), lambda: heatmap.render(result), "holepunch-mig lab matrix")
-    sys.stdout.write("\n".join(matrix.cell_line(c) for c in result.cells) + "\n")
+    if args.quiet:
+        sys.stdout.write("\n".join(matrix.cell_line(c) for c in result.cells) + "\n")
     bad = [c for c in result.cells if not c.matches]
     known = [c.preset for c in bad if c.known_issue]
     sys.stdout.write(
@@ -281,6 +358,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--rtt", type=int, metavar="MS", help="override the spec's rtt_ms")
     up.add_argument("--stun", action="store_true", help="run STUN even if the spec does not")
     up.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    up.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="run virtlogd + libvirtd on left and right, each in a private mount namespace "
+        f"(lab exec enters it); right's libvirtd (TCP {LIBVIRT_TCP_PORT}, no auth: a lab) "
+        "is let in",
+    )
     up.set_defaults(run=cmd_up)
 
     ex = lsub.add_parser("exec", help="run CMD inside a lab host: lab exec HOST -- CMD ...")
@@ -289,7 +373,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- program and arguments")
     ex.set_defaults(run=cmd_exec)
 
-    down = lsub.add_parser("down", help="remove a lab (default: the newest)")
+    down = lsub.add_parser("down", help="remove a lab (by name; no name: the only one up)")
     down.add_argument("name", nargs="?", help="lab name or run id")
     down.add_argument("--all", action="store_true", help="every detached lab, and stale ones")
     down.set_defaults(run=cmd_down)

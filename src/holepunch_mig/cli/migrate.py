@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,13 @@ from typing import Any
 import trio
 
 from holepunch_mig.cli import common as cli
-from holepunch_mig.errors import CredentialError, HolepunchError, NoDirectPath
+from holepunch_mig.errors import (
+    ChannelClosed,
+    CredentialError,
+    HolepunchError,
+    NoDirectPath,
+    PeerAbort,
+)
 from holepunch_mig.migration.api import (
     DEFAULT_LINK_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -63,9 +70,32 @@ from holepunch_mig.migration.api import (
     migration_source,
 )
 from holepunch_mig.migration.handoff import HandoffProxy
-from holepunch_mig.net.control import ControlChannel
+from holepunch_mig.migration.libvirt import DEFAULT_SOCKET_PARENT, libvirt_destination
+from holepunch_mig.net.control import (
+    ControlChannel,
+    ProcessChannel,
+    open_process_channel,
+    stdio_channel,
+)
 from holepunch_mig.report import write_file_atomically
 from holepunch_mig.roles import Role
+from holepunch_mig.session import api
+
+#: ``--help`` text: plain words, no reStructuredText markup
+DESCRIPTION = """\
+Carry a QEMU live migration (every channel, multifd included) through a punched,
+encrypted link.
+
+source host:       holepunch-mig migrate-proxy source --listen-unix /run/hpm/vm1.sock \\
+                       --control DST-HOST:7070
+                   prints "ready unix:/run/hpm/vm1.sock"; then QMP migrate to that URI
+destination host:  holepunch-mig migrate-proxy destination --connect-unix QEMU-IN.sock \\
+                       --control-listen 0.0.0.0:7070
+                   (QEMU started with -incoming defer, migrate-incoming unix:QEMU-IN.sock)
+over ssh:          source --control-cmd "ssh DST /path/to/holepunch-mig migrate-proxy \\
+                       destination --control-stdio --connect-unix QEMU-IN.sock" ...
+
+Exit status: 0 every stream delivered intact, 1 failed, 2 usage, 3 no direct path."""
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 
@@ -146,7 +176,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "migrate-proxy",
         help="carry a QEMU live migration (all its channels) through the link",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     roles = p.add_subparsers(dest="migrate_role", required=True)
 
@@ -159,12 +190,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="mux mode (required): UNIX socket to create for QEMU's `migrate unix:PATH` "
         "(0600, exactly PATH)",
     )
-    src.add_argument(
+    ctl = src.add_mutually_exclusive_group(required=True)
+    ctl.add_argument(
         "--control",
         type=cli.named_endpoint,
-        required=True,
         metavar="HOST:PORT",
         help="the destination proxy's control port",
+    )
+    ctl.add_argument(
+        "--control-cmd",
+        metavar="CMD",
+        help='run CMD as the control channel, e.g. "ssh dst /path/to/holepunch-mig '
+        'migrate-proxy destination --control-stdio --connect-unix PATH"',
+    )
+    src.add_argument(
+        "--peer-host",
+        default=None,
+        metavar="HOST",
+        help="the destination's address, when --control-cmd cannot show it",
     )
     src.add_argument(
         "--control-wait",
@@ -204,12 +247,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help="mux mode (required): the destination QEMU's `migrate-incoming unix:PATH` socket",
     )
-    dst.add_argument(
+    dctl = dst.add_mutually_exclusive_group(required=True)
+    dctl.add_argument(
         "--control-listen",
         type=cli.listen_endpoint,
-        required=True,
         metavar="HOST:PORT",
         help="accept the source proxy's control connection here",
+    )
+    dctl.add_argument(
+        "--control-stdio",
+        action="store_true",
+        help="the control channel is stdin/stdout (under ssh, from the source's --control-cmd)",
+    )
+    dst.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="the source runs `holepunch-mig migrate` (libvirt): serve the migration "
+        "stream, its multifd connections and the NBD storage copy in a fresh socket "
+        "directory under --socket-dir, where libvirt's QEMU listens",
+    )
+    dst.add_argument(
+        "--socket-dir",
+        type=Path,
+        default=DEFAULT_SOCKET_PARENT,
+        metavar="DIR",
+        help=f"--libvirt: where the per-migration directory is made (default "
+        f"{DEFAULT_SOCKET_PARENT}; the same path as on the source)",
+    )
+    dst.add_argument(
+        "--socket-group",
+        default=None,
+        metavar="GROUP",
+        help="--libvirt: QEMU's group when it does not run as root (qemu.conf group)",
     )
     _options(dst)
     cli.add_link_options(dst)
@@ -227,11 +296,36 @@ def _progress(args: argparse.Namespace, label: str) -> Any:
             printer(p.bytes)
 
     report.finish = printer.finish  # type: ignore[attr-defined]
+    report.printer = printer  # type: ignore[attr-defined]
     return report
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Paths checked before anything connects (usage errors, exit 2)."""
+    if args.report is not None:
+        cli.check_output_path(args.report, "--report")
+    if args.migrate_role == "source" and args.listen_unix is not None:
+        parent = args.listen_unix.parent
+        if not parent.is_dir():
+            raise cli.UsageError(
+                f"--listen-unix {args.listen_unix}: directory {parent} does not exist"
+            )
+        if args.listen_unix.exists():
+            raise cli.UsageError(
+                f"--listen-unix {args.listen_unix} already exists (remove it first)"
+            )
+    if args.qmp is not None and not args.qmp.exists():
+        raise cli.UsageError(f"--qmp {args.qmp} does not exist (QEMU's monitor socket)")
 
 
 def _check_mode(args: argparse.Namespace) -> str | None:
     """The usage error for this mode's arguments, or None."""
+    if getattr(args, "libvirt", False):
+        if args.mode != "mux" or args.connect_unix is not None or args.qmp is not None:
+            return "--libvirt takes no --mode/--connect-unix/--qmp (libvirt's QEMU listens)"
+        if args.digest:
+            return "--libvirt streams are count-checked (--digest is for --mode mux)"
+        return cli.auth_usage_problem(args, tcp=not args.control_stdio)
     local = "--listen-unix" if args.migrate_role == "source" else "--connect-unix"
     value = args.listen_unix if args.migrate_role == "source" else args.connect_unix
     if args.mode == "handoff":
@@ -253,7 +347,8 @@ def _check_mode(args: argparse.Namespace) -> str | None:
             default_links(args.links, args.multifd_channels)
         except ValueError as exc:
             return str(exc)
-    return cli.auth_usage_problem(args, tcp=True)
+    over_ssh = bool(getattr(args, "control_cmd", None) or getattr(args, "control_stdio", False))
+    return cli.auth_usage_problem(args, tcp=not over_ssh)
 
 
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -285,18 +380,27 @@ def _finish(
     if isinstance(exc, MigrationError):
         report = exc.migration
     if report is None:
-        report = MigrationReport(role=role, mode=args.mode)
+        report = MigrationReport(
+            role=role, mode="libvirt" if getattr(args, "libvirt", False) else args.mode
+        )
         link = getattr(exc, "report", None)
         if link is not None:
             report.link = link
     if exc is not None and report.ok is not False:
         report.ok = False
-        report.verdict = report.verdict or f"{type(exc).__name__}: {exc}"
+        report.verdict = report.verdict or cli.describe(exc)
     if args.report:
-        write_file_atomically(args.report, report.to_json() + "\n")
+        try:
+            write_file_atomically(args.report, report.to_json() + "\n")
+        except OSError as err:
+            cli.say(f"{cli.PROG}: cannot write the report {args.report}: {cli.describe(err)}")
     if not args.quiet or not report.ok:
         cli.say(report.summary())
     if report.ok:
+        printer = getattr(progress, "printer", None)
+        if printer is not None:
+            what = "migrated" if role == "source" else "delivered"
+            cli.say(f"{what} {cli.amount(printer.done, printer.seconds)}, every stream intact")
         return cli.EXIT_OK
     if isinstance(exc, NoDirectPath):
         return cli.EXIT_NO_PATH
@@ -309,8 +413,16 @@ async def _source_main(args: argparse.Namespace) -> int:
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
-        host, port = args.control
-        channel = await cli.dial_control(host, port, auth, args.control_wait)
+        if args.control_cmd:
+            channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+            channel = await cli.secure_existing(args, channel, auth, initiator=True)
+        else:
+            host, port = args.control
+            if not args.quiet:
+                cli.say(
+                    f"connecting to the control port {host}:{port} (up to {args.control_wait:g} s)"
+                )
+            channel = await cli.dial_control(host, port, auth, args.control_wait)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(
@@ -329,10 +441,18 @@ async def _source_main(args: argparse.Namespace) -> int:
             sys.stdout.write(f"ready {proxy.uri}\n")
             sys.stdout.flush()
             await proxy.wait(args.timeout)
-    except HolepunchError as exc:
+    except (HolepunchError, OSError) as exc:
+        if channel is not None:
+            exc = await _tell_peer(channel, exc)
         return _finish(args, proxy, exc, progress)
-    except OSError as exc:
-        return _finish(args, proxy, exc, progress)
+    except BaseException as exc:
+        if cli.interrupted(exc):
+            if progress is not None:
+                progress.finish()
+            if channel is not None:
+                await api.abort(channel, f"the {args.migrate_role} proxy was interrupted (Ctrl-C)")
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if channel is not None:
             with trio.CancelScope(shield=True):
@@ -346,9 +466,15 @@ async def _destination_main(args: argparse.Namespace) -> int:
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
-        host, port = args.control_listen
-        channel = await cli.listen_control(args, host, port, auth)
+        if args.control_stdio:
+            channel = stdio_channel()
+            channel = await cli.secure_existing(args, channel, auth, initiator=False)
+        else:
+            host, port = args.control_listen
+            channel = await cli.listen_control(args, host, port, auth)
         kwargs = _common_kwargs(args)
+        if args.libvirt:
+            return await _libvirt_destination(args, channel, kwargs)
         if args.mode == "mux":
             kwargs.update(connect_unix=args.connect_unix)
         async with migration_destination(channel, progress=progress, **kwargs) as proxy:
@@ -359,10 +485,18 @@ async def _destination_main(args: argparse.Namespace) -> int:
                 else:
                     cli.say(f"QEMU receives the migration on the handed-off link ({proxy.uri})")
             await proxy.wait(args.timeout)
-    except HolepunchError as exc:
+    except (HolepunchError, OSError) as exc:
+        if channel is not None:
+            exc = await _tell_peer(channel, exc)
         return _finish(args, proxy, exc, progress)
-    except OSError as exc:
-        return _finish(args, proxy, exc, progress)
+    except BaseException as exc:
+        if cli.interrupted(exc):
+            if progress is not None:
+                progress.finish()
+            if channel is not None:
+                await api.abort(channel, f"the {args.migrate_role} proxy was interrupted (Ctrl-C)")
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if channel is not None:
             with trio.CancelScope(shield=True):
@@ -370,20 +504,64 @@ async def _destination_main(args: argparse.Namespace) -> int:
     return _finish(args, proxy, None, progress)
 
 
+async def _libvirt_destination(
+    args: argparse.Namespace, channel: ControlChannel, kwargs: dict[str, Any]
+) -> int:
+    kwargs.pop("expected_bytes", None)
+    proxy = None
+    try:
+        async with libvirt_destination(
+            channel, socket_parent=args.socket_dir, socket_group=args.socket_group, **kwargs
+        ) as proxy:
+            if not args.quiet:
+                cli.say(proxy.link.report.summary())
+                cli.say(f"serving libvirt's sockets in {proxy.socket_dir}")
+            await proxy.wait(args.timeout)
+    except (HolepunchError, OSError) as exc:
+        return _finish(args, proxy, exc, None)
+    return _finish(args, proxy, None, None)
+
+
+async def _tell_peer(
+    channel: ControlChannel, exc: HolepunchError | OSError
+) -> HolepunchError | OSError:
+    """Tell the other proxy why this one stops (unless it told us); a closed ssh control
+    channel becomes the command's exit status."""
+    if isinstance(exc, PeerAbort):
+        return exc
+    if isinstance(exc, ChannelClosed) and isinstance(channel, ProcessChannel):
+        status = await channel.exit_status()
+        if status is not None and status != 0:
+            return ChannelClosed(
+                f"control command exited with status {status}"
+                + (
+                    " (command not found: give the remote holepunch-mig's full path)"
+                    if status == 127
+                    else ""
+                )
+            )
+        return exc
+    await api.abort(channel, cli.describe(exc))
+    return exc
+
+
 def _run(main: Any, args: argparse.Namespace) -> int:
     problem = _check_mode(args)
     if problem is not None:
         cli.say(f"holepunch-mig migrate-proxy {args.migrate_role}: {problem}")
         return cli.EXIT_USAGE
+    _preflight(args)
     try:
         code: int = trio.run(main, args)
         return code
     except CredentialError as exc:
         cli.say(f"holepunch-mig migrate-proxy {args.migrate_role}: {exc}")
         return cli.EXIT_USAGE
-    except KeyboardInterrupt:
-        cli.say("holepunch-mig: interrupted")
-        return 130
+    except BaseException as exc:
+        if cli.interrupted(exc):
+            cli.say("holepunch-mig: interrupted")
+            return cli.EXIT_INTERRUPTED
+        raise
 
 
 def run_source(args: argparse.Namespace) -> int:

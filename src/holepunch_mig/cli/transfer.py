@@ -21,24 +21,40 @@ import trio
 
 from holepunch_mig.cli.common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_NO_PATH,
     EXIT_OK,
     EXIT_USAGE,
+    PROG,
     Progress,
+    UsageError,
     add_auth_options,
     add_link_options,
+    amount,
     auth_usage_problem,
+    check_input,
+    check_output_path,
     connect_options,
     control_auth,
+    describe,
     dial_control,
+    interrupted,
     listen_control,
     listen_endpoint,
     named_endpoint,
     say,
     secure_existing,
+    warn,
 )
-from holepunch_mig.errors import CredentialError, HolepunchError, NoDirectPath, TransferError
-from holepunch_mig.net.control import ControlChannel, open_process_channel
+from holepunch_mig.errors import (
+    ChannelClosed,
+    CredentialError,
+    HolepunchError,
+    NoDirectPath,
+    PeerAbort,
+    TransferError,
+)
+from holepunch_mig.net.control import ControlChannel, ProcessChannel, open_process_channel
 from holepunch_mig.net.control import stdio_channel as open_stdio_channel
 from holepunch_mig.report import Report, write_file_atomically
 from holepunch_mig.roles import Role
@@ -98,7 +114,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--output",
         default="-",
         metavar="PATH|-",
-        help="where to write the payload (default: stdout)",
+        help="where to write the payload (default: stdout, never a terminal)",
     )
     add_link_options(recv)
     _resume_args(recv)
@@ -116,8 +132,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ctl.add_argument(
         "--control-cmd",
         metavar="CMD",
-        help='run CMD as the control channel, e.g. "ssh host holepunch-mig recv '
-        '--control-stdio --output f"',
+        help='run CMD as the control channel, e.g. "ssh host /path/to/holepunch-mig recv '
+        '--control-stdio --output f" (the remote command must be on the remote PATH or '
+        "given by its full path)",
     )
     send.add_argument(
         "--control-wait",
@@ -155,11 +172,32 @@ def _send_usage_problem(args: argparse.Namespace) -> str | None:
     return auth_usage_problem(args, tcp=not args.control_cmd)
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Every path checked before anything connects: a mistake is a usage error (exit 2)
+    naming the path, not a failure after the link was punched."""
+    if args.command == "send":
+        if args.input != "-":
+            check_input(args.input, "--input")
+    elif args.output == "-":
+        if sys.stdout.isatty():
+            raise UsageError(
+                "refusing to write the payload (binary data) to a terminal: give --output "
+                "PATH, or redirect stdout (--output - > FILE)"
+            )
+    else:
+        check_output_path(args.output, "--output")
+    if args.report is not None:
+        check_output_path(args.report, "--report")
+
+
 def _write_report(path: str | None, report: Report | None, **extra: object) -> None:
     if path is None or report is None:
         return
     report.extra.update(extra)
-    write_file_atomically(path, report.to_json() + "\n")
+    try:
+        write_file_atomically(path, report.to_json() + "\n")
+    except OSError as exc:  # checked before connecting; the disk may still fill up
+        say(f"{PROG}: cannot write the report {path}: {describe(exc)}")
 
 
 class _Output:
@@ -177,9 +215,12 @@ class _Output:
         target = Path(path)
         if target.is_dir():
             raise IsADirectoryError(f"--output {path} is a directory; name a file")
-        fd, self.tmp = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".part", dir=target.parent
-        )
+        try:
+            fd, self.tmp = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".part", dir=target.parent
+            )
+        except OSError as exc:  # named as the user named it, not the temporary file
+            raise OSError(exc.errno, f"cannot write the output: {exc.strerror}", path) from None
         self.fh = os.fdopen(fd, "wb")
 
     def commit(self, result: TransferResult) -> None:
@@ -263,54 +304,58 @@ async def _run_recv(args: argparse.Namespace) -> int:
     else:
         host, port = args.control_listen
         channel = await listen_control(args, host, port, auth)
+    progress = None if args.quiet else Progress("received", None)
 
     async def receive(link: Link) -> str:
         out = _Output(args.output)
         try:
-            progress = None if args.quiet else Progress("received", None)
             result = await link.receive_file(out.fh, progress=progress, commit=out.commit)
         finally:
             out.discard()
-        if progress:
-            progress.finish()
         return (
-            f"received {result.bytes} bytes, {result.digest} {result.sha256}, verified"
-            + _resumed(link)
+            f"received {amount(result.bytes, result.seconds)}, {result.digest} {result.sha256}, "
+            "verified" + _resumed(link)
         )
 
-    return await _session(args, channel, "destination", receive)
+    return await _session(args, channel, "destination", receive, progress)
 
 
 async def _run_send(args: argparse.Namespace) -> int:
-    # open the input first: a missing file fails before the peer is involved
     with _input(args.input) as (src, total):
         auth = control_auth(args)
         channel: ControlChannel
         if args.control_cmd:
-            channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
+            process = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
             try:
-                channel = await secure_existing(args, channel, auth, initiator=True)
+                channel = await secure_existing(args, process, auth, initiator=True)
+            except ChannelClosed:
+                # the command ended during the control handshake: its status says why
+                status = await process.exit_status()
+                await process.aclose()
+                if status:
+                    raise ChannelClosed(_command_status(status)) from None
+                raise
             except BaseException:
-                await channel.aclose()
+                await process.aclose()
                 raise
         else:
             host, port = args.control
+            if not args.quiet:
+                say(f"connecting to the control port {host}:{port} (up to {args.control_wait:g} s)")
             channel = await dial_control(host, port, auth, args.control_wait)
+        progress = None if args.quiet else Progress("sent", total)
 
         async def send(link: Link) -> str:
-            progress = None if args.quiet else Progress("sent", total)
             data = _RateLimited(src, args.rate_limit) if args.rate_limit > 0 else src
             result = await link.send_file(data, progress=progress)  # type: ignore[arg-type]
-            if progress:
-                progress.finish()
             if not result.verified:  # send_file hashes: a peer's missing digest raised
                 raise TransferError("the receiver's SHA-256 was not compared: not verified")
             return (
-                f"sent {result.bytes} bytes, {result.digest} {result.sha256}, "
+                f"sent {amount(result.bytes, result.seconds)}, {result.digest} {result.sha256}, "
                 "verified by the receiver" + _resumed(link)
             )
 
-        return await _session(args, channel, "source", send)
+        return await _session(args, channel, "source", send, progress)
 
 
 async def _session(
@@ -318,10 +363,12 @@ async def _session(
     channel: ControlChannel,
     role: Role,
     transfer: Callable[[Link], Awaitable[str]],
+    progress: Progress | None,
 ) -> int:
     """Connect, announce the path, run ``transfer``, write the report; map errors to exit
-    codes.  Shared by ``send`` and ``recv``."""
+    codes; tell the peer why when this side gives up.  Shared by ``send`` and ``recv``."""
     report: Report | None = None
+    shown = [False]
     try:
         options = connect_options(args)
         options.update(
@@ -332,20 +379,79 @@ async def _session(
         async with api.connect(channel, role=role, **options) as link:
             report = link.report
             if not args.quiet:
-                say(report.summary())
+                say(report.summary(verdict=not link.fell_back))
+                shown[0] = True
             _warn_fallback(link)
             done = await transfer(link)
+        if progress is not None:
+            progress.finish()
         say(done)
         _write_report(args.report, report)
         return EXIT_OK
+    except PeerAbort as exc:  # the peer said why: nothing to tell it back
+        return await _fail(args, exc, exc.report or report, EXIT_FAILED, progress, shown)
     except NoDirectPath as exc:
-        return _fail(args, exc, exc.report or report, EXIT_NO_PATH)
+        return await _fail(args, exc, exc.report or report, EXIT_NO_PATH, progress, shown)
     except HolepunchError as exc:
-        return _fail(args, exc, exc.report or report, EXIT_FAILED)
+        process = _process_of(channel)
+        if isinstance(exc, ChannelClosed) and process is not None:
+            status = await process.exit_status()
+            if status is not None and status != 0:
+                exc = ChannelClosed(_command_status(status))
+        else:
+            await api.abort(channel, describe(exc))
+        return await _fail(args, exc, exc.report or report, EXIT_FAILED, progress, shown)
     except OSError as exc:  # the input or output file, not the network
-        return _fail(args, exc, report, EXIT_FAILED)
+        await api.abort(channel, f"the {_peer_word(role)} stopped: {describe(exc)}")
+        return await _fail(args, exc, report, EXIT_FAILED, progress, shown)
+    except BaseException as exc:
+        if interrupted(exc):
+            if progress is not None:
+                progress.finish()
+            await api.abort(channel, f"the {_peer_word(role)} was interrupted (Ctrl-C)")
+            _write_interrupted(args, report)
+            args.report = None  # written
+            raise KeyboardInterrupt from None
+        raise
     finally:
-        await channel.aclose()
+        with trio.CancelScope(shield=True):
+            await channel.aclose()
+
+
+def _process_of(channel: ControlChannel) -> ProcessChannel | None:
+    """The ssh (or other) command under ``channel``, also when it was secured on top."""
+    while channel is not None:
+        if isinstance(channel, ProcessChannel):
+            return channel
+        channel = getattr(channel, "inner", None)  # type: ignore[assignment]
+    return None
+
+
+def _peer_word(role: Role) -> str:
+    """How the peer names this side: the sender / the receiver."""
+    return "sender" if role == "source" else "receiver"
+
+
+def _command_status(status: int) -> str:
+    if status == 127:
+        return (
+            "control command exited with status 127: the command was not found (is "
+            "holepunch-mig on the remote PATH? give its full path, e.g. "
+            '"ssh HOST /opt/holepunch/.venv/bin/holepunch-mig recv --control-stdio ...")'
+        )
+    if status < 0:
+        return f"control command was killed by signal {-status}"
+    return f"control command exited with status {status} (its messages are above)"
+
+
+def _write_interrupted(args: argparse.Namespace, report: Report | None) -> None:
+    if args.report is None:
+        return
+    if report is None:
+        report = Report(session="", role="source" if args.command == "send" else "destination")
+    report.ok = False
+    report.verdict = "interrupted"
+    _write_report(args.report, report)
 
 
 def _resumed(link: Link) -> str:
@@ -357,26 +463,36 @@ def _resumed(link: Link) -> str:
 
 
 def _warn_fallback(link: Link) -> None:
-    """Fallback is never silent: say so on stderr, even with --quiet."""
+    """Fallback is never silent: one warning on stderr, even with --quiet, with why the
+    direct path failed (the summary leaves that out when it falls back)."""
     if not link.fell_back:
         return
-    say(
-        "holepunch-mig: WARNING: no direct path; the data goes through the tunnel over the "
-        f"control channel (policy auto): {link.report.path_reason}"
-    )
-    if link.report.verdict:
-        say(f"holepunch-mig: why the direct path failed: {link.report.verdict}")
+    why = link.report.verdict or link.report.path_reason
+    warn(f"no direct path; the data goes through the slower tunnel over the control channel: {why}")
 
 
-def _fail(args: argparse.Namespace, exc: Exception, report: Report | None, code: int) -> int:
-    verdict = getattr(exc, "verdict", None) or str(exc)
+async def _fail(
+    args: argparse.Namespace,
+    exc: Exception,
+    report: Report | None,
+    code: int,
+    progress: Progress | None = None,
+    shown: list[bool] | None = None,
+) -> int:
+    """One summary (unless already shown or --quiet), then one line saying what failed
+    and why: the verdict, if there is one, once."""
+    if progress is not None:
+        progress.finish()
+    verdict = getattr(exc, "verdict", None) or describe(exc)
     if report is not None:
         report.ok = False
         report.verdict = verdict
-        say(report.summary())
-    say(f"holepunch-mig: {type(exc).__name__}: {exc}")
-    if isinstance(exc, NoDirectPath):
-        say(f"holepunch-mig: verdict: {verdict}")
+        if not args.quiet and not (shown and shown[0]):
+            say(report.summary(verdict=False))
+    message = describe(exc)
+    if isinstance(exc, NoDirectPath) and verdict != message:
+        message = f"{message}: {verdict}"
+    say(f"{PROG} {args.command}: {message}")
     if args.report:
         if report is None:
             report = Report(session="", role="source" if args.command == "send" else "destination")
@@ -387,18 +503,22 @@ def _fail(args: argparse.Namespace, exc: Exception, report: Report | None, code:
 
 
 def _run(runner: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    _preflight(args)
     try:
         return trio.run(runner, args)
-    except KeyboardInterrupt:
-        say("holepunch-mig: interrupted")
-        return 130
     except CredentialError as exc:  # a key, peers or psk file, or a code, is unusable
-        say(f"holepunch-mig {args.command}: {exc}")
+        say(f"{PROG} {args.command}: {exc}")
         return EXIT_USAGE
     except HolepunchError as exc:  # failures before a session exists (control port, ssh)
-        return _fail(args, exc, None, EXIT_FAILED)
+        return trio.run(_fail, args, exc, None, EXIT_FAILED)
     except OSError as exc:
-        return _fail(args, exc, None, EXIT_FAILED)
+        return trio.run(_fail, args, exc, None, EXIT_FAILED)
+    except BaseException as exc:
+        if interrupted(exc):
+            _write_interrupted(args, None)  # unless the session wrote its own
+            say(f"{PROG}: interrupted")
+            return EXIT_INTERRUPTED
+        raise
 
 
 def run_recv(args: argparse.Namespace) -> int:

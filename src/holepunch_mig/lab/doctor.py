@@ -56,7 +56,12 @@ def _same_address_servers(servers: Sequence[tuple[str, int]]) -> bool:
 async def diagnose(
     servers: Sequence[tuple[str, int]], *, local_port: int = 0, timeout: float = 3.0
 ) -> dict[str, Any]:
-    """Probe and interpret; a JSON-friendly dict (see ``holepunch-mig doctor --json``)."""
+    """Probe and interpret; a JSON-friendly dict (see ``holepunch-mig doctor --json``).
+    A server given twice is probed once (two bindings to one server from one port prove
+    nothing about the mapping) and the advice says so."""
+    unique = list(dict.fromkeys(servers))
+    repeated = [format_endpoint(*s) for s in unique if list(servers).count(s) > 1]
+    servers = unique
     port = local_port or _free_port()
     probe = await probe_mapping(servers, port, timeout=timeout)
     local_addrs = {c.host for c in host_candidates(port, include_loopback=False, ipv6=True)}
@@ -118,6 +123,12 @@ async def diagnose(
         else:
             summary = "Only one STUN server answered: cannot compare mappings."
         advice.append("give two STUN servers on different addresses (--stun A --stun B)")
+    if repeated:
+        advice.insert(
+            0,
+            f"the same STUN server was given more than once ({', '.join(repeated)}): "
+            "probed once; give two different servers",
+        )
     if len(servers) >= 2 and _same_address_servers(servers) and mapping != "endpoint-dependent":
         advice.append(
             "all servers share one address: address-dependent mapping would go unnoticed; "

@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import trio
 
-from holepunch_mig.errors import QmpError
+from holepunch_mig.errors import ProxyNotReady, QmpError
 from holepunch_mig.lab.spec import CONTROL_PORT
 from holepunch_mig.lab.topology import Lab
 from holepunch_mig.migration.qemu import (
@@ -65,14 +65,22 @@ class Outcome:
     """CPU seconds each QEMU ("source", "destination") used from migrate to the end."""
 
 
-async def _ready_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+async def _ready_line(
+    proc: subprocess.Popen[bytes], timeout: float, report: Path | None = None
+) -> str:
     """The source proxy prints ``ready unix:PATH`` once the whole path is up."""
     assert proc.stdout is not None
     with trio.fail_after(timeout):
         line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
     text = line.decode().strip()
     if not text.startswith(("ready unix:", "ready fd:")):
-        raise RuntimeError(f"source proxy did not get ready (exit {proc.poll()}): {text!r}")
+        with trio.move_on_after(5):
+            await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+        verdict = (_read_json(report) or {}).get("verdict") if report is not None else None
+        raise ProxyNotReady(
+            f"source proxy did not get ready (exit {proc.poll()})"
+            + (f": {verdict}" if verdict else f": {text!r}")
+        )
     return text.removeprefix("ready ")
 
 
@@ -194,7 +202,7 @@ async def migrate_in_lab(
                 ],
                 stdout=subprocess.PIPE, stderr=out, env=env,
             )  # fmt: skip
-            uri = await _ready_line(procs["source"], timeout=60)
+            uri = await _ready_line(procs["source"], timeout=60, report=reports["source"])
             cpu0 = {"source": src.cpu_seconds(), "destination": dst.cpu_seconds()}
             # 3. migrate through it (handoff: the source proxy already issued migrate)
             async with trio.open_nursery() as nursery:

@@ -104,42 +104,53 @@ _SIDE_KEYS = ("firewall", "nat", "allow_inbound_tcp")
 
 def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> LabSpec:
     """A :class:`LabSpec` from a parsed spec file (see docs/traversal.md).  Unknown keys and
-    bad values raise LabError naming the key."""
+    bad values raise one LabError naming every bad key (not one per attempt)."""
     if not isinstance(data, Mapping):
         raise LabError("a lab spec is a table/object with keys " + ", ".join(_SPEC_KEYS))
+    errors: list[str] = []
     unknown = sorted(set(data) - set(_SPEC_KEYS))
     if unknown:
-        raise LabError(f"unknown spec key(s) {unknown}; allowed: {', '.join(_SPEC_KEYS)}")
+        errors.append(f"unknown spec key(s) {unknown}; allowed: {', '.join(_SPEC_KEYS)}")
 
     def side(key: str) -> SideSpec:
         raw = data.get(key, {})
         if not isinstance(raw, Mapping):
-            raise LabError(f"{key} must be a table/object with keys {', '.join(_SIDE_KEYS)}")
+            errors.append(f"{key} must be a table/object with keys {', '.join(_SIDE_KEYS)}")
+            return SideSpec()
         bad = sorted(set(raw) - set(_SIDE_KEYS))
         if bad:
-            raise LabError(f"unknown key(s) {bad} in {key}; allowed: {', '.join(_SIDE_KEYS)}")
+            errors.append(f"unknown key(s) {bad} in {key}; allowed: {', '.join(_SIDE_KEYS)}")
         ports = raw.get("allow_inbound_tcp", [])
         if not isinstance(ports, list | tuple) or not all(
             isinstance(p, int) and not isinstance(p, bool) for p in ports
         ):
-            raise LabError(f"{key}.allow_inbound_tcp must be a list of port numbers")
+            errors.append(f"{key}.allow_inbound_tcp must be a list of port numbers")
+            ports = []
         fw, nat = raw.get("firewall", "drop"), raw.get("nat", "none")
         if fw not in _FIREWALLS:
-            raise LabError(f"{key}.firewall must be one of {', '.join(_FIREWALLS)}, not {fw!r}")
+            errors.append(f"{key}.firewall must be one of {', '.join(_FIREWALLS)}, not {fw!r}")
+            fw = "drop"
         if nat not in _NATS:
-            raise LabError(f"{key}.nat must be one of {', '.join(_NATS)}, not {nat!r}")
+            errors.append(f"{key}.nat must be one of {', '.join(_NATS)}, not {nat!r}")
+            nat = "none"
         return SideSpec(firewall=fw, nat=nat, allow_inbound_tcp=tuple(ports))
 
     name = data.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
-        raise LabError(f"name must be 1-40 letters, digits, '_', '.', '-', not {name!r}")
+        errors.append(f"name must be 1-40 letters, digits, '_', '.', '-', not {name!r}")
+        name = default_name
     stun = data.get("stun", False)
     rtt = data.get("rtt_ms", 0)
     if not isinstance(stun, bool):
-        raise LabError(f"stun must be true or false, not {stun!r}")
+        errors.append(f"stun must be true or false, not {stun!r}")
+        stun = False
     if not isinstance(rtt, int) or isinstance(rtt, bool):
-        raise LabError(f"rtt_ms must be an integer number of milliseconds, not {rtt!r}")
-    spec = LabSpec(left=side("left"), right=side("right"), stun=stun, rtt_ms=rtt, name=name)
+        errors.append(f"rtt_ms must be an integer number of milliseconds, not {rtt!r}")
+        rtt = 0
+    left, right = side("left"), side("right")
+    if errors:
+        raise LabError("; ".join(errors))
+    spec = LabSpec(left=left, right=right, stun=stun, rtt_ms=rtt, name=name)
     validate_spec(spec)
     return spec
 

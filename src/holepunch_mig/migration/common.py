@@ -24,7 +24,7 @@ from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.session.link import Link
 from holepunch_mig.wire import messages
 
-Mode = Literal["mux", "handoff"]
+Mode = Literal["mux", "handoff", "libvirt"]
 
 RESULT_TIMEOUT = 10.0
 
@@ -66,6 +66,8 @@ class StreamReport:
     received: int
     sent_sha256: str | None = None
     received_sha256: str | None = None
+    channel: str = ""
+    """libvirt mode: which endpoint ("migration" or "nbd"); "" otherwise."""
     link: int = 0
     """Index of the parallel link that carried it (0: the session's first link)."""
 

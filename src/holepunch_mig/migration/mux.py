@@ -9,7 +9,9 @@ connections are multiplexed by stream id:
 record      meaning (stream = the connection's id, 1..65535, chosen by the opener)
 ==========  ====================================================================
 OPEN 0x10   the opener accepted a new local connection; the peer connects one to
-            its local endpoint, in the order the OPENs arrive (empty payload)
+            its local endpoint, in the order the OPENs arrive.  Payload: empty (the
+            peer's one endpoint) or a channel label (1-32 bytes of ``a-z0-9-``)
+            naming which of the peer's endpoints, e.g. ``migration`` or ``nbd``
 DATA        bytes of that connection, in order
 ACK         u64 BE: bytes of the stream delivered to the local socket so far
             (credit: a sender keeps at most ``window`` bytes unacknowledged; a
@@ -43,6 +45,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import re
 import socket
 import threading
 import time
@@ -71,6 +74,7 @@ CLOSE = RecordType.CLOSE
 OPEN = RecordType.OPEN
 
 _ZERO_DIGEST = bytes(32)
+_LABEL = re.compile(rb"[a-z0-9-]{1,32}")
 MAX_STREAM = 0xFFFF
 DEFAULT_BUFSIZE = 1 << 20
 DEFAULT_WINDOW = 16 << 20
@@ -103,6 +107,7 @@ __all__ = ["Mux", "MuxError", "MuxPeerAbort", "MuxStats", "MuxWindowExceeded", "
 @dataclass
 class StreamStats:
     stream: int
+    label: str = ""  # the OPEN's channel label ("" = the one endpoint)
     sent: int = 0  # local socket -> link
     received: int = 0  # link -> local socket (delivered)
     sent_digest: bytes = b""
@@ -132,11 +137,11 @@ class _End:
 
 
 class _Stream:
-    def __init__(self, sid: int, sock: socket.socket, window: int) -> None:
+    def __init__(self, sid: int, sock: socket.socket, window: int, label: str = "") -> None:
         self.id = sid
         self.sock = sock
         self.cond = threading.Condition()
-        self.stats = StreamStats(sid)
+        self.stats = StreamStats(sid, label)
         # tx: local socket -> link
         self.tx_acked = 0
         self.tx_done = False
@@ -154,8 +159,11 @@ class Mux:
     The *opener* side (the QEMU source) calls :meth:`add_stream` for every local
     connection it accepts.  The other side passes ``connect``: called with the stream
     id on each OPEN, it returns a connected local socket (the destination QEMU's
-    incoming socket).  Call :meth:`start` once, then :meth:`finish` when no more
-    streams will be opened (opener) / to wait for the peer to finish (other side).
+    incoming socket); or ``connect_channel``, called with the stream id and the OPEN's
+    channel label, when the opener labels its streams (several endpoints: a libvirt
+    migration's stream channels and its NBD storage copy).  Call :meth:`start` once,
+    then :meth:`finish` when no more streams will be opened (opener) / to wait for the
+    peer to finish (other side).
     """
 
     def __init__(
@@ -165,6 +173,7 @@ class Mux:
         reader: LinkReader,
         *,
         connect: Callable[[int], socket.socket] | None = None,
+        connect_channel: Callable[[int, str], socket.socket] | None = None,
         window: int = DEFAULT_WINDOW,
         bufsize: int = DEFAULT_BUFSIZE,
         digest: bool = True,
@@ -176,7 +185,10 @@ class Mux:
         self._link = link
         self._writer = writer
         self._reader = reader
+        if connect is not None and connect_channel is not None:
+            raise ValueError("give connect or connect_channel, not both")
         self._connect = connect
+        self._connect_channel = connect_channel
         self._window = window
         self._bufsize = bufsize
         self._digest = digest
@@ -230,10 +242,14 @@ class Mux:
             sum(s.stats.received for s in streams),
         )
 
-    def add_stream(self, sock: socket.socket, sid: int | None = None) -> int:
-        """Carry a newly accepted local connection; announces it with OPEN.  ``sid``:
-        the stream id to use (ids grow; a group of muxes numbers streams across its
-        links), default the next one of this mux."""
+    def add_stream(self, sock: socket.socket, label: str = "", sid: int | None = None) -> int:
+        """Carry a newly accepted local connection; announces it with OPEN (carrying
+        ``label``, the channel the peer connects it to, when not empty).  ``sid``: the
+        stream id to use (ids grow; a group of muxes numbers streams across its links),
+        default the next one of this mux."""
+        if label and _LABEL.fullmatch(label.encode()) is None:
+            sock.close()
+            raise MuxError(f"{self.name}: bad channel label {label!r} (1-32 of a-z0-9-)")
         with self._lock:
             if self._failed is not None:
                 sock.close()
@@ -250,10 +266,10 @@ class Mux:
                 sock.close()
                 raise MuxError(f"{self.name}: stream id {sid} not after {self._next_id - 1}")
             self._next_id = sid + 1
-            st = _Stream(sid, sock, self._window)
+            st = _Stream(sid, sock, self._window, label)
             self._streams[sid] = st
             # OPEN under the lock so stream order on the wire is the accept order.
-            self._writer.write(OPEN, sid, b"")
+            self._writer.write(OPEN, sid, label.encode())
             if self.first_open is None:
                 self.first_open = time.perf_counter()
         log.debug("%s: stream %d opened", self.name, sid)
@@ -266,7 +282,7 @@ class Mux:
         ``timeout`` seconds pass (the mux is then failed)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            if self._connect is None:
+            if self._connect is None and self._connect_channel is None:
                 self._no_more_opens = True
             ok = self._lock.wait_for(
                 lambda: (
@@ -528,7 +544,7 @@ class Mux:
                         st.queue.append(_End(count, dig))
                         st.cond.notify()
                 elif t == OPEN:
-                    self._on_open(rec.stream)
+                    self._on_open(rec.stream, bytes(rec.payload))
                 elif t == ABORT:
                     reason = printable(bytes(rec.payload).decode("utf-8", "replace"))
                     self._fail(
@@ -557,9 +573,16 @@ class Mux:
                     notify_peer=True,
                 )
 
-    def _on_open(self, sid: int) -> None:
-        if self._connect is None:
+    def _on_open(self, sid: int, payload: bytes) -> None:
+        if self._connect is None and self._connect_channel is None:
             raise MuxError(f"peer opened stream {sid}, but this side opens the streams")
+        if payload and _LABEL.fullmatch(payload) is None:
+            raise MuxError(f"OPEN of stream {sid}: bad channel label {payload[:40]!r}")
+        label = payload.decode()
+        if label and self._connect_channel is None:
+            raise MuxError(f"OPEN of stream {sid} names channel {label!r}; this side has one")
+        if not label and self._connect is None:
+            raise MuxError(f"OPEN of stream {sid} names no channel; this side needs one")
         with self._lock:
             if sid in self._streams or sid < 1:
                 raise MuxError(f"peer reopened stream id {sid}")
@@ -567,10 +590,14 @@ class Mux:
                 raise MuxError(f"OPEN of stream {sid} after CLOSE")
         # Connect synchronously: the local endpoint accepts in OPEN order.
         try:
-            sock = self._connect(sid)
+            if self._connect_channel is not None and label:
+                sock = self._connect_channel(sid, label)
+            else:
+                assert self._connect is not None
+                sock = self._connect(sid)
         except OSError as exc:
             raise MuxError(f"stream {sid}: cannot connect the local endpoint: {exc}") from exc
-        st = _Stream(sid, sock, self._window)
+        st = _Stream(sid, sock, self._window, label)
         with self._lock:
             self._streams[sid] = st
             if self.first_open is None:

@@ -128,7 +128,7 @@ class MuxGroup:
         for mux in self.muxes:
             mux.start()
 
-    def add_stream(self, sock: socket.socket) -> int:
+    def add_stream(self, sock: socket.socket, label: str = "") -> int:
         """The next QEMU connection: stream ``k`` on link ``(k - 1) % links``."""
         with self._lock:
             if self._failed is not None:
@@ -138,7 +138,7 @@ class MuxGroup:
             self._next_sid += 1
             mux = self.muxes[(sid - 1) % len(self.muxes)]
             # under the group lock: OPENs leave in accept order (each on its own link)
-            return mux.add_stream(sock, sid)
+            return mux.add_stream(sock, label, sid)
 
     def _member_failed(self, exc: MuxError) -> None:
         with self._lock:

@@ -42,7 +42,7 @@ from holepunch_mig.migration.common import (
     StreamReport,
     receive_offer,
 )
-from holepunch_mig.migration.mux import LinkReader, LinkWriter
+from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux
 from holepunch_mig.migration.mux_group import MuxGroup
 from holepunch_mig.migration.proxy import SourceProxy, unix_connector
 from holepunch_mig.roles import Role
@@ -90,7 +90,8 @@ class MigrationProxy(ProxyBase):
         self._ready_timeout = ready_timeout
         self._timeout = timeout
         self._link_timeout = link_timeout
-        self._mux: MuxGroup | None = None
+        self._mux: MuxGroup | Mux | None = None
+        """One mux per link (a group); a subclass carrying one link may set a Mux."""
         self._cpu0: float | None = None
         self._listener: SourceProxy | None = None
 
@@ -284,6 +285,7 @@ class MigrationProxy(ProxyBase):
             if self._cpu0 is not None:
                 rep.cpu_seconds = time.process_time() - self._cpu0
             if mux is not None:
+                n_links = len(mux.muxes) if isinstance(mux, MuxGroup) else 1
                 stats = mux.stats()
                 rep.streams = [
                     StreamReport(
@@ -292,7 +294,8 @@ class MigrationProxy(ProxyBase):
                         s.received,
                         s.sent_digest.hex() or None,
                         s.received_digest.hex() or None,
-                        link=(s.stream - 1) % len(mux.muxes),
+                        s.label,
+                        link=(s.stream - 1) % n_links,
                     )
                     for s in stats.streams
                 ]

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class StreamSink(Protocol):
     """Where accepted QEMU connections go: a :class:`Mux` or a group of them."""
 
-    def add_stream(self, sock: socket.socket) -> int: ...
+    def add_stream(self, sock: socket.socket, label: str = "") -> int: ...
 
     def abort(self, reason: str) -> None: ...
 
@@ -54,6 +54,9 @@ class SourceProxy:
     """The UNIX socket the source QEMU migrates to; each accepted connection is handed
     to ``mux.add_stream``.  Use as a context manager, or ``start()``/``close()``.
 
+    ``label``: the channel every accepted connection is announced as (see
+    :meth:`~holepunch_mig.migration.mux.Mux.add_stream`; "" = the peer's one endpoint).
+
     Where the socket lives:
 
     * ``path=None`` (default): ``migrate.sock`` in a fresh private directory (0700) under
@@ -66,9 +69,15 @@ class SourceProxy:
     """
 
     def __init__(
-        self, mux: StreamSink, *, parent_dir: Path | None = None, path: Path | None = None
+        self,
+        mux: StreamSink,
+        *,
+        parent_dir: Path | None = None,
+        path: Path | None = None,
+        label: str = "",
     ) -> None:
         self._mux = mux
+        self._label = label
         self._parent = parent_dir
         self._exact = Path(path) if path is not None else None
         self._exact_ino: int | None = None
@@ -141,7 +150,7 @@ class SourceProxy:
                 return
             self.accepted += 1
             try:
-                self._mux.add_stream(conn)
+                self._mux.add_stream(conn, self._label)
             except MuxError:
                 log.warning("source proxy: stream refused", exc_info=True)
                 return

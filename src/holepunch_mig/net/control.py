@@ -190,6 +190,14 @@ class ProcessChannel(StreamChannel):
         super().__init__(trio.StapledStream(process.stdin, process.stdout), peer_host=peer_host)
         self.process = process
 
+    async def exit_status(self, wait: float = 2.0) -> int | None:
+        """The command's exit status once it has ended (waiting up to ``wait`` s), or
+        None while it still runs: when the channel closed, this says why (127: the
+        command, e.g. holepunch-mig on the remote host, was not found)."""
+        with trio.move_on_after(wait):
+            await self.process.wait()
+        return self.process.returncode
+
     async def aclose(self) -> None:
         await super().aclose()
         with trio.move_on_after(5):
@@ -211,15 +219,53 @@ async def open_process_channel(
 
 async def open_tcp_channel(host: str, port: int, wait: float = 0.0) -> StreamChannel:
     """Connect the control channel to ``host:port`` (the CLI's ``--control``), retrying
-    refused connections for up to ``wait`` seconds (the receiver may start later)."""
-    deadline = trio.current_time() + wait
+    refused connections for up to ``wait`` seconds (the receiver may start later).
+
+    The deadline holds whatever the network does: a connect whose SYNs are dropped is
+    cut off at it (at least 1 s is given to a single attempt), not left to the kernel's
+    two-minute SYN retries."""
+    start = trio.current_time()
+    deadline = max(start + wait, start + 1.0)
+    last: str = "no answer"
     while True:
-        try:
-            stream = await trio.open_tcp_stream(host, port)
-            break
-        except OSError as exc:
-            if trio.current_time() + 0.1 >= deadline:
-                raise ChannelClosed(f"cannot reach the control port {host}:{port}: {exc}") from None
-            await trio.sleep(0.1)
+        with trio.move_on_at(deadline):
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+                break
+            except OSError as exc:
+                last = _connect_failure(exc)
+        if trio.current_time() + 0.1 >= deadline:
+            if last == "no answer":
+                last = (
+                    f"no answer within {trio.current_time() - start:.1f} s (SYNs dropped by a "
+                    "firewall, or the host is down)"
+                )
+            hint = (
+                ""
+                if last.startswith("cannot resolve")
+                else "; is holepunch-mig running there, listening on that port, and the "
+                "port open in its firewall?"
+            )
+            raise ChannelClosed(
+                f"cannot reach the control port {host}:{port}: {last}{hint}"
+            ) from None
+        await trio.sleep(0.1)
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return StreamChannel(stream)
+
+
+def _connect_failure(exc: OSError) -> str:
+    """An OSError of a connect in words, without a class name."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the name ({exc.strerror})"
+    # trio's open_tcp_stream raises one OSError caused by a group of per-address errors
+    group = exc.__cause__
+    errs = (
+        [e for e in group.exceptions if isinstance(e, OSError)]
+        if isinstance(group, BaseExceptionGroup)
+        else [exc]
+    )
+    codes = [e.errno for e in errs if e.errno]
+    if codes:
+        return os.strerror(codes[0]).lower()
+    return str(exc) or "connection failed"

@@ -216,12 +216,14 @@ class PunchRound:
                     pair.local = format_endpoint(*_local(sock))
                 except trio.TooSlowError:
                     sock.close()
+                    pair.local = _route_local(family, remote, self.port, pair.local)
                     pair.outcome = "timed out"
                     pair.detail = f"no SYN-ACK within {budget:.1f} s (attempt {attempts})"
                     pair.seconds = trio.current_time() - started
                     return
                 except OSError as exc:
                     sock.close()
+                    pair.local = _route_local(family, remote, self.port, pair.local)
                     pair.outcome, pair.detail = _classify(exc)
                     pair.detail += f" (attempt {attempts})"
                     pair.seconds = trio.current_time() - started
@@ -288,6 +290,22 @@ class PunchRound:
         pair.seconds = trio.current_time() - started
         self.log.info("pair %s -> %s rejected: %s", pair.local, pair.remote, pair.detail)
         sock.close()
+
+
+def _route_local(family: int, remote: Endpoint, port: int, current: str) -> str:
+    """The local end of a pair that never connected, as the routing table would have
+    chosen it, instead of the wildcard the socket was bound to (``0.0.0.0:P`` reads as
+    if something were wrong with the address); ``*:P`` when there is no route at all.
+    A UDP connect only asks the kernel for the route: no packet is sent."""
+    host = current.rpartition(":")[0].strip("[]")
+    if host not in ("0.0.0.0", "::"):
+        return current
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(remote)
+            return format_endpoint(unmap_ipv4(probe.getsockname()[0]), port)
+    except OSError:
+        return f"*:{port}"
 
 
 def _local(sock: trio.socket.SocketType) -> Endpoint:

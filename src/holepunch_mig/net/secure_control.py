@@ -32,7 +32,7 @@ from holepunch_mig.errors import (
     PairingFailed,
     ProtocolError,
 )
-from holepunch_mig.net.control import ControlChannel, StreamChannel
+from holepunch_mig.net.control import ControlChannel, StreamChannel, open_tcp_channel
 from holepunch_mig.wire.control_auth import (
     ControlAuth,
     ControlHandshake,
@@ -82,6 +82,7 @@ class SecureChannel:
         self._sealer = sealer
         self._unsealer = unsealer
         self._send_lock = trio.Lock()
+        self._send_broken: str | None = None
 
     @property
     def binding(self) -> bytes:
@@ -89,20 +90,33 @@ class SecureChannel:
         return self.session.handshake_hash
 
     async def send_message(self, message: bytes) -> None:
+        """Seal and send.  Once sealed, a message goes out whole even if the caller is
+        cancelled meanwhile (the cancellation is delivered after it): a sealed message
+        that never left would leave a hole in the sequence numbers, and the peer would
+        refuse everything after it.  A send that cannot finish within
+        :data:`SEALED_SEND_TIMEOUT` seconds breaks the channel."""
         async with self._send_lock:  # the sequence number is the order on the wire
+            if self._send_broken is not None:
+                raise ChannelClosed(f"control channel broke while sending: {self._send_broken}")
             frame = self._sealer.seal(message)
             # Once sealed, the frame must reach the wire even if this task is cancelled
             # (a racing task's nursery): a skipped sequence number would fail every later
-            # message.  The shield is bounded so a stalled peer cannot hold it forever.
+            # message.  The shield is bounded so a stalled peer cannot hold it forever;
+            # a send that failed or timed out may have left part of a frame, so the
+            # channel's send side is broken from then on.
             with trio.CancelScope(shield=True):
                 try:
                     with trio.fail_after(SEALED_SEND_TIMEOUT):
                         await self.inner.send_message(frame)
                 except trio.TooSlowError:
-                    raise ChannelClosed(
-                        f"control channel stalled: a sealed message could not be written "
-                        f"within {SEALED_SEND_TIMEOUT:.0f} s"
-                    ) from None
+                    self._send_broken = (
+                        f"a sealed message could not be written within {SEALED_SEND_TIMEOUT:.0f} s"
+                    )
+                    raise ChannelClosed(f"control channel stalled: {self._send_broken}") from None
+                except BaseException as exc:
+                    self._send_broken = f"a sealed message was not sent ({type(exc).__name__})"
+                    raise
+        await trio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here
 
     async def receive_message(self) -> bytes:
         return self._unsealer.open(await self.inner.receive_message())
@@ -168,15 +182,9 @@ async def connect_authenticated(
     connections and listeners that closed before their handshake reply."""
     deadline = trio.current_time() + wait
     while True:
-        try:
-            stream = await trio.open_tcp_stream(host, port)
-        except OSError as exc:
-            if trio.current_time() + 0.1 >= deadline:
-                raise ChannelClosed(f"cannot reach the control port {host}:{port}: {exc}") from None
-            await trio.sleep(0.1)
-            continue
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        inner = StreamChannel(stream)
+        # one deadline for everything: a connect whose SYNs are dropped is cut off at it
+        # (open_tcp_channel says why, and hints at what to check)
+        inner = await open_tcp_channel(host, port, wait=max(deadline - trio.current_time(), 0))
         try:
             return await secure(inner, auth, initiator=True, timeout=handshake_timeout)
         except ChannelClosed as exc:
@@ -221,13 +229,16 @@ async def accept_authenticated(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     max_pending: int = DEFAULT_MAX_PENDING,
     per_source: int = DEFAULT_PER_SOURCE,
+    listener: trio.socket.SocketType | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> SecureChannel:
     """Listen on ``host:port`` until one peer completes the control handshake; return
     its channel.  ``task_status.started`` gets the bound port.  A pairing code's expiry
     or its used-up failure budget ends the wait with :class:`PairingFailed`."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    bound = listener is not None
+    if listener is None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = trio.socket.socket(family, socket.SOCK_STREAM)
     stats = AcceptStats()
     pending: collections.Counter[str] = collections.Counter()
     won: list[SecureChannel] = []
@@ -262,8 +273,9 @@ async def accept_authenticated(
                     await inner.aclose()
 
     with listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await listener.bind((host, port))
+        if not bound:  # else the caller bound it (to fail on a busy port before waiting)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await listener.bind((host, port))
         listener.listen(64)
         task_status.started(int(listener.getsockname()[1]))
         until = code.expires if code is not None else math.inf
@@ -297,4 +309,4 @@ def _reason(exc: BaseException) -> str:
         return "closed before completing the control handshake"
     if isinstance(exc, ControlRejected):
         return "the peer gave up the handshake"
-    return f"{type(exc).__name__}: {exc}"[:200]
+    return str(exc)[:200] or "handshake failed"

@@ -61,7 +61,8 @@ async def _resolve(server: tuple[str, int]) -> tuple[int, tuple[Any, ...]]:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise StunError(f"cannot resolve STUN server {host!r}: {exc}") from None
+        reason = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else exc
+        raise StunError(f"cannot resolve STUN server name {host!r}: {reason}") from None
     if not infos:
         raise StunError(f"cannot resolve STUN server {host!r}: no addresses")
     family, _t, _p, _c, sockaddr = infos[0]
@@ -86,10 +87,11 @@ async def stun_binding_tcp(
     who = f"STUN server {format_endpoint(*server)}"
     if not 0 <= local_port <= 65535:
         raise StunError(f"local port {local_port} is out of range 0-65535")
-    stage = "connecting"
+    stage = "resolving the name"
     try:
         with trio.fail_after(timeout):
             family, sockaddr = await _resolve(server)
+            stage = "connecting"
             if family == socket.AF_INET6 and local_host == "0.0.0.0":
                 local_host = "::"
             sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -130,6 +132,10 @@ async def stun_binding_tcp(
                             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                         )
     except trio.TooSlowError:
+        if stage == "resolving the name":
+            raise StunError(
+                f"cannot resolve STUN server name {server[0]!r}: no DNS answer within {timeout:g} s"
+            ) from None
         raise StunError(f"{who}: no answer within {timeout:g} s ({stage})") from None
 
 

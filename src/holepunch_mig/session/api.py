@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import trio
 
-from holepunch_mig.errors import single_exception
+from holepunch_mig.errors import HolepunchError, single_exception
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.net.secure_control import secure
 from holepunch_mig.report import Report
@@ -27,6 +27,7 @@ from holepunch_mig.roles import ROLES, Role
 from holepunch_mig.session.link import Commit, Link, Progress, TransferResult
 from holepunch_mig.session.negotiate import establish
 from holepunch_mig.session.options import ConnectOptions
+from holepunch_mig.wire import messages
 from holepunch_mig.wire.control_auth import ControlAuth
 
 T = TypeVar("T")
@@ -85,6 +86,20 @@ async def connect(
                 yield link
             finally:
                 await link.aclose()
+
+
+async def abort(channel: ControlChannel, reason: str, *, timeout: float = 1.0) -> bool:
+    """Tell the peer why this side stops (an ``abort`` message) before closing
+    ``channel``, so the survivor can say "peer aborted: REASON" instead of "control channel
+    closed".  Best effort, bounded by ``timeout`` and shielded from cancellation (it runs
+    while an interrupt unwinds); True if the message went out."""
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+        try:
+            await channel.send_message(messages.encode(messages.Abort(reason=reason[:4096])))
+        except (HolepunchError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+    return False
 
 
 class BlockingLink:

@@ -102,8 +102,18 @@ class ControlReader:
         if isinstance(event, messages.Abort) and messages.Abort not in expected:
             raise PeerAbort(f"peer aborted{_step(step)}: {printable(event.reason)}")
         if not isinstance(event, expected):
+            clash = _ROLE_CLASH.get((tuple(t.TYPE for t in expected), event.type))
+            if clash:
+                raise ProtocolError(clash)
             raise ProtocolError(f"expected {what} message, got {event.type}" + _step(step))
         return event, raw
+
+
+#: (expected, received) -> what it means: the two sides were given the same role
+_ROLE_CLASH: dict[tuple[tuple[str, ...], str], str] = {
+    (("answer",), "offer"): "both sides claim the source role: the peer sent an offer too; "
+    "start one side as the destination (recv, or role 'destination')",
+}
 
 
 def _step(step: str) -> str:

@@ -47,6 +47,42 @@ Cause = Literal[
 DOCTOR = "holepunch-mig doctor"
 
 
+#: the tunnel advice when neither side allows it yet
+TUNNEL_BOTH = "accept the slower tunnel with --policy auto on both sides"
+
+
+def tunnel_advice(source_policy: str, destination_policy: str, fell_back: bool) -> str | None:
+    """What to say about the fallback tunnel, given what each side asked for: nothing
+    once it is in use; otherwise which side has to allow it (a destination's "direct"
+    forbids it even when the source allows it)."""
+    if fell_back or source_policy == "tunnel":
+        return None
+    source_ok = source_policy == "auto"
+    destination_ok = destination_policy != "direct"
+    if source_ok and not destination_ok:
+        return "start the destination (recv) with --policy auto too, to allow the slower tunnel"
+    if destination_ok and not source_ok:
+        return "accept the slower tunnel with --policy auto on the source (send)"
+    if not source_ok:
+        return TUNNEL_BOTH
+    return None
+
+
+def _tunnel_clause(tunnel: str | None) -> str:
+    return f", or {tunnel}" if tunnel else ""
+
+
+def mapping_varies(candidate_lines: Sequence[str]) -> list[str]:
+    """The server-reflexive endpoints of one side when STUN servers saw more than one of
+    the same address family: proof of endpoint-dependent (symmetric) mapping, visible to
+    both sides from the candidates alone."""
+    by_family: dict[bool, set[tuple[str, int]]] = {}
+    for endpoint in _srflx_ports(candidate_lines):
+        by_family.setdefault(":" in endpoint[0], set()).add(endpoint)
+    varied = [e for eps in by_family.values() if len(eps) > 1 for e in sorted(eps)]
+    return [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in varied]
+
+
 @dataclass(frozen=True)
 class Finding:
     cause: Cause
@@ -147,8 +183,11 @@ def diagnose_pairs(
     remote_candidates: Sequence[str] = (),
     local_port: int | None = None,
     remote_port: int | None = None,
+    tunnel: str | None = TUNNEL_BOTH,
 ) -> Diagnosis:
-    """Diagnose a failed direct attempt from one side's view (``role`` is that side)."""
+    """Diagnose a failed direct attempt from one side's view (``role`` is that side).
+    ``tunnel`` is the advice about the fallback tunnel that fits what the user did
+    (:func:`tunnel_advice`); None when the tunnel is already in use."""
     if any(p.outcome == "nominated" for p in pairs):
         return Diagnosis(())
     peer = _other(role)
@@ -200,8 +239,8 @@ def diagnose_pairs(
                 "port, so the port STUN saw is not the one the SYNs use and hole punching "
                 "cannot work. Fix: give that NAT endpoint-independent, port-preserving "
                 "mapping (nft: plain `masquerade`, not `random`/`fully-random`) or a "
-                "static forward of the punch port, or accept the slower tunnel with "
-                f"--policy auto. Check the mapping with `{DOCTOR}`.",
+                f"static forward of the punch port{_tunnel_clause(tunnel)}. Check the "
+                f"mapping with `{DOCTOR}`.",
             )
         )
 
@@ -252,7 +291,7 @@ def diagnose_pairs(
                     "matched the SYNs (a symmetric NAT on either side?). Fix: check the "
                     f"NAT mapping on both hosts with `{DOCTOR}` (punching needs "
                     "endpoint-independent mapping), announce a reachable address with "
-                    "--candidate or --stun, or accept the slower tunnel with --policy auto.",
+                    f"--candidate or --stun{_tunnel_clause(tunnel)}.",
                 )
             )
         else:
@@ -295,10 +334,11 @@ def diagnose_pairs(
     return Diagnosis(tuple(findings))
 
 
-def explain_no_path(report: Report) -> Diagnosis:
+def explain_no_path(report: Report, tunnel: str | None = TUNNEL_BOTH) -> Diagnosis:
     """:func:`diagnose_pairs` on a session report."""
     return diagnose_pairs(
         report.pairs,
+        tunnel=tunnel,
         role=report.role,
         notes=report.notes,
         local_candidates=report.local_candidates,

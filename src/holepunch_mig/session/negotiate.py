@@ -33,10 +33,10 @@ from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Report
 from holepunch_mig.roles import Policy, Role
 from holepunch_mig.session.control_reader import ControlReader
-from holepunch_mig.session.diagnosis import explain_no_path
+from holepunch_mig.session.diagnosis import explain_no_path, mapping_varies, tunnel_advice
 from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
-from holepunch_mig.session.policy import decide
+from holepunch_mig.session.policy import decide, direct_rounds
 from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
@@ -159,6 +159,7 @@ async def _negotiate(
             )
         )
         answer_msg, answer = await control.receive(messages.Answer, step="waiting for the answer")
+        exchanged = trio.current_time()
         if answer_msg.session != session_id.hex():
             raise ProtocolError("answer names a different session id")
         peer: messages.Answer | messages.Offer = answer_msg
@@ -167,6 +168,7 @@ async def _negotiate(
         destination_policy: Policy = answer_msg.policy or "direct"
     else:
         offer_msg, offer = await control.receive(messages.Offer, step="waiting for the offer")
+        exchanged = trio.current_time()
         session_id = bytes.fromhex(offer_msg.session)
         answer = await control.send(
             messages.Answer(
@@ -182,6 +184,9 @@ async def _negotiate(
         policy = offer_msg.policy  # the destination follows the source
         destination_policy = options.policy
 
+    # time to link counts this side's own preparation and everything after the
+    # offer/answer exchange, not the wait for the peer to come up (ssh, a late start)
+    started = exchanged - prepared.seconds
     sid = session_id.hex()
     log = SessionLog(logger, {"session": sid[:12]})
     report = Report(session=sid, role=role, policy=policy)
@@ -215,11 +220,26 @@ async def _negotiate(
 
     remotes = prepared.remotes(peer.candidates, control.channel.peer_host, peer.port, report)
     log.info("%d local, %d remote candidates", len(prepared.local), len(remotes))
+    rounds = options.rounds
+    if role == "source":
+        varied = {
+            side: mapping_varies(lines)
+            for side, lines in (("source", lines), ("destination", list(peer.candidates)))
+        }
+        doomed = [side for side, eps in varied.items() if eps]
+        rounds = direct_rounds(policy, destination_policy, options.rounds, bool(doomed))
+        if rounds < options.rounds:
+            report.notes.append(
+                f"STUN showed endpoint-dependent mapping on the {' and '.join(doomed)} side "
+                f"({', '.join(varied[doomed[0]])}) before round 1: one direct round instead "
+                f"of {options.rounds}, then the tunnel"
+            )
     try:
-        link = await DirectAttempt(control, prepared, keys, remotes, report, log).run(role)
+        link = await DirectAttempt(control, prepared, keys, remotes, report, log, rounds).run(role)
     except NoDirectPath as exc:
-        verdict = explain_no_path(report).verdict
         after = decide(policy, destination_policy, "failed")
+        advice = tunnel_advice(policy, destination_policy, after.action == "tunnel")
+        verdict = explain_no_path(report, advice).verdict
         if after.action == "tunnel":
             report.verdict = verdict
             log.warning("no direct path (%s); policy auto: falling back to the tunnel", exc)

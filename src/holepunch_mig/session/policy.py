@@ -104,3 +104,13 @@ TABLE: dict[tuple[Policy, Policy, Outcome], Decision] = {
 def decide(source: Policy, destination: Policy, outcome: Outcome) -> Decision:
     """The row for these policies and outcome; KeyError for a value outside the table."""
     return TABLE[(source, destination, outcome)]
+
+
+def direct_rounds(source: Policy, destination: Policy, rounds: int, doomed: bool) -> int:
+    """How many punch rounds the source runs: all of them, unless the candidates already
+    prove endpoint-dependent mapping (``doomed``) and the tunnel is the fallback, in which
+    case one round (it still works when the other side is reachable without punching)
+    before falling back, instead of waiting out every round."""
+    if doomed and decide(source, destination, "failed").action == "tunnel":
+        return 1
+    return rounds

@@ -44,6 +44,8 @@ class Prepared:
     notes: list[str]
     static_private: bytes
     static_public: bytes
+    seconds: float = 0.0
+    """How long the preparation took (listeners, STUN): part of the time to link."""
 
     @property
     def lines(self) -> list[str]:
@@ -88,6 +90,7 @@ async def prepare_round(
 ) -> Prepared:
     """Open the punch listeners into ``listeners`` (the caller closes them), gather the
     candidates (none when ``skip_gather`` says why not) and make a fresh keypair."""
+    began = trio.current_time()
     port = await open_listeners(options, listeners)
     include_loopback = options.include_loopback
     if include_loopback is None:
@@ -105,7 +108,16 @@ async def prepare_round(
             stun_timeout=options.stun_timeout,
         )
     static_private, static_public = generate_keypair()
-    return Prepared(options, listeners, port, local, notes, static_private, static_public)
+    return Prepared(
+        options,
+        listeners,
+        port,
+        local,
+        notes,
+        static_private,
+        static_public,
+        trio.current_time() - began,
+    )
 
 
 def choose_bind(options: ConnectOptions, family: int) -> str:
@@ -177,7 +189,14 @@ def remote_endpoints(
             continue
         cands.append(cand)
     cands.sort(key=lambda c: -c.priority)
-    cands[:0] = observed_candidates(peer_host, [peer_port])
+    announced = {(c.host, c.port) for c in cands}
+    observed = observed_candidates(peer_host, [peer_port])
+    for cand in observed:
+        if (cand.host, cand.port) not in announced:
+            # the report lists every remote candidate dialled, the observed one too (it
+            # is often the one nominated)
+            report.remote_candidates.append(cand.to_line())
+    cands[:0] = observed
     dropped = 0
     for cand in cands:
         endpoint = (cand.host, cand.port)

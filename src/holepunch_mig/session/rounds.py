@@ -14,14 +14,13 @@ import trio
 
 from holepunch_mig.errors import HolepunchError, NoDirectPath, ProtocolError
 from holepunch_mig.net.punch import AuthenticatedLink, PunchRound
-from holepunch_mig.report import PairReport, Report
+from holepunch_mig.report import PairReport, Report, count_outcomes
 from holepunch_mig.roles import Role
 from holepunch_mig.session.control_reader import ControlReader
 from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.prepare import PeerKeys, Prepared
 from holepunch_mig.wire import messages
-from holepunch_mig.wire.text import printable
 
 
 async def _measure_rtt(control: ControlReader, count: int) -> float:
@@ -52,6 +51,8 @@ class DirectAttempt:
     remotes: list[tuple[str, int]]
     report: Report
     log: logging.LoggerAdapter[logging.Logger]
+    rounds: int | None = None
+    """The source's round count when not the options' (see policy.direct_rounds)."""
 
     @property
     def options(self) -> ConnectOptions:
@@ -94,7 +95,7 @@ class DirectAttempt:
     async def _as_source(self, rtt: float) -> AuthenticatedLink:
         """Sync, wait RTT/2 (the destination dials on receipt), race, nominate the first
         authenticated link; a fresh synchronisation each round."""
-        rounds = self.options.rounds
+        rounds = self.rounds or self.options.rounds
         for round_no in range(1, rounds + 1):
             self.report.rounds = round_no
             await self.control.send(messages.Sync(round=round_no), step=f"round {round_no}")
@@ -114,9 +115,7 @@ class DirectAttempt:
                 messages.RoundFailed(round=round_no, retry=round_no < rounds, reason=reason),
                 step=f"round {round_no}",
             )
-        raise NoDirectPath(
-            f"no direct link after {rounds} rounds: {_round_reason(self.report.pairs)}"
-        )
+        raise NoDirectPath(_no_link(rounds, self.report.pairs))
 
     async def _as_destination(self) -> AuthenticatedLink:
         """Dial on each sync, answer handshakes, keep what the source nominates."""
@@ -181,7 +180,9 @@ class DirectAttempt:
                     )
                 return chosen
             if not msg.retry:
-                raise NoDirectPath(f"no direct link: {printable(msg.reason)}")
+                # this side's own count over every round (the source's reason is its
+                # last round's view)
+                raise NoDirectPath(_no_link(round_no, self.report.pairs))
             sync, _ = await self.control.receive(messages.Sync, step="waiting for the next round")
 
 
@@ -240,10 +241,18 @@ def _close_losers(punch: PunchRound, winner: AuthenticatedLink | None) -> None:
 
 
 def _round_reason(pairs: Sequence[PairReport]) -> str:
-    """ "2 refused, 1 timed out": what the pairs did, for round-failed and NoDirectPath."""
+    """ "2 refused, 1 timed out": what the pairs did, for round-failed."""
     if not pairs:
         return "no candidate pairs to try"
-    counts: dict[str, int] = {}
-    for pair in pairs:
-        counts[pair.outcome] = counts.get(pair.outcome, 0) + 1
-    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    return count_outcomes(list(pairs))
+
+
+def _no_link(rounds: int, pairs: Sequence[PairReport]) -> str:
+    """ "no direct link after 3 rounds (12 pairs: 9 timed out, 3 unreachable)"."""
+    plural = "s" if rounds != 1 else ""
+    if not pairs:
+        return f"no direct link after {rounds} round{plural}: no candidate pairs to try"
+    return (
+        f"no direct link after {rounds} round{plural} "
+        f"({len(pairs)} pair{'s' if len(pairs) != 1 else ''}: {count_outcomes(list(pairs))})"
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from holepunch_mig.errors import ChannelClosed, ProtocolError
-from holepunch_mig.wire.messages import MAX_MESSAGE
+from holepunch_mig.wire.messages import MAX_FRAME
 
 __all__ = ["MemoryChannel", "memory_channel_pair"]
 
@@ -28,10 +28,8 @@ class MemoryChannel:
         self.peer_host = peer_host
 
     async def send_message(self, message: bytes) -> None:
-        if len(message) > MAX_MESSAGE:
-            raise ProtocolError(
-                f"message of {len(message)} bytes exceeds the {MAX_MESSAGE}-byte limit"
-            )
+        if len(message) > MAX_FRAME:  # a sealed frame may exceed MAX_MESSAGE by 17
+            raise ProtocolError(f"frame of {len(message)} bytes exceeds the {MAX_FRAME}-byte limit")
         try:
             await self._send.send(bytes(message))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -92,6 +92,21 @@ def _check_str_or_none(value: Any) -> bool:
     return value is None or _check_short_str(value)
 
 
+_PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+MAX_SOCKET_DIR = 200
+"""Longest ``socket_dir``: its sockets' paths must fit sun_path (108 bytes) with room."""
+
+
+def check_socket_dir(value: Any) -> bool:
+    """An absolute, normalised directory path of plain name parts (no ``.``, ``..``,
+    empty parts, spaces or shell characters): the libvirt migration's socket directory,
+    created with the same name on both hosts."""
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > MAX_SOCKET_DIR:
+        return False
+    parts = value[1:].split("/")
+    return all(_PATH_PART.fullmatch(p) is not None and p not in (".", "..") for p in parts)
+
+
 def _check_digest_or_none(value: Any) -> bool:
     return value is None or _check_hex32(value)
 
@@ -109,6 +124,8 @@ def _check_link_count(value: Any) -> bool:
 
 
 _Checker = Any  # Callable[[Any], bool]; kept loose so the table stays readable
+
+_MODES = ("mux", "handoff", "libvirt")
 
 # type -> {field: (checker, description, required)}
 SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
@@ -206,15 +223,19 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
     # source -> destination once the link is up: how ENDs will be checked
     "migrate-offer": {
         "digest": (_check_bool, "true (SHA-256 in END) or false (count-only END)", True),
-        # absent = "mux"; "handoff": the punched socket goes to QEMU (its own TLS-PSK)
-        "mode": (lambda v: v in ("mux", "handoff"), '"mux" or "handoff"', False),
+        # absent = "mux"; "handoff": the punched socket goes to QEMU (its own TLS-PSK);
+        # "libvirt": mux with labelled streams into a socket directory (see migrate-ready)
+        "mode": (lambda v: v in _MODES, '"mux", "handoff" or "libvirt"', False),
         # absent = 1: how many links (the first included) the source wants to punch
         "links": (_check_link_count, f"an integer 1-{MAX_LINKS}", False),
     },
     # destination -> source: its mux runs and the destination QEMU's socket exists
     "migrate-ready": {
         "digest": (_check_bool, "true or false, echoing migrate-offer", True),
-        "mode": (lambda v: v in ("mux", "handoff"), '"mux" or "handoff"', False),
+        "mode": (lambda v: v in _MODES, '"mux", "handoff" or "libvirt"', False),
+        # libvirt mode only: the directory the destination made for its QEMU's sockets;
+        # the source makes the same path on its host and serves the same names there
+        "socket_dir": (check_socket_dir, "an absolute normalised path of plain names", False),
         # absent = 1: how many links (the first included) carry the streams
         "links": (_check_link_count, f"an integer 1-{MAX_LINKS}", False),
     },
@@ -229,7 +250,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
 }
 
 
-Mode = Literal["mux", "handoff"]
+Mode = Literal["mux", "handoff", "libvirt"]
 
 
 @dataclass(frozen=True)
@@ -403,6 +424,7 @@ class MigrateReady(Message):
     TYPE: ClassVar[str] = "migrate-ready"
     digest: bool
     mode: Mode | None = None
+    socket_dir: str | None = None
     links: int | None = None
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "ABORT_MAX",
     "HEADER",
     "MAX_RECORD",
+    "OPEN_MAX",
     "REKEY_INTERVAL",
     "TAG",
     "Record",
@@ -58,6 +59,8 @@ HEADER = struct.Struct(">BBHI")
 TAG = 16
 REKEY_INTERVAL = 65536
 ABORT_MAX = 4096
+OPEN_MAX = 32
+"""Longest OPEN payload: a channel label (the multiplexer checks its characters)."""
 KEY_LEN = 32
 END_PAYLOAD = struct.Struct(">Q32s")
 ACK_PAYLOAD = struct.Struct(">Q")
@@ -84,7 +87,6 @@ _FIXED_LEN: dict[int, int] = {
     RecordType.END: END_PAYLOAD.size,
     RecordType.ACK: ACK_PAYLOAD.size,
     RecordType.CLOSE: 0,
-    RecordType.OPEN: 0,
 }
 
 
@@ -188,6 +190,8 @@ class RecordSealer:
             raise RecordError(f"{record_type_name(type)} payload must be {fixed} bytes, got {n}")
         if type == RecordType.ABORT and n > ABORT_MAX:
             raise RecordError(f"ABORT reason is {n} bytes, max {ABORT_MAX}")
+        if type == RecordType.OPEN and n > OPEN_MAX:
+            raise RecordError(f"OPEN channel label is {n} bytes, max {OPEN_MAX}")
 
     def _seal_into(
         self, frame: memoryview, type: int, stream: int, payload: bytes | memoryview | bytearray
@@ -258,6 +262,10 @@ class RecordOpener:
                     f"record {rec_no}: {record_type_name(rtype)} payload must be {fixed} bytes, "
                     f"header says {length}"
                 )
+            )
+        if rtype == RecordType.OPEN and length > OPEN_MAX:
+            raise self._fail(
+                RecordError(f"record {rec_no}: OPEN label of {length} bytes > {OPEN_MAX}")
             )
         if rtype == RecordType.ABORT and length > ABORT_MAX:
             raise self._fail(

@@ -1,0 +1,168 @@
+"""libvirt mode without libvirt: channel labels on the mux (each OPEN reaches the
+endpoint its label names, and only a known one), the socket_dir check of migrate-ready,
+and the two proxies agreeing (or refusing) over a real session on this host."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+from test_mux import EchoServer, _finish_both, _recv_all, link_pair
+
+from holepunch_mig.errors import MuxError, ProtocolError
+from holepunch_mig.migration.libvirt import libvirt_destination, libvirt_source
+from holepunch_mig.migration.mux import OPEN, Mux
+from holepunch_mig.migration.proxy import unix_connector
+from holepunch_mig.testing import memory_channel_pair
+from holepunch_mig.wire import messages
+
+
+def _labelled(
+    routes: dict[str, Path],
+) -> tuple[Mux, Mux]:
+    def connect(stream: int, label: str) -> socket.socket:
+        if label not in routes:
+            raise MuxError(f"unknown channel {label!r}")
+        return unix_connector(routes[label])(stream)
+
+    (a, wa, ra), (b, wb, rb) = link_pair()
+    src = Mux(a, wa, ra, name="A")
+    dst = Mux(b, wb, rb, connect_channel=connect, name="B")
+    src.start()
+    dst.start()
+    return src, dst
+
+
+def _client(src: Mux, label: str, tag: int, payload: bytes) -> socket.socket:
+    ours, qemu = socket.socketpair()
+    src.add_stream(ours, label)
+    qemu.sendall(tag.to_bytes(8, "big") + payload)
+    qemu.shutdown(socket.SHUT_WR)
+    return qemu
+
+
+def test_labels_route_each_stream_to_its_endpoint(tmp_path: Path) -> None:
+    mig, nbd = EchoServer(tmp_path / "migration.sock"), EchoServer(tmp_path / "nbd.sock")
+    src, dst = _labelled({"migration": mig.path, "nbd": nbd.path})
+    try:
+        clients = [
+            _client(src, "nbd", 1, b"disk" * 1000),
+            _client(src, "migration", 2, b"ram" * 5000),
+            _client(src, "migration", 3, b"multifd"),
+        ]
+        echoed = [_recv_all(c) for c in clients]
+        results = _finish_both(src, dst)
+    finally:
+        mig.close()
+        nbd.close()
+    assert not any(isinstance(r, Exception) for r in results), results
+    assert echoed[0][8:] == b"disk" * 1000 and echoed[1][8:] == b"ram" * 5000
+    assert nbd.order == [1] and mig.order == [2, 3]  # OPEN order within a channel
+    assert [s.label for s in results[0].streams] == ["nbd", "migration", "migration"]
+    assert [s.label for s in results[1].streams] == ["nbd", "migration", "migration"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"etc-passwd", "unknown channel"),
+        (b"../nbd", "bad channel label"),
+        (b"", "names no channel"),
+    ],
+)
+def test_an_open_for_another_endpoint_fails_the_mux(
+    tmp_path: Path, payload: bytes, why: str
+) -> None:
+    """A peer cannot make the destination connect anywhere but the named endpoints."""
+    mig = EchoServer(tmp_path / "migration.sock")
+
+    def connect(stream: int, label: str) -> socket.socket:
+        if label != "migration":
+            raise MuxError(f"unknown channel {label!r}")
+        return unix_connector(mig.path)(stream)
+
+    (a, wa, _ra), (b, wb, rb) = link_pair()
+    dst = Mux(b, wb, rb, name="B", connect_channel=connect)
+    dst.start()
+    try:
+        wa.write(OPEN, 1, payload)
+        with pytest.raises(MuxError, match=why):
+            dst.finish(10)
+    finally:
+        mig.close()
+        dst.close()
+        a.close()
+    assert mig.order == []
+
+
+def test_a_label_needs_a_labelled_endpoint(tmp_path: Path) -> None:
+    echo = EchoServer(tmp_path / "echo.sock")
+    (a, wa, _ra), (b, wb, rb) = link_pair()
+    dst = Mux(b, wb, rb, connect=unix_connector(echo.path), name="B")
+    dst.start()
+    try:
+        wa.write(OPEN, 1, b"nbd")
+        with pytest.raises(MuxError, match="this side has one"):
+            dst.finish(10)
+    finally:
+        echo.close()
+        dst.close()
+        a.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("/run/holepunch-mig-libvirt/m-0a1b2c", True),
+        ("/run/a/b.c/d_e", True),
+        ("run/relative", False),
+        ("/run/../etc", False),
+        ("/run/./x", False),
+        ("/run//x", False),
+        ("/run/x/", False),
+        ("/run/x y", False),
+        ("/run/.hidden", False),
+        ("/" + "a" * 250, False),
+        (None, False),
+    ],
+)
+def test_socket_dir_check(value: object, ok: bool) -> None:
+    assert messages.check_socket_dir(value) is ok
+    if not ok and isinstance(value, str):
+        with pytest.raises(ProtocolError):
+            messages.MigrateReady(digest=False, mode="libvirt", socket_dir=value)
+
+
+async def test_source_refuses_a_directory_outside_its_socket_parent(tmp_path: Path) -> None:
+    """A destination cannot make the source create sockets elsewhere: its socket_dir
+    must sit in the source's own socket parent (the same --socket-dir on both hosts)."""
+    a, b = memory_channel_pair()
+    outcome: dict[str, BaseException | None] = {}
+
+    async def destination() -> None:
+        try:
+            async with libvirt_destination(b, socket_parent=tmp_path / "dst") as proxy:
+                await proxy.wait(10)
+            outcome["destination"] = None
+        except BaseException as exc:
+            outcome["destination"] = exc
+
+    async def source() -> None:
+        try:
+            async with libvirt_source(a, socket_parent=tmp_path / "src"):
+                pass
+            outcome["source"] = None
+        except BaseException as exc:
+            outcome["source"] = exc
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(destination)
+            nursery.start_soon(source)
+    assert isinstance(outcome["source"], ProtocolError), outcome
+    assert "not in ours" in str(outcome["source"])
+    assert outcome["destination"] is not None  # it did not succeed either
+    assert not (tmp_path / "src").exists() or list((tmp_path / "src").iterdir()) == []
+    assert list((tmp_path / "dst").iterdir()) == []  # its directory is removed

@@ -1,0 +1,181 @@
+"""Two libvirt hosts in a lab, a small TCG domain with a random disk, and the
+``holepunch-mig migrate`` / ``migrate-proxy destination --libvirt`` pair between them.
+
+Under CI=true the libvirt tests must run: :func:`require_libvirt` fails instead of
+skipping when libvirtd or the Python binding is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, presets
+from holepunch_mig.lab.libvirt_hosts import (
+    IMAGE_DIR,
+    LIBVIRT_TCP_PORT,
+    LibvirtHost,
+    domain_xml,
+    libvirt_hosts,
+)
+from holepunch_mig.net.keyfiles import pinned_pair
+from testsupport.lab import cli_env, require_netns
+from testsupport.qemu import require_qemu
+
+MEM_MIB = 128
+DISK_MIB = 256
+
+
+def require_libvirt() -> None:
+    require_netns()
+    require_qemu()
+    missing = [tool for tool in ("libvirtd", "virtlogd", "virsh", "nsenter", "unshare")
+               if shutil.which(tool) is None]  # fmt: skip
+    try:
+        import libvirt  # noqa: F401
+    except ModuleNotFoundError:
+        missing.append("the libvirt Python binding (pip install 'holepunch_mig[libvirt]')")
+    if missing:
+        reason = "libvirt tests need " + ", ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+def libvirt_spec(preset: str) -> LabSpec:
+    """A preset whose right side also lets libvirtd's TCP port in (forwarded through a
+    NAT): with the control port, the destination's only inbound ports."""
+    spec = presets()[preset]
+    right = dataclasses.replace(spec.right, allow_inbound_tcp=(CONTROL_PORT, LIBVIRT_TCP_PORT))
+    return dataclasses.replace(spec, right=right, name=f"{preset}-libvirt")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LibvirtLab:
+    lab: Lab
+    left: LibvirtHost
+    right: LibvirtHost
+    work: Path
+
+    def disk(self, name: str) -> Path:
+        return IMAGE_DIR / f"{name}.img"
+
+    def make_domain(self, name: str, *, disk_mib: int = DISK_MIB, random_disk: bool = True) -> str:
+        """Start a transient domain on the left host with a random raw disk; the right
+        host gets an image of the same size (what --copy-storage-all needs).  Returns
+        the disk's sha256."""
+        import libvirt
+
+        disk = self.disk(name)
+        src = self.left.path(disk)
+        with open(src, "wb") as fh:
+            for _ in range(disk_mib):
+                fh.write(os.urandom(1 << 20) if random_disk else bytes(1 << 20))
+        with open(self.right.path(disk), "wb") as fh:
+            fh.truncate(disk_mib << 20)
+        conn = libvirt.open(self.left.local_uri)
+        try:
+            conn.createXML(domain_xml(name, MEM_MIB, disk), 0)
+        finally:
+            conn.close()
+        return sha256(src)
+
+    def state(self, host: LibvirtHost, name: str) -> str | None:
+        """ "running", "paused", ... or None when the host has no such domain."""
+        import libvirt
+
+        conn = libvirt.open(host.local_uri)
+        try:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                return None
+            state, _ = dom.state()
+            names = {
+                libvirt.VIR_DOMAIN_RUNNING: "running",
+                libvirt.VIR_DOMAIN_PAUSED: "paused",
+                libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+            }
+            return names.get(state, f"state-{state}")
+        finally:
+            conn.close()
+
+    def destroy(self, name: str) -> None:
+        for host in (self.left, self.right):
+            host.run(["virsh", "-c", "qemu:///system", "destroy", name], timeout=30)
+            with_path = host.path(self.disk(name))
+            with_path.unlink(missing_ok=True)
+
+    def destination_proxy(self, work: Path, *extra: str) -> subprocess.Popen[bytes]:
+        return self.right.popen(
+            [sys.executable, "-m", "holepunch_mig.cli", "migrate-proxy", "destination",
+             "--libvirt", "--control-listen", f"0.0.0.0:{CONTROL_PORT}",
+             "--report", str(work / "dst.json"), "--link-timeout", "3",
+             *pinned_pair(self.work).destination, *extra],
+            env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(work / "dst.log", "wb"),
+        )  # fmt: skip
+
+    def migrate_argv(self, name: str, work: Path, *extra: str) -> list[str]:
+        host, port = self.lab.control_endpoint("right", CONTROL_PORT)
+        stun = self.lab.stun_endpoint()
+        return [
+            sys.executable, "-m", "holepunch_mig.cli", "migrate", name, self.right.tcp_uri(),
+            "--control", f"{host}:{port}", "--report", str(work / "src.json"),
+            "--link-timeout", "3", *pinned_pair(self.work).source,
+            *(["--stun", f"{stun[0]}:{stun[1]}"] if stun else []),
+            *extra,
+        ]  # fmt: skip
+
+    def migrate(
+        self, name: str, work: Path, *extra: str, timeout: float = 180.0
+    ) -> tuple[subprocess.CompletedProcess[bytes], int | None]:
+        """Run both proxies to the end; (source's completed process, destination's exit)."""
+        dst = self.destination_proxy(work)
+        try:
+            src = subprocess.run(
+                self.left.argv(self.migrate_argv(name, work, *extra)),
+                env=cli_env(), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            code = dst.wait(timeout=30)
+        finally:
+            if dst.poll() is None:
+                dst.kill()
+                dst.wait()
+        return src, code
+
+
+@contextmanager
+def libvirt_lab(
+    preset: str, work: Path, hosts: Sequence[str] = ("left", "right")
+) -> Iterator[LibvirtLab]:
+    require_libvirt()
+    spec = libvirt_spec(preset)
+    require_netns(need=("turnserver",) if spec.stun else ())
+    with Lab(spec) as lab, libvirt_hosts(lab, hosts) as started:
+        yield LibvirtLab(lab, started["left"], started["right"], work)
+
+
+def read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else None
