@@ -150,7 +150,12 @@ class Report:
     verdict: str | None = None
     bytes: int | None = None
     sha256: str | None = None
+    """Hex digest of the transferred stream, of the algorithm ``digest`` names."""
+    digest: str | None = None
+    """The session's end-to-end digest: "blake3" or "sha256" (both 32 bytes)."""
     seconds: float | None = None
+    links: int = 1
+    """Direct links this session carried (the first and those of ``open_links``)."""
     resume: bool = False
     """True when both sides agreed that a lost link may be re-punched (stream transfers)."""
     interruptions: list[Interruption] = field(default_factory=list)
@@ -212,7 +217,7 @@ class Report:
                 rate = f", {self.bytes / self.seconds / 1e6:.1f} MB/s"
             lines.append(f"  {self.bytes} bytes in {self.seconds or 0:.3f} s{rate}")
         if self.sha256:
-            lines.append(f"  sha256 {self.sha256}")
+            lines.append(f"  {self.digest or 'sha256'} {self.sha256}")
         for i, cut in enumerate(self.interruptions, 1):
             how = (
                 f"resumed from byte {cut.resumed_from} in {cut.resume_seconds or 0:.3f} s"

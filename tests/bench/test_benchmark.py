@@ -11,17 +11,22 @@ from typing import Any
 
 import pytest
 from testsupport.lab import require_netns
+from testsupport.qemu import require_qemu
 
 from holepunch_mig.bench import harness
 from holepunch_mig.bench import model as b
+from holepunch_mig.bench.floor import pair_floor, qemu_floor, scale, stages
 from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource, expected_sha256
+from holepunch_mig.bench.report import load_result, render_markdown
 from holepunch_mig.cli.main import main
 from holepunch_mig.errors import BenchError
 
 TINY = 8 << 20
 
 
-ALL_ROWS = ["plain-tcp", "tls", "rpc-tunnel", "tunnel", "direct", "direct-sha256"]
+ALL_ROWS = [
+    "plain-tcp", "tls", "rpc-tunnel", "tunnel", "direct", "direct-sha256", "direct-blake3"
+]  # fmt: skip
 
 
 def _check_rows(res: dict[str, Any], total: int) -> None:
@@ -40,10 +45,14 @@ def _check_rows(res: dict[str, Any], total: int) -> None:
     for key in ("rpc-tunnel", "tunnel"):
         assert "path tunnel" in by_key[key]["verified"]
         assert by_key[key]["time_to_link"] is not None
-    for key in ("direct", "direct-sha256"):
+    for key in ("direct", "direct-sha256", "direct-blake3"):
         assert "path direct" in by_key[key]["verified"]
         assert by_key[key]["time_to_link"] is not None
     assert "sha256 both ends" in by_key["direct-sha256"]["verified"]
+    assert "blake3 both ends" in by_key["direct-blake3"]["verified"]
+    for row in res["rows"]:
+        if not row["pending"]:
+            assert row["median"]["send_cpu_per_gib"] > 0 and row["median"]["recv_cpu_per_gib"] > 0
     # stop-and-wait: one credit reply per 64 KiB chunk
     rpc = by_key["rpc-tunnel"]["samples"][0]["extra"]
     assert rpc["tunnel_credits"] >= total // (64 << 10)
@@ -64,11 +73,22 @@ def test_cli_bench_tiny_loopback_writes_verified_json_markdown_png(tmp_path: Pat
     assert [r["key"] for r in res["rows"]] == [*ALL_ROWS, "records-sha256"]
     _check_rows(res, TINY)
     for row in res["rows"]:
-        assert "sink sha256" in row["verified"]
-    assert set(res["crypto_only"]) >= {"aes_gcm_encrypt_into_MBps", "sha256_MBps"}
+        alg = "blake3" if row["key"] == "direct-blake3" else "sha256"
+        assert f"sink {alg}" in row["verified"]
+    assert set(res["crypto_only"]) >= {"aes_gcm_encrypt_into_MBps", "sha256_MBps", "blake3_MBps"}
     assert res["time_to_link"] is None
     text = md.read_text()
     assert "| 5b |" in text and "nproc=" in text and "2009" in text and "### Targets" in text
+    assert "| 5c |" in text and "of floor" in text
+    # every row has its floor from this run's rates (row 1 and crypto-only were measured)
+    loaded = load_result(out)
+    for row in loaded.rows:
+        fl = pair_floor(loaded, row)
+        assert fl is not None and fl.mbps > 0
+        if row.key == "plain-tcp":  # nothing on these sockets beats plain TCP: its own rate
+            assert row.median["mbps"] / fl.mbps == pytest.approx(1.0, rel=0.02)
+        else:  # the crypto is on top of plain's copies
+            assert fl.send_cpu > loaded.rows[0].median["send_cpu_per_gib"]
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
@@ -166,6 +186,54 @@ def _result() -> b.BenchResult:
     )  # fmt: skip
 
 
+def test_floor_from_the_runs_rates() -> None:
+    """The floor adds the crypto at the measured rates to row 1's copies, spreads both
+    sides over the cores and never beats row 1; QEMU's adds the proxies' copies and
+    AES-GCM to direct QEMU's own CPU and never beats direct QEMU."""
+    res = _result()
+    one_second_per_gib = b.GIB / 1e6  # MB/s at which 1 GiB takes 1 s
+    res.crypto_only = {
+        "aes_gcm_encrypt_into_MBps": one_second_per_gib,
+        "aes_gcm_decrypt_into_MBps": one_second_per_gib / 2,  # 2 s/GiB
+    }
+    plain, direct = res.rows[0], res.rows[1]
+    assert (plain.key, direct.key) == ("plain-tcp", "direct")
+    fl = pair_floor(res, direct)
+    assert fl is not None
+    assert fl.send_cpu == pytest.approx(0.5 + 1.0) and fl.recv_cpu == pytest.approx(0.4 + 2.0)
+    assert fl.mbps == pytest.approx(one_second_per_gib / ((1.5 + 2.4) / 2))  # CPU-bound
+    pfl = pair_floor(res, plain)
+    assert pfl is not None and pfl.mbps == pytest.approx(2000.0)  # row 1's own rate
+    direct_q, proxy_q = res.qemu
+    direct_q.median_mbps = 600.0
+    direct_q.qemu_cpu_src, direct_q.qemu_cpu_dst = [1.0, 1.2], [0.8, 0.8]
+    proxy_q.qemu_cpu_src, proxy_q.qemu_cpu_dst = [1.1], [0.9]
+    proxy_q.proxy_cpu_src, proxy_q.proxy_cpu_dst = [0.7], [0.6]
+    qf = qemu_floor(res, proxy_q)
+    assert qf is not None
+    # direct QEMU's median CPU + one more read and write (0.5 + 0.4) + AES per side
+    assert qf.send_cpu == pytest.approx(1.1 + 0.9 + 1.0)
+    assert qf.recv_cpu == pytest.approx(0.8 + 0.9 + 2.0)
+    assert qf.mbps == pytest.approx(one_second_per_gib / ((3.0 + 3.7) / 2))
+    # the paper model: one link is its slowest thread, many links meet the NIC
+    st = stages(res)
+    assert st is not None
+    assert (st.pump, st.reader, st.deliverer) == pytest.approx((0.4 + 1 + 0.5, 0.4 + 2, 0.5))
+    assert (st.qemu_src, st.qemu_dst) == pytest.approx((1.1, 0.8))
+    one, why = scale(st, 1, 16, 3000.0)
+    assert one == pytest.approx(one_second_per_gib / 2.4) and "destination's reader" in why
+    assert scale(st, 8, 16, 3000.0) == (3000.0, "the NIC")
+    few_cores, why = scale(st, 8, 4, 3000.0)
+    assert few_cores == pytest.approx(4 * one_second_per_gib / (2.4 + 0.5 + 0.8))
+    assert why == "the destination's cores"
+    page = render_markdown(res)
+    assert "## Scaling with cores and links (on paper)" in page
+    assert "| 16 | 2969 | 23.8 | the NIC |" in page
+    assert "CPU s/GiB src / dst (QEMU + proxy)" in page
+    assert "1.80 / 1.50" in page  # the proxy row: QEMU + proxy, each side
+    assert "1.10 / 0.80" in page  # the direct row: QEMU alone (medians)
+
+
 def test_chart_is_a_png_that_matplotlib_drew() -> None:
     from holepunch_mig.bench.chart import render_png
 
@@ -198,3 +266,35 @@ def test_bench_without_matplotlib_writes_page_and_says_how_to_get_the_chart(
         f"holepunch-mig bench: no chart written to {png}: matplotlib is missing "
         "(pip install 'holepunch_mig[plot]')"
     ]
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+def test_qemu_cells_meter_qemu_and_proxy_cpu(tmp_path: Path) -> None:
+    """One tiny QEMU pair in the lab: each cell carries QEMU's own CPU per GiB (from
+    /proc) and, through the proxies, their CPU and the link count; the page shows them
+    against the floor."""
+    require_netns()
+    require_qemu()
+    from holepunch_mig.bench.lab_cells import lab_spec
+    from holepunch_mig.bench.qemu_cells import run_qemu_cells
+    from holepunch_mig.lab import Lab
+
+    with Lab(lab_spec(0)) as lab:
+        cells = run_qemu_cells(lab, tmp_path, 64, 1, (2,), lambda line: None)
+    direct, proxy = cells
+    assert (direct.case, proxy.case) == ("direct", "proxy")
+    for cell in cells:
+        assert len(cell.qemu_cpu_src) == len(cell.qemu_cpu_dst) == 1
+        assert cell.qemu_cpu_src[0] > 0 and cell.qemu_cpu_dst[0] > 0
+    assert proxy.links == 3  # main channel + 2 multifd channels, one link each
+    assert proxy.proxy_cpu_src[0] > 0 and proxy.proxy_cpu_dst[0] > 0
+    assert direct.proxy_cpu_src == []
+    res = _result()
+    res.qemu = cells
+    res.crypto_only = harness.crypto_only(0.05)
+    fl = qemu_floor(res, proxy)
+    assert fl is not None and fl.mbps > 0
+    # the floor holds QEMU's measured CPU plus the proxies' work on top
+    assert fl.send_cpu > direct.qemu_cpu_src[0] and fl.recv_cpu > direct.qemu_cpu_dst[0]
+    assert "5: QEMU via migrate-proxy (punched, Noise, AES-GCM), 3 links" in render_markdown(res)

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
+
 from holepunch_mig.net.keyfiles import pinned_pair
 
 CLI = [sys.executable, "-m", "holepunch_mig.cli"]
@@ -80,16 +82,46 @@ def test_send_recv_over_tcp_control(tmp_path: Path) -> None:
     assert recv.returncode == 0, recv_err.decode()
     assert send.stdout == b""  # nothing but data may go to stdout
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    # the default digest is BLAKE3 (both sides have it); the report names it
+    b3 = blake3.blake3(out.read_bytes()).hexdigest()
     for name in ("r.json", "s.json"):
         report = json.loads((tmp_path / name).read_text())
         assert report["path"] == "direct"
-        assert report["sha256"] == digest
+        assert report["digest"] == "blake3"
+        assert report["sha256"] == b3
         assert report["bytes"] == src.stat().st_size
         assert report["seconds"] > 0
         assert report["ok"] is True
         peer = "destination" if name == "s.json" else "source"
         assert report["control_peer"].startswith(f"pinned key {peer!r}")
     assert b"verified" in send.stderr
+    assert f"blake3 {b3}".encode() in send.stderr
+
+
+def test_digest_sha256_matches_sha256sum(tmp_path: Path) -> None:
+    """``--digest sha256`` on one side is enough: the session falls back to SHA-256 and
+    the report holds what sha256sum prints."""
+    src, digest = _payload(tmp_path)
+    port = _free_port()
+    out = tmp_path / "out.bin"
+    keys = pinned_pair(tmp_path)
+    recv = subprocess.Popen(
+        [*CLI, "recv", "--control-listen", f"127.0.0.1:{port}", "--output", str(out),
+         "--report", str(tmp_path / "r.json"), "--digest", "sha256", *keys.destination],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    send = subprocess.run(
+        [*CLI, "send", "--control", f"127.0.0.1:{port}", "--input", str(src),
+         "--report", str(tmp_path / "s.json"), *keys.source],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    _, recv_err = recv.communicate(timeout=30)
+    assert send.returncode == 0, send.stderr.decode()
+    assert recv.returncode == 0, recv_err.decode()
+    for name in ("r.json", "s.json"):
+        report = json.loads((tmp_path / name).read_text())
+        assert report["digest"] == "sha256" and report["sha256"] == digest
+    assert f"sha256 {digest}".encode() in send.stderr
 
 
 def test_send_recv_over_subprocess_stdio(tmp_path: Path) -> None:

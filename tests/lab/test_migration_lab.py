@@ -120,6 +120,22 @@ def test_migration_through_firewalls(
 
     outcome = trio.run(main)
     _check_success(outcome, streams=1 + multifd)
+    # one punched link per QEMU connection (the manager told the proxy multifd's count),
+    # and each of them carried its own connection's bytes
+    s, d = outcome.source_report, outcome.destination_report
+    for rep in (s, d):
+        assert rep["links"] == 1 + multifd
+        assert [st["link"] for st in rep["streams"]] == list(range(1 + multifd))
+        nominated = [p for p in rep["link"]["pairs"] if p["outcome"] == "nominated"]
+        assert len(nominated) == 1 + multifd
+        assert len({(p["local"], p["remote"]) for p in nominated}) == 1 + multifd
+    assert len(s["link_bytes"]) == 1 + multifd
+    for st in s["streams"]:
+        # a link's bytes on the wire cover its stream's bytes (plus record overhead)
+        assert s["link_bytes"][st["link"]] >= st["sent"] > 0
+    if multifd:
+        # RAM goes over the multifd channels, each on its own link
+        assert all(st["sent"] > 1 << 20 for st in s["streams"][1:]), s["streams"]
     if extra:
         streams = outcome.source_report["streams"]
         assert outcome.source_report["digest"] == "sha256"
@@ -146,11 +162,43 @@ def _cut_ruleset() -> str:
     )
 
 
+def _one_link_ruleset(port: int) -> str:
+    # Drop only the TCP packets of one local port: one of the parallel links goes silent.
+    rules = f"    tcp sport {port} drop\n    tcp dport {port} drop\n"
+    return (
+        "table inet hpm_cut {\n"
+        "  chain out {\n    type filter hook output priority -10; policy accept;\n"
+        f"{rules}  }}\n"
+        "  chain in {\n    type filter hook input priority -10; policy accept;\n"
+        f"{rules}  }}\n"
+        "}\n"
+    )
+
+
+def _link_ports(lab: Lab) -> list[int]:
+    """Local ports of the left host's established TCP connections but the control one."""
+    out = lab.run("left", ["ss", "-Htn", "state", "established"], timeout=10, capture_output=True)
+    ports = set()
+    for line in out.stdout.decode().splitlines():
+        fields = line.split()
+        local, peer = fields[-2], fields[-1]
+        if local.endswith(f":{CONTROL_PORT}") or peer.endswith(f":{CONTROL_PORT}"):
+            continue
+        ports.add(int(local.rsplit(":", 1)[1]))
+    return sorted(ports)
+
+
 @pytest.mark.netns
 @pytest.mark.qemu
-@pytest.mark.parametrize("cut", ["nft-drop-link", "kill-destination-proxy"])
-def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: str) -> None:
+@pytest.mark.parametrize(
+    ("cut", "multifd"),
+    [("nft-drop-link", 0), ("kill-destination-proxy", 0), ("nft-drop-one-of-5-links", 4)],
+)
+def test_link_cut_mid_migration(
+    fw_lab: Lab, image: Path, tmp_path: Path, cut: str, multifd: int
+) -> None:
     cut_at = 8 << 20
+    cut_ports: list[int] = []
 
     async def during(src: QemuVM, dst: QemuVM, procs: dict[str, subprocess.Popen[bytes]]) -> None:
         with trio.fail_after(60):
@@ -162,6 +210,12 @@ def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: s
                 await trio.sleep(0.02)
         if cut == "nft-drop-link":
             fw_lab.run("left", ["nft", "-f", "-"], timeout=10, input=_cut_ruleset().encode())
+        elif cut == "nft-drop-one-of-5-links":
+            ports = _link_ports(fw_lab)
+            assert len(ports) == 1 + multifd, ports
+            cut_ports.append(ports[-1])
+            rules = _one_link_ruleset(ports[-1]).encode()
+            fw_lab.run("left", ["nft", "-f", "-"], timeout=10, input=rules)
         else:
             procs["destination"].kill()
 
@@ -173,6 +227,7 @@ def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: s
                 mem_mib=MEM_MIB,
                 ram_image=image,
                 max_bandwidth=32 << 20,  # ~4 s for 128 MiB: time to cut it mid-way
+                multifd=multifd,
                 proxy_args=("--link-timeout", "3"),
                 during=during,
             )
@@ -189,12 +244,17 @@ def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: s
     s = outcome.source_report
     assert s is not None and s["ok"] is False and s["verdict"]
     assert 0 < s["bytes_sent"] < MEM_MIB << 20
-    if cut == "nft-drop-link":
+    if cut.startswith("nft-drop"):
         d = outcome.destination_report
         assert outcome.destination_exit == 1
         assert d is not None and d["ok"] is False and d["verdict"]
         # each side also learnt of the other's failure over the control channel
         assert s["peer_ok"] is False and d["peer_ok"] is False, (s, d)
+        if cut_ports:
+            assert s["links"] == d["links"] == 1 + multifd
+            # the other links were healthy: the group failed them all at once, and the
+            # verdict names what happened on the cut one or the peer's abort
+            assert "link" in s["verdict"] or "abort" in s["verdict"], s["verdict"]
     else:
         assert outcome.destination_exit == -9
 

@@ -11,7 +11,6 @@ diagnosis verdicts the lab can provoke.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from testsupport.lab import require_netns
 
@@ -39,7 +39,7 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("payload") / "payload.bin"
     data = os.urandom(PAYLOAD_BYTES)
     path.write_bytes(data)
-    return path, hashlib.sha256(data).hexdigest()
+    return path, blake3.blake3(data).hexdigest()
 
 
 def _lab(name: str) -> Iterator[Lab]:
@@ -151,9 +151,9 @@ def _verified(run: Run, digest: str, path: str, fell_back: bool) -> None:
         assert rep["path"] == path
         assert rep["fell_back"] is fell_back
         assert rep["ok"] is True
-        assert rep["sha256"] == digest
+        assert rep["digest"] == "blake3" and rep["sha256"] == digest
         assert rep["bytes"] == PAYLOAD_BYTES
-    assert hashlib.sha256(run.out.read_bytes()).hexdigest() == digest
+    assert blake3.blake3(run.out.read_bytes()).hexdigest() == digest
     for err in (run.send_err, run.recv_err):
         assert ("WARNING: no direct path" in err) is fell_back, err
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 from testsupport.lab import require_netns
 
@@ -119,8 +120,10 @@ def _run_with_cut(
 
 def _check(rrep: dict[str, object], srep: dict[str, object], out: Path, digest: str) -> None:
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    b3 = blake3.blake3(out.read_bytes()).hexdigest()  # the session's digest by default
     for rep in (rrep, srep):
-        assert rep["ok"] is True and rep["sha256"] == digest and rep["bytes"] == PAYLOAD
+        assert rep["ok"] is True and rep["bytes"] == PAYLOAD
+        assert rep["digest"] == "blake3" and rep["sha256"] == b3
         cuts = rep["interruptions"]
         assert isinstance(cuts, list) and len(cuts) >= 1, cuts
         first = cuts[0]

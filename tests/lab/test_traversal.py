@@ -3,7 +3,6 @@ DROP inbound NEW connections, and behind port-preserving masquerade NATs with no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import blake3
 import pytest
 from testsupport.lab import require_netns
 
@@ -30,7 +30,7 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("payload") / "payload.bin"
     data = os.urandom(PAYLOAD_BYTES)
     path.write_bytes(data)
-    return path, hashlib.sha256(data).hexdigest()
+    return path, blake3.blake3(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def transfer(
 def _check(report: dict[str, object], digest: str) -> None:
     assert report["path"] == "direct"
     assert report["ok"] is True
-    assert report["sha256"] == digest
+    assert report["digest"] == "blake3" and report["sha256"] == digest
     assert report["bytes"] == PAYLOAD_BYTES
     pairs = report["pairs"]
     assert isinstance(pairs, list)
@@ -134,7 +134,7 @@ def test_twenty_transfers_in_a_row(fw_lab: Lab, payload: tuple[Path, str], tmp_p
         recv_report, send_report, out = transfer(fw_lab, work, path)
         _check(recv_report, digest)
         _check(send_report, digest)
-        assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+        assert blake3.blake3(out.read_bytes()).hexdigest() == digest
         assert recv_report["session"] == send_report["session"]
         out.unlink()
 
@@ -222,7 +222,7 @@ def test_punch_port_stays_closed_to_everyone_else(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+    assert blake3.blake3(out.read_bytes()).hexdigest() == digest
     report = json.loads((tmp_path / "recv.json").read_text())
     assert report["path"] == "direct"
     assert report["local"].endswith(f":{punch_port}")

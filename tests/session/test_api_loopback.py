@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+import blake3
 import pytest
 import trio
 
@@ -59,11 +60,12 @@ async def test_memory_control_direct_link() -> None:
     data = os.urandom(8 << 20)
     src, dst, got = await _transfer(a, b, data)
     assert got == data
-    digest = hashlib.sha256(data).hexdigest()
+    digest = blake3.blake3(data).hexdigest()
     for link in (src, dst):
         rep = link.report
         assert rep.path == "direct"
         assert rep.ok is True
+        assert rep.digest == "blake3"
         assert rep.sha256 == digest
         assert rep.bytes == len(data)
         assert rep.time_to_link is not None and rep.time_to_link > 0
@@ -75,6 +77,62 @@ async def test_memory_control_direct_link() -> None:
     assert src.report.rtt is not None
     # no key material in reports: the session's public keys never appear either
     assert "key" not in src.report.to_json().lower().replace("keys", "")
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "expected"),
+    [
+        ("auto", "auto", "blake3"),
+        ("sha256", "auto", "sha256"),
+        ("auto", "sha256", "sha256"),
+        ("blake3", "blake3", "blake3"),
+    ],
+)
+async def test_digest_negotiation(source: str, destination: str, expected: str) -> None:
+    """Each side announces BLAKE3 unless it asks for SHA-256; both hash with what both
+    announced, and the result is that algorithm's digest of the data."""
+    a, b = memory_channel_pair()
+    data = os.urandom(3 << 20)
+    out = io.BytesIO()
+    results: dict[str, api.TransferResult] = {}
+
+    async def src() -> None:
+        async with api.connect(a, role="source", digest=source) as link:
+            results["source"] = await link.send_file(io.BytesIO(data))
+
+    async def dst() -> None:
+        async with api.connect(b, role="destination", digest=destination) as link:
+            results["destination"] = await link.receive_file(out)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(src)
+            nursery.start_soon(dst)
+    want = (blake3.blake3 if expected == "blake3" else hashlib.sha256)(data).hexdigest()
+    assert out.getvalue() == data
+    for result in results.values():
+        assert result.digest == expected and result.sha256 == want
+
+
+async def test_required_blake3_refused_by_sha256_peer() -> None:
+    a, b = memory_channel_pair()
+    failures: list[BaseException] = []
+
+    async def side(channel: ControlChannel, role: str, digest: str) -> None:
+        try:
+            async with api.connect(channel, role=role, digest=digest):  # type: ignore[arg-type]
+                pass
+        except Exception as exc:
+            failures.append(exc)
+        finally:
+            await channel.aclose()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side, a, "source", "blake3")
+            nursery.start_soon(side, b, "destination", "sha256")
+    assert any("digest blake3 was required" in str(exc) for exc in failures), failures
+    assert len(failures) == 2, failures  # the other side fails too, it is not left waiting
 
 
 async def test_tcp_control_direct_link() -> None:

@@ -5,13 +5,13 @@ byte-exact, with every interruption in both reports."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import trio
 
 from holepunch_mig.errors import HolepunchError, ResumeFailed, TransferError
@@ -107,10 +107,11 @@ async def _run(
 
 def _check_ok(src: api.Link, dst: api.Link, got: bytes, data: bytes, cuts: int) -> None:
     assert got == data
-    digest = hashlib.sha256(data).hexdigest()
+    digest = blake3.blake3(data).hexdigest()  # the session's digest: both have BLAKE3
     for link in (src, dst):
         rep = link.report
         assert rep.ok is True and rep.resume is True
+        assert rep.digest == "blake3"
         assert rep.sha256 == digest and rep.bytes == len(data)
         assert len(rep.interruptions) == cuts, rep.interruptions
         for cut in rep.interruptions:

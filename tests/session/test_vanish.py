@@ -221,7 +221,9 @@ async def send_data_without_end(link: api.Link, tap: Tap) -> None:
 
 async def receive_then_no_verdict(link: api.Link, tap: Tap) -> None:
     """Destination peer: receives and verifies the stream, never sends the result."""
-    await trio.to_thread.run_sync(link.reader.receive_file, 0, io.BytesIO())
+    await trio.to_thread.run_sync(
+        lambda: link.reader.receive_file(0, io.BytesIO(), algorithm=link.digest)
+    )
     await tap.vanish()
 
 

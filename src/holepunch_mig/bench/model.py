@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource
+from holepunch_mig.wire.digests import Algorithm
 
 __all__ = [
     "GIB",
@@ -95,7 +96,8 @@ class PairSpec:
 
     sender: SenderFn
     receiver: ReceiverFn
-    hashes: bool = False  # both sides report a SHA-256 that must match the payload's
+    hashes: bool = False  # both sides report a digest that must match the payload's
+    algorithm: Algorithm = "sha256"  # ... of this algorithm
     port: str = "data"
     self_start: bool = False
     prepare: Callable[[BenchConfig], None] | None = None  # once per run, in the parent
@@ -241,3 +243,10 @@ class QemuCell:
     median_mbps: float = 0.0
     ratio: float | None = None  # proxy / direct wall (proxy cells)
     verified: str = ""
+    # CPU seconds per GiB of guest RAM moved (QEMU's ram.transferred), per run: QEMU's own
+    # (from /proc, migrate .. completed) and the migrate-proxy process's (its report)
+    qemu_cpu_src: list[float] = field(default_factory=list)
+    qemu_cpu_dst: list[float] = field(default_factory=list)
+    proxy_cpu_src: list[float] = field(default_factory=list)
+    proxy_cpu_dst: list[float] = field(default_factory=list)
+    links: int = 0  # proxy cells: parallel links the proxies used

@@ -114,7 +114,7 @@ def tune_socket(sock: socket.socket, size: int) -> None:
 def receive_with(spec: PairSpec, sock: socket.socket, cfg: BenchConfig) -> Callable[[], SideResult]:
     """The receiving side function: the row's receiver into a CheckingSink, whose
     verdict (bytes, stamps, optional full hash) goes into the result."""
-    sink = CheckingSink(cfg.seed, full_hash=cfg.full_verify)
+    sink = CheckingSink(cfg.seed, full_hash=cfg.full_verify, algorithm=spec.algorithm)
 
     def receive() -> SideResult:
         res = spec.receiver(sock, sink, cfg)
@@ -154,12 +154,14 @@ def check_pair(
     if spec.hashes:
         for role, res in (("sender", sres), ("receiver", rres)):
             if res["sha256"] != expected:
-                raise BenchError(f"{role} SHA-256 {res['sha256']} != expected {expected}")
-        checks.append("sha256 both ends")
+                raise BenchError(f"{role} {spec.algorithm} {res['sha256']} != expected {expected}")
+        checks.append(f"{spec.algorithm} both ends")
     if cfg.full_verify:
         if rres.get("sink_sha256") != expected:
-            raise BenchError(f"sink SHA-256 {rres.get('sink_sha256')} != expected {expected}")
-        checks.append("sink sha256")
+            raise BenchError(
+                f"sink {spec.algorithm} {rres.get('sink_sha256')} != expected {expected}"
+            )
+        checks.append(f"sink {spec.algorithm}")
     extra = {**sres.get("extra", {}), **{f"recv_{k}": v for k, v in rres.get("extra", {}).items()}}
     for what in ("cipher", "path"):
         if what in extra:

@@ -12,6 +12,8 @@ import hashlib
 import struct
 from typing import Any
 
+from holepunch_mig.wire.digests import Algorithm, new_hash
+
 __all__ = ["CHUNK", "CheckingSink", "PatternSource", "expected_sha256"]
 
 CHUNK = 1 << 20
@@ -72,16 +74,17 @@ class PatternSource:
         return self.pos
 
 
-def expected_sha256(total: int, seed: bytes) -> str:
-    """SHA-256 of what a PatternSource(total, seed) yields, computed independently of any
-    transport."""
+def expected_sha256(total: int, seed: bytes, algorithm: Algorithm = "sha256") -> str:
+    """The digest (SHA-256 unless ``algorithm`` says otherwise) of what a
+    PatternSource(total, seed) yields, computed independently of any transport."""
     src = PatternSource(total, seed)
     buf = memoryview(bytearray(CHUNK))
-    h = hashlib.sha256()
+    h = new_hash(algorithm)
     while True:
         n = src.readinto(buf)
         if not n:
-            return h.hexdigest()
+            hexdigest: str = h.hexdigest()
+            return hexdigest
         h.update(buf[:n])
 
 
@@ -89,11 +92,13 @@ class CheckingSink:
     """``write`` checks every chunk stamp and the last byte of every chunk against the
     pattern as the bytes arrive, counts them, and with ``full_hash`` hashes them all."""
 
-    def __init__(self, seed: bytes, *, full_hash: bool = False) -> None:
+    def __init__(
+        self, seed: bytes, *, full_hash: bool = False, algorithm: Algorithm = "sha256"
+    ) -> None:
         self.pattern = hashlib.shake_256(seed).digest(CHUNK)
         self.pos = 0
         self.bad: str | None = None
-        self.hash = hashlib.sha256() if full_hash else None
+        self.hash = new_hash(algorithm) if full_hash else None
 
     def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")

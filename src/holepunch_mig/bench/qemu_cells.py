@@ -247,11 +247,18 @@ async def same_ram(src: QemuVM, dst: QemuVM, work: Path) -> str:
 
 
 async def lab_direct_run(
-    lab: Lab, work: Path, image: Path, mem: int, multifd: int, verify: bool = False
+    lab: Lab,
+    work: Path,
+    image: Path,
+    mem: int,
+    multifd: int,
+    verify: bool = False,
+    cpu: dict[str, float] | None = None,
 ) -> Any:
     """Plain QEMU -> QEMU over TCP through the destination's open port (no crypto).
     Returns the MigrationResult, or with ``verify`` (result, what was checked) after
-    comparing guest RAM on both sides."""
+    comparing guest RAM on both sides.  ``cpu`` gets each QEMU's CPU seconds from
+    migrate to completed (keys qemu_src, qemu_dst)."""
     async with (
         QemuVM(work, name="src", mem_mib=mem, ram_image=image, netns=lab.netns("left")) as src,
         QemuVM(
@@ -265,8 +272,11 @@ async def lab_direct_run(
     ):
         await start_incoming(dst.qmp, f"tcp:0.0.0.0:{DIRECT_PORT}", multifd_channels=multifd)
         host, port = lab.control_endpoint("right", DIRECT_PORT)
+        c0 = src.cpu_seconds(), dst.cpu_seconds()
         result = await migrate(src.qmp, f"tcp:{host}:{port}", multifd_channels=multifd)
         await wait_status(dst.qmp, "running", timeout=20)
+        if cpu is not None:
+            cpu.update(qemu_src=src.cpu_seconds() - c0[0], qemu_dst=dst.cpu_seconds() - c0[1])
         if verify:
             return result, "completed, destination running, " + await same_ram(src, dst, work)
         return result
@@ -280,11 +290,15 @@ async def lab_proxy_run(
     multifd: int,
     digest: bool = False,
     verify: bool = False,
+    cpu: dict[str, float] | None = None,
+    links: int | None = None,
 ) -> Any:
-    """Through ``holepunch-mig migrate-proxy`` on both firewalled hosts (punched link,
-    Noise KK, AES-256-GCM).  Wall time is QEMU's migrate..completed, as for direct; the
-    punch happens before (the proxy says ready first).  With ``verify``: (result, what
-    was checked), guest RAM compared on both sides and the proxies' byte counts."""
+    """Through ``holepunch-mig migrate-proxy`` on both firewalled hosts (punched links,
+    Noise KK, AES-256-GCM; ``links`` parallel links, default one per QEMU connection).
+    Wall time is QEMU's migrate..completed, as for direct; the punch happens before (the
+    proxy says ready first).  With ``verify``: (result, what was checked), guest RAM
+    compared on both sides and the proxies' byte counts.  ``cpu`` gets QEMU's CPU
+    seconds (qemu_src, qemu_dst), the proxies' (proxy_src, proxy_dst) and ``links``."""
     checked: list[str] = []
 
     async def after(src: QemuVM, dst: QemuVM) -> None:
@@ -298,12 +312,22 @@ async def lab_proxy_run(
         ram_image=image,
         proxy_args=("--digest",) if digest else (),
         after=after if verify else None,
+        links=links,
     )
     if outcome.qemu.status != "completed" or outcome.destination_status != "running":
         raise RuntimeError(f"proxied migration failed: {outcome}")
     if outcome.source_exit != 0 or outcome.destination_exit != 0:
         raise RuntimeError(f"a proxy failed: {outcome.source_report} {outcome.destination_report}")
     result: MigrationResult = outcome.qemu
+    if cpu is not None:
+        s, d = outcome.source_report or {}, outcome.destination_report or {}
+        cpu.update(
+            qemu_src=outcome.qemu_cpu.get("source", math.nan),
+            qemu_dst=outcome.qemu_cpu.get("destination", math.nan),
+            proxy_src=s.get("cpu_seconds") or math.nan,
+            proxy_dst=d.get("cpu_seconds") or math.nan,
+            links=float(s.get("links") or 1),
+        )
     if verify:
         s, d = outcome.source_report or {}, outcome.destination_report or {}
         if not (s.get("ok") and d.get("ok")) or s.get("bytes_sent") != d.get("bytes_received"):
@@ -419,12 +443,24 @@ def run_qemu_cells(
             got = {c: QemuCell(rtt, c, mf, mem) for c in ("direct", "proxy")}
             for i in range(runs):
                 for case, cell in got.items():
+                    cpu: dict[str, float] = {}
                     if case == "direct":
-                        r, checked = await lab_direct_run(lab, work, image, mem, mf, verify=True)
+                        r, checked = await lab_direct_run(
+                            lab, work, image, mem, mf, verify=True, cpu=cpu
+                        )
                     else:
-                        r, checked = await lab_proxy_run(lab, work, image, mem, mf, verify=True)
+                        r, checked = await lab_proxy_run(
+                            lab, work, image, mem, mf, verify=True, cpu=cpu
+                        )
                     if r.status != "completed" or not r.transferred or r.transferred < mem << 19:
                         raise BenchError(f"QEMU {case} mf={mf}: {r}")
+                    gib = r.transferred / (1 << 30)
+                    cell.qemu_cpu_src.append(cpu["qemu_src"] / gib)
+                    cell.qemu_cpu_dst.append(cpu["qemu_dst"] / gib)
+                    if case == "proxy":
+                        cell.proxy_cpu_src.append(cpu["proxy_src"] / gib)
+                        cell.proxy_cpu_dst.append(cpu["proxy_dst"] / gib)
+                        cell.links = int(cpu["links"])
                     cell.walls.append(r.wall_seconds)
                     cell.mbps.append(r.mb_per_s)
                     cell.qemu_ms.append(r.total_time_ms)

@@ -169,8 +169,8 @@ def _tls_row(cfg: BenchConfig) -> PairSpec:
 # ---- rows 3-5: the real holepunch_mig session over the control connection
 
 
-def _session_options(policy: str, stop_and_wait: bool) -> dict[str, Any]:
-    opts: dict[str, Any] = {"policy": policy}
+def _session_options(policy: str, stop_and_wait: bool, algorithm: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {"policy": policy, "digest": algorithm}
     if stop_and_wait:
         from holepunch_mig.wire.credit import MAX_CHUNK
 
@@ -190,7 +190,9 @@ def _link_extra(link: Any) -> dict[str, Any]:
     return extra
 
 
-def _session_pair(policy: str, digest: bool, stop_and_wait: bool = False) -> PairSpec:
+def _session_pair(
+    policy: str, digest: bool, stop_and_wait: bool = False, algorithm: str = "auto"
+) -> PairSpec:
     """Source and destination each run ``api.connect`` over the control connection they
     are handed (the punch, Noise KK, nomination, or the tunnel), then send/receive the
     payload with ``Link.send_file``/``receive_file``.  Clock and CPU meters start once
@@ -200,7 +202,7 @@ def _session_pair(policy: str, digest: bool, stop_and_wait: bool = False) -> Pai
     from holepunch_mig.net.control import StreamChannel
     from holepunch_mig.session import api
 
-    opts = _session_options(policy, stop_and_wait)
+    opts = _session_options(policy, stop_and_wait, algorithm)
     want_path = "direct" if policy == "direct" else "tunnel"
 
     def send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
@@ -249,7 +251,15 @@ def _session_pair(policy: str, digest: bool, stop_and_wait: bool = False) -> Pai
         if (stop_and_wait)
         else None
     )
-    return PairSpec(send, recv, hashes=digest, port="control", self_start=True, cap=cap)
+    return PairSpec(
+        send,
+        recv,
+        hashes=digest,
+        algorithm="blake3" if algorithm == "blake3" else "sha256",
+        port="control",
+        self_start=True,
+        cap=cap,
+    )
 
 
 @measurement(
@@ -271,7 +281,16 @@ def _direct_row(cfg: BenchConfig) -> PairSpec:
 
 @measurement("5b", "direct-sha256", "holepunch_mig direct, + SHA-256 of the payload both ends")
 def _direct_digest_row(cfg: BenchConfig) -> PairSpec:
-    return _session_pair("direct", digest=True)
+    return _session_pair("direct", digest=True, algorithm="sha256")
+
+
+@measurement(
+    "5c",
+    "direct-blake3",
+    "holepunch_mig direct, + BLAKE3 of the payload both ends (send/recv's default)",
+)
+def _direct_blake3_row(cfg: BenchConfig) -> PairSpec:
+    return _session_pair("direct", digest=True, algorithm="blake3")
 
 
 def _records_pair(digest: bool) -> PairSpec:

@@ -30,9 +30,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="throughput of every transport row vs plain TCP in the namespace lab, per RTT",
         description="Move --gib GiB from the lab's left host to its right host (two "
         "firewalled network namespaces; root) through each row: 1 plain TCP, 2 TLS 1.3, "
-        "3 RPC-style stop-and-wait tunnel, 4 holepunch_mig's tunnel, 5a/5b holepunch_mig "
-        "direct; at each --rtts delay; --runs times interleaved; then QEMU migrations "
-        "direct vs migrate-proxy.  Prints a table and writes docs/results/performance.md and "
+        "3 RPC-style stop-and-wait tunnel, 4 holepunch_mig's tunnel, 5a/5b/5c holepunch_mig "
+        "direct (no digest, SHA-256, BLAKE3); at each --rtts delay; --runs times "
+        "interleaved; then QEMU migrations direct vs migrate-proxy.  CPU s/GiB per side "
+        "and the floor of every row from the same run's rates.  Prints a table and writes "
+        "docs/results/performance.md and "
         "docs/results/performance.png (when ./docs/results exists; see --markdown/--png).  "
         "Every payload is verified.  Without root: loopback rows only.",
     )

@@ -65,6 +65,7 @@ from holepunch_mig.migration.api import (
     MigrationProgress,
     MigrationProxy,
     MigrationReport,
+    default_links,
     migration_destination,
     migration_source,
 )
@@ -215,6 +216,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="keep trying the control port this long (default 10)",
     )
+    src.add_argument(
+        "--links",
+        type=int,
+        default=None,
+        metavar="N",
+        help="mux mode: punch N parallel links and carry QEMU connection k on link "
+        "(k - 1) mod N (default: one per QEMU connection, 1 + --multifd-channels)",
+    )
+    src.add_argument(
+        "--multifd-channels",
+        type=int,
+        default=None,
+        metavar="K",
+        help="mux mode: the multifd-channels the manager gives QEMU (0 = multifd off); "
+        "sets the default --links (default: QEMU's default, 2)",
+    )
     _options(src)
     cli.add_link_options(src)
     cli.add_auth_options(src, listening=False)
@@ -323,6 +340,13 @@ def _check_mode(args: argparse.Namespace) -> str | None:
             return f"--mode mux needs {local} PATH"
         if args.qmp is not None or args.psk_dir is not None:
             return "--qmp/--psk-dir are for --mode handoff"
+    if args.migrate_role == "source":
+        if args.mode == "handoff" and (args.links is not None or args.multifd_channels):
+            return "--links/--multifd-channels are for mux mode (handoff is one link)"
+        try:
+            default_links(args.links, args.multifd_channels)
+        except ValueError as exc:
+            return str(exc)
     over_ssh = bool(getattr(args, "control_cmd", None) or getattr(args, "control_stdio", False))
     return cli.auth_usage_problem(args, tcp=not over_ssh)
 
@@ -401,7 +425,12 @@ async def _source_main(args: argparse.Namespace) -> int:
             channel = await cli.dial_control(host, port, auth, args.control_wait)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
-            kwargs.update(listen_unix=args.listen_unix, digest=args.digest)
+            kwargs.update(
+                listen_unix=args.listen_unix,
+                digest=args.digest,
+                links=args.links,
+                multifd_channels=args.multifd_channels,
+            )
         async with migration_source(channel, progress=progress, **kwargs) as proxy:
             if not args.quiet:
                 cli.say(proxy.link.report.summary())

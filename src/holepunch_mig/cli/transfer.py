@@ -60,6 +60,7 @@ from holepunch_mig.report import Report, write_file_atomically
 from holepunch_mig.roles import Role
 from holepunch_mig.session import api
 from holepunch_mig.session.link import Link, TransferResult
+from holepunch_mig.wire.digests import PREFERENCES
 
 __all__ = ["register", "run_recv", "run_send"]
 
@@ -80,6 +81,17 @@ def _resume_args(p: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="SECONDS",
         help="declare the link dead when the path answers nothing this long (default 10)",
+    )
+
+
+def _digest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--digest",
+        choices=PREFERENCES,
+        default="auto",
+        help="end-to-end check of the whole payload: auto (default: BLAKE3 when both sides "
+        "have it, about 4x cheaper than SHA-256, else SHA-256), blake3 (fail without it), "
+        "sha256 (to compare with sha256sum)",
     )
 
 
@@ -106,6 +118,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_link_options(recv)
     _resume_args(recv)
+    _digest_args(recv)
     add_auth_options(recv, listening=True)
 
     send = sub.add_parser("send", help="send a payload (the migration source)")
@@ -143,6 +156,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send.add_argument("--rate-limit", type=float, default=0.0, help=argparse.SUPPRESS)
     add_link_options(send)
     _resume_args(send)
+    _digest_args(send)
     add_auth_options(send, listening=False)
     recv.set_defaults(run=run_recv, usage_problem=_recv_usage_problem)
     send.set_defaults(run=run_send, usage_problem=_send_usage_problem)
@@ -299,7 +313,7 @@ async def _run_recv(args: argparse.Namespace) -> int:
         finally:
             out.discard()
         return (
-            f"received {amount(result.bytes, result.seconds)}, sha256 {result.sha256}, "
+            f"received {amount(result.bytes, result.seconds)}, {result.digest} {result.sha256}, "
             "verified" + _resumed(link)
         )
 
@@ -337,7 +351,7 @@ async def _run_send(args: argparse.Namespace) -> int:
             if not result.verified:  # send_file hashes: a peer's missing digest raised
                 raise TransferError("the receiver's SHA-256 was not compared: not verified")
             return (
-                f"sent {amount(result.bytes, result.seconds)}, sha256 {result.sha256}, "
+                f"sent {amount(result.bytes, result.seconds)}, {result.digest} {result.sha256}, "
                 "verified by the receiver" + _resumed(link)
             )
 
@@ -357,7 +371,11 @@ async def _session(
     shown = [False]
     try:
         options = connect_options(args)
-        options.update(resume_attempts=args.resume_attempts, link_timeout=args.link_timeout)
+        options.update(
+            resume_attempts=args.resume_attempts,
+            link_timeout=args.link_timeout,
+            digest=args.digest,
+        )
         async with api.connect(channel, role=role, **options) as link:
             report = link.report
             if not args.quiet:

@@ -35,6 +35,7 @@ from holepunch_mig.errors import LabError
 from holepunch_mig.lab.spec import CONTROL_PORT, LabSpec, presets
 from holepunch_mig.lab.topology import Lab
 from holepunch_mig.net.keyfiles import pinned_pair
+from holepunch_mig.wire.digests import Algorithm, new_hash
 
 Expect = Literal["direct", "fail-symmetric"]
 
@@ -282,6 +283,10 @@ def run_once(lab: Lab, workdir: Path, payload: Path, digest: str, rounds: int) -
     seconds = time.monotonic() - started
     send, recv = _read_json(srep), _read_json(rrep)
     verified = out.exists() and _sha256(out) == digest
+    # the sender's report holds the session's digest (BLAKE3 unless a side asked otherwise)
+    reported = out.exists() and send.get("sha256") == (
+        digest if send.get("digest", "sha256") == "sha256" else _file_digest(out, "blake3")
+    )
     ok = (
         send_code == 0
         and recv_code == 0
@@ -289,7 +294,7 @@ def run_once(lab: Lab, workdir: Path, payload: Path, digest: str, rounds: int) -
         and send.get("path") == "direct"
         and send.get("ok") is True
         and recv.get("ok") is True
-        and send.get("sha256") == digest
+        and reported
     )
     result = RunResult(
         ok=ok,
@@ -322,11 +327,16 @@ def run_once(lab: Lab, workdir: Path, payload: Path, digest: str, rounds: int) -
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    return _file_digest(path, "sha256")
+
+
+def _file_digest(path: Path, algorithm: Algorithm) -> str:
+    h = new_hash(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    out: str = h.hexdigest()
+    return out
 
 
 def run_cell(

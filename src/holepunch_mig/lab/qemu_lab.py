@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +61,8 @@ class Outcome:
     destination_exit: int | None
     source_report: dict[str, Any] | None
     destination_report: dict[str, Any] | None
+    qemu_cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each QEMU ("source", "destination") used from migrate to the end."""
 
 
 async def _ready_line(
@@ -115,6 +117,7 @@ async def migrate_in_lab(
     ram_image: Path | None = None,
     max_bandwidth: int = 10**10,
     proxy_args: tuple[str, ...] = (),
+    links: int | None = None,
     during: Callable[[QemuVM, QemuVM, dict[str, subprocess.Popen[bytes]]], Awaitable[None]]
     | None = None,
     after: Callable[[QemuVM, QemuVM], Awaitable[None]] | None = None,
@@ -125,7 +128,8 @@ async def migrate_in_lab(
     """Migrate a fresh ``mem_mib`` guest from lab host "left" to "right" through
     migrate-proxy processes.  ``during`` runs beside the migration (tests inject
     failures with it); ``after`` runs once it is over, before the VMs are stopped
-    (tests compare RAM with it).  ``mode="handoff"`` runs the proxies in handoff mode
+    (tests compare RAM with it).  ``links``: the source proxy's ``--links`` (default one
+    per QEMU connection).  ``mode="handoff"`` runs the proxies in handoff mode
     (see the module docstring).  Every QEMU and proxy started here is gone on return."""
     handoff = mode == "handoff"
     if ram_image is None:
@@ -184,7 +188,9 @@ async def migrate_in_lab(
                 )
                 src_args = ["--mode", "handoff", "--qmp", str(src.proxy_qmp_path)]
             else:
-                src_args = ["--listen-unix", str(outgoing)]
+                src_args = ["--listen-unix", str(outgoing), "--multifd-channels", str(multifd)]
+                if links is not None:
+                    src_args += ["--links", str(links)]
             procs["source"] = lab.popen(
                 "left",
                 [
@@ -197,6 +203,7 @@ async def migrate_in_lab(
                 stdout=subprocess.PIPE, stderr=out, env=env,
             )  # fmt: skip
             uri = await _ready_line(procs["source"], timeout=60, report=reports["source"])
+            cpu0 = {"source": src.cpu_seconds(), "destination": dst.cpu_seconds()}
             # 3. migrate through it (handoff: the source proxy already issued migrate)
             async with trio.open_nursery() as nursery:
                 if during is not None:
@@ -215,6 +222,10 @@ async def migrate_in_lab(
             # 4. verdicts: QEMU's, the VMs' states, the proxies'
             if result.status == "completed":
                 await wait_status(dst.qmp, "running", timeout=20)
+            qemu_cpu = {
+                "source": src.cpu_seconds() - cpu0["source"],
+                "destination": dst.cpu_seconds() - cpu0["destination"],
+            }
             codes = {side: await _exit_code(p, timeout=60) for side, p in procs.items()}
             if after is not None:
                 await after(src, dst)
@@ -226,6 +237,7 @@ async def migrate_in_lab(
                 destination_exit=codes["destination"],
                 source_report=_read_json(reports["source"]),
                 destination_report=_read_json(reports["destination"]),
+                qemu_cpu=qemu_cpu,
             )
         finally:
             for proc in procs.values():

@@ -63,6 +63,7 @@ from holepunch_mig.migration.qmp import QmpClient
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.roles import Role
 from holepunch_mig.session import api
+from holepunch_mig.wire.messages import MAX_LINKS
 
 __all__ = [
     "DEFAULT_LINK_TIMEOUT",
@@ -76,6 +77,7 @@ __all__ = [
     "ProgressCallback",
     "Role",
     "StreamReport",
+    "default_links",
     "migration_destination",
     "migration_destination_blocking",
     "migration_source",
@@ -86,6 +88,22 @@ DEFAULT_TIMEOUT = 3600.0
 """How long a migration's connections may stay open before the proxy gives up."""
 DEFAULT_LINK_TIMEOUT = 15.0
 """A link with data unacknowledged (or keepalives unanswered) this long is dead."""
+QEMU_DEFAULT_MULTIFD_CHANNELS = 2
+"""QEMU's own default of ``multifd-channels``."""
+
+
+def default_links(links: int | None, multifd_channels: int | None) -> int:
+    """One link per QEMU connection: ``links`` when given, else the main channel plus
+    ``multifd_channels`` (QEMU's default 2 when the caller does not say; a migration
+    without multifd then leaves two links idle, which costs two punch rounds only)."""
+    if links is not None:
+        if not 1 <= links <= MAX_LINKS:
+            raise ValueError(f"links must be 1-{MAX_LINKS}, not {links}")
+        return links
+    channels = QEMU_DEFAULT_MULTIFD_CHANNELS if multifd_channels is None else multifd_channels
+    if channels < 0:
+        raise ValueError(f"multifd_channels must be >= 0, not {channels}")
+    return min(MAX_LINKS, 1 + channels)
 
 
 @asynccontextmanager
@@ -102,6 +120,8 @@ async def migration_source(
     mode: Mode = "mux",
     qmp: str | Path | QmpClient | None = None,
     psk_dir: str | Path | None = None,
+    links: int | None = None,
+    multifd_channels: int | None = None,
     **options: Any,
 ) -> AsyncIterator[Any]:
     """Punch the link (role source), wait for the destination proxy, and yield a proxy
@@ -120,8 +140,12 @@ async def migration_source(
     exactly (see :class:`~holepunch_mig.migration.proxy.SourceProxy`).  ``digest=True``
     adds SHA-256 of every stream to its END record (default: count-only, see
     docs/migration.md).  ``progress`` is called about 4 times a second from the trio
-    thread; ``expected_bytes`` (about the guest RAM size) enables its ETA.  Other options
-    are :class:`~holepunch_mig.ConnectOptions` fields.  After the block ``proxy.report``
+    thread; ``expected_bytes`` (about the guest RAM size) enables its ETA.  Mux mode
+    punches ``links`` parallel links (docs/protocol.md section 9; default
+    :func:`default_links`: one per QEMU connection, from ``multifd_channels``, the value
+    the manager gives QEMU) and carries QEMU connection k on link (k - 1) mod links; over
+    the tunnel there is one.  Other options are :class:`~holepunch_mig.ConnectOptions`
+    fields.  After the block ``proxy.report``
     holds the MigrationReport; a failure raises MigrationError.
     """
     if mode == "handoff":
@@ -146,6 +170,7 @@ async def migration_source(
         return
     if mode != "mux":
         raise ValueError(f"mode must be 'mux' or 'handoff', not {mode!r}")
+    wanted = default_links(links, multifd_channels)
     async with api.connect(channel, role="source", **options) as link:
         proxy = MigrationProxy(
             "source",
@@ -158,6 +183,7 @@ async def migration_source(
             ready_timeout=ready_timeout,
             timeout=timeout,
             link_timeout=link_timeout,
+            links=wanted,
         )
         async with proxy._lifecycle():
             yield proxy
@@ -187,7 +213,8 @@ async def migration_destination(
     socket (QEMU started with ``-incoming defer``, no ``migrate-incoming`` issued): the
     proxy gives it the punched socket (``getfd``), the TLS-PSK credential and
     ``migrate-incoming fd:NAME``, and ``wait()`` returns once QEMU completed the load
-    (``report.qemu_status`` is then the VM's run state)."""
+    (``report.qemu_status`` is then the VM's run state).  The number of parallel links
+    is the source's (``migrate-offer.links``)."""
     if mode == "handoff":
         if qmp is None:
             raise ValueError("mode='handoff' needs qmp= (the destination QEMU's QMP socket)")

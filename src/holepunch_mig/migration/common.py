@@ -68,6 +68,8 @@ class StreamReport:
     received_sha256: str | None = None
     channel: str = ""
     """libvirt mode: which endpoint ("migration" or "nbd"); "" otherwise."""
+    link: int = 0
+    """Index of the parallel link that carried it (0: the session's first link)."""
 
 
 @dataclass
@@ -82,6 +84,13 @@ class MigrationReport:
     digest: Literal["sha256", "count-only", "tls"] = "count-only"
     """How stream ends were checked; "tls": handoff mode, QEMU's TLS authenticates."""
     mode: Mode = "mux"
+    links: int = 1
+    """Parallel links that carried the streams (mux mode; stream k rode link (k-1) % links)."""
+    cpu_seconds: float | None = None
+    """CPU (user + system, every thread of this process) from the path being ready to the
+    verdict: the proxy's cost when the process is a migrate-proxy command."""
+    link_bytes: list[int] = field(default_factory=list)
+    """Per link, the bytes this side put on it (record headers, ciphertext and tags)."""
     streams: list[StreamReport] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -117,6 +126,8 @@ class MigrationReport:
         ]
         if self.link is not None and self.link.local and self.link.remote:
             lines.append(f"  link {self.link.local} <-> {self.link.remote}")
+        if self.links > 1:
+            lines.append(f"  {self.links} parallel links (stream k on link (k - 1) mod links)")
         for s in self.streams:
             lines.append(
                 f"  stream {s.stream}: sent {s.sent} received {s.received}"

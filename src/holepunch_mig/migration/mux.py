@@ -178,6 +178,7 @@ class Mux:
         bufsize: int = DEFAULT_BUFSIZE,
         digest: bool = True,
         name: str = "mux",
+        on_fail: Callable[[MuxError], None] | None = None,
     ) -> None:
         if window < 4 * bufsize:
             raise ValueError(f"window ({window}) must be at least 4 * bufsize ({bufsize})")
@@ -192,6 +193,9 @@ class Mux:
         self._bufsize = bufsize
         self._digest = digest
         self.name = name
+        self._on_fail = on_fail
+        """Called once (from the failing thread) when this mux fails: a group of muxes
+        over parallel links fails as one."""
         self._lock = threading.Condition()
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1
@@ -238,9 +242,11 @@ class Mux:
             sum(s.stats.received for s in streams),
         )
 
-    def add_stream(self, sock: socket.socket, label: str = "") -> int:
+    def add_stream(self, sock: socket.socket, label: str = "", sid: int | None = None) -> int:
         """Carry a newly accepted local connection; announces it with OPEN (carrying
-        ``label``, the channel the peer connects it to, when not empty)."""
+        ``label``, the channel the peer connects it to, when not empty).  ``sid``: the
+        stream id to use (ids grow; a group of muxes numbers streams across its links),
+        default the next one of this mux."""
         if label and _LABEL.fullmatch(label.encode()) is None:
             sock.close()
             raise MuxError(f"{self.name}: bad channel label {label!r} (1-32 of a-z0-9-)")
@@ -254,8 +260,12 @@ class Mux:
             if self._next_id > MAX_STREAM:
                 sock.close()
                 raise MuxError(f"{self.name}: stream ids exhausted")
-            sid = self._next_id
-            self._next_id += 1
+            if sid is None:
+                sid = self._next_id
+            elif not self._next_id <= sid <= MAX_STREAM:
+                sock.close()
+                raise MuxError(f"{self.name}: stream id {sid} not after {self._next_id - 1}")
+            self._next_id = sid + 1
             st = _Stream(sid, sock, self._window, label)
             self._streams[sid] = st
             # OPEN under the lock so stream order on the wire is the accept order.
@@ -363,6 +373,11 @@ class Mux:
                 st.sock.shutdown(socket.SHUT_RDWR)
             with st.cond:
                 st.cond.notify_all()
+        if self._on_fail is not None:
+            try:
+                self._on_fail(exc)
+            except Exception:
+                log.exception("%s: on_fail callback failed", self.name)
         if notify_peer:
             # The writer lock may be held by a pump stuck on a full link: don't wait long.
             t = threading.Thread(

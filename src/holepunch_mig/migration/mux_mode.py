@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import socket
 import stat
 import threading
 import time
@@ -41,10 +42,12 @@ from holepunch_mig.migration.common import (
     StreamReport,
     receive_offer,
 )
-from holepunch_mig.migration.mux import Mux
+from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux
+from holepunch_mig.migration.mux_group import MuxGroup
 from holepunch_mig.migration.proxy import SourceProxy, unix_connector
 from holepunch_mig.roles import Role
 from holepunch_mig.session.link import Link
+from holepunch_mig.session.links import DataLink
 from holepunch_mig.session.resume import tune_link
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.text import printable
@@ -72,8 +75,13 @@ class MigrationProxy(ProxyBase):
         ready_timeout: float,
         timeout: float,
         link_timeout: float,
+        links: int = 1,
     ) -> None:
         super().__init__(role, link, MigrationReport(role=role, link=link.report))
+        if not 1 <= links <= messages.MAX_LINKS:
+            raise ValueError(f"links must be 1-{messages.MAX_LINKS}, not {links}")
+        self._links_wanted = links
+        self._extra: list[DataLink] = []
         self._digest = digest
         self._listen_unix = listen_unix
         self._connect_unix = connect_unix
@@ -82,7 +90,9 @@ class MigrationProxy(ProxyBase):
         self._ready_timeout = ready_timeout
         self._timeout = timeout
         self._link_timeout = link_timeout
-        self._mux: Mux | None = None
+        self._mux: MuxGroup | Mux | None = None
+        """One mux per link (a group); a subclass carrying one link may set a Mux."""
+        self._cpu0: float | None = None
         self._listener: SourceProxy | None = None
 
     # -- public ------------------------------------------------------------------------
@@ -126,7 +136,16 @@ class MigrationProxy(ProxyBase):
         tune_link(self.link.sock, self._link_timeout)
         self.report.digest = "sha256" if self._digest else "count-only"
         if self.role == "source":
-            await control.send(messages.MigrateOffer(digest=self._digest))
+            # over the tunnel, or with a peer that does not announce parallel links: one
+            wanted = min(self._links_wanted, self.link.max_links)
+            if wanted < self._links_wanted:
+                self.report.notes.append(
+                    f"{self._links_wanted} links wanted, the session allows {wanted}"
+                )
+            await control.send(
+                messages.MigrateOffer(digest=self._digest, links=wanted if wanted > 1 else None)
+            )
+            self._extra = await self.link.open_links(wanted - 1)
             msg, _ = await control.receive(
                 messages.MigrateReady,
                 messages.MigrateResult,
@@ -139,13 +158,12 @@ class MigrationProxy(ProxyBase):
                 raise ProtocolError("migrate-ready is not for mux mode")
             if msg.digest != self._digest:
                 raise ProtocolError("migrate-ready does not echo the offered digest mode")
-            mux = Mux(
-                self.link.sock,
-                self.link.writer,
-                self.link.reader,
-                digest=self._digest,
-                name="src-mux",
-            )
+            if (msg.links or 1) != 1 + len(self._extra):
+                raise ProtocolError(
+                    f"migrate-ready says {msg.links or 1} links, this side holds "
+                    f"{1 + len(self._extra)}"
+                )
+            mux = MuxGroup(self._triples(), digest=self._digest, name="src-mux")
             self._mux = mux
             mux.start()
             self._listener = SourceProxy(mux, path=self._listen_unix)
@@ -155,20 +173,31 @@ class MigrationProxy(ProxyBase):
             offer = await receive_offer(control, "mux", self._ready_timeout, ProtocolError)
             self._digest = bool(offer.digest)
             self.report.digest = "sha256" if self._digest else "count-only"
+            self._extra = await self.link.open_links((offer.links or 1) - 1)
             assert self._connect_unix is not None
             await _wait_socket(self._connect_unix, self._ready_timeout)
             self.report.socket = str(self._connect_unix)
-            mux = Mux(
-                self.link.sock,
-                self.link.writer,
-                self.link.reader,
+            mux = MuxGroup(
+                self._triples(),
                 connect=unix_connector(self._connect_unix),
                 digest=self._digest,
                 name="dst-mux",
             )
             self._mux = mux
             mux.start()
-            await control.send(messages.MigrateReady(digest=self._digest))
+            links = 1 + len(self._extra)
+            await control.send(
+                messages.MigrateReady(digest=self._digest, links=links if links > 1 else None)
+            )
+        self.report.links = 1 + len(self._extra)
+        self._cpu0 = time.process_time()
+
+    def _triples(self) -> list[tuple[socket.socket, LinkWriter, LinkReader]]:
+        out: list[tuple[socket.socket, LinkWriter, LinkReader]] = [
+            (self.link.sock, self.link.writer, self.link.reader)
+        ]
+        out.extend((d.sock, d.writer, d.reader) for d in self._extra)
+        return out
 
     # -- background tasks ----------------------------------------------------------------
 
@@ -253,7 +282,10 @@ class MigrationProxy(ProxyBase):
         with trio.CancelScope(shield=True):
             mux = self._mux
             rep = self.report
+            if self._cpu0 is not None:
+                rep.cpu_seconds = time.process_time() - self._cpu0
             if mux is not None:
+                n_links = len(mux.muxes) if isinstance(mux, MuxGroup) else 1
                 stats = mux.stats()
                 rep.streams = [
                     StreamReport(
@@ -263,8 +295,12 @@ class MigrationProxy(ProxyBase):
                         s.sent_digest.hex() or None,
                         s.received_digest.hex() or None,
                         s.label,
+                        link=(s.stream - 1) % n_links,
                     )
                     for s in stats.streams
+                ]
+                rep.link_bytes = [self.link.writer.wire_bytes_sent] + [
+                    d.writer.wire_bytes_sent for d in self._extra
                 ]
                 rep.bytes_sent = stats.sent
                 rep.bytes_received = stats.received
@@ -296,8 +332,8 @@ class MigrationProxy(ProxyBase):
                 check = "SHA-256" if self._digest else "byte count"
                 rep.verdict = (
                     f"{len(rep.streams)} stream(s) delivered intact both ways "
-                    f"({check} in authenticated END), {rep.bytes_sent} bytes sent, "
-                    f"{rep.bytes_received} received"
+                    f"({check} in authenticated END) over {rep.links} link(s), "
+                    f"{rep.bytes_sent} bytes sent, {rep.bytes_received} received"
                 )
                 if peer is None:
                     rep.notes.append("peer's migrate-result not received (its CLOSE was)")
@@ -315,6 +351,8 @@ class MigrationProxy(ProxyBase):
                 self._mux.close()
             if self._listener is not None:
                 self._listener.close()
+            for extra in self._extra:
+                extra.close()
 
         return self._run_lifecycle([self._watch_peer, self._progress_loop], finish_aborted, cleanup)
 

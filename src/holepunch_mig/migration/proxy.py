@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -32,6 +33,14 @@ from holepunch_mig.migration.qemu import MigrationResult, migrate, start_incomin
 from holepunch_mig.migration.qmp import QmpClient
 
 log = logging.getLogger(__name__)
+
+
+class StreamSink(Protocol):
+    """Where accepted QEMU connections go: a :class:`Mux` or a group of them."""
+
+    def add_stream(self, sock: socket.socket, label: str = "") -> int: ...
+
+    def abort(self, reason: str) -> None: ...
 
 
 def private_dir(parent: Path | None = None, prefix: str = "hpm-") -> Path:
@@ -61,7 +70,7 @@ class SourceProxy:
 
     def __init__(
         self,
-        mux: Mux,
+        mux: StreamSink,
         *,
         parent_dir: Path | None = None,
         path: Path | None = None,

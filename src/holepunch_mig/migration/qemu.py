@@ -58,6 +58,16 @@ def make_ram_image(path: Path, size_mib: int) -> Path:
     return path
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (all its threads), from
+    /proc/PID/stat (fields 14 and 15, in clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    # the command name (field 2) is in parentheses and may contain spaces
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class QemuVM:
     """A QEMU process with a QMP connection, as a trio async context manager.
@@ -103,6 +113,12 @@ class QemuVM:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads) QEMU used so far, from /proc."""
+        if self.pid is None:
+            raise QemuError(f"VM {self.name} is not running")
+        return process_cpu_seconds(self.pid)
 
     def command(self, ram_image: Path) -> list[str]:
         argv: list[str] = []

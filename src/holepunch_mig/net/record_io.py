@@ -8,7 +8,6 @@ threads overlap sealing/opening with socket I/O and SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import socket
 import threading
@@ -16,6 +15,7 @@ from collections.abc import Callable, Generator
 from typing import Any, BinaryIO
 
 from holepunch_mig.errors import PeerAborted, RecordError, TruncatedStream
+from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import (
     ACK_PAYLOAD,
     HEADER,
@@ -41,9 +41,10 @@ _Fetched = Generator[tuple[memoryview, int, int, int], None, None]
 
 
 class _HashThread:
-    """SHA-256 of a sequence of buffers in a thread of its own (hashlib releases the GIL
-    for buffers over 2 KiB), so hashing overlaps sealing/opening and socket I/O.  Buffers
-    are hashed in ``put`` order; each index goes back to ``free`` once hashed."""
+    """The digest of a sequence of buffers in a thread of its own (hashlib and blake3
+    release the GIL on large buffers), so hashing overlaps sealing/opening and socket
+    I/O.  Buffers are hashed in ``put`` order; each index goes back to ``free`` once
+    hashed."""
 
     def __init__(
         self,
@@ -52,14 +53,15 @@ class _HashThread:
         h: Any = None,
         marks: list[tuple[int, Any]] | None = None,
         start: int = 0,
+        algorithm: Algorithm = "sha256",
     ) -> None:
-        self._h = hashlib.sha256() if h is None else h
+        self._h = new_hash(algorithm) if h is None else h
         self._marks = marks
         self._pos = start
         self._bufs = bufs
         self._free = free
         self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="records-sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"records-{algorithm}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -85,7 +87,8 @@ class _HashThread:
         if self._thread.is_alive():
             self._todo.put(None)
             self._thread.join()
-        return self._h.digest()
+        digest: bytes = self._h.digest()
+        return digest
 
     @property
     def state(self) -> Any:
@@ -179,9 +182,11 @@ class RecordWriter(RecordSealer):
         progress: Callable[[int], None] | None = None,
         pipeline: int = 3,
         position: StreamPosition | None = None,
+        algorithm: Algorithm = "sha256",
     ) -> tuple[int, bytes]:
         """Send everything ``src`` yields until EOF as DATA records, then END with the count
-        and (when ``digest``) the SHA-256 of the bytes.  Returns ``(count, digest or b"")``.
+        and (when ``digest``) the ``algorithm`` digest of the bytes (the session's, both
+        sides must agree).  Returns ``(count, digest or b"")``.
 
         ``src`` must support ``readinto`` (files, sockets' makefile, BytesIO...).
 
@@ -197,9 +202,11 @@ class RecordWriter(RecordSealer):
         cover the whole stream; see :class:`StreamPosition`."""
         self._check_record(RecordType.DATA, stream, 0)
         if pipeline < 2:
-            total, dig = self._send_serial(stream, src, digest, progress, position)
+            total, dig = self._send_serial(stream, src, digest, progress, position, algorithm)
         else:
-            total, dig = self._send_pipelined(stream, src, digest, progress, pipeline, position)
+            total, dig = self._send_pipelined(
+                stream, src, digest, progress, pipeline, position, algorithm
+            )
         self.end(stream, total, dig)
         return total, dig
 
@@ -221,12 +228,17 @@ class RecordWriter(RecordSealer):
         digest: bool,
         progress: Callable[[int], None] | None,
         position: StreamPosition | None = None,
+        algorithm: Algorithm = "sha256",
     ) -> tuple[int, bytes]:
         view = memoryview(bytearray(self.max_record))
         h = None
         marks = None
         if digest:
-            h = hashlib.sha256() if position is None or position.sha256 is None else position.sha256
+            h = (
+                new_hash(algorithm)
+                if position is None or position.sha256 is None
+                else position.sha256
+            )
             marks = None if position is None else position.marks
         readinto = src.readinto  # type: ignore[attr-defined]
         step = self.max_record
@@ -256,6 +268,7 @@ class RecordWriter(RecordSealer):
         progress: Callable[[int], None] | None,
         depth: int,
         position: StreamPosition | None = None,
+        algorithm: Algorithm = "sha256",
     ) -> tuple[int, bytes]:
         step = self.max_record
         frames = [memoryview(bytearray(HEADER.size + step + TAG)) for _ in range(depth)]
@@ -287,9 +300,11 @@ class RecordWriter(RecordSealer):
         hasher = None
         if digest:
             if position is None:
-                hasher = _HashThread(plains, free_plain)
+                hasher = _HashThread(plains, free_plain, algorithm=algorithm)
             else:
-                hasher = _HashThread(plains, free_plain, position.sha256, position.marks, start)
+                hasher = _HashThread(
+                    plains, free_plain, position.sha256, position.marks, start, algorithm
+                )
         sender = threading.Thread(target=pump, name="records-send", daemon=True)
         sender.start()
         readinto = src.readinto  # type: ignore[attr-defined]
@@ -496,12 +511,13 @@ class RecordReader(RecordOpener):
         prefetch: int = 3,
         position: StreamPosition | None = None,
         require_digest: bool = False,
+        algorithm: Algorithm = "sha256",
     ) -> tuple[int, bytes]:
         """Write the DATA of ``stream`` to ``dst`` until its END; verify END's byte count
-        (and digest, when both sides hashed).  Returns ``(count, sha256 or b"")``;
-        :attr:`end_verified` then says whether both digests were compared (a sender's
-        zero digest checks the count only).  ``require_digest``: END without a digest
-        fails (StreamMismatch).
+        (and the ``algorithm`` digest, when both sides hashed).  Returns
+        ``(count, digest or b"")``; :attr:`end_verified` then says whether both digests
+        were compared (a sender's zero digest checks the count only).
+        ``require_digest``: END without a digest fails (StreamMismatch).
 
         Only verified records reach ``dst``.  ACK records are skipped; ABORT raises
         PeerAborted; DATA/END of another stream, CLOSE or multiplexing records raise
@@ -517,7 +533,9 @@ class RecordReader(RecordOpener):
         records = self._prefetched(stream, prefetch, stop) if prefetch >= 2 else self._fetched()
         try:
             self._require_digest = require_digest
-            return self._receive_loop(stream, dst, records, digest, progress, prefetch, position)
+            return self._receive_loop(
+                stream, dst, records, digest, progress, prefetch, position, algorithm
+            )
         except BaseException as exc:
             # Records may have been fetched ahead and are lost: the link cannot go on.
             if self._failed is None and prefetch >= 2:
@@ -535,6 +553,7 @@ class RecordReader(RecordOpener):
         progress: Callable[[int], None] | None,
         depth: int,
         position: StreamPosition | None = None,
+        algorithm: Algorithm = "sha256",
     ) -> tuple[int, bytes]:
         hasher: _HashThread | None = None
         hstate: Any = None
@@ -545,7 +564,12 @@ class RecordReader(RecordOpener):
             free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
             for i in range(len(plains)):
                 free_plain.put(i)
-            hasher = _HashThread(plains, free_plain, None if position is None else position.sha256)
+            hasher = _HashThread(
+                plains,
+                free_plain,
+                None if position is None else position.sha256,
+                algorithm=algorithm,
+            )
             hstate = hasher.state
         write = dst.write
         open_ = self._open

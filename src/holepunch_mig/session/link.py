@@ -7,7 +7,6 @@ thread (OpenSSL and socket calls release the GIL), never through trio streams.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import socket
@@ -28,6 +27,7 @@ from holepunch_mig.errors import (
     NoDirectPath,
     OutputFailed,
     PeerAbort,
+    ProtocolError,
     RecordError,
     ResumeFailed,
     TransferError,
@@ -39,11 +39,13 @@ from holepunch_mig.net.record_io import RecordReader, RecordWriter
 from holepunch_mig.net.tunnel import Tunnel
 from holepunch_mig.report import Report
 from holepunch_mig.session.control_reader import ControlReader
+from holepunch_mig.session.links import DataLink, blocking_socket, punch_links
 from holepunch_mig.session.negotiate import Established, SessionLog, repunch
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.resume import AckPoster, Output, ResumableSource, abort_socket, tune_link
 from holepunch_mig.session.resume_state import DetectedBy, ResumeMachine
 from holepunch_mig.wire import messages
+from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import StreamPosition
 from holepunch_mig.wire.resume_auth import resume_key
 from holepunch_mig.wire.text import printable
@@ -61,8 +63,10 @@ SOCKET_BUFFER = 4 << 20
 
 @dataclass(frozen=True)
 class TransferResult:
-    """What was moved and how it was verified.  ``verified`` is True only when both
-    sides' SHA-256 of the stream were compared and equal (a side that did not hash, a
+    """What was moved and how it was verified.  ``sha256`` is the hex digest of the
+    algorithm ``digest`` names ("blake3" or "sha256", the session's; None when not
+    hashed).  ``verified`` is True only when both sides' digests of the stream were
+    compared and equal (a side that did not hash, a
     zero END digest or a ``result`` without ``sha256`` leave it False: only the byte
     count was checked)."""
 
@@ -70,22 +74,13 @@ class TransferResult:
     sha256: str | None
     seconds: float
     verified: bool = False
+    digest: str | None = None
 
 
 Commit = Callable[[TransferResult], None]
 """The destination's last step before it tells the source ``ok``: make the output
 durable and put it in place (called in a worker thread with the verified result; an
 exception turns the verdict into ``ok: false`` with its text)."""
-
-
-def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
-    fd = stream.socket.detach()
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-    return sock
 
 
 class Link:
@@ -101,7 +96,7 @@ class Link:
         self.control: ControlReader = established.control
         self.tunnel: Tunnel | None = established.tunnel
         self.fell_back: bool = established.fell_back
-        self.sock = _blocking_socket(established.stream)
+        self.sock = blocking_socket(established.stream)
         if self.tunnel is not None:
             # with the worker-thread pump, records go straight into tunnel frames (a
             # socket-like FrameTransport: sendall/recv_into/shutdown/settimeout/close)
@@ -115,6 +110,10 @@ class Link:
         self._session_id = established.session_id
         self._mac_key = self._resume_key()
         self._resume = established.resume and self.tunnel is None
+        self.max_links: int = established.max_links if self.tunnel is None else 1
+        """Most links (this one included) :meth:`open_links` may bring the session to."""
+        self.digest: Algorithm = established.digest
+        """The session's end-to-end digest of stream transfers."""
         self.epoch = 0
         """Generation of the current link: 0 for the first, +1 per resume negotiation."""
         if self.tunnel is None:
@@ -139,6 +138,42 @@ class Link:
         except trio.Cancelled:
             self._shutdown()
             raise
+
+    @property
+    def data_link(self) -> DataLink:
+        """The first link (index 0) as a bulk-data worker sees it."""
+        return DataLink(
+            0,
+            self.sock,
+            self.writer,
+            self.reader,
+            self.report.local or "",
+            self.report.remote or "",
+        )
+
+    async def open_links(self, count: int) -> list[DataLink]:
+        """Punch ``count`` more links beside this one (docs/protocol.md section 9); both
+        sides call it with the same count at the same point of their control
+        conversation.  Over the tunnel there are none (returns [] without a message).
+        The caller owns and closes the links returned; they are never resumed."""
+        if count <= 0 or self.tunnel is not None:
+            return []
+        if 1 + count > self.max_links:
+            raise ProtocolError(
+                f"{1 + count} links asked for, the session allows {self.max_links} "
+                "(the peer announced fewer in its limits)"
+            )
+        extra = await punch_links(
+            self.control,
+            self.report.role,
+            self._options,
+            self._session_id,
+            count,
+            self.report,
+            self.log,
+        )
+        self.report.links = 1 + len(extra)
+        return extra
 
     def split_keys(self) -> tuple[bytes, bytes]:
         """This link's Noise split() keys as (source->destination, destination->source),
@@ -206,7 +241,9 @@ class Link:
             nursery.start_soon(watch)
             try:
                 count, hashed = await self._in_thread(
-                    lambda: self.writer.send_file(0, src, digest=digest, progress=progress)
+                    lambda: self.writer.send_file(
+                        0, src, digest=digest, progress=progress, algorithm=self.digest
+                    )
                 )
             except (OSError, RecordError) as exc:
                 failure = exc
@@ -279,7 +316,9 @@ class Link:
             nursery.start_soon(watch)
             try:
                 count, hashed = await self._in_thread(
-                    lambda: self.reader.receive_file(0, dst, digest=digest, progress=progress)
+                    lambda: self.reader.receive_file(
+                        0, dst, digest=digest, progress=progress, algorithm=self.digest
+                    )
                 )
             except (OSError, HolepunchError) as exc:
                 failure = exc
@@ -299,7 +338,11 @@ class Link:
             raise error from None
         local_digest = hashed.hex() if hashed else None
         result = TransferResult(
-            count, local_digest, time.monotonic() - started, self.reader.end_verified
+            count,
+            local_digest,
+            time.monotonic() - started,
+            self.reader.end_verified,
+            digest=self.digest if local_digest else None,
         )
         return await self._commit_and_tell(dst, result, commit)
 
@@ -335,7 +378,7 @@ class Link:
 
     def _adopt(self, link: AuthenticatedLink) -> None:
         """Carry on over a freshly nominated link (fresh keys, counters from 0)."""
-        self.sock = _blocking_socket(link.stream)
+        self.sock = blocking_socket(link.stream)
         tune_link(self.sock, self._options.link_timeout)
         self._arm_idle_timeout()
         self.writer = RecordWriter(self.sock, link.send_key)
@@ -370,7 +413,9 @@ class Link:
     ) -> TransferResult:
         started = time.monotonic()
         opts = self._options
-        source = ResumableSource(src, digest=digest, limit=opts.resume_buffer)
+        source = ResumableSource(
+            src, digest=digest, limit=opts.resume_buffer, algorithm=self.digest
+        )
         machine = self._resume_machine()
         while True:
             state = _Epoch()
@@ -460,9 +505,15 @@ class Link:
                 "(only the byte count matched)"
             )
         if local_digest and msg.sha256 != local_digest:
-            raise TransferError("destination's sha256 differs from what was sent")
+            raise TransferError(f"destination's {self.digest} differs from what was sent")
         self.report.ok = True
-        return TransferResult(count, local_digest, seconds, verified=bool(local_digest))
+        return TransferResult(
+            count,
+            local_digest,
+            seconds,
+            verified=bool(local_digest),
+            digest=self.digest if local_digest else None,
+        )
 
     async def _source_epoch(
         self,
@@ -555,7 +606,7 @@ class Link:
         started = time.monotonic()
         opts = self._options
         digest = True  # with resume the whole-stream digest is mandatory
-        position = StreamPosition(0, hashlib.sha256())
+        position = StreamPosition(0, new_hash(self.digest))
         machine = self._resume_machine()
         while True:
             state = _Epoch()
@@ -632,7 +683,9 @@ class Link:
                 link=f"{scratch.local} <-> {scratch.remote}",
             )
         count, hashed = outcome
-        result = TransferResult(count, hashed.hex(), time.monotonic() - started, True)
+        result = TransferResult(
+            count, hashed.hex(), time.monotonic() - started, True, digest=self.digest
+        )
         return await self._commit_and_tell(dst, result, commit)
 
     async def _destination_epoch(
@@ -718,6 +771,7 @@ class Link:
     def _fill(self, count: int, digest: str | None, seconds: float) -> None:
         self.report.bytes = count
         self.report.sha256 = digest
+        self.report.digest = self.digest if digest else None
         self.report.seconds = seconds
 
     async def _tell_result(

@@ -43,6 +43,9 @@ from holepunch_mig.wire import messages
 from holepunch_mig.wire.birthday import announce, announced_class, public_addresses
 from holepunch_mig.wire.birthday import plan as plan_birthday
 from holepunch_mig.wire.portmap import PortMapping
+from holepunch_mig.wire.digests import Algorithm, offers_blake3
+from holepunch_mig.wire.digests import choose as choose_digest
+from holepunch_mig.wire.messages import MAX_LINKS
 from holepunch_mig.wire.resume_auth import check_resume_mac, resume_mac
 from holepunch_mig.wire.text import printable
 
@@ -74,6 +77,11 @@ class Established:
     options: ConnectOptions | None = None
     resume: bool = False
     """Both sides offered resume (``limits.resume``) and the path is direct."""
+    digest: Algorithm = "sha256"
+    """The stream transfers' end-to-end digest (BLAKE3 when both offered it)."""
+    max_links: int = 1
+    """Most links (the first included) the session may carry: 1 unless both sides
+    announced ``limits.links`` (docs/protocol.md section 9)."""
 
 
 async def establish(
@@ -144,6 +152,9 @@ async def _negotiate(
         limits["resume"] = 1
     budget = options.birthday if options.hard_nat == "birthday" else None
     limits.update(announce(prepared.nat, budget))
+    if offers_blake3(options.digest):
+        limits["blake3"] = 1
+    limits["links"] = MAX_LINKS  # this side takes part in link-offer/link-answer (section 9)
 
     if role == "source":
         offer = await control.send(
@@ -193,6 +204,14 @@ async def _negotiate(
     report.remote_candidates = list(peer.candidates)
     report.notes.extend(prepared.notes)
     resume = options.resume_attempts > 0 and peer.limits.get("resume", 0) >= 1
+    try:
+        digest = choose_digest(options.digest, peer.limits.get("blake3", 0) >= 1)
+    except ValueError as why:
+        proto = ProtocolError(str(why))
+        _fail_report(report, proto, str(why))
+        raise proto from None
+    report.digest = digest
+    max_links = max(1, min(MAX_LINKS, peer.limits.get("links", 1)))
     if role == "destination" and options.policy != policy:
         report.notes.append(f"following the source's policy {policy!r} (ours: {options.policy!r})")
     keys = prepared.keys_for(peer.key, session_id, offer, answer, control_binding(control))
@@ -310,6 +329,8 @@ async def _negotiate(
         session_id=session_id,
         options=options,
         resume=resume,
+        digest=digest,
+        max_links=max_links,
     )
 
 
@@ -512,5 +533,12 @@ async def _switch_to_tunnel(
     report.time_to_link = trio.current_time() - started
     log.info("using the tunnel over the control channel: %s", reason)
     return Established(
-        stream, send_key, recv_key, report, control, tunnel=tunnel, fell_back=fell_back
+        stream,
+        send_key,
+        recv_key,
+        report,
+        control,
+        tunnel=tunnel,
+        fell_back=fell_back,
+        digest="blake3" if report.digest == "blake3" else "sha256",
     )

@@ -10,6 +10,7 @@ from holepunch_mig.net.punch import PunchTiming
 from holepunch_mig.roles import Policy, Role
 from holepunch_mig.wire.birthday import BirthdayBudget
 from holepunch_mig.wire.credit import DEFAULT_CREDIT_BATCH, DEFAULT_WINDOW, MAX_CHUNK
+from holepunch_mig.wire.digests import PREFERENCES, Preference
 
 __all__ = ["BirthdayBudget", "ConnectOptions", "HardNat", "Policy", "PortMapMode", "Role"]
 
@@ -69,8 +70,14 @@ class ConnectOptions:
     """Resumable transfers from an input that cannot seek (a pipe): the most bytes kept in
     memory for replay; reading the input pauses while that much is unacknowledged."""
 
+    digest: Preference = "auto"
+    """End-to-end digest of stream transfers: "auto" (BLAKE3 when both sides have it, else
+    SHA-256), "blake3" (fail when the peer cannot) or "sha256" (comparable with sha256sum)."""
+
     def check(self) -> None:
         """Raise ValueError naming the first option that is out of range."""
+        if self.digest not in PREFERENCES:
+            raise ValueError(f"digest must be one of {', '.join(PREFERENCES)}, not {self.digest!r}")
         if self.policy not in ("direct", "auto", "tunnel"):
             raise ValueError(f"policy must be 'direct', 'auto' or 'tunnel', not {self.policy!r}")
         if self.port_mapping not in ("auto", "on", "off"):

@@ -17,7 +17,6 @@ re-punch is ``negotiate.repunch``:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import socket
 import threading
 from typing import Any, BinaryIO
@@ -25,6 +24,7 @@ from typing import Any, BinaryIO
 import trio
 
 from holepunch_mig.errors import InputFailed, Interrupted, OutputFailed
+from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import MAX_RECORD, StreamPosition
 
 
@@ -98,7 +98,9 @@ class ResumableSource:
     when wrapped).  Thread-safety: ``readinto`` runs in the sender's worker thread,
     ``ack``/``interrupt`` on the trio thread; shared state is under one condition."""
 
-    def __init__(self, src: BinaryIO, *, digest: bool, limit: int) -> None:
+    def __init__(
+        self, src: BinaryIO, *, digest: bool, limit: int, algorithm: Algorithm = "sha256"
+    ) -> None:
         self._src = src
         self._readinto = src.readinto  # type: ignore[attr-defined]
         self._base = _seekable(src)
@@ -106,7 +108,9 @@ class ResumableSource:
         self.digest = digest
         self.limit = limit
         self.position = StreamPosition(
-            0, hashlib.sha256() if digest else None, [(0, hashlib.sha256())] if digest else None
+            0,
+            new_hash(algorithm) if digest else None,
+            [(0, new_hash(algorithm))] if digest else None,
         )
         self._cond = threading.Condition()
         self._cursor = 0  # next stream offset readinto yields

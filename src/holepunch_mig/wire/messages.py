@@ -111,6 +111,18 @@ def _check_digest_or_none(value: Any) -> bool:
     return value is None or _check_hex32(value)
 
 
+MAX_LINKS: Final = 64
+"""Most links (the first included) one session may carry."""
+
+
+def _check_link_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < MAX_LINKS
+
+
+def _check_link_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_LINKS
+
+
 _Checker = Any  # Callable[[Any], bool]; kept loose so the table stays readable
 
 _MODES = ("mux", "handoff", "libvirt")
@@ -190,6 +202,23 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         "bytes": (_check_uint, "an unsigned integer", True),
         "mac": (_check_hex32, "64 lowercase hex digits (HMAC-SHA256)", True),
     },
+    # -- more links (docs/protocol.md section 9): parallel links of one session --
+    # source -> destination: punch link number `index` (>= 1; the first link is 0)
+    "link-offer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "index": (_check_link_index, f"an integer 1-{MAX_LINKS - 1}", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+    },
+    # destination -> source: its fresh key, port and candidates for link `index`
+    "link-answer": {
+        "session": (_check_hex16, "32 lowercase hex digits", True),
+        "index": (_check_link_index, f"an integer 1-{MAX_LINKS - 1}", True),
+        "key": (_check_hex32, "64 lowercase hex digits (X25519 public key)", True),
+        "port": (_check_port, "a TCP port 1-65535", True),
+        "candidates": (_check_str_list, "a list of at most 64 candidate lines", True),
+    },
     # -- migrate-proxy (holepunch_mig.migration.api): QEMU migration streams over the link --
     # source -> destination once the link is up: how ENDs will be checked
     "migrate-offer": {
@@ -197,6 +226,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         # absent = "mux"; "handoff": the punched socket goes to QEMU (its own TLS-PSK);
         # "libvirt": mux with labelled streams into a socket directory (see migrate-ready)
         "mode": (lambda v: v in _MODES, '"mux", "handoff" or "libvirt"', False),
+        # absent = 1: how many links (the first included) the source wants to punch
+        "links": (_check_link_count, f"an integer 1-{MAX_LINKS}", False),
     },
     # destination -> source: its mux runs and the destination QEMU's socket exists
     "migrate-ready": {
@@ -205,6 +236,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[_Checker, str, bool]]]] = {
         # libvirt mode only: the directory the destination made for its QEMU's sockets;
         # the source makes the same path on its host and serves the same names there
         "socket_dir": (check_socket_dir, "an absolute normalised path of plain names", False),
+        # absent = 1: how many links (the first included) carry the streams
+        "links": (_check_link_count, f"an integer 1-{MAX_LINKS}", False),
     },
     # both ways at the end: this side's verdict on every stream it carried
     "migrate-result": {
@@ -359,10 +392,31 @@ class ResumeAnswer(Message):
 
 
 @dataclass(frozen=True)
+class LinkOffer(Message):
+    TYPE: ClassVar[str] = "link-offer"
+    session: str
+    index: int
+    key: str
+    port: int
+    candidates: list[str]
+
+
+@dataclass(frozen=True)
+class LinkAnswer(Message):
+    TYPE: ClassVar[str] = "link-answer"
+    session: str
+    index: int
+    key: str
+    port: int
+    candidates: list[str]
+
+
+@dataclass(frozen=True)
 class MigrateOffer(Message):
     TYPE: ClassVar[str] = "migrate-offer"
     digest: bool
     mode: Mode | None = None
+    links: int | None = None
 
 
 @dataclass(frozen=True)
@@ -371,6 +425,7 @@ class MigrateReady(Message):
     digest: bool
     mode: Mode | None = None
     socket_dir: str | None = None
+    links: int | None = None
 
 
 @dataclass(frozen=True)
@@ -410,6 +465,8 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         LinkLost,
         ResumeOffer,
         ResumeAnswer,
+        LinkOffer,
+        LinkAnswer,
         MigrateOffer,
         MigrateReady,
         MigrateResult,
