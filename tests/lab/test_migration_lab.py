@@ -173,10 +173,11 @@ def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: s
                 mem_mib=MEM_MIB,
                 ram_image=image,
                 max_bandwidth=32 << 20,  # ~4 s for 128 MiB: time to cut it mid-way
-                proxy_args=("--link-timeout", "3"),
+                proxy_args=("--link-timeout", "3", "--psk-dir", str(keys)),
                 during=during,
             )
 
+    keys = _psk_parent(tmp_path)
     try:
         outcome = trio.run(main)
     finally:
@@ -355,6 +356,14 @@ def _check_handoff_success(outcome: Any) -> None:
     assert s["bytes_sent"] > MEM_MIB * 1024 * 1024 * 0.9
 
 
+def _psk_parent(tmp_path: Path) -> Path:
+    """Where this test's proxies put their key directories: its own, so the check that
+    they are removed does not see another run's."""
+    parent = tmp_path / "psk"
+    parent.mkdir(mode=0o700)
+    return parent
+
+
 @pytest.mark.netns
 @pytest.mark.qemu
 def test_handoff_through_firewalls(fw_lab: Lab, image: Path, tmp_path: Path) -> None:
@@ -366,12 +375,14 @@ def test_handoff_through_firewalls(fw_lab: Lab, image: Path, tmp_path: Path) -> 
                 mem_mib=MEM_MIB,
                 ram_image=image,
                 mode="handoff",
+                proxy_args=("--psk-dir", str(keys)),
                 after=lambda src, dst: _same_ram(src, dst, tmp_path),
             )
 
+    keys = _psk_parent(tmp_path)
     _check_handoff_success(trio.run(main))
-    # the key directories (default /dev/shm) are gone
-    assert not list(Path("/dev/shm").glob("hpm-psk-*"))
+    # the key directories are gone (this test's own parent: others may run at once)
+    assert not list(keys.glob("hpm-psk-*"))
 
 
 @pytest.mark.netns
@@ -407,10 +418,11 @@ def test_handoff_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path
                 ram_image=image,
                 mode="handoff",
                 max_bandwidth=32 << 20,  # ~4 s for 128 MiB: time to cut it mid-way
-                proxy_args=("--link-timeout", "3"),
+                proxy_args=("--link-timeout", "3", "--psk-dir", str(keys)),
                 during=during,
             )
 
+    keys = _psk_parent(tmp_path)
     try:
         outcome = trio.run(main)
     finally:
@@ -429,7 +441,7 @@ def test_handoff_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path
     assert 0 < s["bytes_sent"] < MEM_MIB << 20
     assert d["ok"] is False and d["verdict"]
     assert s["peer_ok"] is False and d["peer_ok"] is False, (s, d)
-    assert not list(Path("/dev/shm").glob("hpm-psk-*"))
+    assert not list(keys.glob("hpm-psk-*"))
 
 
 @pytest.mark.netns
