@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def test_silent_connection_and_a_flood_do_not_stop_the_real_session(tmp_path: Pa
     try:
         _wait_listening(port, recv)
         silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        for _ in range(10):  # a flood from another address: most are dropped on arrival
+        for _ in range(10):  # a flood from another address of the same /24
             s = socket.socket()
             s.bind(("127.0.0.2", 0))
             s.connect(("127.0.0.1", port))
@@ -234,7 +235,9 @@ def test_silent_connection_and_a_flood_do_not_stop_the_real_session(tmp_path: Pa
     assert recv.returncode == 0, err.decode()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
     notes = json.loads((tmp_path / "r.json").read_text())["notes"]
-    assert any("dropped 6 connection(s) over its pending limit" in n for n in notes), notes
+    # 127.0.0.1 and 127.0.0.2 share a /24: 4 pending at once, the silent ones make room
+    dropped = [re.search(r"dropped (\d+) pending connection\(s\)", n) for n in notes]
+    assert any(m and int(m.group(1)) >= 7 for m in dropped), notes
 
 
 def _start_pairing(tmp_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -173,7 +173,7 @@ def test_link_cut_mid_migration(fw_lab: Lab, image: Path, tmp_path: Path, cut: s
                 mem_mib=MEM_MIB,
                 ram_image=image,
                 max_bandwidth=32 << 20,  # ~4 s for 128 MiB: time to cut it mid-way
-                proxy_args=("--link-timeout", "3"),  # mux mode: no key directory
+                proxy_args=("--link-timeout", "3"),
                 during=during,
             )
 

@@ -4,8 +4,10 @@ control session (a relay that splices two authenticated control sessions gets no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import os
 
 import pytest
@@ -14,13 +16,17 @@ import trio
 from holepunch_mig.errors import ControlRejected, HolepunchError, NoDirectPath
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.net.secure_control import (
+    Pending,
     SecureChannel,
     accept_authenticated,
+    choose_eviction,
     connect_authenticated,
     secure,
+    source_prefix,
 )
 from holepunch_mig.session import api, negotiate
 from holepunch_mig.wire.control_auth import ControlAuth
+from holepunch_mig.wire.identity import Identity, PeerSet, parse_peer_line
 
 FAST = {"control_timeout": 10.0, "rounds": 1, "stun_timeout": 0.5, "ipv6": False}
 
@@ -219,3 +225,82 @@ async def _secure_into(
     inner: ControlChannel, auth: ControlAuth, initiator: bool, out: dict[bool, SecureChannel]
 ) -> None:
     out[initiator] = await secure(inner, auth, initiator=initiator)
+
+
+def _pinned(identity: Identity, name: str) -> PeerSet:
+    peers = PeerSet()
+    peers.add(parse_peer_line(identity.public_line(name), name), name)
+    return peers
+
+
+async def test_squatters_that_keep_reconnecting_do_not_keep_the_real_peer_out() -> None:
+    """Twenty silent connections from five addresses overfill the pending slots and
+    reopen the moment one is closed.  The listener used to refuse newcomers while full,
+    so the real source lost every race for a slot until its wait ran out; now the
+    connection that has shown least is dropped and the real source gets in."""
+    a, b = Identity.generate(), Identity.generate()
+    destination = ControlAuth(identity=b, peers=_pinned(a, "source"))
+    source = ControlAuth(identity=a, peers=_pinned(b, "destination"))
+    stop = trio.Event()
+    full = _Seen("control listener")
+    logging.getLogger("holepunch_mig").addHandler(full)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(
+                    lambda task_status: accept_authenticated(
+                        "127.0.0.1", 0, destination, task_status=task_status
+                    )
+                )
+
+                async def squat(i: int) -> None:
+                    while not stop.is_set():
+                        with trio.socket.socket() as s:
+                            await s.bind((f"127.0.0.{2 + i // 4}", 0))
+                            await s.connect(("127.0.0.1", port))
+                            with contextlib.suppress(OSError):
+                                await s.recv(1)  # b"" once the listener closes it
+
+                for i in range(20):
+                    nursery.start_soon(squat, i)
+                while not full.seen:  # the listener has dropped one: every slot is taken
+                    await trio.sleep(0.01)
+                channel = await connect_authenticated("127.0.0.1", port, source, wait=10)
+                assert channel.session.peer.startswith("pinned key 'destination'")
+                await channel.aclose()
+                stop.set()
+                nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger("holepunch_mig").removeHandler(full)
+
+
+class _Seen(logging.Handler):
+    """Remembers whether a record containing ``text`` was logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text = text
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage() and "dropped" in record.getMessage():
+            self.seen = True
+
+
+def test_eviction_drops_the_connection_that_showed_least() -> None:
+    def entry(prefix: str, started: float, received: int = 0) -> Pending:
+        return Pending(prefix, started, received)
+
+    crowd = [entry("10.0.0.0/24", t) for t in range(3)] + [entry("10.0.1.0/24", 9, 1)]
+    assert choose_eviction(crowd, "10.0.2.0/24", max_pending=16, per_prefix=4) is None
+    # over the per-prefix limit: the victim comes from the newcomer's prefix, oldest first
+    assert choose_eviction(crowd, "10.0.0.0/24", max_pending=16, per_prefix=3) is crowd[0]
+    # full: a silent one before one that sent its first frame, however old that one is
+    full = [entry("10.0.1.0/24", 0, received=1), *crowd[:3]]
+    assert choose_eviction(full, "10.0.3.0/24", max_pending=4, per_prefix=4) is full[1]
+    # same progress: the most crowded prefix loses first
+    mixed = [entry("10.0.5.0/24", 0), entry("10.0.6.0/24", 1), entry("10.0.6.0/24", 2)]
+    assert choose_eviction(mixed, "10.0.7.0/24", max_pending=3, per_prefix=4) is mixed[1]
+    assert source_prefix("192.0.2.77") == "192.0.2.0/24"
+    assert source_prefix("2001:db8::1:2") == "2001:db8::/64"
+    assert source_prefix("::ffff:192.0.2.1") == "192.0.2.0/24"

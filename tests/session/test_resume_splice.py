@@ -10,6 +10,7 @@ first ``progress``, then the attacker takes over the destination's side."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -247,3 +248,55 @@ async def test_result_without_sha256_is_not_verified() -> None:
             nursery.cancel_scope.cancel()
     assert "src_result" not in state, state
     assert "not verified" in str(state["source_error"])
+
+
+async def test_tampered_resume_answer_fails_the_source_which_says_why() -> None:
+    """A resume-answer whose MAC does not verify (here: its offset moved on the way) is
+    refused by the source, which tells the destination with abort."""
+    src_end, relay_src = memory_channel_pair("127.0.0.1")
+    relay_dst, dst_end = memory_channel_pair("127.0.0.1")
+    data = os.urandom(8 * MiB)
+    gate = threading.Event()
+    state: dict[str, Any] = {}
+    options = {"ack_interval": MiB, "resume_buffer": 3 * MiB, "link_timeout": 3.0}
+
+    async def source() -> None:
+        try:
+            async with api.connect(src_end, role="source", **options) as link:
+                state["src_link"] = link
+                await link.send_file(GatedInput(data, 2 * MiB, gate))
+        except HolepunchError as exc:
+            state["source_error"] = exc
+
+    async def destination() -> None:
+        try:
+            async with api.connect(dst_end, role="destination", **options) as link:
+                await link.receive_file(io.BytesIO())
+        except HolepunchError as exc:
+            state["dst_error"] = exc
+
+    async def relay(a: MemoryChannel, b: MemoryChannel) -> None:
+        while True:
+            raw = await a.receive_message()
+            event = messages.decode(raw)
+            if isinstance(event, messages.Progress) and "cut" not in state:
+                state["cut"] = True  # the source's link dies once the first MiB is kept
+                link = state["src_link"]
+                with contextlib.suppress(OSError):
+                    link.sock.shutdown(socket.SHUT_RDWR)
+                gate.set()
+            if isinstance(event, messages.ResumeAnswer):
+                raw = messages.encode(dataclasses.replace(event, bytes=0))
+            await b.send_message(raw)
+
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, relay_src, relay_dst)
+            nursery.start_soon(relay, relay_dst, relay_src)
+            nursery.start_soon(source)
+            await destination()
+            nursery.cancel_scope.cancel()
+    gate.set()
+    assert isinstance(state["source_error"], ProtocolError), state
+    assert "resume-answer for epoch 1 is not authenticated" in str(state["source_error"])
+    assert "not authenticated" in str(state["dst_error"]), state["dst_error"]

@@ -24,6 +24,7 @@ from holepunch_mig.wire.control_auth import (
     PairingCode,
     derive_psk,
     normalize_code,
+    reject_frame,
     safe_text,
 )
 from holepunch_mig.wire.identity import (
@@ -326,3 +327,33 @@ def test_arbitrary_peers_files_fail_by_name(text: str) -> None:
         parse_peers(text, "peers")
     except CredentialError as exc:
         assert "peers line " in str(exc)
+
+
+def test_a_host_that_pins_its_own_key_does_not_handshake_with_itself() -> None:
+    me = Identity.generate()
+    own = ControlAuth(identity=me, peers=PeerSet([PeerKey(me.public, "me")]))
+    init, resp = ControlHandshake(own, True), ControlHandshake(own, False)
+    m2 = resp.receive(init.start())
+    assert m2 is not None
+    with pytest.raises(UnknownPeer, match="this host's own key"):
+        init.receive(m2)
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    psk = os.urandom(32)
+    auth = ControlAuth(psk=psk)
+    assert psk.hex() not in repr(auth) and repr(psk) not in repr(auth)
+    code = ControlAuth(code="abcde-fghij")
+    assert "abcde" not in repr(code)
+    assert "abcde" not in repr(ControlHandshake(code, True))
+
+
+def test_a_reject_frame_after_the_handshake_is_marked_unauthenticated() -> None:
+    src, dst = Identity.generate(), Identity.generate()
+    init, _ = _run(
+        ControlHandshake(_pinned(src, dst), True), ControlHandshake(_pinned(dst, src), False)
+    )
+    assert init.unsealer is not None
+    forged = reject_frame("key rotated: re-run with --peer 'hpm-x25519 EVIL'")
+    with pytest.raises(ControlRejected, match=r"^the peer refused \(unauthenticated reject"):
+        init.unsealer.open(forged)

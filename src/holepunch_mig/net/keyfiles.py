@@ -7,6 +7,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from holepunch_mig.errors import CredentialError
 from holepunch_mig.wire.control_auth import MIN_PSK_BYTES, ControlAuth, derive_psk
@@ -59,16 +60,8 @@ def write_private_key(path: Path, identity: Identity) -> None:
 def _read_private_file(path: Path, what: str) -> bytes:
     """Read a secret file: not a symlink's target, owned by us or root, not readable or
     writable by group or others."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CredentialError(f"{what} {path}: no such file") from None
-    except OSError as exc:
-        raise CredentialError(f"{what} {path}: cannot open: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
+    with _open_regular(path, what) as fh:
         info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise CredentialError(f"{what} {path}: not a regular file")
         if info.st_mode & 0o077:
             raise CredentialError(
                 f"{what} {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others read or "
@@ -102,11 +95,36 @@ def read_secret(path: Path) -> bytes:
     return data
 
 
-def read_peers(path: Path, into: PeerSet | None = None) -> PeerSet:
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """Open a credential file without following a symlink and without blocking on a FIFO
+    (O_NONBLOCK until it is known to be a regular file)."""
     try:
-        data = path.read_bytes()[: MAX_FILE + 1]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CredentialError(f"{what} {path}: no such file") from None
     except OSError as exc:
-        raise CredentialError(f"peers file {path}: {exc.strerror}") from None
+        raise CredentialError(f"{what} {path}: cannot open: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CredentialError(f"{what} {path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_peers(path: Path, into: PeerSet | None = None) -> PeerSet:
+    """Who may be the peer: like ssh's authorized_keys, refused when someone other than
+    us (or root) owns it or group/others may change it."""
+    what = "peers file"
+    with _open_regular(path, what) as fh:
+        info = os.fstat(fh.fileno())
+        if info.st_mode & 0o022:
+            raise CredentialError(
+                f"{what} {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others change "
+                f"who may connect; chmod go-w {path}"
+            )
+        if info.st_uid not in (os.geteuid(), 0):
+            raise CredentialError(f"{what} {path}: owned by uid {info.st_uid}, not by us")
+        data = fh.read(MAX_FILE + 1)
     if len(data) > MAX_FILE:
         raise CredentialError(f"peers file {path}: larger than {MAX_FILE} bytes")
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import logging
 import math
 import socket
@@ -57,6 +58,52 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_PENDING = 16
 DEFAULT_PER_SOURCE = 4
 SEALED_SEND_TIMEOUT = 30.0
+MAX_DISTINCT_REASONS = 32
+V4_PREFIX, V6_PREFIX = 24, 64
+"""Pending handshakes are counted per network prefix, not per address: one host holds
+many addresses of its /64 (or of 127/8)."""
+
+
+@dataclass(eq=False)
+class Pending:
+    """A connection inside its control handshake, as the eviction rule sees it."""
+
+    prefix: str
+    started: float
+    received: int = 0
+    """Frames received from it so far: a real peer sends its first at once."""
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def source_prefix(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    bits = V4_PREFIX if ip.version == 4 else V6_PREFIX
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+def choose_eviction(
+    pending: list[Pending], newcomer_prefix: str, max_pending: int, per_prefix: int
+) -> Pending | None:
+    """Which pending handshake to drop so a new connection can start (None: room left).
+
+    A full listener never refuses the newcomer (that let silent squatters keep the real
+    peer out for as long as they reconnected); it drops the connection that has shown
+    the least: fewest frames received, then from the most crowded prefix, then oldest.
+    Over the per-prefix limit the victim comes from the newcomer's own prefix."""
+    same = [p for p in pending if p.prefix == newcomer_prefix]
+    if len(same) >= per_prefix:
+        pool = same
+    elif len(pending) >= max_pending:
+        pool = pending
+    else:
+        return None
+    crowd = collections.Counter(p.prefix for p in pending)
+    return min(pool, key=lambda p: (p.received, -crowd[p.prefix], p.started))
 
 
 class SecureChannel:
@@ -205,16 +252,24 @@ class AcceptStats:
     """What the listener did with connections that were not the session."""
 
     dropped: int = 0
-    """Closed on arrival: too many handshakes pending (overall or from that address)."""
+    """Evicted to make room: too many handshakes pending (overall or from one prefix)."""
     failed: int = 0
     """Closed after a failed or timed-out handshake."""
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def count(self, reason: str) -> None:
+        """Count a refusal; distinct reasons are capped (an unknown key's text differs
+        per stranger), the rest are counted together."""
+        if reason not in self.reasons and len(self.reasons) >= MAX_DISTINCT_REASONS:
+            reason = "other reasons"
+        self.reasons[reason] += 1
 
     def notes(self) -> list[str]:
         out = []
         if self.dropped:
             out.append(
-                f"control listener dropped {self.dropped} connection(s) over its pending limit"
+                f"control listener dropped {self.dropped} pending connection(s) "
+                f"to make room (pending limit)"
             )
         for reason, count in self.reasons.most_common(8):
             out.append(f"control listener refused {count} connection(s): {reason}")
@@ -240,24 +295,27 @@ async def accept_authenticated(
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = trio.socket.socket(family, socket.SOCK_STREAM)
     stats = AcceptStats()
-    pending: collections.Counter[str] = collections.Counter()
+    pending: list[Pending] = []
     won: list[SecureChannel] = []
     fatal: list[HolepunchError] = []
     code = auth.code if isinstance(auth.code, PairingCode) else None
 
-    async def attempt(sock: trio.socket.SocketType, source: str, scope: trio.CancelScope) -> None:
-        inner = StreamChannel(trio.SocketStream(sock))
+    async def attempt(
+        sock: trio.socket.SocketType, source: str, entry: Pending, scope: trio.CancelScope
+    ) -> None:
+        inner = _Counting(StreamChannel(trio.SocketStream(sock)), entry)
         keep = False
         try:
-            channel = await secure(inner, auth, initiator=False, timeout=handshake_timeout)
-            if not won:
-                won.append(channel)
-                keep = True
-                scope.cancel()
+            with entry.scope:
+                channel = await secure(inner, auth, initiator=False, timeout=handshake_timeout)
+                if not won:
+                    won.append(channel)
+                    keep = True
+                    scope.cancel()
         except (HolepunchError, OSError) as exc:
             stats.failed += 1
             reason = _reason(exc)
-            stats.reasons[reason] += 1
+            stats.count(reason)
             logger.warning("control listener: refused %s: %s", source, reason)
             if code is not None and isinstance(exc, PairingFailed):
                 try:
@@ -267,7 +325,8 @@ async def accept_authenticated(
                         fatal.append(over)
                         scope.cancel()
         finally:
-            pending[source] -= 1
+            if entry in pending:  # else evicted: already taken out
+                pending.remove(entry)
             if not keep:
                 with trio.CancelScope(shield=True):
                     await inner.aclose()
@@ -284,14 +343,21 @@ async def accept_authenticated(
                 while True:
                     sock, addr = await listener.accept()
                     source = str(addr[0]) if isinstance(addr, tuple) else "?"
-                    if sum(pending.values()) >= max_pending or pending[source] >= per_source:
+                    entry = Pending(source_prefix(source), trio.current_time())
+                    victim = choose_eviction(pending, entry.prefix, max_pending, per_source)
+                    if victim is not None:
                         stats.dropped += 1
-                        sock.close()
-                        logger.warning("control listener: dropped %s (too many pending)", source)
-                        continue
+                        pending.remove(victim)  # its task closes it when cancelled
+                        victim.scope.cancel()
+                        if stats.dropped == 1 or stats.dropped % 100 == 0:
+                            logger.warning(
+                                "control listener: pending limit reached, dropped %d "
+                                "connection(s) that showed the least so far",
+                                stats.dropped,
+                            )
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    pending[source] += 1
-                    nursery.start_soon(attempt, sock, source, nursery.cancel_scope)
+                    pending.append(entry)
+                    nursery.start_soon(attempt, sock, source, entry, nursery.cancel_scope)
     if won:
         won[0].notes.extend(stats.notes())
         return won[0]
@@ -300,6 +366,26 @@ async def accept_authenticated(
     raise PairingFailed(
         "the pairing code expired before a peer used it; start a new pairing for a new code"
     )
+
+
+class _Counting:
+    """A control channel that tells its Pending entry each frame received."""
+
+    def __init__(self, inner: StreamChannel, entry: Pending) -> None:
+        self.inner = inner
+        self.entry = entry
+        self.peer_host = inner.peer_host
+
+    async def send_message(self, message: bytes) -> None:
+        await self.inner.send_message(message)
+
+    async def receive_message(self) -> bytes:
+        frame = await self.inner.receive_message()
+        self.entry.received += 1
+        return frame
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def _reason(exc: BaseException) -> str:

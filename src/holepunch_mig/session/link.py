@@ -414,6 +414,8 @@ class Link:
                     exc.report = self.report
                     self.report.ok = False
                     self.report.verdict = f"resume failed: {exc}"
+                    if not isinstance(exc, PeerAbort | ChannelClosed):  # the peer knows those
+                        await self._tell_abort(f"resume failed: {exc}")
                     raise
                 break
             try:

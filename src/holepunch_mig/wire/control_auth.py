@@ -160,8 +160,8 @@ class ControlAuth:
 
     identity: Identity | None = None
     peers: PeerSet | None = None
-    psk: bytes | None = None
-    code: PairingCode | str | None = None
+    psk: bytes | None = field(default=None, repr=False)  # never in a log or traceback
+    code: PairingCode | str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.code is not None:
@@ -243,9 +243,11 @@ class Unsealer:
         if not frame:
             raise ProtocolError("empty control frame")
         if frame[0] == KIND_HANDSHAKE and len(frame) > 1 and frame[1] == MODE_REJECT:
-            self._dead = "the peer ended it"
+            # the responder's refusal of message 3 lands here, but so could anyone's on
+            # the path: the text is shown, marked as not verified
+            self._dead = "ended by an unauthenticated reject frame"
             text = safe_text(frame[2:].decode("utf-8", "replace"))
-            raise ControlRejected(f"the peer refused: {text}")
+            raise ControlRejected(f"the peer refused (unauthenticated reject frame): {text}")
         if frame[0] != KIND_SEALED:
             self._dead = f"unsealed frame of kind 0x{frame[0]:02x}"
             raise ProtocolError(
@@ -459,6 +461,11 @@ class ControlHandshake:
         peers = self.auth.peers
         if peers is None or rs is None:
             return
+        if self.auth.identity is not None and hmac.compare_digest(rs, self.auth.identity.public):
+            raise UnknownPeer(
+                "the peer proved this host's own key: a connection to itself (or a copied "
+                "identity file); each host needs its own keygen"
+            )
         if rs not in peers:
             who = "receiver" if self.initiator else "sender"
             known = ", ".join(sorted(peers.names())[:8])
