@@ -42,10 +42,10 @@ from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.birthday import announce, announced_class, public_addresses
 from holepunch_mig.wire.birthday import plan as plan_birthday
-from holepunch_mig.wire.portmap import PortMapping
 from holepunch_mig.wire.digests import Algorithm, offers_blake3
 from holepunch_mig.wire.digests import choose as choose_digest
 from holepunch_mig.wire.messages import MAX_LINKS
+from holepunch_mig.wire.portmap import PortMapping
 from holepunch_mig.wire.resume_auth import check_resume_mac, resume_mac
 from holepunch_mig.wire.text import printable
 
@@ -206,9 +206,9 @@ async def _negotiate(
     resume = options.resume_attempts > 0 and peer.limits.get("resume", 0) >= 1
     try:
         digest = choose_digest(options.digest, peer.limits.get("blake3", 0) >= 1)
-    except ValueError as why:
-        proto = ProtocolError(str(why))
-        _fail_report(report, proto, str(why))
+    except ValueError as bad_digest:
+        proto = ProtocolError(str(bad_digest))
+        _fail_report(report, proto, str(bad_digest))
         raise proto from None
     report.digest = digest
     max_links = max(1, min(MAX_LINKS, peer.limits.get("links", 1)))
