@@ -391,7 +391,7 @@ def test_migrate_messages_are_strict() -> None:
 
 
 def _decode_json(body: dict[str, object]) -> messages.Event:
-    return messages.decode(b"\x01" + json.dumps({"v": 1, **body}).encode())
+    return messages.decode(b"\x01" + json.dumps({"v": 2, **body}).encode())
 
 
 # -- handoff mode: the punched socket handed to QEMU (its own TLS-PSK) ------------------

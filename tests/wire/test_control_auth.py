@@ -197,7 +197,7 @@ def test_plaintext_peer_gets_a_pointed_error_both_ways() -> None:
     src, dst = Identity.generate(), Identity.generate()
     resp = ControlHandshake(_pinned(dst, src), False)
     with pytest.raises(ProtocolError, match="runs without control authentication"):
-        resp.receive(b'\x01{"v":1,"type":"ping","seq":0}')
+        resp.receive(b'\x01{"v":2,"type":"ping","seq":0}')
     init = ControlHandshake(_pinned(src, dst), True)
     with pytest.raises(ProtocolError, match="authenticated control frame"):
         decode(init.start())
@@ -222,7 +222,7 @@ def test_sealed_frames_refuse_tampering_replay_and_plaintext() -> None:
     )
     assert resp2.unsealer is not None
     with pytest.raises(ProtocolError, match="kind 0x01 on an authenticated control channel"):
-        resp2.unsealer.open(b'\x01{"v":1,"type":"ping","seq":0}')
+        resp2.unsealer.open(b'\x01{"v":2,"type":"ping","seq":0}')
 
 
 def test_each_session_has_its_own_handshake_hash() -> None:

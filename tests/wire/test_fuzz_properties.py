@@ -120,7 +120,7 @@ def test_json_objects_decode_or_protocol_error(obj: dict[str, object]) -> None:
 
 
 def test_huge_integer_is_a_protocol_error() -> None:
-    raw = b'\x01{"v":1,"type":"ping","seq":' + b"9" * 5000 + b"}"
+    raw = b'\x01{"v":2,"type":"ping","seq":' + b"9" * 5000 + b"}"
     with pytest.raises(ProtocolError):
         messages.decode(raw)
 

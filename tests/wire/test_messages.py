@@ -21,7 +21,7 @@ SESSION = "cd" * 16
 
 def _offer(**over: object) -> dict[str, object]:
     body: dict[str, object] = {
-        "v": 1,
+        "v": 2,
         "type": "offer",
         "session": SESSION,
         "key": KEY,
@@ -66,14 +66,14 @@ def test_round_trip_every_type() -> None:
         (b"\x01{not json", "not JSON"),
         (b"\x01[1,2]", "JSON list, not an object"),
         (_raw({"type": "ping", "seq": 1}), 'no "v"'),
-        (_raw({"v": 2, "type": "ping", "seq": 1}), "unsupported protocol version 2"),
-        (_raw({"v": 1, "seq": 1}), 'no string "type"'),
-        (_raw({"v": 1, "type": "teleport"}), "unknown message type 'teleport'"),
-        (_raw({"v": 1, "type": "ping"}), "ping message lacks field 'seq'"),
-        (_raw({"v": 1, "type": "ping", "seq": "1"}), "field 'seq' must be an unsigned"),
-        (_raw({"v": 1, "type": "ping", "seq": -1}), "field 'seq' must be an unsigned"),
-        (_raw({"v": 1, "type": "ping", "seq": True}), "field 'seq' must be an unsigned"),
-        (_raw({"v": 1, "type": "ping", "seq": 1, "x": 0}), "unknown field 'x'"),
+        (_raw({"v": 1, "type": "ping", "seq": 1}), "unsupported protocol version 1"),
+        (_raw({"v": 2, "seq": 1}), 'no string "type"'),
+        (_raw({"v": 2, "type": "teleport"}), "unknown message type 'teleport'"),
+        (_raw({"v": 2, "type": "ping"}), "ping message lacks field 'seq'"),
+        (_raw({"v": 2, "type": "ping", "seq": "1"}), "field 'seq' must be an unsigned"),
+        (_raw({"v": 2, "type": "ping", "seq": -1}), "field 'seq' must be an unsigned"),
+        (_raw({"v": 2, "type": "ping", "seq": True}), "field 'seq' must be an unsigned"),
+        (_raw({"v": 2, "type": "ping", "seq": 1, "x": 0}), "unknown field 'x'"),
         (_raw(_offer(key="AB" * 32)), "field 'key' must be 64 lowercase hex"),
         (_raw(_offer(port=0)), "field 'port' must be a TCP port"),
         (_raw(_offer(port=70000)), "field 'port' must be a TCP port"),
@@ -129,25 +129,25 @@ def test_wire_bytes_are_the_schema_order_json() -> None:
         encode(offer)
         == b"\x01"
         + json.dumps(
-            {"v": 1, "type": "offer", "session": SESSION, "key": KEY, "port": 4000}
+            {"v": 2, "type": "offer", "session": SESSION, "key": KEY, "port": 4000}
             | {"candidates": ["c"], "policy": "direct", "limits": {"resume": 1}},
             separators=(",", ":"),
         ).encode()
     )
     assert encode(messages.RoundFailed(round=1, retry=False, reason="r")) == (
-        b'\x01{"v":1,"type":"round-failed","round":1,"retry":false,"reason":"r"}'
+        b'\x01{"v":2,"type":"round-failed","round":1,"retry":false,"reason":"r"}'
     )
     # an absent optional field stays absent on the wire; a null required one is sent
     assert encode(messages.MigrateOffer(digest=True)) == (
-        b'\x01{"v":1,"type":"migrate-offer","digest":true}'
+        b'\x01{"v":2,"type":"migrate-offer","digest":true}'
     )
     assert encode(messages.Result(ok=True, bytes=0, sha256=None, error=None)) == (
-        b'\x01{"v":1,"type":"result","ok":true,"bytes":0,"sha256":null,"error":null}'
+        b'\x01{"v":2,"type":"result","ok":true,"bytes":0,"sha256":null,"error":null}'
     )
     answer = decode(
         _raw(
             {
-                "v": 1,
+                "v": 2,
                 "type": "answer",
                 **{k: v for k, v in _offer().items() if k not in ("v", "type", "policy")},
             }

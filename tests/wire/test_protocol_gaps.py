@@ -25,12 +25,12 @@ KEY = bytes(range(32))
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"v":1,"type":"ping","seq":1,"seq":2}',
-        b'{"v":1,"v":1,"type":"ping","seq":1}',
-        b'{"v":1,"type":"pong","type":"ping","seq":1}',
-        b'{"v":1,"type":"result","ok":true,"ok":false,"bytes":1,"sha256":null,"error":null}',
+        b'{"v":2,"type":"ping","seq":1,"seq":2}',
+        b'{"v":2,"v":2,"type":"ping","seq":1}',
+        b'{"v":2,"type":"pong","type":"ping","seq":1}',
+        b'{"v":2,"type":"result","ok":true,"ok":false,"bytes":1,"sha256":null,"error":null}',
         (
-            b'{"v":1,"type":"offer","session":"'
+            b'{"v":2,"type":"offer","session":"'
             + b"cd" * 16
             + b'","key":"'
             + b"ab" * 32

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Final, Literal
 from holepunch_mig.errors import ProtocolError
 from holepunch_mig.roles import POLICIES, Policy
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 MAX_MESSAGE: Final = 64 * 1024
 """Largest message (kind byte included); libvirt's RPC allows the same."""
 LENGTH_PREFIX: Final = struct.Struct(">I")
