@@ -60,13 +60,16 @@ def write_private_key(path: Path, identity: Identity) -> None:
 def _read_private_file(path: Path, what: str) -> bytes:
     """Read a secret file: not a symlink's target, owned by us or root, not readable or
     writable by group or others."""
+    return _read_checked(path, what, 0o077, f"lets others read or change it; chmod 600 {path}")
+
+
+def _read_checked(path: Path, what: str, forbidden: int, advice: str) -> bytes:
+    """A credential file's bytes, refused when its mode has any ``forbidden`` bit or
+    someone other than us (or root) owns it (checked on the open descriptor)."""
     with _open_regular(path, what) as fh:
         info = os.fstat(fh.fileno())
-        if info.st_mode & 0o077:
-            raise CredentialError(
-                f"{what} {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others read or "
-                f"change it; chmod 600 {path}"
-            )
+        if info.st_mode & forbidden:
+            raise CredentialError(f"{what} {path}: mode {stat.S_IMODE(info.st_mode):04o} {advice}")
         if info.st_uid not in (os.geteuid(), 0):
             raise CredentialError(f"{what} {path}: owned by uid {info.st_uid}, not by us")
         data = fh.read(MAX_FILE + 1)
@@ -114,19 +117,9 @@ def _open_regular(path: Path, what: str) -> BinaryIO:
 def read_peers(path: Path, into: PeerSet | None = None) -> PeerSet:
     """Who may be the peer: like ssh's authorized_keys, refused when someone other than
     us (or root) owns it or group/others may change it."""
-    what = "peers file"
-    with _open_regular(path, what) as fh:
-        info = os.fstat(fh.fileno())
-        if info.st_mode & 0o022:
-            raise CredentialError(
-                f"{what} {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others change "
-                f"who may connect; chmod go-w {path}"
-            )
-        if info.st_uid not in (os.geteuid(), 0):
-            raise CredentialError(f"{what} {path}: owned by uid {info.st_uid}, not by us")
-        data = fh.read(MAX_FILE + 1)
-    if len(data) > MAX_FILE:
-        raise CredentialError(f"peers file {path}: larger than {MAX_FILE} bytes")
+    data = _read_checked(
+        path, "peers file", 0o022, f"lets others change who may connect; chmod go-w {path}"
+    )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
