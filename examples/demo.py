@@ -147,6 +147,7 @@ def main() -> int:
             "rtt",
             "rounds",
             "bytes",
+            "digest",
             "sha256",
             "seconds",
             "ok",
@@ -159,7 +160,8 @@ def main() -> int:
         print(
             f"\ndemo OK ({mode}): {PAYLOAD_MIB} MiB through a punched, Noise-authenticated, "
             f"AES-256-GCM link at {rate:.0f} MB/s, control channel authenticated by pinned "
-            "keys; sha256 matches."
+            f"keys; the peers verified {report.get('digest', 'the digest')} end to end and the "
+            "received file's sha256 matches the sent one's."
         )
         return 0
 
