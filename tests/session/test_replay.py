@@ -17,6 +17,7 @@ import os
 import socket
 
 import trio
+from testsupport.fake_source import bound
 
 from holepunch_mig.errors import HolepunchError
 from holepunch_mig.net.record_io import RecordWriter
@@ -25,14 +26,6 @@ from holepunch_mig.session.handshake import LINK_PAYLOAD, prologue
 from holepunch_mig.testing import memory_channel_pair
 from holepunch_mig.wire import messages
 from holepunch_mig.wire.noise import HandshakeState, generate_keypair
-
-
-def _bound(port: int) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind(("127.0.0.1", port))
-    return s
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -61,7 +54,7 @@ async def test_replayed_first_message_cannot_displace_the_genuine_link() -> None
 
     async def fake_source() -> None:
         priv, pub = generate_keypair()
-        holder = _bound(0)  # our punch port; the destination's dials to it are refused
+        holder = bound(0)  # our punch port; the destination's dials to it are refused
         port = holder.getsockname()[1]
         holder.close()
         session = os.urandom(16)
@@ -89,7 +82,7 @@ async def test_replayed_first_message_cannot_displace_the_genuine_link() -> None
         frame1 = len(msg1).to_bytes(2, "big") + msg1
 
         def genuine() -> socket.socket:
-            s = _bound(port)
+            s = bound(port)
             s.connect(("127.0.0.1", answer.port))
             s.sendall(frame1)
             n = int.from_bytes(_recv_exact(s, 2), "big")
@@ -98,7 +91,7 @@ async def test_replayed_first_message_cannot_displace_the_genuine_link() -> None
 
         def replay() -> bytes:
             # the same first message, from the same offered address, another 4-tuple
-            s = _bound(port)
+            s = bound(port)
             s.connect(("127.0.0.2", answer.port))
             s.sendall(frame1)
             s.settimeout(3)

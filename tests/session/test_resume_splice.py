@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 import trio
+from testsupport.fake_source import bound, recv_exact
 
 from holepunch_mig.errors import HolepunchError, ProtocolError
 from holepunch_mig.net.record_io import RecordWriter
@@ -60,24 +61,6 @@ def _with_optional(cls: type[messages.Message], **fields: Any) -> dict[str, Any]
     return {k: v for k, v in fields.items() if k in names}
 
 
-def _bound(port: int) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind(("127.0.0.1", port))
-    return s
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise EOFError
-        out += chunk
-    return out
-
-
 async def _attacker(
     to_dst: MemoryChannel,
     inbox: trio.MemoryReceiveChannel[bytes],
@@ -85,7 +68,7 @@ async def _attacker(
     state: dict[str, Any],
 ) -> None:
     priv, pub = generate_keypair()
-    holder = _bound(0)
+    holder = bound(0)
     port = holder.getsockname()[1]
     holder.close()
     cands = [f"candidate:1 1 tcp 1 127.0.0.1 {port} typ host tcptype so"]
@@ -120,11 +103,11 @@ async def _attacker(
     hs = HandshakeState("KK", True, pro, s=priv, rs=bytes.fromhex(answer.key))
 
     def punch() -> socket.socket:
-        s = _bound(port)
+        s = bound(port)
         s.connect(("127.0.0.1", answer.port))
         msg1 = hs.write_message(LINK_PAYLOAD.pack(1, 1))
         s.sendall(len(msg1).to_bytes(2, "big") + msg1)
-        hs.read_message(_recv_exact(s, int.from_bytes(_recv_exact(s, 2), "big")))
+        hs.read_message(recv_exact(s, int.from_bytes(recv_exact(s, 2), "big")))
         return s
 
     sock = await trio.to_thread.run_sync(punch)
