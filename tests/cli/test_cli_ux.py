@@ -395,6 +395,31 @@ def test_control_cmd_not_found_says_status_127(tmp_path: Path, auth: list[str]) 
     assert "closed by the peer" not in err
 
 
+@pytest.mark.parametrize("auth", [[], AUTH], ids=["ssh-only", "ssh-and-psk"])
+def test_migrate_proxy_source_control_cmd_not_found_says_status_127(
+    tmp_path: Path, auth: list[str]
+) -> None:
+    """The migration source opens its control channel like ``send``: same explanation."""
+    run = subprocess.run(
+        [
+            *CLI,
+            "migrate-proxy",
+            "source",
+            *auth,
+            "--listen-unix",
+            str(tmp_path / "out.sock"),
+            "--control-cmd",
+            "sh -c 'exec no-such-holepunch-mig migrate-proxy destination'",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    err = run.stderr.decode()
+    assert run.returncode == 1, err
+    assert "control command exited with status 127" in err, err
+    assert "closed by the peer" not in err
+
+
 def test_migrate_proxy_has_control_cmd_and_plain_help() -> None:
     run = subprocess.run(
         [*CLI, "migrate-proxy", "--help"], capture_output=True, timeout=30, text=True

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.errors import CandidateError
+from holepunch_mig.errors import CandidateError, ChannelClosed
 from holepunch_mig.net.control import ControlChannel, open_process_channel
 from holepunch_mig.net.keyfiles import load_auth
 from holepunch_mig.net.secure_control import (
@@ -55,6 +55,7 @@ __all__ = [
     "check_input",
     "check_output_path",
     "colour",
+    "command_status",
     "connect_options",
     "control_auth",
     "describe",
@@ -560,18 +561,40 @@ async def secure_existing(
 
 async def source_control(args: argparse.Namespace, auth: ControlAuth | None) -> ControlChannel:
     """The source's control channel: ``--control-cmd`` (a process, e.g. ssh; secured as
-    well when credentials were given) or ``--control`` (an authenticated TCP dial)."""
+    well when credentials were given) or ``--control`` (an authenticated TCP dial).  One
+    helper for every source-side command, so each says "connecting to" and explains a
+    control command that died during the handshake the same way."""
     if getattr(args, "control_cmd", None):
-        channel: ControlChannel = await open_process_channel(
-            shlex.split(args.control_cmd), args.peer_host
-        )
+        process = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
         try:
-            return await secure_existing(args, channel, auth, initiator=True)
+            return await secure_existing(args, process, auth, initiator=True)
+        except ChannelClosed:
+            # the command ended during the control handshake: its status says why
+            status = await process.exit_status()
+            await process.aclose()
+            if status:
+                raise ChannelClosed(command_status(status)) from None
+            raise
         except BaseException:
-            await channel.aclose()
+            await process.aclose()
             raise
     host, port = args.control
+    if not getattr(args, "quiet", False):
+        say(f"connecting to the control port {host}:{port} (up to {args.control_wait:g} s)")
     return await dial_control(host, port, auth, args.control_wait)
+
+
+def command_status(status: int) -> str:
+    """What a control command's exit status means, for the error that ends the session."""
+    if status == 127:
+        return (
+            "control command exited with status 127: the command was not found (is "
+            "holepunch-mig on the remote PATH? give its full path, e.g. "
+            '"ssh HOST /opt/holepunch/.venv/bin/holepunch-mig recv --control-stdio ...")'
+        )
+    if status < 0:
+        return f"control command was killed by signal {-status}"
+    return f"control command exited with status {status} (its messages are above)"
 
 
 PLOT_HINT = "pip install 'holepunch_mig[plot]'"

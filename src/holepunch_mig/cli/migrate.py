@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,6 @@ from holepunch_mig.migration.libvirt import DEFAULT_SOCKET_PARENT, libvirt_desti
 from holepunch_mig.net.control import (
     ControlChannel,
     ProcessChannel,
-    open_process_channel,
     stdio_channel,
 )
 from holepunch_mig.report import write_file_atomically
@@ -413,16 +411,7 @@ async def _source_main(args: argparse.Namespace) -> int:
     proxy: MigrationProxy | HandoffProxy | None = None
     channel: ControlChannel | None = None
     try:
-        if args.control_cmd:
-            channel = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
-            channel = await cli.secure_existing(args, channel, auth, initiator=True)
-        else:
-            host, port = args.control
-            if not args.quiet:
-                cli.say(
-                    f"connecting to the control port {host}:{port} (up to {args.control_wait:g} s)"
-                )
-            channel = await cli.dial_control(host, port, auth, args.control_wait)
+        channel = await cli.source_control(args, auth)
         kwargs = _common_kwargs(args)
         if args.mode == "mux":
             kwargs.update(

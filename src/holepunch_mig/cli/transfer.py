@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -34,16 +33,17 @@ from holepunch_mig.cli.common import (
     auth_usage_problem,
     check_input,
     check_output_path,
+    command_status,
     connect_options,
     control_auth,
     describe,
-    dial_control,
     interrupted,
     listen_control,
     listen_endpoint,
     named_endpoint,
     say,
     secure_existing,
+    source_control,
     warn,
 )
 from holepunch_mig.errors import (
@@ -54,7 +54,7 @@ from holepunch_mig.errors import (
     PeerAbort,
     TransferError,
 )
-from holepunch_mig.net.control import ControlChannel, ProcessChannel, open_process_channel
+from holepunch_mig.net.control import ControlChannel, ProcessChannel
 from holepunch_mig.net.control import stdio_channel as open_stdio_channel
 from holepunch_mig.report import Report, write_file_atomically
 from holepunch_mig.roles import Role
@@ -323,26 +323,7 @@ async def _run_recv(args: argparse.Namespace) -> int:
 async def _run_send(args: argparse.Namespace) -> int:
     with _input(args.input) as (src, total):
         auth = control_auth(args)
-        channel: ControlChannel
-        if args.control_cmd:
-            process = await open_process_channel(shlex.split(args.control_cmd), args.peer_host)
-            try:
-                channel = await secure_existing(args, process, auth, initiator=True)
-            except ChannelClosed:
-                # the command ended during the control handshake: its status says why
-                status = await process.exit_status()
-                await process.aclose()
-                if status:
-                    raise ChannelClosed(_command_status(status)) from None
-                raise
-            except BaseException:
-                await process.aclose()
-                raise
-        else:
-            host, port = args.control
-            if not args.quiet:
-                say(f"connecting to the control port {host}:{port} (up to {args.control_wait:g} s)")
-            channel = await dial_control(host, port, auth, args.control_wait)
+        channel = await source_control(args, auth)
         progress = None if args.quiet else Progress("sent", total)
 
         async def send(link: Link) -> str:
@@ -397,7 +378,7 @@ async def _session(
         if isinstance(exc, ChannelClosed) and process is not None:
             status = await process.exit_status()
             if status is not None and status != 0:
-                exc = ChannelClosed(_command_status(status))
+                exc = ChannelClosed(command_status(status))
         else:
             await api.abort(channel, describe(exc))
         return await _fail(args, exc, exc.report or report, EXIT_FAILED, progress, shown)
@@ -430,18 +411,6 @@ def _process_of(channel: ControlChannel) -> ProcessChannel | None:
 def _peer_word(role: Role) -> str:
     """How the peer names this side: the sender / the receiver."""
     return "sender" if role == "source" else "receiver"
-
-
-def _command_status(status: int) -> str:
-    if status == 127:
-        return (
-            "control command exited with status 127: the command was not found (is "
-            "holepunch-mig on the remote PATH? give its full path, e.g. "
-            '"ssh HOST /opt/holepunch/.venv/bin/holepunch-mig recv --control-stdio ...")'
-        )
-    if status < 0:
-        return f"control command was killed by signal {-status}"
-    return f"control command exited with status {status} (its messages are above)"
 
 
 def _write_interrupted(args: argparse.Namespace, report: Report | None) -> None:
