@@ -13,7 +13,7 @@ import blake3
 import pytest
 import trio
 
-from holepunch_mig.errors import ControlRejected, HolepunchError, NoDirectPath
+from holepunch_mig.errors import ControlRejected, HolepunchError, NoDirectPath, ProtocolError
 from holepunch_mig.net.control import ControlChannel, StreamChannel
 from holepunch_mig.net.secure_control import (
     Pending,
@@ -304,3 +304,40 @@ def test_eviction_drops_the_connection_that_showed_least() -> None:
     assert source_prefix("192.0.2.77") == "192.0.2.0/24"
     assert source_prefix("2001:db8::1:2") == "2001:db8::/64"
     assert source_prefix("::ffff:192.0.2.1") == "192.0.2.0/24"
+
+
+async def test_a_large_frame_is_refused_at_its_length_not_after_its_body() -> None:
+    """A reader with a limit refuses on the length prefix: it does not wait for (or
+    buffer) the body a stranger may trickle for the whole handshake deadline."""
+    ours, theirs = await _pair()
+    await theirs._stream.send_all((60_000).to_bytes(4, "big") + b"\x03" * 100)
+    with trio.fail_after(2), pytest.raises(ProtocolError, match="60000 bytes exceeds the 512"):
+        await ours.receive_message(limit=512)
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_listener_refuses_an_oversized_handshake_frame_at_once() -> None:
+    """A stranger that announces a 60 kB handshake frame is refused as soon as its length
+    arrives (well inside the 30 s handshake deadline), the refusal names why, and the real
+    peer still links."""
+    auth = ControlAuth.from_secret(os.urandom(32))
+    notes: list[str] = []
+
+    async def listen(task_status: trio.TaskStatus[int]) -> None:
+        channel = await accept_authenticated(
+            "127.0.0.1", 0, auth, handshake_timeout=30, task_status=task_status
+        )
+        notes.extend(channel.notes)
+        await channel.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(listen)
+        stranger = trio.socket.socket()
+        with stranger, trio.fail_after(10):
+            await stranger.connect(("127.0.0.1", port))
+            await stranger.send((60_000).to_bytes(4, "big"))
+            assert await stranger.recv(100) == b""
+            real = await connect_authenticated("127.0.0.1", port, auth)
+            await real.aclose()
+    assert any("60000 bytes exceeds the 512-byte limit" in n for n in notes), notes

@@ -116,17 +116,25 @@ class StreamChannel:
         if not send_intact:
             self._send_broken = "the tunnel stopped inside a frame"
 
-    async def receive_message(self) -> bytes:
+    async def receive_message(self, *, limit: int | None = None) -> bytes:
+        """The next message.  ``limit`` (at most the channel's own) refuses a longer next
+        frame as soon as its length prefix arrives, and reads no more than one such frame
+        ahead: a listener in a handshake buffers a few hundred bytes per stranger, not a
+        whole maximal frame."""
         if self._offload is not None:
             raise RuntimeError("the control channel's socket is lent to the tunnel")
         if self._receive_broken is not None:
             raise ChannelClosed(f"control channel broke while receiving: {self._receive_broken}")
+        cap = self._max if limit is None else min(limit, self._max)
         while True:
+            length = self._decoder.next_length()
+            if limit is not None and length is not None and length > cap:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {cap}-byte limit here")
             msg = self._decoder.next_message()
             if msg is not None:
                 return msg
             try:
-                chunk = await self._stream.receive_some(self._max + 4)
+                chunk = await self._stream.receive_some(cap + 4)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ChannelClosed(f"control channel broke while receiving: {exc}") from None
             if not chunk:

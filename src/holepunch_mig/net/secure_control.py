@@ -35,6 +35,7 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.net.control import ControlChannel, StreamChannel, open_tcp_channel
 from holepunch_mig.wire.control_auth import (
+    MAX_HANDSHAKE_FRAME,
     ControlAuth,
     ControlHandshake,
     ControlSession,
@@ -308,6 +309,7 @@ async def accept_authenticated(
         try:
             with entry.scope:
                 channel = await secure(inner, auth, initiator=False, timeout=handshake_timeout)
+                inner.authenticated()
                 if not won:
                     won.append(channel)
                     keep = True
@@ -369,18 +371,24 @@ async def accept_authenticated(
 
 
 class _Counting:
-    """A control channel that tells its Pending entry each frame received."""
+    """A control channel that tells its Pending entry each frame received and, until
+    :meth:`authenticated`, refuses any frame longer than a handshake frame as soon as its
+    length arrives (a stranger cannot make the listener hold a maximal frame)."""
 
     def __init__(self, inner: StreamChannel, entry: Pending) -> None:
         self.inner = inner
         self.entry = entry
         self.peer_host = inner.peer_host
+        self._limit: int | None = MAX_HANDSHAKE_FRAME
+
+    def authenticated(self) -> None:
+        self._limit = None
 
     async def send_message(self, message: bytes) -> None:
         await self.inner.send_message(message)
 
     async def receive_message(self) -> bytes:
-        frame = await self.inner.receive_message()
+        frame = await self.inner.receive_message(limit=self._limit)
         self.entry.received += 1
         return frame
 

@@ -611,6 +611,13 @@ class FrameDecoder:
             self._check_length(LENGTH_PREFIX.unpack_from(self._buf)[0])
         return msg
 
+    def next_length(self) -> int | None:
+        """The next frame's declared length, once its prefix is buffered: lets a reader
+        that expects only small frames refuse a large one before its body arrives."""
+        if len(self._buf) < LENGTH_PREFIX.size:
+            return None
+        return int(LENGTH_PREFIX.unpack_from(self._buf)[0])
+
     @property
     def pending(self) -> int:
         """Bytes buffered that do not yet form a whole message."""
