@@ -341,3 +341,34 @@ async def test_listener_refuses_an_oversized_handshake_frame_at_once() -> None:
             real = await connect_authenticated("127.0.0.1", port, auth)
             await real.aclose()
     assert any("60000 bytes exceeds the 512-byte limit" in n for n in notes), notes
+
+
+async def test_a_flood_of_strangers_does_not_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each refusal is counted in the notes, but only the first few are logged as
+    warnings: 40 strangers give at most 10 warning lines."""
+    auth = ControlAuth.from_secret(os.urandom(32))
+    notes: list[str] = []
+
+    async def listen(task_status: trio.TaskStatus[int]) -> None:
+        channel = await accept_authenticated("127.0.0.1", 0, auth, task_status=task_status)
+        notes.extend(channel.notes)
+        await channel.aclose()
+
+    caplog.set_level(logging.WARNING, logger="holepunch_mig")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(listen)
+        with trio.fail_after(20):
+            for _ in range(40):
+                stranger = trio.socket.socket()
+                with stranger:
+                    await stranger.connect(("127.0.0.1", port))
+                    await stranger.send(b"\x00\x00\x00\x02\x01{")  # not a handshake frame
+                    while await stranger.recv(1000):  # the reject, then the close
+                        pass
+            real = await connect_authenticated("127.0.0.1", port, auth)
+            await real.aclose()
+    refusals = [r for r in caplog.records if "control listener: refused" in r.getMessage()]
+    assert 1 <= len(refusals) <= 10, len(refusals)
+    assert any("refused 40 connection(s)" in n for n in notes), notes

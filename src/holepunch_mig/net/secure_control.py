@@ -21,6 +21,7 @@ import logging
 import math
 import socket
 from dataclasses import dataclass, field
+from typing import Final
 
 import trio
 
@@ -248,6 +249,10 @@ async def connect_authenticated(
             raise
 
 
+LOGGED_REFUSALS: Final = 10
+"""Refusals logged as warnings one by one; after them only every hundredth."""
+
+
 @dataclass
 class AcceptStats:
     """What the listener did with connections that were not the session."""
@@ -318,7 +323,17 @@ async def accept_authenticated(
             stats.failed += 1
             reason = _reason(exc)
             stats.count(reason)
-            logger.warning("control listener: refused %s: %s", source, reason)
+            if stats.failed <= LOGGED_REFUSALS or stats.failed % 100 == 0:
+                # the first few, then every hundredth: a flood of strangers cannot flood
+                # the log (the report's notes count them all)
+                logger.warning(
+                    "control listener: refused %s: %s (%d refused so far)",
+                    source,
+                    reason,
+                    stats.failed,
+                )
+            else:
+                logger.debug("control listener: refused %s: %s", source, reason)
             if code is not None and isinstance(exc, PairingFailed):
                 try:
                     code.check_usable(trio.current_time())
