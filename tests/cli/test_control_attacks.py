@@ -280,6 +280,43 @@ def test_pairing_code_wrong_then_right(tmp_path: Path) -> None:
     assert hashlib.sha256((tmp_path / "out.bin").read_bytes()).hexdigest() == digest
 
 
+def test_pairing_code_from_standard_input_stays_off_the_command_line(tmp_path: Path) -> None:
+    """``--code -`` reads the code from standard input: the sender pairs without the code
+    on its argv (which every user can read in the process list)."""
+    src, digest = _payload(tmp_path, "in.bin")
+    port = _free_port()
+    recv, code = _start_pairing(tmp_path, port)
+    try:
+        _wait_listening(port, recv)
+        argv = [*CLI, "send", "--control", f"127.0.0.1:{port}", "--input", str(src), "-q",
+                "--code", "-"]  # fmt: skip
+        good = subprocess.run(argv, input=f"{code}\n".encode(), capture_output=True, timeout=60)
+        _, err = recv.communicate(timeout=30)
+    finally:
+        _stop(recv)
+    assert code not in " ".join(argv)
+    assert good.returncode == 0, good.stderr.decode()
+    assert recv.returncode == 0, err.decode()
+    assert hashlib.sha256((tmp_path / "out.bin").read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize(
+    ("extra", "stdin", "message"),
+    [
+        (["--input", "-"], b"", b"--code - and --input - both read standard input"),
+        (["--input", "/dev/null"], b"", b"no pairing code was given on standard input"),
+    ],
+    ids=["stdin-taken", "empty"],
+)
+def test_code_from_stdin_usage_errors(extra: list[str], stdin: bytes, message: bytes) -> None:
+    run = subprocess.run(
+        [*CLI, "send", "--control", "127.0.0.1:9", "--code", "-", *extra],
+        input=stdin, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr.decode()
+    assert message in run.stderr, run.stderr.decode()
+
+
 def test_three_wrong_codes_end_the_pairing(tmp_path: Path) -> None:
     port = _free_port()
     recv, code = _start_pairing(tmp_path, port)

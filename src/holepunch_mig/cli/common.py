@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import getpass
 import logging
 import os
 import shlex
@@ -19,7 +20,7 @@ from typing import Any
 
 import trio
 
-from holepunch_mig.errors import CandidateError, ChannelClosed
+from holepunch_mig.errors import CandidateError, ChannelClosed, CredentialError
 from holepunch_mig.net.control import ControlChannel, open_process_channel
 from holepunch_mig.net.keyfiles import load_auth
 from holepunch_mig.net.secure_control import (
@@ -474,7 +475,9 @@ def add_auth_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
             "--code",
             default=None,
             metavar="CODE",
-            help="the receiver's one-time pairing code (xxxxx-xxxxx, from its --pair)",
+            help="the receiver's one-time pairing code (xxxxx-xxxxx, from its --pair); "
+            "'-' asks for it on the terminal (or reads one line of standard input), so "
+            "it does not show in the process list",
         )
 
 
@@ -496,6 +499,8 @@ def auth_usage_problem(args: argparse.Namespace, *, tcp: bool) -> str | None:
     if pairing and (args.identity or args.peer or args.peers or args.psk_file):
         flag = "--pair" if getattr(args, "pair", False) else "--code"
         return f"{flag} replaces --identity/--peer/--peers/--psk-file: give one or the other"
+    if getattr(args, "code", None) == "-" and getattr(args, "input", None) == "-":
+        return "--code - and --input - both read standard input: give --input PATH"
     if (args.peer or args.peers) and not args.identity:
         return "--peer/--peers need this host's key too: --identity PATH (holepunch-mig keygen)"
     if args.identity and not (args.peer or args.peers or args.psk_file):
@@ -515,7 +520,19 @@ def control_auth(args: argparse.Namespace) -> ControlAuth | None:
     if getattr(args, "pair", False):
         return None
     code = getattr(args, "code", None)
+    if code == "-":
+        code = read_code()
     return load_auth(args.identity, args.peer, args.peers, args.psk_file, code)
+
+
+def read_code() -> str:
+    """The pairing code for ``--code -``: typed at the terminal without echo, or one line
+    of standard input when it is not a terminal (a script's pipe)."""
+    tty = sys.stdin.isatty()
+    code = (getpass.getpass("pairing code: ") if tty else sys.stdin.readline()).strip()
+    if not code:
+        raise CredentialError("--code -: no pairing code was given on standard input")
+    return code
 
 
 def _pairing(args: argparse.Namespace) -> ControlAuth:
