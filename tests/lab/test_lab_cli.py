@@ -91,7 +91,10 @@ def test_up_exec_list_down(up_lab: dict[str, object]) -> None:
     ex = run_cli("lab", "exec", "--lab", "cli-test", "left", "--", "ip", "-o", "-4", "addr")
     assert ex.returncode == 0, ex.stderr
     assert "10.1.0.2/24" in ex.stdout and "198.51.100" not in ex.stdout
-    assert run_cli("lab", "exec", "left", "--", "sh", "-c", "exit 42").returncode == 42
+    assert (
+        run_cli("lab", "exec", "--lab", "cli-test", "left", "--", "sh", "-c", "exit 42").returncode
+        == 42
+    )
 
     # the delay is real: a connect from left to the public host's closed port is refused
     # after one RTT/2 of delay on the way back into the left side (10 ms)
@@ -102,7 +105,7 @@ def test_up_exec_list_down(up_lab: dict[str, object]) -> None:
         "except OSError: pass\n"
         "print(round((time.monotonic()-t)*1000, 1))\n"
     )
-    py = run_cli("lab", "exec", "left", "--", "python3", "-c", code)
+    py = run_cli("lab", "exec", "--lab", "cli-test", "left", "--", "python3", "-c", code)
     assert py.returncode == 0, py.stderr
     assert 9.0 <= float(py.stdout) < 200.0
 
@@ -125,7 +128,11 @@ def test_down_without_a_name_never_guesses() -> None:
     b = run_cli("lab", "up", "--preset", "fw-fw", "--name", "cli-b", "--json")
     try:
         assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-        # no --lab: the newest (cli-b, firewall drop) answers
+        # no --lab with two labs up: refused, naming both, rather than the newest
+        guess = run_cli("lab", "exec", "right", "--", "true")
+        assert guess.returncode == 2, guess.stdout + guess.stderr
+        assert "several labs are up" in guess.stderr and "cli-a" in guess.stderr
+        assert "--lab NAME" in guess.stderr
         ex = run_cli("lab", "exec", "--lab", "cli-b", "right", "--", "nft", "list", "ruleset")
         assert ex.returncode == 0 and "drop" in ex.stdout
         # a program that does not exist: 127, as a shell says, not ip's 1

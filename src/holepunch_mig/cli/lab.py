@@ -209,6 +209,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not argv:
         _err("nothing to run: holepunch-mig lab exec HOST -- CMD ...")
         return EXIT_USAGE
+    if args.lab is None and (several := _several_labs()):
+        _err(f"several labs are up ({several}): name one with --lab NAME")
+        return EXIT_USAGE
     lab = Lab.attach(args.lab)
     netns = lab.netns(args.host)
     # the namespace shares this filesystem: a program missing here is missing there, and
@@ -223,6 +226,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
         os.execvp("nsenter", libvirt.argv(argv))
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
     return EXIT_FAILED  # not reached
+
+
+def _several_labs() -> str | None:
+    """The names of the detached labs when more than one is up, else None: without a name
+    a command never guesses between them (the newest may be another user's or test's)."""
+    up = [st for st in Lab.list_labs() if st.get("detached")]
+    return ", ".join(str(st.get("name")) for st in up) if len(up) > 1 else None
 
 
 @_root_only
@@ -246,13 +256,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         if removed:
             sys.stdout.write(f"also removed {len(removed)} stale namespace(s)\n")
         return EXIT_FAILED if failed else EXIT_OK
-    if args.name is None:
-        # never guess between several labs: the newest may be another user's or test's
-        up = [st for st in Lab.list_labs() if st.get("detached")]
-        if len(up) > 1:
-            listed = ", ".join(str(st.get("name")) for st in up)
-            _err(f"several labs are up ({listed}): name the one to remove, or --all")
-            return EXIT_USAGE
+    if args.name is None and (several := _several_labs()):
+        _err(f"several labs are up ({several}): name the one to remove, or --all")
+        return EXIT_USAGE
     lab = Lab.attach(args.name)
     stop_detached(lab)
     lab.teardown()
@@ -370,7 +376,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.set_defaults(run=cmd_up)
 
     ex = lsub.add_parser("exec", help="run CMD inside a lab host: lab exec HOST -- CMD ...")
-    ex.add_argument("--lab", metavar="NAME", help="which lab (default: the newest)")
+    ex.add_argument("--lab", metavar="NAME", help="which lab (default: the only one up)")
     ex.add_argument("host", help="left, right, public, stun, left-router, right-cgn, ...")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- program and arguments")
     ex.set_defaults(run=cmd_exec)
