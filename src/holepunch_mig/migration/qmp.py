@@ -54,19 +54,33 @@ class QmpClient:
                     except OSError as exc:
                         log.debug("QMP %s not ready yet: %s", path, exc)
                         await trio.sleep(0.02)
-                client = cls(stream, {})
-                try:
-                    greeting = await client._read_message()
-                    if "QMP" not in greeting:
-                        raise QmpError(f"QMP {path}: unexpected greeting {greeting!r}")
-                    client.greeting = greeting
-                    await client._execute_unlocked("qmp_capabilities", None)
-                except BaseException:
-                    await client.aclose()
-                    raise
-                return client
+                return await cls.negotiate(stream, path)
         except trio.TooSlowError:
             raise QmpError(f"QMP {path}: no session within {timeout} s") from None
+
+    @classmethod
+    async def negotiate(cls, stream: trio.SocketStream, name: str = "socket") -> QmpClient:
+        """Read the greeting on a connected ``stream`` and leave capabilities
+        negotiation mode (the caller sets the deadline).  Asynchronous events that
+        arrive before the greeting (a guest resuming while the monitor connects) are
+        collected in :attr:`events`, not taken for the greeting; any other message in
+        its place is an error.  Closes ``stream`` on failure."""
+        client = cls(stream, {})
+        try:
+            while True:
+                msg = await client._read_message()
+                if "event" in msg and "QMP" not in msg:
+                    client._collect(msg)
+                    continue
+                break
+            if "QMP" not in msg:
+                raise QmpError(f"QMP {name}: unexpected greeting {msg!r}")
+            client.greeting = msg
+            await client._execute_unlocked("qmp_capabilities", None)
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
 
     async def execute(
         self,
