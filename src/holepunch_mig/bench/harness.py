@@ -57,7 +57,7 @@ from holepunch_mig.bench.model import (
 from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_with, tune_socket
 from holepunch_mig.bench.payload import expected_sha256
 from holepunch_mig.bench.qemu_cells import run_qemu_cells
-from holepunch_mig.errors import BenchError
+from holepunch_mig.errors import BenchError, QemuError, QmpError
 from holepunch_mig.net.keyfiles import pinned_pair
 from holepunch_mig.wire.digests import blake3_available, hexdigest, new_hash
 from holepunch_mig.wire.records import MAX_RECORD
@@ -423,9 +423,14 @@ def run_bench(
                     if not qemu_available():
                         qemu_note = "qemu-system-x86_64 not installed"
                     else:
-                        qemu += run_qemu_cells(
-                            lab, Path(tmp), qemu_mem, qemu_runs, tuple(qemu_multifd), log
-                        )
+                        try:
+                            qemu += run_qemu_cells(
+                                lab, Path(tmp), qemu_mem, qemu_runs, tuple(qemu_multifd), log
+                            )
+                        except (BenchError, QemuError, QmpError, OSError) as exc:
+                            # Reported as failed; the rows already measured are kept.
+                            log(f"rtt {rtt} ms QEMU cells failed: {exc}")
+                            qemu_note = f"QEMU cells failed at {rtt} ms: {exc}"
             finally:
                 if lab is not None:
                     lab.teardown()

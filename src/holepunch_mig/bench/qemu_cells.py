@@ -47,7 +47,7 @@ from typing import Any
 import trio
 
 from holepunch_mig.bench.model import QemuCell
-from holepunch_mig.errors import BenchError
+from holepunch_mig.errors import BenchError, QemuError, QmpError
 from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, SideSpec, presets
 from holepunch_mig.lab.qemu_lab import migrate_in_lab
 from holepunch_mig.migration.mux import Mux
@@ -429,6 +429,10 @@ async def lab_compare(
     return rows
 
 
+_ATTEMPTS = 3
+"""Tries per QEMU run before the bench gives up on it."""
+
+
 def run_qemu_cells(
     lab: Lab, work: Path, mem: int, runs: int, multifd: tuple[int, ...], log: Any
 ) -> list[QemuCell]:
@@ -444,16 +448,24 @@ def run_qemu_cells(
             for i in range(runs):
                 for case, cell in got.items():
                     cpu: dict[str, float] = {}
-                    if case == "direct":
-                        r, checked = await lab_direct_run(
-                            lab, work, image, mem, mf, verify=True, cpu=cpu
-                        )
-                    else:
-                        r, checked = await lab_proxy_run(
-                            lab, work, image, mem, mf, verify=True, cpu=cpu
-                        )
-                    if r.status != "completed" or not r.transferred or r.transferred < mem << 19:
-                        raise BenchError(f"QEMU {case} mf={mf}: {r}")
+                    for attempt in range(1, _ATTEMPTS + 1):
+                        # One QEMU that fails to start must not discard the whole run:
+                        # the run is retried, and only a run failing every attempt fails.
+                        try:
+                            run = lab_direct_run if case == "direct" else lab_proxy_run
+                            r, checked = await run(lab, work, image, mem, mf, verify=True, cpu=cpu)
+                            if (
+                                r.status != "completed"
+                                or not r.transferred
+                                or r.transferred < mem << 19
+                            ):
+                                raise BenchError(f"QEMU {case} mf={mf}: {r}")
+                            break
+                        except (BenchError, QemuError, QmpError, OSError) as exc:
+                            log(f"rtt {rtt} ms qemu-{case} mf={mf} attempt {attempt} failed: {exc}")
+                            if attempt == _ATTEMPTS:
+                                raise
+                            cpu = {}
                     gib = r.transferred / (1 << 30)
                     cell.qemu_cpu_src.append(cpu["qemu_src"] / gib)
                     cell.qemu_cpu_dst.append(cpu["qemu_dst"] / gib)

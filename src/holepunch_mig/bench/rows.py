@@ -213,7 +213,7 @@ def _session_pair(
                     raise BenchError(f"link path {link.path}, want {want_path}")
                 ttl = link.report.time_to_link
                 await trio.to_thread.run_sync(started)
-                res = await link.send_file(src, digest=digest)  # type: ignore[arg-type]
+                res = await link.send_file(src, digest=digest, pipeline=cfg.pipeline)  # type: ignore[arg-type]
                 extra = _link_extra(link)
             await channel.aclose()
             return SideResult(
@@ -232,7 +232,7 @@ def _session_pair(
             async with api.connect(channel, role="destination", **opts) as link:
                 ttl = link.report.time_to_link
                 await trio.to_thread.run_sync(started)
-                res = await link.receive_file(sink, digest=digest)  # type: ignore[arg-type]
+                res = await link.receive_file(sink, digest=digest, prefetch=cfg.prefetch)  # type: ignore[arg-type]
                 finished()
                 extra = _link_extra(link)
             await channel.aclose()

@@ -110,6 +110,8 @@ class Link:
         self._session_id = established.session_id
         self._mac_key = self._resume_key()
         self._resume = established.resume and self.tunnel is None
+        self._pipeline = 3  # RecordWriter.send_file / RecordReader.receive_file tuning
+        self._prefetch = 3
         self.max_links: int = established.max_links if self.tunnel is None else 1
         """Most links (this one included) :meth:`open_links` may bring the session to."""
         self.digest: Algorithm = established.digest
@@ -200,7 +202,12 @@ class Link:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     async def send_file(
-        self, src: BinaryIO, *, digest: bool = True, progress: Progress | None = None
+        self,
+        src: BinaryIO,
+        *,
+        digest: bool = True,
+        progress: Progress | None = None,
+        pipeline: int = 3,
     ) -> TransferResult:
         """Send ``src`` as stream 0 and wait until the destination confirms it verified it.
 
@@ -208,7 +215,9 @@ class Link:
         on from the last byte the destination kept; ``link.report.interruptions`` lists
         each loss.  ``progress`` then counts stream bytes (it may step back on a resume),
         and the stream is always hashed (``digest`` is taken as True): with resume the
-        whole-stream SHA-256 is mandatory."""
+        whole-stream SHA-256 is mandatory.  ``pipeline``: the record writer's
+        (:meth:`RecordWriter.send_file`) option."""
+        self._pipeline = pipeline  # read by every epoch of a resumable transfer
         self._arm_idle_timeout()
         if self.resumable:
             with single_exception():
@@ -242,7 +251,12 @@ class Link:
             try:
                 count, hashed = await self._in_thread(
                     lambda: self.writer.send_file(
-                        0, src, digest=digest, progress=progress, algorithm=self.digest
+                        0,
+                        src,
+                        digest=digest,
+                        progress=progress,
+                        algorithm=self.digest,
+                        pipeline=pipeline,
                     )
                 )
             except (OSError, RecordError) as exc:
@@ -277,6 +291,7 @@ class Link:
         digest: bool = True,
         progress: Progress | None = None,
         commit: Commit | None = None,
+        prefetch: int = 3,
     ) -> TransferResult:
         """Receive stream 0 into ``dst``; returns only after end-of-stream verified and
         the output committed.
@@ -289,7 +304,9 @@ class Link:
         When :attr:`resumable`, ``dst`` is only appended to: after a lost link the
         stream goes on from the bytes already written (``dst`` is flushed every
         ``ack_interval`` bytes, when it reports them to the source), and the stream's
-        SHA-256 is mandatory (``digest`` is taken as True)."""
+        SHA-256 is mandatory (``digest`` is taken as True).  ``prefetch``: the record
+        reader's (:meth:`RecordReader.receive_file`) option."""
+        self._prefetch = prefetch  # read by every epoch of a resumable transfer
         self._arm_idle_timeout()
         if self.resumable:
             with single_exception():
@@ -317,7 +334,12 @@ class Link:
             try:
                 count, hashed = await self._in_thread(
                     lambda: self.reader.receive_file(
-                        0, dst, digest=digest, progress=progress, algorithm=self.digest
+                        0,
+                        dst,
+                        digest=digest,
+                        progress=progress,
+                        algorithm=self.digest,
+                        prefetch=prefetch,
                     )
                 )
             except (OSError, HolepunchError) as exc:
@@ -573,6 +595,7 @@ class Link:
                         digest=digest,
                         progress=progress,
                         position=source.position,
+                        pipeline=self._pipeline,
                     )
                 )
             except InputFailed as exc:
@@ -744,6 +767,7 @@ class Link:
                         progress=on_progress,
                         position=position,
                         require_digest=True,
+                        prefetch=self._prefetch,
                     )
                 )
             except OutputFailed as exc:
