@@ -394,3 +394,32 @@ def test_peer_that_ignores_the_window_fails_the_mux(tmp_path: Path) -> None:
     dst.close()
     for s in (a, b, stalled):
         s.close()
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_end_digest_uses_the_given_algorithm(echo: EchoServer, algorithm: str) -> None:
+    """A session's mux hashes its ENDs with the session's negotiated algorithm (the CLI's
+    default BLAKE3), not always SHA-256."""
+    from holepunch_mig.wire.digests import new_hash
+
+    src, dst, a, b = _muxes(
+        unix_connector(echo.path), window=1 << 20, bufsize=1 << 18, algorithm=algorithm
+    )
+    c, s = socket.socketpair()
+    src.add_stream(s)
+    data = struct.pack(">Q", 0) + os.urandom(2_000_003)
+    t = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(1)))
+    t.start()
+    got = _recv_all(c)
+    t.join()
+    c.close()
+    assert got == data
+    s_stats, d_stats = _finish_both(src, dst)
+    assert not isinstance(s_stats, Exception), s_stats
+    assert not isinstance(d_stats, Exception), d_stats
+    h = new_hash(algorithm)  # type: ignore[arg-type]
+    h.update(data)
+    st = s_stats.streams[0]
+    assert st.sent_digest == st.received_digest == h.digest()
+    a.close()
+    b.close()

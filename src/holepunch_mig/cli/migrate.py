@@ -136,8 +136,9 @@ def _options(p: argparse.ArgumentParser) -> None:
         "--digest",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="SHA-256 of every stream in its END record (default: count-only; AES-GCM "
-        "already rejects altered, dropped or reordered records)",
+        help="a digest of every stream in its END record, with the session's negotiated "
+        "algorithm (BLAKE3 when both sides have it, else SHA-256) (default: count-only; "
+        "AES-GCM already rejects altered, dropped or reordered records)",
     )
     p.add_argument(
         "--expected-size",

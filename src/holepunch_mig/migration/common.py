@@ -81,7 +81,7 @@ class MigrationReport:
     verdict: str | None = None
     socket: str | None = None
     """Mux: the QEMU-side UNIX socket.  Handoff: the ``fd:NAME`` URI QEMU was given."""
-    digest: Literal["sha256", "count-only", "tls"] = "count-only"
+    digest: Literal["sha256", "blake3", "count-only", "tls"] = "count-only"
     """How stream ends were checked; "tls": handoff mode, QEMU's TLS authenticates."""
     mode: Mode = "mux"
     links: int = 1

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
 import re
 import socket
@@ -61,6 +60,7 @@ from holepunch_mig.errors import (
     RecordError,
 )
 from holepunch_mig.wire.credit import StreamWindow
+from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, RecordType
 from holepunch_mig.wire.text import printable
 
@@ -177,6 +177,7 @@ class Mux:
         window: int = DEFAULT_WINDOW,
         bufsize: int = DEFAULT_BUFSIZE,
         digest: bool = True,
+        algorithm: Algorithm = "sha256",
         name: str = "mux",
         on_fail: Callable[[MuxError], None] | None = None,
     ) -> None:
@@ -192,6 +193,8 @@ class Mux:
         self._window = window
         self._bufsize = bufsize
         self._digest = digest
+        self._algorithm: Algorithm = algorithm
+        """The END digest's algorithm when ``digest`` (a session's: its negotiated one)."""
         self.name = name
         self._on_fail = on_fail
         """Called once (from the failing thread) when this mux fails: a group of muxes
@@ -409,7 +412,7 @@ class Mux:
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
         size = self._bufsize
-        h = hashlib.sha256() if self._digest else None
+        h = new_hash(self._algorithm) if self._digest else None
         sock = st.sock
         write = self._writer.write
         limit = self._window - size
@@ -455,7 +458,7 @@ class Mux:
                 )
 
     def _deliver(self, st: _Stream) -> None:
-        h = hashlib.sha256() if self._digest else None
+        h = new_hash(self._algorithm) if self._digest else None
         sock = st.sock
         ack_every = self._window // 4
         delivered = 0
@@ -476,7 +479,7 @@ class Mux:
                         )
                     if h is not None and item.digest != _ZERO_DIGEST and item.digest != mine:
                         raise MuxError(
-                            f"stream {st.id}: SHA-256 mismatch over {delivered} bytes "
+                            f"stream {st.id}: {self._algorithm} mismatch over {delivered} bytes "
                             f"(sender {item.digest.hex()}, received {mine.hex()})"
                         )
                     sock.shutdown(socket.SHUT_WR)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 from holepunch_mig.errors import MuxError
 from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxStats
+from holepunch_mig.wire.digests import Algorithm
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class MuxGroup:
         *,
         connect: Callable[[int], socket.socket] | None = None,
         digest: bool = True,
+        algorithm: Algorithm = "sha256",
         name: str = "mux",
     ) -> None:
         if not links:
@@ -100,6 +102,7 @@ class MuxGroup:
                 reader,
                 connect=self._ordered,
                 digest=digest,
+                algorithm=algorithm,
                 name=f"{name}{i}" if len(links) > 1 else name,
                 on_fail=self._member_failed,
             )

@@ -134,7 +134,7 @@ class MigrationProxy(ProxyBase):
     async def _setup(self) -> None:
         control = self.link.control
         tune_link(self.link.sock, self._link_timeout)
-        self.report.digest = "sha256" if self._digest else "count-only"
+        self.report.digest = self.link.digest if self._digest else "count-only"
         if self.role == "source":
             # over the tunnel, or with a peer that does not announce parallel links: one
             wanted = min(self._links_wanted, self.link.max_links)
@@ -163,7 +163,9 @@ class MigrationProxy(ProxyBase):
                     f"migrate-ready says {msg.links or 1} links, this side holds "
                     f"{1 + len(self._extra)}"
                 )
-            mux = MuxGroup(self._triples(), digest=self._digest, name="src-mux")
+            mux = MuxGroup(
+                self._triples(), digest=self._digest, algorithm=self.link.digest, name="src-mux"
+            )
             self._mux = mux
             mux.start()
             self._listener = SourceProxy(mux, path=self._listen_unix)
@@ -172,7 +174,7 @@ class MigrationProxy(ProxyBase):
         else:
             offer = await receive_offer(control, "mux", self._ready_timeout, ProtocolError)
             self._digest = bool(offer.digest)
-            self.report.digest = "sha256" if self._digest else "count-only"
+            self.report.digest = self.link.digest if self._digest else "count-only"
             self._extra = await self.link.open_links((offer.links or 1) - 1)
             assert self._connect_unix is not None
             await _wait_socket(self._connect_unix, self._ready_timeout)
@@ -181,6 +183,7 @@ class MigrationProxy(ProxyBase):
                 self._triples(),
                 connect=unix_connector(self._connect_unix),
                 digest=self._digest,
+                algorithm=self.link.digest,
                 name="dst-mux",
             )
             self._mux = mux
