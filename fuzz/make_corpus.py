@@ -123,11 +123,46 @@ def noise_seeds() -> list[bytes]:
     return [b"\x00" + m1, b"\x01" + m2, resp, init, b"\x02\x01\x00\x05abcde"]
 
 
+def upnp_seeds() -> list[bytes]:
+    ssdp = (
+        b"HTTP/1.1 200 OK\r\nST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+        b"USN: uuid:1::urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+        b"LOCATION: http://10.1.0.1:40000/rootDesc.xml\r\n\r\n"
+    )
+    desc = (
+        b'<?xml version="1.0"?><root xmlns="urn:schemas-upnp-org:device-1-0">'
+        b"<URLBase>http://10.1.0.1:40000/</URLBase><device><serviceList><service>"
+        b"<serviceType>urn:schemas-upnp-org:service:WANIPConnection:1</serviceType>"
+        b"<controlURL>/ctl/IPConn</controlURL></service></serviceList></device></root>"
+    )
+    envelope = b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+    fault = envelope + (
+        b"<s:Fault><detail><UPnPError><errorCode>718</errorCode><errorDescription>"
+        b"ConflictInMappingEntry</errorDescription></UPnPError></detail></s:Fault>"
+        b"</s:Body></s:Envelope>"
+    )
+    address = envelope + (
+        b"<u:GetExternalIPAddressResponse><NewExternalIPAddress>198.51.100.10"
+        b"</NewExternalIPAddress></u:GetExternalIPAddressResponse></s:Body></s:Envelope>"
+    )
+    http = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    dtd = b'<!DOCTYPE r [<!ENTITY a "aaaa">]><root>&a;</root>'
+    return [
+        b"\x00" + ssdp,
+        b"\x01" + http,
+        b"\x02" + desc,
+        b"\x02" + dtd,
+        b"\x03" + fault,
+        b"\x04" + address,
+    ]
+
+
 def main() -> None:
     _write("messages", message_seeds())
     _write("candidates", candidate_seeds())
     _write("records", record_seeds())
     _write("noise", noise_seeds())
+    _write("upnp", upnp_seeds())
     for target in sorted(p.name for p in CORPUS.iterdir()):
         files = list((CORPUS / target).iterdir())
         print(f"{target}: {len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("messages", "candidates", "records", "noise")
+TARGETS = ("messages", "candidates", "records", "noise", "upnp")
 MAX_LEN = 4096
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
-TARGETS = ["messages", "candidates", "records", "noise"]
+TARGETS = ["messages", "candidates", "records", "noise", "upnp"]
 SECONDS_EACH = 5
 
 

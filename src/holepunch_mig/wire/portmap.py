@@ -63,7 +63,8 @@ NATPMP_RESULTS: Final[dict[int, str]] = {
     5: "Unsupported opcode",
 }
 
-Protocol = Literal["pcp", "nat-pmp"]
+Protocol = Literal["pcp", "nat-pmp", "upnp-igd"]
+"""The three ways a gateway is asked (UPnP-IGD's codec is :mod:`holepunch_mig.wire.upnp`)."""
 
 
 class PortMapError(HolepunchError):
@@ -78,7 +79,8 @@ class PortMapError(HolepunchError):
 class PortMapping:
     """A mapping the gateway granted: ``external_ip:external_port`` -> our
     ``internal_port`` for ``lifetime`` seconds.  ``nonce`` (PCP) identifies it for
-    renewal and deletion."""
+    renewal and deletion; ``control_url`` and ``service_type`` (UPnP-IGD) say where it
+    is deleted.  A UPnP lifetime of 0 is a permanent mapping: it must be deleted."""
 
     protocol: Protocol
     internal_port: int
@@ -87,6 +89,8 @@ class PortMapping:
     lifetime: int
     epoch: int
     nonce: bytes = b""
+    control_url: str = ""
+    service_type: str = ""
 
 
 def _mapped(ip: str) -> bytes:
