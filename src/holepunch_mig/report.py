@@ -161,6 +161,9 @@ class Report:
     interruptions: list[Interruption] = field(default_factory=list)
     hard_nat: HardNatReport | None = None
     """Birthday punching, when the two sides' NATs called for it (None otherwise)."""
+    port_mapping: str | None = None
+    """The protocol this side's router mapped the punch port with: "pcp", "nat-pmp" or
+    "upnp-igd" (None: no mapping asked for, or none granted; the notes say why)."""
     control_peer: str | None = None
     """Who the control channel authenticated: a pinned key's name, "holder of the
     pre-shared secret", "holder of the pairing code", or "trusted by the caller" (SSH,

@@ -278,8 +278,8 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
         "--port-mapping",
         choices=("auto", "on", "off"),
         default="auto",
-        help="ask the gateway (PCP, then NAT-PMP) to forward a public port to the punch "
-        "port while it is open: 'auto' (default) when --stun is given, 'on', 'off'",
+        help="ask the gateway (PCP, then NAT-PMP, then UPnP-IGD) to forward a public port "
+        "to the punch port while it is open: 'auto' (default) when --stun is given, 'on', 'off'",
     )
     hard = BirthdayBudget()
     p.add_argument(

@@ -14,7 +14,8 @@ to each given server in turn and compares what they saw (:func:`stun.probe_mappi
   TCP simultaneous open: each side's own SYN creates the state the peer's SYN matches.
 
 It also asks the default gateway, without mapping anything, whether it offers router
-port mapping (a PCP ANNOUNCE, then a NAT-PMP address request): with it even a symmetric
+port mapping (a PCP ANNOUNCE, a NAT-PMP address request, UPnP-IGD discovery and
+GetExternalIPAddress): with it even a symmetric
 NAT is crossed, because holepunch-mig asks the gateway to forward the punch port.
 
 Then it says in plain words whether a direct link is likely and what to change if not.

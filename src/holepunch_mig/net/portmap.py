@@ -1,8 +1,12 @@
-"""Asking the gateway to map the punch port: PCP first, then NAT-PMP (thin UDP driver).
+"""Asking the gateway to map the punch port: PCP, then NAT-PMP, then UPnP-IGD.
 
-The codecs are :mod:`holepunch_mig.wire.portmap`; this module finds the default gateway
-(``/proc/net/route``), sends a request with the protocols' retransmission schedule
-(250 ms, doubling) within a deadline, and deletes the mapping again.
+The codecs are :mod:`holepunch_mig.wire.portmap` and :mod:`holepunch_mig.wire.upnp`;
+this module finds the default gateway (``/proc/net/route``), sends a request with the
+protocols' retransmission schedule (250 ms, doubling) within a deadline, and deletes the
+mapping again.  UPnP-IGD's discovery (SSDP and the device description, which change
+nothing on the router) runs beside PCP/NAT-PMP, so a gateway that only speaks UPnP costs
+no extra time; its AddPortMapping is sent only once PCP and NAT-PMP have failed, so a
+gateway that speaks several never holds two mappings of one port.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from pathlib import Path
 
 import trio
 
+from holepunch_mig.net.upnp import (
+    delete_upnp_mapping,
+    discover,
+    external_address,
+    request_upnp_mapping,
+)
 from holepunch_mig.wire.portmap import (
     PORT,
     PortMapError,
@@ -29,6 +39,11 @@ from holepunch_mig.wire.portmap import (
     pcp_announce_request,
     pcp_map_request,
 )
+from holepunch_mig.wire.upnp import IgdService, UpnpError
+
+ALL_PROTOCOLS: tuple[Protocol, ...] = ("pcp", "nat-pmp", "upnp-igd")
+PCP_GRACE = 0.3
+"""Seconds PCP/NAT-PMP may still answer once UPnP-IGD discovery has found the gateway."""
 
 __all__ = ["default_gateway", "delete_mapping", "probe_gateway", "request_mapping"]
 
@@ -96,17 +111,65 @@ async def request_mapping(
     *,
     gateway: str | None = None,
     timeout: float = 1.0,
-    protocols: Sequence[Protocol] = ("pcp", "nat-pmp"),
+    protocols: Sequence[Protocol] = ALL_PROTOCOLS,
+    description: str = "holepunch_mig",
 ) -> PortMapping:
-    """Map TCP ``internal_port`` on the gateway for ``lifetime`` seconds: PCP MAP, and
-    NAT-PMP when the gateway does not speak PCP (``protocols`` narrows that down).
-    Raises PortMapError saying why not."""
+    """Map TCP ``internal_port`` on the gateway for ``lifetime`` seconds: PCP MAP,
+    NAT-PMP when the gateway does not speak PCP, UPnP-IGD AddPortMapping (named
+    ``description``) when neither maps (``protocols`` narrows that down).  Raises
+    PortMapError saying why not, per protocol."""
     gw = gateway or default_gateway()
     if gw is None:
         raise PortMapError("no IPv4 default gateway to ask for a port mapping")
-    if not protocols or set(protocols) - {"pcp", "nat-pmp"}:
-        raise ValueError(f"protocols must name 'pcp' and/or 'nat-pmp', not {protocols!r}")
+    if not protocols or set(protocols) - set(ALL_PROTOCOLS):
+        raise ValueError(f"protocols must name some of {ALL_PROTOCOLS}, not {protocols!r}")
     deadline = trio.current_time() + timeout
+    problems: list[str] = []
+    found: list[IgdService | UpnpError] = []
+    done = trio.Event()
+
+    pcp_scope = trio.CancelScope(deadline=deadline)
+
+    async def find_igd() -> None:
+        try:
+            found.append(await discover(gw, deadline))
+            # a gateway that answered UPnP and not yet PCP most likely never will
+            pcp_scope.deadline = min(pcp_scope.deadline, trio.current_time() + PCP_GRACE)
+        except UpnpError as exc:
+            found.append(exc)
+        finally:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        if "upnp-igd" in protocols:
+            nursery.start_soon(find_igd)
+        if {"pcp", "nat-pmp"} & set(protocols):
+            with pcp_scope:
+                try:
+                    mapping = await _pcp_or_natpmp(gw, internal_port, lifetime, protocols, deadline)
+                except PortMapError as exc:
+                    problems.append(str(exc))
+                else:
+                    nursery.cancel_scope.cancel()
+                    return mapping
+            if pcp_scope.cancelled_caught:
+                problems.append(f"no PCP/NAT-PMP answer from {gw}:{PORT} before UPnP-IGD's")
+        if "upnp-igd" not in protocols:
+            raise PortMapError("; ".join(problems))
+        await done.wait()
+    result = found[0]
+    try:
+        if isinstance(result, UpnpError):
+            raise result
+        return await request_upnp_mapping(result, internal_port, lifetime, description, deadline)
+    except UpnpError as exc:
+        problems.append(f"UPnP-IGD: {exc}")
+        raise PortMapError("; ".join(problems)) from None
+
+
+async def _pcp_or_natpmp(
+    gw: str, internal_port: int, lifetime: int, protocols: Sequence[Protocol], deadline: float
+) -> PortMapping:
     nonce = os.urandom(12)
     if "pcp" in protocols:
         try:
@@ -145,7 +208,9 @@ async def delete_mapping(
         raise PortMapError("no IPv4 default gateway")
     deadline = trio.current_time() + timeout
     port = mapping.internal_port
-    if mapping.protocol == "pcp":
+    if mapping.protocol == "upnp-igd":
+        await delete_upnp_mapping(mapping, deadline)
+    elif mapping.protocol == "pcp":
         await _exchange(
             gw,
             lambda ip: pcp_map_request(ip, port, 0, mapping.nonce),
@@ -163,33 +228,65 @@ async def delete_mapping(
 
 async def probe_gateway(*, gateway: str | None = None, timeout: float = 1.0) -> dict[str, object]:
     """What the gateway offers, without mapping anything (for ``doctor``): a PCP
-    ANNOUNCE, then a NAT-PMP address request.  JSON-friendly."""
+    ANNOUNCE, a NAT-PMP address request and (beside them) UPnP-IGD discovery with
+    GetExternalIPAddress.  ``protocol`` is the one a session would map with first,
+    ``protocols`` every one that answered.  JSON-friendly."""
     gw = gateway or default_gateway()
-    out: dict[str, object] = {"gateway": gw, "protocol": None, "external_address": None}
+    out: dict[str, object] = {
+        "gateway": gw,
+        "protocol": None,
+        "protocols": [],
+        "external_address": None,
+    }
     if gw is None:
         out["detail"] = "no IPv4 default gateway"
         return out
     deadline = trio.current_time() + timeout
     problems: list[str] = []
-    try:
-        await _exchange(gw, pcp_announce_request, parse_pcp_announce_response, deadline)
-    except PortMapError as exc:
-        problems.append(f"PCP: {exc}")
-    else:
-        out["protocol"] = "pcp"
-    try:
-        address, _local = await _exchange(
-            gw, lambda _ip: natpmp_address_request(), parse_natpmp_address_response, deadline
-        )
-    except PortMapError as exc:
-        problems.append(f"NAT-PMP: {exc}")
-    else:
-        assert isinstance(address, tuple)
-        out["external_address"] = address[0]
-        out["protocol"] = out["protocol"] or "nat-pmp"
-    if out["protocol"] is None:
+    answered: list[Protocol] = []
+    upnp: list[tuple[IgdService, str]] = []
+
+    async def probe_upnp() -> None:
+        try:
+            service = await discover(gw, deadline)
+            address, _local = await external_address(service, deadline)
+        except UpnpError as exc:
+            problems.append(f"UPnP-IGD: {exc}")
+        else:
+            upnp.append((service, address))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probe_upnp)
+        try:
+            await _exchange(gw, pcp_announce_request, parse_pcp_announce_response, deadline)
+        except PortMapError as exc:
+            problems.append(f"PCP: {exc}")
+        else:
+            answered.append("pcp")
+        try:
+            address, _local = await _exchange(
+                gw, lambda _ip: natpmp_address_request(), parse_natpmp_address_response, deadline
+            )
+        except PortMapError as exc:
+            problems.append(f"NAT-PMP: {exc}")
+        else:
+            assert isinstance(address, tuple)
+            out["external_address"] = address[0]
+            answered.append("nat-pmp")
+    if upnp:
+        service, address = upnp[0]
+        answered.append("upnp-igd")
+        out["external_address"] = out["external_address"] or address
+        out["upnp_igd"] = {"service": service.service_type, "control_url": str(service.control)}
+    out["protocols"] = answered
+    if not answered:
         out["detail"] = "; ".join(problems)
-    else:
-        where = f", external address {out['external_address']}" if out["external_address"] else ""
-        out["detail"] = f"{out['protocol']} on {gw}:{PORT}{where}"
+        return out
+    out["protocol"] = answered[0]
+    where = {"pcp": f"{gw}:{PORT}", "nat-pmp": f"{gw}:{PORT}"}
+    if upnp:
+        where["upnp-igd"] = f"{upnp[0][0].control} ({upnp[0][0].service_type.split(':')[-2]})"
+    spoken = ", ".join(f"{p} on {where[p]}" for p in answered)
+    ext = f", external address {out['external_address']}" if out["external_address"] else ""
+    out["detail"] = f"{spoken}{ext}"
     return out

@@ -231,7 +231,7 @@ def diagnose_pairs(
                 f"missing is {miss:.1f} % (if fewer SYNs went out than the budget, the time "
                 f"budget or the round ended first). Fix: run again, raise {knob} (and the "
                 "peer's counterpart), or let the symmetric side's router map the punch port "
-                "(PCP / NAT-PMP).",
+                "(PCP / NAT-PMP / UPnP-IGD).",
             )
         )
 

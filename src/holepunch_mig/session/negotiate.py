@@ -139,6 +139,8 @@ async def _negotiate(
         control.channel.peer_host,
         listeners,
         mappings=mappings,
+        # the destination asks before the offer brings the session id
+        label=session_id.hex()[:12],
         # no direct attempt will be made: don't spend time on STUN
         skip_gather=(
             "policy tunnel: no candidates gathered"
@@ -203,6 +205,7 @@ async def _negotiate(
     report.local_candidates = lines
     report.remote_candidates = list(peer.candidates)
     report.notes.extend(prepared.notes)
+    report.port_mapping = prepared.mapping_protocol
     resume = options.resume_attempts > 0 and peer.limits.get("resume", 0) >= 1
     try:
         digest = choose_digest(options.digest, peer.limits.get("blake3", 0) >= 1)

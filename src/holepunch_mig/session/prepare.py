@@ -65,6 +65,8 @@ class Prepared:
     """How long the preparation took (listeners, STUN): part of the time to link."""
     nat: NatClass = "unknown"
     """This side's NAT as its STUN answers show it (birthday punching needs it)."""
+    mapping_protocol: str | None = None
+    """How the router mapped the punch port ("pcp", "nat-pmp", "upnp-igd"), or None."""
 
     @property
     def lines(self) -> list[str]:
@@ -107,11 +109,13 @@ async def prepare_round(
     *,
     skip_gather: str | None = None,
     mappings: list[PortMapping] | None = None,
+    label: str = "",
 ) -> Prepared:
     """Open the punch listeners into ``listeners`` (the caller closes them), gather the
     candidates (none when ``skip_gather`` says why not), ask the gateway for a port
     mapping of the punch port (into ``mappings``; the caller deletes them with
-    :func:`release`) and make a fresh keypair."""
+    :func:`release`; UPnP-IGD names it "holepunch_mig ``label``", the session id's
+    prefix where known) and make a fresh keypair."""
     began = trio.current_time()
     port = await open_listeners(options, listeners)
     include_loopback = options.include_loopback
@@ -121,7 +125,9 @@ async def prepare_round(
         local: list[Candidate] = []
         notes = [skip_gather]
         nat: NatClass = "unknown"
+        mapping_protocol: str | None = None
     else:
+        mapping_protocol = None
         gathered: list[Gathered] = []
         mapped: list[PortMapping | str] = []
         want_mapping = mappings is not None and (
@@ -144,7 +150,10 @@ async def prepare_round(
             try:
                 mapped.append(
                     await request_mapping(
-                        port, MAPPING_LIFETIME, timeout=options.port_mapping_timeout
+                        port,
+                        MAPPING_LIFETIME,
+                        timeout=options.port_mapping_timeout,
+                        description=f"holepunch_mig {label}".strip(),
                     )
                 )
             except PortMapError as exc:
@@ -170,6 +179,7 @@ async def prepare_round(
                 [*local, make_candidate(result.external_ip, result.external_port, "given")]
             )
             nat = "mapped"
+            mapping_protocol = result.protocol
     static_private, static_public = generate_keypair()
     return Prepared(
         options,
@@ -181,6 +191,7 @@ async def prepare_round(
         static_public,
         trio.current_time() - began,
         nat,
+        mapping_protocol,
     )
 
 
