@@ -54,6 +54,7 @@ EXPECTED: dict[str, Expect] = {
     "nat-symmetric": "direct",
     "symmetric-symmetric": "fail-symmetric",
     "symmetric-pcp": "direct",
+    "symmetric-upnp": "direct",
     "symmetric-symmetric-pcp": "direct",
     "dual-stack": "direct",
     "symmetric-symmetric-v6": "direct",

@@ -266,14 +266,19 @@ MINIUPNPD_RULESET = """table inet miniupnpd {
 """
 
 
-def miniupnpd_config(lan_cidr: str, stun_host: str, stun_port: int) -> str:
-    """miniupnpd's config for a lab router: PCP and NAT-PMP on ``lan``, no UPnP, mappings
-    only for the LAN's own addresses (secure mode), the public address learnt by STUN."""
+def miniupnpd_config(
+    lan_cidr: str, stun_host: str, stun_port: int, *, pcp: bool = True, upnp: bool = True
+) -> str:
+    """miniupnpd's config for a lab router: PCP and NAT-PMP (``pcp``) and UPnP-IGD
+    (``upnp``, SSDP and its HTTP server on a free port) on ``lan``, mappings only for the
+    LAN's own addresses (secure mode: a host maps only to itself, ports 1024-65535), the
+    public address learnt by STUN."""
     return (
         "ext_ifname=wan\n"
         "listening_ip=lan\n"
-        "enable_natpmp=yes\n"
-        "enable_upnp=no\n"
+        f"enable_natpmp={'yes' if pcp else 'no'}\n"
+        f"enable_upnp={'yes' if upnp else 'no'}\n"
+        "http_port=0\n"
         "secure_mode=yes\n"
         "ext_perform_stun=yes\n"
         f"ext_stun_host={stun_host}\n"

@@ -20,6 +20,10 @@ from holepunch_mig.errors import LabError, LabUnsupported
 Firewall = Literal["open", "drop", "reject"]
 Nat = Literal["none", "masquerade", "random", "fully-random", "rst", "double"]
 Side = Literal["left", "right"]
+PortMapSpec = bool | Literal["pcp", "upnp-igd"]
+"""A router's port mapping: ``True`` every protocol miniupnpd speaks (PCP, NAT-PMP,
+UPnP-IGD), ``"pcp"`` PCP and NAT-PMP only, ``"upnp-igd"`` UPnP-IGD only."""
+_PORT_MAPPINGS: tuple[object, ...] = (True, False, "pcp", "upnp-igd")
 
 _FIREWALLS: tuple[str, ...] = ("open", "drop", "reject")
 _NATS: tuple[str, ...] = ("none", "masquerade", "random", "fully-random", "rst", "double")
@@ -48,8 +52,10 @@ class SideSpec:
         and overtake the others.
     rate_kbit: a token-bucket (tc tbf) rate limit in kbit/s on this side's link, both
         directions (0 = none).
-    port_mapping: the side's router runs miniupnpd (PCP and NAT-PMP) so the host can ask
-        it to map a port; needs a single NAT (not "none" or "double") and ``stun``.
+    port_mapping: the side's router runs miniupnpd so the host can ask it to map a port:
+        ``true`` with PCP, NAT-PMP and UPnP-IGD, ``"pcp"`` PCP and NAT-PMP only,
+        ``"upnp-igd"`` UPnP-IGD only; needs a single NAT (not "none" or "double") and
+        ``stun``.
     """
 
     firewall: Firewall = "drop"
@@ -59,7 +65,7 @@ class SideSpec:
     jitter_ms: float = 0.0
     reorder_pct: float = 0.0
     rate_kbit: int = 0
-    port_mapping: bool = False
+    port_mapping: PortMapSpec = False
 
     @property
     def impaired(self) -> bool:
@@ -98,15 +104,20 @@ def presets() -> dict[str, LabSpec]:
         right: tuple[Firewall, Nat],
         stun: bool | None = None,
         mapping: Side | None = None,
+        protocols: PortMapSpec = True,
     ) -> LabSpec:
         natted = left[1] != "none" or right[1] != "none"
         return LabSpec(
-            left=SideSpec(firewall=left[0], nat=left[1], port_mapping=mapping == "left"),
+            left=SideSpec(
+                firewall=left[0],
+                nat=left[1],
+                port_mapping=protocols if mapping == "left" else False,
+            ),
             right=SideSpec(
                 firewall=right[0],
                 nat=right[1],
                 allow_inbound_tcp=ctl,
-                port_mapping=mapping == "right",
+                port_mapping=protocols if mapping == "right" else False,
             ),
             stun=natted if stun is None else stun,
             name=name,
@@ -127,6 +138,13 @@ def presets() -> dict[str, LabSpec]:
         spec("nat-symmetric", ("drop", "masquerade"), ("drop", "fully-random")),
         spec("symmetric-symmetric", ("drop", "fully-random"), ("drop", "fully-random")),
         spec("symmetric-pcp", ("drop", "fully-random"), ("drop", "masquerade"), mapping="left"),
+        spec(
+            "symmetric-upnp",
+            ("drop", "fully-random"),
+            ("drop", "masquerade"),
+            mapping="left",
+            protocols="upnp-igd",
+        ),
         spec(
             "symmetric-symmetric-pcp",
             ("drop", "fully-random"),
@@ -206,8 +224,10 @@ def spec_from_dict(data: Mapping[str, Any], *, default_name: str = "lab") -> Lab
                 value = 0
             numbers[field_name] = value
         mapping = raw.get("port_mapping", False)
-        if not isinstance(mapping, bool):
-            errors.append(f"{key}.port_mapping must be true or false, not {mapping!r}")
+        if not any(mapping is m or (isinstance(m, str) and mapping == m) for m in _PORT_MAPPINGS):
+            errors.append(
+                f'{key}.port_mapping must be true, false, "pcp" or "upnp-igd", not {mapping!r}'
+            )
             mapping = False
         return SideSpec(
             firewall=fw,

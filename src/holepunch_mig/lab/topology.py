@@ -460,7 +460,7 @@ class Lab:
         check_environment(
             need_stun=self.spec.stun,
             need_delay=self.spec.needs_queue,
-            need_miniupnpd=self.spec.left.port_mapping or self.spec.right.port_mapping,
+            need_miniupnpd=bool(self.spec.left.port_mapping or self.spec.right.port_mapping),
         )
         try:
             self._write_state()
@@ -538,15 +538,23 @@ class Lab:
                 )  # fmt: skip
 
     def _start_port_mapping(self) -> None:
-        """miniupnpd (PCP + NAT-PMP) in the router of each side with ``port_mapping``;
-        ready once its STUN test has enabled port forwarding."""
+        """miniupnpd in the router of each side with ``port_mapping`` (the protocols it
+        names); ready once its STUN test has enabled port forwarding and every protocol
+        listens."""
         for side in ("left", "right"):
-            if not self._side(side).port_mapping:
+            mapping = self._side(side).port_mapping
+            if not mapping:
                 continue
+            pcp, upnp = mapping in (True, "pcp"), mapping in (True, "upnp-igd")
             tmp = self._ensure_tmpdir()
             conf, log = tmp / f"miniupnpd-{side}.conf", tmp / f"miniupnpd-{side}.log"
             idx = _SIDE_INDEX[side]
-            conf.write_text(miniupnpd_config(f"10.{idx}.0.0/24", _STUN_HOST, STUN_PORT))
+            conf.write_text(
+                miniupnpd_config(f"10.{idx}.0.0/24", _STUN_HOST, STUN_PORT, pcp=pcp, upnp=upnp)
+            )
+            ready = ["Port forwarding is now enabled"]
+            ready += ["Listening for NAT-PMP/PCP"] if pcp else []
+            ready += ["HTTP listening on port"] if upnp else []
             argv = [
                 "miniupnpd", "-d", "-f", str(conf), "-P", str(tmp / f"miniupnpd-{side}.pid"),
             ]  # fmt: skip
@@ -555,7 +563,7 @@ class Lab:
             deadline = time.monotonic() + 15.0
             while True:
                 text = log.read_text(errors="replace")
-                if "Listening for NAT-PMP/PCP" in text and "Port forwarding is now enabled" in text:
+                if all(line in text for line in ready):
                     break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise LabError(
