@@ -101,12 +101,14 @@ class HardNatReport:
 
     ``role``: "hard" (this side opened many sockets towards the peer's one port) or
     "easy" (this side dialed guessed ports on the peer's public address); ``sockets`` and
-    ``probes``: the two sides' agreed budget; ``expected_success``: the birthday bound for
-    it; ``spent_sockets``: the most birthday sockets this side held open at once;
-    ``spent_syns``: connect() calls (first SYNs; kernel retransmissions not counted);
-    ``refused``/``errors``: attempts that ended in RST / another socket error; ``hits``:
-    birthday connections that came up (before authentication); ``seconds``: from the first
-    to the last SYN sent."""
+    ``probes``: the two sides' agreed budget for each birthday round; ``round_success``:
+    the birthday bound for one round; ``rounds``: the punch rounds birthday punching ran
+    in; ``expected_success``: the chance over those rounds (they miss independently).
+    Summed over the rounds: ``spent_syns`` (connect() calls, first SYNs; kernel
+    retransmissions not counted), ``refused``/``errors`` (attempts that ended in RST /
+    another socket error), ``hits`` (birthday connections that came up, before
+    authentication), ``seconds`` (from the first to the last SYN sent, per round);
+    ``spent_sockets``: the most birthday sockets this side held open at once."""
 
     role: Literal["hard", "easy"]
     sockets: int
@@ -120,6 +122,8 @@ class HardNatReport:
     hits: int = 0
     seconds: float = 0.0
     reason: str = ""
+    rounds: list[int] = field(default_factory=list)
+    round_success: float = 0.0
 
 
 @dataclass
@@ -236,12 +240,13 @@ class Report:
             )
         if self.hard_nat is not None:
             hn = self.hard_nat
+            rounds = ", ".join(map(str, hn.rounds)) or "none"
+            plural = "s" if len(hn.rounds) != 1 else ""
             lines.append(
                 f"  birthday punching ({hn.role} side): budget {hn.sockets} sockets x "
-                f"{hn.probes} probes, expected success {100 * hn.expected_success:.1f} %; "
-                f"spent {hn.spent_syns} SYNs in {hn.seconds:.2f} s (at most {hn.spent_sockets} "
-                f"sockets open), "
-                f"{hn.hits} met"
+                f"{hn.probes} probes a round, in round{plural} {rounds}: expected success "
+                f"{100 * hn.expected_success:.2f} %; spent {hn.spent_syns} SYNs in "
+                f"{hn.seconds:.2f} s (at most {hn.spent_sockets} sockets open), {hn.hits} met"
             )
         for note in self.notes:
             lines.append(f"  note: {note}")

@@ -70,3 +70,26 @@ def test_both_symmetric_fails_fast_naming_both(
     assert send["hard_nat"] is None
     assert any("both sides are behind endpoint-dependent" in n for n in send["notes"])
     assert "both sides are behind a NAT with endpoint-dependent" in send["verdict"]
+
+
+def test_a_one_socket_budget_misses_in_both_birthday_rounds(
+    lab_factory: Callable[[LabSpec | str], Lab], tmp_path: Path
+) -> None:
+    """1 socket x 1 probe a round (a 1 in 64 512 chance) misses: both of the round plan's
+    birthday rounds ran and the verdict counts them; round 3 is an ordinary round."""
+    lab = lab_factory("symmetric-nat")
+    tiny = ["--rounds", "3", "--birthday-sockets", "1", "--birthday-probes", "1"]
+    send_code, recv_code, send, recv, _out, info = cli_transfer(
+        lab, tmp_path, send_extra=tiny, recv_extra=tiny
+    )
+    assert send_code == 3 and recv_code == 3, info
+    assert send["rounds"] == 3
+    hard, easy = send["hard_nat"], recv["hard_nat"]
+    assert hard["role"] == "hard" and easy["role"] == "easy"
+    for side in (hard, easy):
+        assert side["rounds"] == [1, 2]
+        assert (side["sockets"], side["probes"]) == (1, 1)
+        assert side["spent_syns"] == 2 and side["hits"] == 0  # one SYN in each round
+        assert side["expected_success"] < 1e-4
+    assert "as the hard side in rounds 1, 2: 2 SYNs" in send["verdict"]
+    assert "chance of missing both is 100.0 %" in send["verdict"]

@@ -202,6 +202,15 @@ def test_birthday_miss_says_what_was_spent_and_the_odds() -> None:
     )
     assert d.cause == "birthday-missed"
     assert "1024 SYNs in 2.05 s (3 refused" in d.verdict
-    assert "chance of missing is 1.7 %" in d.verdict and "--birthday-probes" in d.verdict
+    assert "chance of missing it is 1.7 %" in d.verdict and "--birthday-probes" in d.verdict
+    twice = HardNatReport(
+        role="hard", sockets=256, probes=1024, expected_success=1 - 0.017**2, rate=500,
+        spent_syns=512, seconds=1.2, rounds=[1, 2], round_success=0.983,
+    )  # fmt: skip
+    d2 = diagnose_pairs([_out("198.51.100.1:61000", "timed out")], role="source", notes=[],
+                        hard_nat=twice)  # fmt: skip
+    assert d2.cause == "birthday-missed"
+    assert "as the hard side in rounds 1, 2: 512 SYNs" in d2.verdict
+    assert "chance of missing both is 0.029 %" in d2.verdict and "--birthday-sockets" in d2.verdict
     without = diagnose_pairs([_out("198.51.100.1:61000", "timed out")], role="source", notes=notes)
     assert "birthday-missed" not in without.causes

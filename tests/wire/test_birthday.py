@@ -13,15 +13,19 @@ from holepunch_mig.wire.birthday import (
     PORT_HIGH,
     PORT_LOW,
     ROLES,
+    ROUND_PLAN,
     BirthdayBudget,
     BirthdayPlan,
     NatClass,
     announce,
     announced_class,
+    birthday_in_round,
+    birthday_rounds,
     birthday_success,
     guess_ports,
     nat_class,
     plan,
+    success_over_rounds,
 )
 from holepunch_mig.wire.candidates import make_candidate
 from holepunch_mig.wire.stun import MappingProbe, classify_mapping
@@ -213,3 +217,20 @@ def test_a_peer_budget_out_of_range_turns_it_off(key: str, value: int) -> None:
         local_budget=budget,
     )
     assert hard is None and f"the peer announced {key} {value}" in why
+
+
+def test_round_plan_runs_birthday_in_the_first_two_rounds() -> None:
+    assert [r for r, on in sorted(ROUND_PLAN.items()) if on] == [1, 2]
+    assert [birthday_in_round(r) for r in (0, 1, 2, 3, 4)] == [False, True, True, False, False]
+    assert birthday_rounds(1) == (1,) and birthday_rounds(3) == (1, 2)
+    assert birthday_rounds(0) == ()
+
+
+def test_two_rounds_square_the_miss_chance() -> None:
+    one = birthday_success(256, 1024)
+    assert 0.98 < one < 0.99  # ~1.7 % miss a round
+    two = success_over_rounds(one, len(birthday_rounds(3)))
+    assert (1 - two) == pytest.approx((1 - one) ** 2)
+    assert 0.0002 < 1 - two < 0.0004  # ~0.03 %
+    assert success_over_rounds(one, 1) == pytest.approx(one)
+    assert success_over_rounds(one, 0) == 0.0

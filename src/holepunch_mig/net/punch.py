@@ -303,6 +303,7 @@ class PunchRound:
             if plan.start_delay:
                 await trio.sleep(plan.start_delay)
             started = trio.current_time()
+            earlier = rep.seconds  # a report shared by the session's birthday rounds
             stop = started + plan.seconds
             open_slots = trio.Semaphore(plan.max_open)
             hold = plan.hold if plan.role == "easy" else self.timing.round_timeout
@@ -314,7 +315,7 @@ class PunchRound:
                 await trio.sleep_until(started + i / plan.rate)
                 await open_slots.acquire()
                 rep.spent_syns += 1
-                rep.seconds = trio.current_time() - started
+                rep.seconds = earlier + trio.current_time() - started
                 nursery.start_soon(
                     self._birthday_dial, remote, bind_port, hold, rep, open_slots, out.clone()
                 )

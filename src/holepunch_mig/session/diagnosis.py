@@ -220,15 +220,22 @@ def diagnose_pairs(
     if hard_nat is not None:
         miss = 100 * (1 - hard_nat.expected_success)
         knob = "--birthday-sockets" if hard_nat.role == "hard" else "--birthday-probes"
+        n = len(hard_nat.rounds) or 1
+        where = (
+            f" in round{'s' if n != 1 else ''} {', '.join(map(str, hard_nat.rounds))}"
+            if hard_nat.rounds
+            else ""
+        )
         findings.append(
             Finding(
                 "birthday-missed",
-                f"birthday punching ran with this side ({role}) as the {hard_nat.role} side: "
-                f"{hard_nat.spent_syns} SYNs in {hard_nat.seconds:.2f} s "
+                f"birthday punching ran with this side ({role}) as the {hard_nat.role} side"
+                f"{where}: {hard_nat.spent_syns} SYNs in {hard_nat.seconds:.2f} s "
                 f"({hard_nat.refused} refused, {hard_nat.errors} errors), {hard_nat.hits} "
                 f"connections came up, none authenticated in time; for a budget of "
-                f"{hard_nat.sockets} sockets x {hard_nat.probes} probes the chance of "
-                f"missing is {miss:.1f} % (if fewer SYNs went out than the budget, the time "
+                f"{hard_nat.sockets} sockets x {hard_nat.probes} probes a round the chance "
+                f"of missing {'both' if n == 2 else 'all' if n > 2 else 'it'} is "
+                f"{_percent(miss)} (if fewer SYNs went out than the budget, the time "
                 f"budget or the round ended first). Fix: run again, raise {knob} (and the "
                 "peer's counterpart), or let the symmetric side's router map the punch port "
                 "(PCP / NAT-PMP / UPnP-IGD).",
@@ -370,3 +377,8 @@ def explain_no_path(report: Report, tunnel: str | None = TUNNEL_BOTH) -> Diagnos
         remote_port=report.remote_port,
         hard_nat=report.hard_nat,
     )
+
+
+def _percent(value: float) -> str:
+    """ "1.7 %", "0.03 %": enough digits that a small chance is not shown as 0.0 %."""
+    return f"{value:.1f} %" if value >= 1 or value == 0 else f"{value:.2g} %"

@@ -40,7 +40,12 @@ from holepunch_mig.session.policy import decide, direct_rounds
 from holepunch_mig.session.prepare import Listeners, PeerKeys, prepare_round, release
 from holepunch_mig.session.rounds import DirectAttempt
 from holepunch_mig.wire import messages
-from holepunch_mig.wire.birthday import announce, announced_class, public_addresses
+from holepunch_mig.wire.birthday import (
+    announce,
+    announced_class,
+    birthday_rounds,
+    public_addresses,
+)
 from holepunch_mig.wire.birthday import plan as plan_birthday
 from holepunch_mig.wire.digests import Algorithm, offers_blake3
 from holepunch_mig.wire.digests import choose as choose_digest
@@ -232,20 +237,6 @@ async def _negotiate(
 
     remotes = prepared.remotes(peer.candidates, control.channel.peer_host, peer.port, report)
     log.info("%d local, %d remote candidates", len(prepared.local), len(remotes))
-    rounds = options.rounds
-    if role == "source":
-        varied = {
-            side: mapping_varies(lines)
-            for side, lines in (("source", lines), ("destination", list(peer.candidates)))
-        }
-        doomed = [side for side, eps in varied.items() if eps]
-        rounds = direct_rounds(policy, destination_policy, options.rounds, bool(doomed))
-        if rounds < options.rounds:
-            report.notes.append(
-                f"STUN showed endpoint-dependent mapping on the {' and '.join(doomed)} side "
-                f"({', '.join(varied[doomed[0]])}) before round 1: one direct round instead "
-                f"of {options.rounds}, then the tunnel"
-            )
     birthday, why = plan_birthday(
         local_class=prepared.nat,
         local_limits=limits,
@@ -258,11 +249,30 @@ async def _negotiate(
     if birthday is not None:
         report.notes.append(
             f"birthday punching: {why} ({birthday.sockets} sockets x {birthday.probes} "
-            f"probes, expected success {100 * birthday.expected_success:.1f} %)"
+            f"probes a round, expected success {100 * birthday.expected_success:.1f} % a "
+            f"round, in rounds {', '.join(map(str, birthday_rounds(options.rounds)))})"
         )
         log.info("birthday punching as the %s side", birthday.role)
     elif prepared.nat == "dependent" or announced_class(peer.limits) == "dependent":
         report.notes.append(f"birthday punching not used: {why}")
+    rounds = options.rounds
+    if role == "source":
+        varied = {
+            side: mapping_varies(lines)
+            for side, lines in (("source", lines), ("destination", list(peer.candidates)))
+        }
+        doomed = [side for side, eps in varied.items() if eps]
+        rounds = direct_rounds(policy, destination_policy, options.rounds, bool(doomed))
+        if birthday is not None:
+            # birthday punching crosses the symmetric side: keep its rounds
+            rounds = max(rounds, len(birthday_rounds(options.rounds)))
+        if rounds < options.rounds:
+            report.notes.append(
+                f"STUN showed endpoint-dependent mapping on the {' and '.join(doomed)} side "
+                f"({', '.join(varied[doomed[0]])}) before round 1: "
+                f"{'one direct round' if rounds == 1 else f'{rounds} direct rounds'} instead "
+                f"of {options.rounds}, then the tunnel"
+            )
     try:
         accept = (
             frozenset(public_addresses(peer.candidates))

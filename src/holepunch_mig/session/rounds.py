@@ -22,7 +22,12 @@ from holepunch_mig.session.handshake import make_authenticator
 from holepunch_mig.session.options import ConnectOptions
 from holepunch_mig.session.prepare import PeerKeys, Prepared
 from holepunch_mig.wire import messages
-from holepunch_mig.wire.birthday import BirthdayPlan, guess_ports
+from holepunch_mig.wire.birthday import (
+    BirthdayPlan,
+    birthday_in_round,
+    guess_ports,
+    success_over_rounds,
+)
 
 
 async def _measure_rtt(control: ControlReader, count: int) -> float:
@@ -56,7 +61,8 @@ class DirectAttempt:
     rounds: int | None = None
     """The source's round count when not the options' (see policy.direct_rounds)."""
     birthday: BirthdayPlan | None = None
-    """Birthday punching for the first round (both sides agreed on it from offer/answer)."""
+    """Birthday punching for the rounds wire.birthday.ROUND_PLAN names (both sides agreed
+    on it from offer/answer)."""
     accept_hosts: frozenset[str] = frozenset()
     """The peer's public addresses when its NAT picks source ports (endpoint-dependent):
     inbound connections from them are accepted from any port."""
@@ -93,25 +99,31 @@ class DirectAttempt:
             log=self.log,
             first_link_id=first_link_id,
             dial_delay=self.options.dial_delay,
-            birthday=self._birthday_dial() if round_no == 1 else None,
+            birthday=self._birthday_dial(round_no) if birthday_in_round(round_no) else None,
             accept_hosts=self.accept_hosts,
             dial=self.dial,
         )
 
-    def _birthday_dial(self) -> BirthdayDial | None:
-        """The plan made concrete: which endpoints to dial (guessed ports for the easy
-        side, the easy side's endpoints repeated for the hard side)."""
+    def _birthday_dial(self, round_no: int) -> BirthdayDial | None:
+        """The plan made concrete for one round: which endpoints to dial (fresh guessed
+        ports for the easy side, the easy side's endpoints repeated for the hard side).
+        Every round adds to the session's one report (wire.birthday.ROUND_PLAN)."""
         plan = self.birthday
         if plan is None:
             return None
-        rep = HardNatReport(
-            role=plan.role,
-            sockets=plan.sockets,
-            probes=plan.probes,
-            expected_success=round(plan.expected_success, 4),
-            rate=plan.rate,
-        )
-        self.report.hard_nat = rep
+        rep = self.report.hard_nat
+        if rep is None:
+            rep = HardNatReport(
+                role=plan.role,
+                sockets=plan.sockets,
+                probes=plan.probes,
+                expected_success=0.0,
+                rate=plan.rate,
+                round_success=round(plan.expected_success, 4),
+            )
+            self.report.hard_nat = rep
+        rep.rounds.append(round_no)
+        rep.expected_success = round(success_over_rounds(plan.expected_success, len(rep.rounds)), 6)
         hosts = [h for h, _p in plan.targets]
         if plan.role == "hard":
             remotes = [plan.targets[i % len(plan.targets)] for i in range(plan.count)]

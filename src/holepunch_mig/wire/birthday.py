@@ -76,9 +76,33 @@ PORT_HIGH = 65535
 MAX_TARGETS = 4
 
 
+#: The punch rounds of a session's first negotiation, and whether each carries birthday
+#: punching (rounds not listed: ordinary rounds only).  Both sides read this table, so
+#: nothing on the wire says it.  Each birthday round spends the whole agreed budget again
+#: on fresh random mappings and guesses: the rounds miss independently, so the default
+#: budget's miss chance (~1.7 % a round) falls to ~0.03 % over two.
+ROUND_PLAN: dict[int, bool] = {1: True, 2: True, 3: False}
+
+
+def birthday_in_round(round_no: int) -> bool:
+    """Whether punch round ``round_no`` of the first negotiation runs birthday dials."""
+    return ROUND_PLAN.get(round_no, False)
+
+
+def birthday_rounds(rounds: int) -> tuple[int, ...]:
+    """The rounds among ``1..rounds`` that run birthday dials."""
+    return tuple(r for r in range(1, rounds + 1) if birthday_in_round(r))
+
+
+def success_over_rounds(one_round: float, rounds: int) -> float:
+    """The chance that at least one of ``rounds`` independent birthday rounds meets."""
+    return 1.0 - (1.0 - one_round) ** max(0, rounds)
+
+
 @dataclass(frozen=True)
 class BirthdayBudget:
-    """What one side may spend on birthday punching in a session (its first round).
+    """What one side may spend on birthday punching in each birthday round of a session
+    (:data:`ROUND_PLAN`).
 
     ``sockets``: connections the side opens when it is the hard side; ``probes``: guessed
     ports it dials when it is the easy side; ``rate``: SYNs per second it starts at most
