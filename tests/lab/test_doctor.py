@@ -28,6 +28,8 @@ CASES = {
     "symmetric-symmetric": ("present", "endpoint-dependent", False, "no", 3),
     # the same NAT, with a router that maps ports (miniupnpd): crossed after all
     "symmetric-pcp": ("present", "endpoint-dependent", False, "yes", 0),
+    # a router that answers only UPnP-IGD
+    "symmetric-upnp": ("present", "endpoint-dependent", False, "yes", 0),
 }
 
 
@@ -63,7 +65,12 @@ def test_doctor_classifies(lab_factory: Factory, preset: str) -> None:
     assert isinstance(gateway, dict)
     if preset == "symmetric-pcp":
         assert gateway["protocol"] == "pcp" and gateway["external_address"] == "198.51.100.10"
+        assert gateway["protocols"] == ["pcp", "nat-pmp", "upnp-igd"]
         assert "gateway offers port mapping (pcp)" in str(result["summary"])
+    elif preset == "symmetric-upnp":
+        assert gateway["protocol"] == "upnp-igd" and gateway["protocols"] == ["upnp-igd"]
+        assert gateway["external_address"] == "198.51.100.10"
+        assert "gateway offers port mapping (upnp-igd)" in str(result["summary"])
     else:
         assert gateway["protocol"] is None
     # the human rendering says the same in words
@@ -72,6 +79,7 @@ def test_doctor_classifies(lab_factory: Factory, preset: str) -> None:
     assert f"direct link likely: {likely}" in str(text)
     assert f"mapping:    {mapping}" in str(text)
     assert ("port mapping: pcp on 10.1.0.1:5351" in str(text)) is (preset == "symmetric-pcp")
+    assert ("upnp-igd on http://10.1.0.1:" in str(text)) is preset.endswith(("-pcp", "-upnp"))
 
 
 @pytest.mark.netns
