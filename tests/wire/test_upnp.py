@@ -31,6 +31,7 @@ from holepunch_mig.wire.upnp import (
     parse_soap_response,
     parse_specific_entry,
     parse_ssdp_response,
+    response_complete,
     service_of,
 )
 
@@ -170,6 +171,16 @@ def test_http_get_and_responses() -> None:
     )
     assert parse_http_response(chunked, 10) == (200, b"abcde")
     assert parse_http_response(b"HTTP/1.0 500 Err\r\n\r\nbody", 10) == (500, b"body")
+
+
+def test_response_complete_without_waiting_for_the_close() -> None:
+    assert response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    assert not response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab")
+    assert not response_complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n")
+    assert not response_complete(b"HTTP/1.1 200 OK\r\n\r\nno length: read to the close")
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    assert not response_complete(chunked) and response_complete(chunked + b"0\r\n\r\n")
+    assert response_complete(b"HTTP/1.1 200 OK\r\n\xff\r\n\r\n")  # the parser says why
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from holepunch_mig.wire.upnp import (
     parse_http_response,
     parse_specific_entry,
     parse_ssdp_response,
+    response_complete,
     service_of,
 )
 
@@ -109,6 +110,8 @@ async def _http(
                     data += chunk
                     if len(data) > limit + MAX_HEADER:
                         raise UpnpError(f"answer from {url} over {limit} bytes refused")
+                    if response_complete(data):
+                        break  # a server that keeps the connection open anyway
             except trio.BrokenResourceError as exc:
                 raise UpnpError(f"the gateway's UPnP server {url} broke off: {exc}") from None
         status, body = parse_http_response(data, limit)
@@ -148,6 +151,7 @@ async def request_upnp_mapping(
     only permanent leases: lease 0)."""
     rng = rng or random.Random()
     external_ip, local = await external_address(service, deadline)
+    logger.debug("UPnP-IGD %s: mapping TCP %d for %s", service.control, internal_port, description)
     attempt = MappingAttempt(internal_port, lifetime)
     while True:
         request = add_port_mapping_request(service, attempt, local, internal_port, description)
@@ -158,7 +162,7 @@ async def request_upnp_mapping(
             )
         except UpnpError as exc:
             attempt = next_attempt(attempt, exc, rng)
-            logger.info("UPnP AddPortMapping: %s; trying %s", exc, attempt)
+            logger.info("UPnP AddPortMapping (%s): %s; trying %s", description, exc, attempt)
 
 
 async def delete_upnp_mapping(mapping: PortMapping, deadline: float) -> None:

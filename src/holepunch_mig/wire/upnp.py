@@ -243,6 +243,23 @@ def _dechunk(body: bytes, limit: int) -> bytes:
         rest = rest[size + 2 :]
 
 
+def response_complete(data: bytes) -> bool:
+    """Whether ``data`` already holds a whole response that says its own length
+    (Content-Length, or a chunked body's last chunk), so the reader need not wait for the
+    server to close; False when unsure (the reader then reads to the close)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    try:
+        _status, headers = _header_lines(head, "HTTP")
+    except UpnpError:
+        return True  # malformed: let the parser say so now
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return body.endswith(b"0\r\n\r\n")
+    length = headers.get("content-length", "")
+    return length.isdigit() and len(body) >= int(length)
+
+
 def parse_http_response(data: bytes, limit: int) -> tuple[int, bytes]:
     """(status code, body) of a whole HTTP/1.x response (read until the server closed);
     a body over ``limit`` bytes is refused."""
