@@ -265,7 +265,7 @@ async def _negotiate(
         rounds = direct_rounds(policy, destination_policy, options.rounds, bool(doomed))
         if birthday is not None:
             # birthday punching crosses the symmetric side: keep its rounds
-            rounds = max(rounds, len(birthday_rounds(options.rounds)))
+            rounds = max((rounds, *birthday_rounds(options.rounds)))
         if rounds < options.rounds:
             report.notes.append(
                 f"STUN showed endpoint-dependent mapping on the {' and '.join(doomed)} side "
