@@ -93,3 +93,20 @@ def test_a_one_socket_budget_misses_in_both_birthday_rounds(
         assert side["expected_success"] < 1e-4
     assert "as the hard side in rounds 1, 2: 2 SYNs" in send["verdict"]
     assert "chance of missing both is 100.0 %" in send["verdict"]
+
+
+def test_policy_auto_keeps_both_birthday_rounds_before_the_tunnel(
+    lab_factory: Callable[[LabSpec | str], Lab], tmp_path: Path
+) -> None:
+    """STUN shows the symmetric side before round 1, which under --policy auto would
+    leave one direct round; birthday punching applies, so both of its rounds run."""
+    lab = lab_factory("symmetric-nat")
+    extra = ["--rounds", "3", "--birthday-sockets", "1", "--birthday-probes", "1",
+             "--policy", "auto"]  # fmt: skip
+    send_code, recv_code, send, _recv, _out, info = cli_transfer(
+        lab, tmp_path, send_extra=extra, recv_extra=extra
+    )
+    assert send_code == 0 and recv_code == 0, info
+    assert send["path"] == "tunnel" and send["fell_back"] is True
+    assert send["rounds"] == 2 and send["hard_nat"]["rounds"] == [1, 2]
+    assert any("2 direct rounds instead of 3, then the tunnel" in n for n in send["notes"])
