@@ -61,7 +61,7 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.wire.credit import StreamWindow
 from holepunch_mig.wire.digests import Algorithm, new_hash
-from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, RecordType
+from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, HEADER, RecordType
 from holepunch_mig.wire.text import printable
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,12 @@ class LinkWriter(Protocol):
     """What the mux needs from ``records.RecordWriter`` (thread-safe)."""
 
     def write(self, type: int, stream: int, payload: bytes | bytearray | memoryview) -> None: ...
+
+    max_record: int
+
+    def new_frame(self) -> memoryview: ...
+
+    def write_data_in_place(self, stream: int, frame: memoryview, n: int) -> None: ...
 
 
 class LinkReader(Protocol):
@@ -181,6 +187,8 @@ class Mux:
         name: str = "mux",
         on_fail: Callable[[MuxError], None] | None = None,
     ) -> None:
+        if bufsize > writer.max_record:
+            raise ValueError(f"bufsize ({bufsize}) exceeds the link's max record")
         if window < 4 * bufsize:
             raise ValueError(f"window ({window}) must be at least 4 * bufsize ({bufsize})")
         self._link = link
@@ -409,12 +417,14 @@ class Mux:
                 self._lock.notify_all()
 
     def _pump(self, st: _Stream) -> None:
-        buf = bytearray(self._bufsize)
-        view = memoryview(buf)
         size = self._bufsize
+        # QEMU's bytes are read straight into a record frame's body and sealed there
+        frame = self._writer.new_frame()
+        view = frame[HEADER.size : HEADER.size + size]
         h = new_hash(self._algorithm) if self._digest else None
         sock = st.sock
         write = self._writer.write
+        write_in_place = self._writer.write_data_in_place
         limit = self._window - size
         sent = 0
         try:
@@ -441,7 +451,7 @@ class Mux:
                 chunk = view[:n]
                 if h is not None:
                     h.update(chunk)
-                write(DATA, st.id, chunk)
+                write_in_place(st.id, frame, n)
                 sent += n
                 st.stats.sent = sent
             dig = h.digest() if h is not None else b""
