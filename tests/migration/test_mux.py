@@ -436,3 +436,34 @@ def test_bufsize_over_the_links_max_record_is_refused() -> None:
         w = RecordWriter(a, bytes(32), max_record=1 << 16)
         with pytest.raises(ValueError, match="max record"):
             Mux(a, w, RecordReader(a, bytes(32)), bufsize=(1 << 16) + 1, window=1 << 20)
+
+
+def test_the_reader_decrypts_into_recycled_buffers(echo: EchoServer) -> None:
+    # 24 MiB each way through a 1 MiB window: the reader must reuse the buffers the
+    # deliverers hand back instead of taking a new one per record
+    src, dst, a, b = _muxes(unix_connector(echo.path), window=1 << 20, bufsize=1 << 18)
+    payload = os.urandom(24 << 20)
+    c, s = socket.socketpair()
+    src.add_stream(s)
+    t = threading.Thread(target=lambda: (c.sendall(struct.pack(">Q", 0) + payload), c.shutdown(1)))
+    t.start()
+    got = _recv_all(c)
+    t.join()
+    c.close()
+    assert got == struct.pack(">Q", 0) + payload
+    s_stats, d_stats = _finish_both(src, dst)
+    assert not isinstance(s_stats, Exception), s_stats
+    assert not isinstance(d_stats, Exception), d_stats
+    # at most a window of payload queued, plus the reader's spare and one in delivery
+    for mux in (src, dst):
+        assert 1 <= len(mux._pool) <= (1 << 20) // (1 << 18) + 2 + 4
+    a.close()
+    b.close()
+
+
+def test_read_into_a_buffer_smaller_than_a_record_is_refused() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        r = RecordReader(a, bytes(32), max_record=1 << 16)
+        with pytest.raises(ValueError, match="max record"):
+            r.read(memoryview(bytearray(100)))

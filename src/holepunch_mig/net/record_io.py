@@ -476,11 +476,15 @@ class RecordReader(RecordOpener):
         self._recv_exact(frame[HEADER.size :], length + TAG, "body", rec_no, nbytes)
         return rtype, stream, length
 
-    def read(self) -> Record:
-        """Read and verify the next record.  The payload view is valid until the next read."""
+    def read(self, out: memoryview | None = None) -> Record:
+        """Read and verify the next record.  The payload is decrypted into ``out`` (at
+        least ``max_record`` bytes) when given, so a caller that queues payloads spares a
+        copy; else into the reader's buffer, valid until the next read."""
         self._check_usable()
+        if out is not None and len(out) < self.max_record:
+            raise ValueError(f"out holds {len(out)} bytes, max record is {self.max_record}")
         rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
-        return self._open(self._fview, rtype, stream, length)
+        return self._open(self._fview, rtype, stream, length, out)
 
     def _fetched(self) -> _Fetched:
         """Yield fetched (not yet verified) records ``(frame, type, stream, length)``, one
