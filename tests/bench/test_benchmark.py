@@ -50,6 +50,9 @@ def _check_rows(res: dict[str, Any], total: int) -> None:
         assert by_key[key]["time_to_link"] is not None
     assert "sha256 both ends" in by_key["direct-sha256"]["verified"]
     assert "blake3 both ends" in by_key["direct-blake3"]["verified"]
+    # 5a is the bare link: no resume (which would hash), 5b/5c what send/recv run
+    assert by_key["direct"]["samples"][0]["extra"]["resumable"] is False
+    assert by_key["direct-blake3"]["samples"][0]["extra"]["resumable"] is True
     for row in res["rows"]:
         if not row["pending"]:
             assert row["median"]["send_cpu_per_gib"] > 0 and row["median"]["recv_cpu_per_gib"] > 0

@@ -16,7 +16,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -31,6 +31,7 @@ from holepunch_mig.errors import (
 from holepunch_mig.migration.mux import DATA, OPEN, Mux
 from holepunch_mig.migration.proxy import run_destination, run_source, unix_connector
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
+from holepunch_mig.wire.records import HEADER
 
 
 def link_pair() -> tuple[tuple[socket.socket, Any, Any], tuple[socket.socket, Any, Any]]:
@@ -186,16 +187,20 @@ def test_digest_mismatch_fails_both_sides(echo: EchoServer) -> None:
 
         def __init__(self, inner: Any) -> None:
             self.inner = inner
+            self.max_record = inner.max_record
             self.n = 0
 
         def write(self, type: int, stream: int, payload: Any) -> None:
-            if type == DATA:
-                self.n += 1
-                if self.n == 2:
-                    p = bytearray(payload)
-                    p[-1] ^= 1
-                    payload = p
             self.inner.write(type, stream, payload)
+
+        def new_frame(self) -> memoryview:
+            return cast(memoryview, self.inner.new_frame())
+
+        def write_data_in_place(self, stream: int, frame: memoryview, n: int) -> None:
+            self.n += 1
+            if self.n == 2:
+                frame[HEADER.size + n - 1] ^= 1
+            self.inner.write_data_in_place(stream, frame, n)
 
     src = Mux(a, Corrupting(wa), ra, name="A", window=1 << 20, bufsize=1 << 16)
     dst = Mux(
@@ -423,3 +428,42 @@ def test_end_digest_uses_the_given_algorithm(echo: EchoServer, algorithm: str) -
     assert st.sent_digest == st.received_digest == h.digest()
     a.close()
     b.close()
+
+
+def test_bufsize_over_the_links_max_record_is_refused() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        w = RecordWriter(a, bytes(32), max_record=1 << 16)
+        with pytest.raises(ValueError, match="max record"):
+            Mux(a, w, RecordReader(a, bytes(32)), bufsize=(1 << 16) + 1, window=1 << 20)
+
+
+def test_the_reader_decrypts_into_recycled_buffers(echo: EchoServer) -> None:
+    # 24 MiB each way through a 1 MiB window: the reader must reuse the buffers the
+    # deliverers hand back instead of taking a new one per record
+    src, dst, a, b = _muxes(unix_connector(echo.path), window=1 << 20, bufsize=1 << 18)
+    payload = os.urandom(24 << 20)
+    c, s = socket.socketpair()
+    src.add_stream(s)
+    t = threading.Thread(target=lambda: (c.sendall(struct.pack(">Q", 0) + payload), c.shutdown(1)))
+    t.start()
+    got = _recv_all(c)
+    t.join()
+    c.close()
+    assert got == struct.pack(">Q", 0) + payload
+    s_stats, d_stats = _finish_both(src, dst)
+    assert not isinstance(s_stats, Exception), s_stats
+    assert not isinstance(d_stats, Exception), d_stats
+    # at most a window of payload queued, plus the reader's spare and one in delivery
+    for mux in (src, dst):
+        assert 1 <= len(mux._pool) <= (1 << 20) // (1 << 18) + 2 + 4
+    a.close()
+    b.close()
+
+
+def test_read_into_a_buffer_smaller_than_a_record_is_refused() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        r = RecordReader(a, bytes(32), max_record=1 << 16)
+        with pytest.raises(ValueError, match="max record"):
+            r.read(memoryview(bytearray(100)))

@@ -126,11 +126,12 @@ PREFETCH = 3
 def receive_raw(raw: bytes, *, max_record: int = 1000, close: bool = True, **kw: Any):
     """Feed raw bytes into a reader; returns (dst, exception or result)."""
     dst = io.BytesIO()
+    digest = kw.pop("digest", True)
     with pair() as (a, b):
         feeder = Feeder(a, raw, close=close)
         r = RecordReader(b, kw.pop("key", KEY), max_record=max_record, **kw)
         try:
-            out: object = r.receive_file(1, dst, prefetch=PREFETCH)
+            out: object = r.receive_file(1, dst, prefetch=PREFETCH, digest=digest)
         except Exception as exc:
             out = exc
         feeder.join()
@@ -254,6 +255,19 @@ def test_flipped_bit_names_record_and_nothing_after_is_delivered(n: int, where: 
     dst, out = receive_raw(b"".join(recs))
     assert isinstance(out, RecordAuthError)
     assert f"record {n} failed authentication" in str(out)
+    assert dst.getvalue() == DATA5[: n * 1000]
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_flipped_bit_without_digest_opened_in_place_delivers_nothing_of_it(n: int) -> None:
+    # without a digest a record is decrypted in its own frame: a forged one must still
+    # deliver none of its (garbage) plaintext
+    recs = file_records(DATA5, digest=False)
+    rec = bytearray(recs[n])
+    rec[8 + 10] ^= 0x01
+    recs[n] = bytes(rec)
+    dst, out = receive_raw(b"".join(recs), digest=False)
+    assert isinstance(out, RecordAuthError)
     assert dst.getvalue() == DATA5[: n * 1000]
 
 
@@ -724,3 +738,68 @@ def test_pipelined_source_failure_still_sends_sealed_records() -> None:
         with pytest.raises(PeerAborted, match="source failed"):
             r.receive_file(1, io.BytesIO())
         feeder.join()
+
+
+# ---------------------------------------------------------------- sealing in place
+
+
+def test_write_data_in_place_keeps_counter_order_with_other_writers() -> None:
+    chunks = [os.urandom(64 * 1024 - i) for i in range(40)]
+    with pair() as (a, b):
+        w = RecordWriter(a, KEY, max_record=64 * 1024)
+        stop = threading.Event()
+
+        def acker() -> None:
+            n = 0
+            while not stop.is_set():
+                w.ack(9, n)
+                n += 1
+
+        def send() -> None:
+            t = threading.Thread(target=acker)
+            t.start()
+            frame = w.new_frame()
+            try:
+                for c in chunks:
+                    frame[HEADER.size : HEADER.size + len(c)] = c
+                    w.write_data_in_place(1, frame, len(c))
+            finally:
+                stop.set()
+                t.join()
+            w.close()
+
+        join = in_thread(send)
+        r = RecordReader(b, KEY, max_record=64 * 1024)
+        got: list[bytes] = []
+        acks = []
+        while True:
+            rec = r.read()
+            if rec.type == RecordType.CLOSE:
+                break
+            if rec.type == RecordType.ACK:
+                acks.append(int.from_bytes(rec.payload, "big"))
+            else:
+                got.append(bytes(rec.payload))
+        join()
+    assert got == chunks
+    assert acks == list(range(len(acks)))
+
+
+def test_write_data_in_place_is_the_same_record_as_write() -> None:
+    data = os.urandom(777)
+    w1, cap1 = capture_writer()
+    w1.write_data(3, data)
+    w2, cap2 = capture_writer()
+    frame = w2.new_frame()
+    frame[HEADER.size : HEADER.size + len(data)] = data
+    w2.write_data_in_place(3, frame, len(data))
+    assert cap1.sent == cap2.sent
+
+
+def test_write_data_in_place_refuses_what_does_not_fit() -> None:
+    w, cap = capture_writer(max_record=1000)
+    with pytest.raises(RecordTooLarge):
+        w.write_data_in_place(1, w.new_frame(), 1001)
+    with pytest.raises(RecordError, match="cannot hold"):
+        w.write_data_in_place(1, memoryview(bytearray(100)), 90)
+    assert cap.sent == []

@@ -563,9 +563,12 @@ def render_markdown(res: BenchResult) -> str:
         "with a one-chunk window (64 KiB) and a credit reply per chunk, over the control "
         'connection; 4 holepunch_mig\'s fallback tunnel, `policy="tunnel"` (16 MiB window, '
         'credit per 4 MiB); 5a holepunch_mig direct, `policy="direct"`: punched TCP + '
-        "Noise KK + AES-256-GCM records, `digest=False`; 5b the same with SHA-256 of the "
-        "payload on both ends; 5c with BLAKE3 on both ends (what `send`/`recv` verify with "
-        "by default). Rows 3-5 are `api.connect` + `Link.send_file`/`receive_file` "
+        "Noise KK + AES-256-GCM records, `digest=False` and `resume_attempts=0` (a "
+        "resumable link always hashes its stream, so the bare link needs resume off; the run "
+        "fails if it hashed); 5b the same with SHA-256 of the payload on both ends, resume on; "
+        "5c with BLAKE3 on both ends, resume on (what `send`/`recv` run by default: the "
+        "resume bookkeeping, and for a pipe the resume buffer's copy, are in 5b/5c). "
+        "Rows 3-5 are `api.connect` + `Link.send_file`/`receive_file` "
         "in each namespace. Row 3 at 1/20 ms RTT uses a smaller payload (marked capped): "
         "at 3 MB/s 2 GiB would take 11 minutes per run; MB/s is comparable, wall is for "
         "that payload."

@@ -178,8 +178,18 @@ def _session_options(policy: str, stop_and_wait: bool, algorithm: str) -> dict[s
     return opts
 
 
+def _unhashed(res: Any, digest: bool, row_policy: str) -> None:
+    """A row without a digest that hashed anyway (a resumable link always does) would
+    measure another path than it names: fail the run."""
+    if not digest and res.sha256 is not None:
+        raise BenchError(
+            f"{row_policy} row asked for no digest but the link hashed its stream "
+            f"({res.digest}): resume was left on"
+        )
+
+
 def _link_extra(link: Any) -> dict[str, Any]:
-    extra: dict[str, Any] = {"path": link.path}
+    extra: dict[str, Any] = {"path": link.path, "resumable": link.resumable}
     if link.tunnel is not None:
         st = link.tunnel.stats
         extra.update(
@@ -203,6 +213,11 @@ def _session_pair(
     from holepunch_mig.session import api
 
     opts = _session_options(policy, stop_and_wait, algorithm)
+    if not digest and policy == "direct":
+        # A resumable link always hashes its stream (resume needs the whole-stream
+        # digest): without resume_attempts=0 "no digest" would still hash with BLAKE3
+        # and keep the resume buffer, and 5a would not be the bare link it names.
+        opts["resume_attempts"] = 0
     want_path = "direct" if policy == "direct" else "tunnel"
 
     def send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
@@ -214,6 +229,7 @@ def _session_pair(
                 ttl = link.report.time_to_link
                 await trio.to_thread.run_sync(started)
                 res = await link.send_file(src, digest=digest, pipeline=cfg.pipeline)  # type: ignore[arg-type]
+                _unhashed(res, digest, policy)
                 extra = _link_extra(link)
             await channel.aclose()
             return SideResult(
@@ -234,6 +250,7 @@ def _session_pair(
                 await trio.to_thread.run_sync(started)
                 res = await link.receive_file(sink, digest=digest, prefetch=cfg.prefetch)  # type: ignore[arg-type]
                 finished()
+                _unhashed(res, digest, policy)
                 extra = _link_extra(link)
             await channel.aclose()
             return SideResult(

@@ -26,7 +26,9 @@ CLOSE       no more records: sent by ``finish()`` once every stream ended both w
 Threads (all blocking sockets; socket calls, AES-GCM and SHA-256 release the GIL):
 
 * one reader per link: reads records and never blocks on a local socket; DATA is
-  copied (~30 GB/s) into the stream's queue, so one stalled consumer cannot block
+  decrypted into a buffer of the mux's pool and queued on its stream (the deliverer
+  gives the buffer back once written; records under a quarter buffer are copied out
+  instead), so one stalled consumer cannot block
   the others (head-of-line deadlock: QEMU's multifd receive threads stop reading at
   each sync point until the main channel catches up);
 * per stream one pump (local socket -> DATA records, 1 MiB preallocated buffer,
@@ -50,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from holepunch_mig.errors import (
     FlowControlError,
@@ -61,7 +63,7 @@ from holepunch_mig.errors import (
 )
 from holepunch_mig.wire.credit import StreamWindow
 from holepunch_mig.wire.digests import Algorithm, new_hash
-from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, RecordType
+from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, HEADER, RecordType
 from holepunch_mig.wire.text import printable
 
 log = logging.getLogger(__name__)
@@ -94,11 +96,19 @@ class LinkWriter(Protocol):
 
     def write(self, type: int, stream: int, payload: bytes | bytearray | memoryview) -> None: ...
 
+    max_record: int
+
+    def new_frame(self) -> memoryview: ...
+
+    def write_data_in_place(self, stream: int, frame: memoryview, n: int) -> None: ...
+
 
 class LinkReader(Protocol):
     """What the mux needs from ``records.RecordReader`` (single consumer)."""
 
-    def read(self) -> RecordLike: ...
+    max_record: int
+
+    def read(self, out: memoryview | None = None) -> RecordLike: ...
 
 
 __all__ = ["Mux", "MuxError", "MuxPeerAbort", "MuxStats", "MuxWindowExceeded", "StreamStats"]
@@ -146,7 +156,7 @@ class _Stream:
         self.tx_acked = 0
         self.tx_done = False
         # rx: link -> local socket
-        self.queue: collections.deque[bytes | _End] = collections.deque()
+        self.queue: collections.deque[memoryview | bytes | _End] = collections.deque()
         self.rx_window = StreamWindow(window)
         self.rx_done = False
         self.rx_end_seen = False
@@ -181,6 +191,8 @@ class Mux:
         name: str = "mux",
         on_fail: Callable[[MuxError], None] | None = None,
     ) -> None:
+        if bufsize > writer.max_record:
+            raise ValueError(f"bufsize ({bufsize}) exceeds the link's max record")
         if window < 4 * bufsize:
             raise ValueError(f"window ({window}) must be at least 4 * bufsize ({bufsize})")
         self._link = link
@@ -192,6 +204,12 @@ class Mux:
         self._connect_channel = connect_channel
         self._window = window
         self._bufsize = bufsize
+        # Buffers the reader decrypts DATA into; a deliverer hands each back once it has
+        # written it out (deque append/pop are atomic: no lock).  Only records of at
+        # least a quarter buffer keep theirs (smaller ones are copied), so the pool holds
+        # at most four times the streams' windows, and the window, not the record
+        # count, bounds it.
+        self._pool: collections.deque[Any] = collections.deque()
         self._digest = digest
         self._algorithm: Algorithm = algorithm
         """The END digest's algorithm when ``digest`` (a session's: its negotiated one)."""
@@ -409,12 +427,14 @@ class Mux:
                 self._lock.notify_all()
 
     def _pump(self, st: _Stream) -> None:
-        buf = bytearray(self._bufsize)
-        view = memoryview(buf)
         size = self._bufsize
+        # QEMU's bytes are read straight into a record frame's body and sealed there
+        frame = self._writer.new_frame()
+        view = frame[HEADER.size : HEADER.size + size]
         h = new_hash(self._algorithm) if self._digest else None
         sock = st.sock
         write = self._writer.write
+        write_in_place = self._writer.write_data_in_place
         limit = self._window - size
         sent = 0
         try:
@@ -441,7 +461,7 @@ class Mux:
                 chunk = view[:n]
                 if h is not None:
                     h.update(chunk)
-                write(DATA, st.id, chunk)
+                write_in_place(st.id, frame, n)
                 sent += n
                 st.stats.sent = sent
             dig = h.digest() if h is not None else b""
@@ -491,6 +511,8 @@ class Mux:
                 if h is not None:
                     h.update(item)
                 delivered += len(item)
+                if isinstance(item, memoryview):
+                    self._pool.append(item.obj)  # the reader decrypts into it again
                 st.stats.received = delivered
                 with st.cond:
                     due = st.rx_window.ack_due(delivered, ack_every)
@@ -514,13 +536,23 @@ class Mux:
 
     def _read_loop(self) -> None:
         read = self._reader.read
+        pool = self._pool
+        size = self._reader.max_record
+        spare: memoryview | None = None
         try:
             while True:
-                rec = read()
+                if spare is None:
+                    spare = memoryview(pool.pop()) if pool else memoryview(bytearray(size))
+                rec = read(spare)
                 t = rec.type
                 if t == DATA:
                     st = self._stream_for(rec.stream, "DATA")
-                    data = bytes(rec.payload)
+                    data: memoryview | bytes
+                    if len(rec.payload) >= size // 4:
+                        data = rec.payload  # lives in spare, which now belongs to the stream
+                        spare = None
+                    else:  # a small record: copied, so a pool buffer never holds a sliver
+                        data = bytes(rec.payload)
                     with st.cond:
                         if st.rx_end_seen:
                             raise MuxError(f"DATA after END on stream {st.id}")
