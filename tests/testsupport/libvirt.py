@@ -25,6 +25,7 @@ from holepunch_mig.lab import CONTROL_PORT, Lab, LabSpec, presets
 from holepunch_mig.lab.libvirt_hosts import (
     IMAGE_DIR,
     LIBVIRT_TCP_PORT,
+    RAM_DIR,
     LibvirtHost,
     domain_xml,
     libvirt_hosts,
@@ -35,6 +36,8 @@ from testsupport.qemu import require_qemu
 
 MEM_MIB = 128
 DISK_MIB = 256
+#: Where :meth:`LibvirtLab.ram_check` reads guest RAM (inside the random part).
+RAM_CHECK_OFFSET, RAM_CHECK_SIZE = 16 << 20, 1 << 20
 
 
 def require_libvirt() -> None:
@@ -75,6 +78,8 @@ class LibvirtLab:
     left: LibvirtHost
     right: LibvirtHost
     work: Path
+    next_id: int = 1
+    """The id the left daemon gives its next domain (guessed; corrected when wrong)."""
 
     def disk(self, name: str) -> Path:
         return IMAGE_DIR / f"{name}.img"
@@ -94,10 +99,54 @@ class LibvirtLab:
             fh.truncate(disk_mib << 20)
         conn = libvirt.open(self.left.local_uri)
         try:
-            conn.createXML(domain_xml(name, MEM_MIB, disk), 0)
+            self.next_id = conn.createXML(domain_xml(name, MEM_MIB, disk), 0).ID() + 1
         finally:
             conn.close()
         return sha256(src)
+
+    def make_random_ram_domain(self, name: str, mem_mib: int = MEM_MIB) -> bytes:
+        """Start a transient domain on the left host whose RAM is random (a file mapped
+        privately; zero pages would migrate as nothing), with a 1 MiB empty disk on both
+        hosts (memory only: migrate it with --unsafe).  Returns the RAM's bytes at
+        :data:`RAM_CHECK_OFFSET` (for :meth:`ram_check` on the destination)."""
+        import libvirt
+
+        disk = self.disk(name)
+        for host in (self.left, self.right):
+            with open(host.path(disk), "wb") as fh:
+                fh.truncate(1 << 20)
+        conn = libvirt.open(self.left.local_uri)
+        try:
+            for _ in range(3):  # libvirt names the RAM file after the domain's id
+                ram = self.left.path(RAM_DIR / f"{self.next_id}-{name}")
+                ram.mkdir(parents=True)
+                with open(ram / "pc.ram", "wb") as fh:
+                    for i in range(mem_mib):
+                        chunk = os.urandom(1 << 20)
+                        if i << 20 == RAM_CHECK_OFFSET:
+                            check = chunk[:RAM_CHECK_SIZE]
+                        fh.write(chunk)
+                dom = conn.createXML(domain_xml(name, mem_mib, disk, file_ram=True), 0)
+                got, wanted = dom.ID(), self.next_id
+                self.next_id = got + 1
+                if got == wanted:
+                    return check
+                dom.destroy()
+                shutil.rmtree(ram)
+            raise AssertionError(f"the left daemon's domain ids are not predictable: {got}")
+        finally:
+            conn.close()
+
+    def ram_check(self, host: LibvirtHost, name: str, work: Path) -> bytes:
+        """The running domain's RAM at :data:`RAM_CHECK_OFFSET` (QEMU's pmemsave)."""
+        out = work / f"{name}.mem"
+        cmd = (
+            '{"execute": "pmemsave", "arguments": '
+            f'{{"val": {RAM_CHECK_OFFSET}, "size": {RAM_CHECK_SIZE}, "filename": "{out}"}}}}'
+        )
+        res = host.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", name, cmd])
+        assert res.returncode == 0, res.stderr
+        return out.read_bytes()
 
     def state(self, host: LibvirtHost, name: str) -> str | None:
         """ "running", "paused", ... or None when the host has no such domain."""
@@ -124,6 +173,8 @@ class LibvirtLab:
             host.run(["virsh", "-c", "qemu:///system", "destroy", name], timeout=30)
             with_path = host.path(self.disk(name))
             with_path.unlink(missing_ok=True)
+            for ram in host.path(RAM_DIR).glob(f"*-{name}"):
+                shutil.rmtree(ram, ignore_errors=True)
 
     def destination_proxy(self, work: Path, *extra: str) -> subprocess.Popen[bytes]:
         return self.right.popen(
