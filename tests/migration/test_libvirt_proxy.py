@@ -14,8 +14,10 @@ import trio
 from test_mux import EchoServer, _finish_both, _recv_all, link_pair
 from testsupport.lab import run_cli
 
-from holepunch_mig.errors import MuxError, ProtocolError
+from holepunch_mig.errors import MuxError, ProtocolError, ProxyError
+from holepunch_mig.migration.common import MigrationError
 from holepunch_mig.migration.libvirt import (
+    LibvirtProxy,
     PostcopySwitch,
     _libvirt_job,
     libvirt_destination,
@@ -175,6 +177,84 @@ async def test_source_refuses_a_directory_outside_its_socket_parent(tmp_path: Pa
     assert outcome["destination"] is not None  # it did not succeed either
     assert not (tmp_path / "src").exists() or list((tmp_path / "src").iterdir()) == []
     assert list((tmp_path / "dst").iterdir()) == []  # its directory is removed
+
+
+# -- socket group ------------------------------------------------------------------------
+
+QEMU_GROUP = "libvirt-qemu"  # Debian's, made by libvirt-daemon-system
+
+
+def _gid() -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(QEMU_GROUP).gr_gid
+    except KeyError:
+        pytest.skip(f"no group {QEMU_GROUP}")
+
+
+async def test_socket_group_opens_the_directories_to_that_group_only(tmp_path: Path) -> None:
+    """With socket_group the parent is 0710 and the destination's directory 0770, both
+    of QEMU's group (it creates its sockets there), never anything for others; the
+    source's directory is 0710 of that group."""
+    gid = _gid()
+    parent = tmp_path / "run"
+    a, b = memory_channel_pair()
+    seen: dict[str, tuple[int, int]] = {}
+
+    def mode(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_mode & 0o777, st.st_gid
+
+    async def destination() -> None:
+        with pytest.raises(MigrationError):
+            async with libvirt_destination(b, socket_parent=parent, socket_group=QEMU_GROUP) as px:
+                seen["parent"], seen["dst"] = mode(parent), mode(px.socket_dir)
+                await px.wait(10)
+
+    async def source() -> None:
+        with pytest.raises(ProtocolError):  # the other parent: refused, as tested above
+            async with libvirt_source(a, socket_parent=tmp_path / "src"):
+                pass
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(destination)
+            nursery.start_soon(source)
+    assert seen == {"parent": (0o710, gid), "dst": (0o770, gid)}
+    # the source side's directory, made as the source proxy makes it
+    proxy = LibvirtProxy(
+        "source", _NoLink(), socket_parent=parent, socket_group=QEMU_GROUP,  # type: ignore[arg-type]
+        ready_timeout=1, timeout=1, link_timeout=1,
+    )  # fmt: skip
+    made = proxy._make_source_dir(parent / "m-0123456789ab")
+    assert mode(made) == (0o710, gid)
+    without = LibvirtProxy(
+        "source", _NoLink(), socket_parent=tmp_path / "plain", socket_group=None,  # type: ignore[arg-type]
+        ready_timeout=1, timeout=1, link_timeout=1,
+    )  # fmt: skip
+    assert mode(without._make_source_dir(tmp_path / "plain" / "m-x"))[0] == 0o700
+    assert mode(tmp_path / "plain")[0] == 0o700
+
+
+def test_socket_group_refuses_a_parent_the_group_cannot_enter(tmp_path: Path) -> None:
+    _gid()
+    parent = tmp_path / "closed"
+    parent.mkdir(mode=0o700)
+    proxy = LibvirtProxy(
+        "destination", _NoLink(), socket_parent=parent, socket_group=QEMU_GROUP,  # type: ignore[arg-type]
+        ready_timeout=1, timeout=1, link_timeout=1,
+    )  # fmt: skip
+    with pytest.raises(ProxyError, match="chmod g\\+x"):
+        proxy._make_destination_dir()
+    assert (parent.stat().st_mode & 0o777) == 0o700  # not widened
+    assert list(parent.iterdir()) == []
+
+
+class _NoLink:
+    """What LibvirtProxy's constructor reads from a link (its report)."""
+
+    report = None
 
 
 # -- post-copy ---------------------------------------------------------------------------

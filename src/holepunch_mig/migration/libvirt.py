@@ -348,13 +348,34 @@ class LibvirtProxy(MigrationProxy):
             os.chown(path, -1, self._gid)
             os.chmod(path, mode)
 
+    def _prepare_parent(self) -> None:
+        """The socket parent: made 0700 (0710 for QEMU's group, which must pass through
+        it); an existing one must already let that group through: it is not ours to
+        widen."""
+        try:
+            self._parent.mkdir(mode=0o700, parents=True)
+            self._share(self._parent, 0o710)
+        except FileExistsError:
+            pass
+        if self._gid is None:
+            return
+        st = self._parent.stat()
+        passes = st.st_mode & 0o001 or (st.st_gid == self._gid and st.st_mode & 0o010)
+        if not passes:
+            raise ProxyError(
+                f"QEMU's group cannot enter the socket parent {self._parent} "
+                f"(mode {st.st_mode & 0o777:o}, group {st.st_gid}): "
+                f"chgrp {self._gid} {self._parent} && chmod g+x {self._parent}, "
+                "or give another --socket-dir"
+            )
+
     def _make_source_dir(self, wanted: Path) -> Path:
         if wanted.parent != self._parent:
             raise ProtocolError(
                 f"the destination's socket directory {wanted} is not in ours ({self._parent}); "
                 "both proxies need the same --socket-dir (libvirt uses one path on both hosts)"
             )
-        self._parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._prepare_parent()
         try:
             wanted.mkdir(mode=0o700)
         except FileExistsError:
@@ -363,7 +384,7 @@ class LibvirtProxy(MigrationProxy):
         return wanted
 
     def _make_destination_dir(self) -> Path:
-        self._parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._prepare_parent()
         for _ in range(16):
             name = self._parent / f"m-{os.urandom(6).hex()}"
             try:
@@ -750,6 +771,12 @@ async def migrate_domain(
             finally:
                 report.seconds = time.perf_counter() - started
             report.libvirt_ok = error is None
+            if error is not None and socket_group is None and "ermission denied" in error:
+                error += (
+                    f" (QEMU cannot use the sockets in {proxy.socket_dir}: when it does not "
+                    "run as root, give its group (qemu.conf's group, e.g. libvirt-qemu) as "
+                    "--socket-group GROUP to both proxies)"
+                )
             report.libvirt_error = error
             if error is not None:
                 proxy.abort(f"libvirt migration failed: {error}")
