@@ -332,15 +332,9 @@ class LibvirtHost:
 
 
 def running(pid: int, start_time: int | None = None) -> bool:
-    """The process exists and has not exited (a daemon's zombie, which waits for init to
-    reap it, counts as ended)."""
-    if not pid_alive(pid, start_time):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    """The process exists and has not exited: :func:`pid_alive`, which counts a zombie
+    (a daemon's, waiting for init to reap it) as ended."""
+    return pid_alive(pid, start_time)
 
 
 def _terminate(pid: int, timeout: float = 10.0) -> None:

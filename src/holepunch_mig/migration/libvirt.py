@@ -269,8 +269,9 @@ class LibvirtProxy(MigrationProxy):
         return None
 
     def close_local(self) -> None:
-        """After a failure: close QEMU's sockets, not only shut them down.  A QEMU NBD
-        client blocked writing to a socket whose peer shut down but still holds the
+        """After a failure: make sure QEMU's sockets are closed, not only shut down (a
+        failing mux closes them itself; this covers a failure seen only here).  A QEMU
+        NBD client blocked writing to a socket whose peer shut down but still holds the
         unread bytes is never woken (its write space stays taken); closing frees it, so
         its write fails and libvirt's job can end."""
         if self._mux is not None:
