@@ -15,10 +15,11 @@ demo="python3-venv iproute2 nftables procps"
 # stage (iptables' NFQUEUE target; nft's own `queue` is not in the kernel), QEMU,
 # libvirt's daemons and virsh for the libvirt lab, and what pip needs to build the
 # libvirt Python binding (the `libvirt` extra) against them, and the lab's port-mapping
-# router (miniupnpd with its nftables backend: PCP, NAT-PMP).
+# router (miniupnpd with its nftables backend: PCP, NAT-PMP); qemu-img for the libvirt
+# tests' qcow2 overlays (--copy-storage-inc).
 test="$demo conntrack coturn iptables qemu-system-x86 libvirt-daemon-system libvirt-clients"
 test="$test libvirt-dev pkg-config gcc python3-dev"
-test="$test miniupnpd-nftables"
+test="$test miniupnpd-nftables qemu-utils"
 
 case "${1-}" in
 demo) need=$demo ;;

@@ -20,7 +20,7 @@ SCRIPT = REPO / ".ci" / "system-packages.sh"
 DEMO = ["python3-venv", "iproute2", "nftables", "procps"]
 TEST = [*DEMO, "conntrack", "coturn", "iptables", "qemu-system-x86", "libvirt-daemon-system",
         "libvirt-clients", "libvirt-dev", "pkg-config", "gcc", "python3-dev",
-        "miniupnpd-nftables"]  # fmt: skip
+        "miniupnpd-nftables", "qemu-utils"]  # fmt: skip
 REAL_TOOLS = ("sh", "grep", "mkdir", "touch", "dirname", "cat")
 
 # every stub first logs its call as one line of $FAKE/calls: "NAME ARGS..."

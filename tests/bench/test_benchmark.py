@@ -103,7 +103,8 @@ def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
     out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     code = main(
         ["bench", "--gib", str(TINY / b.GIB), "--runs", "1", "--lab-runs", "0", "--rtts", "0,20",
-         "--qemu-runs", "0", "--json", str(out), "--markdown", str(md), "--png", str(png)]
+         "--qemu-runs", "0", "--no-libvirt",
+         "--json", str(out), "--markdown", str(md), "--png", str(png)]
     )  # fmt: skip
     assert code == 0
     res = json.loads(out.read_text())
@@ -112,7 +113,10 @@ def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
     _check_rows(res, TINY)
     twenty = [r for r in res["rows"] if r["rtt_ms"] == 20]
     assert all(r["pending"] or r["samples"] for r in twenty)
-    assert "### 20 ms RTT" in md.read_text()
+    text = md.read_text()
+    assert "### 20 ms RTT" in text
+    assert "### libvirt live migration" in text and "not run (--no-libvirt)" in text
+    assert res["libvirt"] == []
     assert png.stat().st_size > 1000
 
 
@@ -301,3 +305,99 @@ def test_qemu_cells_meter_qemu_and_proxy_cpu(tmp_path: Path) -> None:
     # the floor holds QEMU's measured CPU plus the proxies' work on top
     assert fl.send_cpu > direct.qemu_cpu_src[0] and fl.recv_cpu > direct.qemu_cpu_dst[0]
     assert "5: QEMU via migrate-proxy (punched, Noise, AES-GCM), 3 links" in render_markdown(res)
+
+
+def _libvirt_cells() -> list[Any]:
+    from holepunch_mig.bench.libvirt_cells import LibvirtCell
+
+    def cell(row: str, par: int, walls: list[float]) -> LibvirtCell:
+        c = LibvirtCell(row, par, 256, walls=walls, median_wall=walls[len(walls) // 2])
+        c.mb_per_s = 256 * 2**20 / c.median_wall / 1e6
+        return c
+
+    one = [
+        cell("direct", 0, [2.0, 2.1, 2.2]),
+        cell("tunnelled", 0, [2.6, 2.7, 2.8]),
+        cell("tls", 0, [2.5, 2.5, 2.6]),
+        cell("holepunch_mig", 0, [2.1, 2.2, 2.3]),
+    ]
+    four = [cell("direct", 4, [1.0, 1.0, 1.0]), cell("tls", 4, [1.5, 1.6, 1.7]),
+            cell("holepunch_mig", 4, [1.2, 1.3, 1.3])]  # fmt: skip
+    for group in (one, four):
+        for c in group:
+            c.ratio = c.median_wall / group[0].median_wall
+    four[2].time_to_link = [0.02, 0.03, 0.02]
+    return one + four
+
+
+def test_libvirt_rows_on_the_page_targets_and_chart_from_json(tmp_path: Path) -> None:
+    """An earlier run's JSON with libvirt rows re-renders them: their section with the
+    ratios to libvirt direct, a target per group (<= 1.10x direct; faster than tunnelled
+    and TLS) and a third chart panel; a JSON without them says they were not run."""
+    from holepunch_mig.bench.chart import libvirt_panel, render_png
+
+    res = _result()
+    res.libvirt = _libvirt_cells()
+    data, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
+    data.write_text(res.to_json())
+    assert main(["bench", "--from-json", str(data), "--markdown", str(md), "--png", str(png)]) == 0
+    text = md.read_text()
+    section = text[text.index("### libvirt live migration") : text.index("### Targets")]
+    assert "| holepunch_mig | 0 | 256 MiB | 2.200 | 122 | 1.05x |" in section
+    assert "| holepunch_mig | 4 | 256 MiB | 1.300 | 206 | 1.30x |" in section
+    assert "time to link before libvirt's call: median 20 ms over 3 runs" in section
+    targets = text[text.index("### Targets") :]
+    assert (
+        "| libvirt: holepunch_mig <= 1.10x libvirt direct (plain TCP), one stream "
+        "| 1.05x (2.20 vs 2.10 s) | met |" in targets
+    )
+    assert (
+        "1.10x libvirt direct (plain TCP), parallel 4 | 1.30x (1.30 vs 1.00 s) | **missed** |"
+        in (targets)
+    )
+    assert "| libvirt: holepunch_mig faster than tunnelled (libvirt RPC), one stream |" in targets
+    assert "faster than native TLS, parallel 4 | 1.30 vs 1.60 s | met |" in targets
+    assert "tunnelled (libvirt RPC), parallel 4" not in targets  # no such row with parallel
+    loaded = load_result(data)
+    panel = libvirt_panel(loaded)
+    assert panel is not None
+    assert panel.groups == ["one stream", "parallel 4"]
+    assert panel.series == ["libvirt direct", "libvirt tunnelled", "libvirt tls", "holepunch_mig"]
+    assert panel.values[1][1] is None and panel.values[1][3] == (1.3, 1.2, 1.3)
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert len(png.read_bytes()) > len(render_png(_result()))  # the third panel
+    # an older JSON (no libvirt key): not measured, no panel
+    old = json.loads(res.to_json())
+    del old["libvirt"], old["libvirt_note"]
+    data.write_text(json.dumps(old))
+    assert libvirt_panel(load_result(data)) is None
+    assert "### libvirt live migration" in render_markdown(load_result(data))
+    assert "Not measured in this run: not run." in render_markdown(load_result(data))
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+@pytest.mark.libvirt
+def test_cli_bench_runs_the_libvirt_rows_by_default(tmp_path: Path) -> None:
+    """``holepunch-mig bench`` without --libvirt runs the libvirt rows after the others
+    when it can (here: one tiny run of two rows) and puts them on the page."""
+    from testsupport.libvirt import require_libvirt
+
+    require_libvirt()
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = main(
+        ["bench", "--gib", str(TINY / b.GIB), "--runs", "1", "--lab-runs", "0", "--rtts", "0",
+         "--rows", "plain-tcp", "--qemu-runs", "0", "--libvirt-mem", "64", "--libvirt-runs",
+         "1", "--libvirt-rows", "direct,holepunch_mig", "--json", str(out), "--markdown",
+         str(md), "--no-docs"]
+    )  # fmt: skip
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert [(c["row"], len(c["walls"])) for c in res["libvirt"]] == [
+        ("direct", 1),
+        ("holepunch_mig", 1),
+    ]
+    assert res["libvirt_note"] == ""
+    text = md.read_text()
+    assert "| holepunch_mig | 0 | 64 MiB |" in text
+    assert "libvirt: holepunch_mig <= 1.10x libvirt direct (plain TCP), one stream" in text

@@ -10,10 +10,12 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
+import select
 import shutil
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -28,7 +30,7 @@ from holepunch_mig.errors import (
     MuxWindowExceeded,
     RecordError,
 )
-from holepunch_mig.migration.mux import DATA, OPEN, Mux
+from holepunch_mig.migration.mux import DATA, DEFAULT_BUFSIZE, DEFAULT_WINDOW, OPEN, Mux
 from holepunch_mig.migration.proxy import run_destination, run_source, unix_connector
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
 from holepunch_mig.wire.records import HEADER
@@ -467,3 +469,65 @@ def test_read_into_a_buffer_smaller_than_a_record_is_refused() -> None:
         r = RecordReader(a, bytes(32), max_record=1 << 16)
         with pytest.raises(ValueError, match="max record"):
             r.read(memoryview(bytearray(100)))
+
+
+def _qemu_like_writer(sock: socket.socket, deadline: float) -> str:
+    """Write until the socket fails, the way QEMU's event loop waits on a write-only
+    handler: poll for POLLOUT and dispatch only on POLLOUT or POLLERR (a bare POLLHUP
+    does not run a write handler), so a peer that only shut down never wakes it."""
+    sock.setblocking(False)
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    chunk = bytes(64 << 10)
+    while time.monotonic() < deadline:
+        for _, revents in poller.poll(100):
+            if revents & (select.POLLOUT | select.POLLERR):
+                try:
+                    sock.send(chunk)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    return type(exc).__name__
+    return "still blocked"
+
+
+def test_lost_link_frees_a_local_writer_blocked_on_a_full_socket() -> None:
+    """The link fails while the local side (QEMU) is blocked writing into a full
+    stream socket the mux no longer reads: the mux closes its end, the unread bytes are
+    dropped and the writer's next write fails at once (a shutdown alone leaves it
+    waiting for write space that never comes)."""
+    (a, wa, ra), (b, _, _) = link_pair()
+    src = Mux(a, wa, ra, name="src")
+    src.start()  # no peer mux: nothing ACKs, so the pump stops after one window
+    ours, qemu = socket.socketpair()
+    for s in (ours, qemu):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    src.add_stream(ours)
+    drained = threading.Event()
+
+    def drain_link() -> None:  # the peer's kernel takes records until the window is used
+        with contextlib.suppress(OSError):
+            while b.recv(1 << 20):
+                pass
+        drained.set()
+
+    threading.Thread(target=drain_link, daemon=True).start()
+    result: list[str] = []
+    writer = threading.Thread(
+        target=lambda: result.append(_qemu_like_writer(qemu, time.monotonic() + 20)),
+        daemon=True,
+    )
+    writer.start()
+    # wait until the pump stopped on the window and QEMU's writes are stuck
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and src.progress()[1] < DEFAULT_WINDOW - DEFAULT_BUFSIZE:
+        writer.join(0.05)
+    assert src.progress()[1] >= DEFAULT_WINDOW - DEFAULT_BUFSIZE
+    b.shutdown(socket.SHUT_RDWR)  # the link is lost
+    writer.join(10)
+    assert result and result[0] in ("BrokenPipeError", "ConnectionResetError"), result
+    assert src.failed is not None
+    src.close()
+    for s in (a, b, qemu):
+        s.close()

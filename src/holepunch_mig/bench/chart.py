@@ -13,10 +13,20 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from holepunch_mig.bench.libvirt_cells import ROWS as LIBVIRT_ROWS
+from holepunch_mig.bench.libvirt_cells import cell_from
 from holepunch_mig.bench.model import BenchResult
 from holepunch_mig.bench.report import measured_cell
 
-__all__ = ["Bar", "BarPanel", "draw", "qemu_panel", "render_png", "throughput_panel"]
+__all__ = [
+    "Bar",
+    "BarPanel",
+    "draw",
+    "libvirt_panel",
+    "qemu_panel",
+    "render_png",
+    "throughput_panel",
+]
 
 #: (median, min, max) of one bar; the whisker spans min..max
 Bar = tuple[float, float, float]
@@ -86,6 +96,31 @@ def qemu_panel(res: BenchResult) -> BarPanel | None:
     )
 
 
+def libvirt_panel(res: BenchResult) -> BarPanel | None:
+    """Wall seconds of the libvirt migrations per row, per parallel group; None when the
+    run had no libvirt rows."""
+    if not res.libvirt:
+        return None
+    cells = [cell_from(c) for c in res.libvirt]
+    groups = sorted({c.parallel for c in cells})
+    series = [r for r in LIBVIRT_ROWS if any(c.row == r for c in cells)]
+    values: list[list[Bar | None]] = []
+    for par in groups:
+        row: list[Bar | None] = []
+        for name in series:
+            c = next((x for x in cells if (x.parallel, x.row) == (par, name)), None)
+            row.append((c.median_wall, min(c.walls), max(c.walls)) if c and c.walls else None)
+        values.append(row)
+    return BarPanel(
+        title=f"libvirt migration, {cells[0].mem_mib} MiB guest",
+        ylabel="wall seconds, lower is better",
+        xlabel="parallel (multifd) connections",
+        groups=[f"parallel {p}" if p else "one stream" for p in groups],
+        series=[f"libvirt {r}" if r != "holepunch_mig" else r for r in series],
+        values=values,
+    )
+
+
 def draw(panels: Sequence[BarPanel]) -> bytes:
     """The PNG of ``panels`` side by side.  Raises ModuleNotFoundError without matplotlib."""
     from matplotlib.figure import Figure
@@ -126,6 +161,7 @@ def draw(panels: Sequence[BarPanel]) -> bytes:
 
 
 def render_png(res: BenchResult) -> bytes:
-    """Throughput bars per RTT and, when the run had QEMU cells, the QEMU wall times."""
-    qemu = qemu_panel(res)
-    return draw([throughput_panel(res), *([qemu] if qemu else [])])
+    """Throughput bars per RTT and, when the run had them, the QEMU and the libvirt
+    migrations' wall times."""
+    extra = [p for p in (qemu_panel(res), libvirt_panel(res)) if p is not None]
+    return draw([throughput_panel(res), *extra])

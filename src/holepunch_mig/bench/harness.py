@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from holepunch_mig.bench import rows as _rows  # noqa: F401  (importing it registers the rows)
 from holepunch_mig.bench.lab_cells import lab_spec, run_pair_lab
+from holepunch_mig.bench.libvirt_cells import ROWS as LIBVIRT_ROWS
+from holepunch_mig.bench.libvirt_cells import libvirt_possible, run_libvirt_cells
 from holepunch_mig.bench.model import (
     REGISTRY,
     BenchConfig,
@@ -335,11 +337,16 @@ def run_bench(
     qemu_rtts: Sequence[int] | None = None,
     qemu_multifd: Sequence[int] = (0, 4),
     quick: bool = False,
+    libvirt_runs: int = 0,
+    libvirt_mem: int = 256,
+    libvirt_rows: Sequence[str] = LIBVIRT_ROWS,
+    libvirt_parallel: Sequence[int] = (0,),
 ) -> BenchResult:
     """Run the chosen rows (default: the default rows) at each RTT, interleaved
     ``cfg.runs`` times, in the namespace lab (``where="lab"``; ``"auto"`` = lab when
-    root) or over loopback; then QEMU cells (``qemu_runs``), crypto-only figures and
-    (when ``lab_runs``) the real CLI's time to link."""
+    root) or over loopback; then QEMU cells (``qemu_runs``), the libvirt rows
+    (``libvirt_runs``, in the lab when :func:`libvirt_possible`), crypto-only figures
+    and (when ``lab_runs``) the real CLI's time to link."""
     t_start = time.monotonic()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     machine = machine_info()
@@ -439,6 +446,26 @@ def run_bench(
                 summarise(c)
             for c in cells.values():
                 c.ratio = c.median["mbps"] / base.median["mbps"] if base else None
+    libvirt: list[Any] = []
+    if not libvirt_runs:
+        libvirt_note = "not run (--no-libvirt)"
+    elif where != "lab":
+        libvirt_note = "not run (no lab)"
+    elif (why := libvirt_possible()) is not None:
+        libvirt_note = f"not run: {why}"
+    else:
+        libvirt_note = ""
+        try:
+            libvirt = run_libvirt_cells(
+                mem=libvirt_mem,
+                runs=libvirt_runs,
+                rows=libvirt_rows,
+                parallel=libvirt_parallel,
+                log=log,
+            )
+        except Exception as exc:  # libvirt's errors are plain Exceptions; keep the rows
+            log(f"libvirt rows failed: {type(exc).__name__}: {exc}")
+            libvirt_note = f"libvirt rows failed: {type(exc).__name__}: {exc}"
     crypto = crypto_only()
     link = time_to_link(lab_runs) if lab_runs else None
     conf = asdict(cfg)
@@ -456,6 +483,8 @@ def run_bench(
         rtts=list(rtts),
         qemu=qemu,
         qemu_note=qemu_note,
+        libvirt=libvirt,
+        libvirt_note=libvirt_note,
         loadavg_per_rtt=load_per_rtt,
         started_at=started_at,
         seconds=time.monotonic() - t_start,

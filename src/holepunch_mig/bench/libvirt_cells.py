@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,66 @@ class LibvirtCell:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def libvirt_possible() -> str | None:
+    """None when the libvirt rows can run here (root, the daemons, QEMU, the binding),
+    else why not (the performance page says it)."""
+    if os.geteuid() != 0:
+        return "not root (the libvirt lab needs network and mount namespaces)"
+    tools = ("libvirtd", "virtlogd", "virsh", "nsenter", "unshare", "qemu-system-x86_64")
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed"
+    try:
+        import libvirt  # noqa: F401
+    except ModuleNotFoundError:
+        return "no libvirt Python binding (pip install 'holepunch_mig[libvirt]')"
+    return None
+
+
+def cell_from(data: LibvirtCell | dict[str, Any]) -> LibvirtCell:
+    """A cell, from itself or from a ``--json`` result's dict."""
+    return data if isinstance(data, LibvirtCell) else LibvirtCell(**data)
+
+
+#: holepunch_mig's goal per parallel group: at most this times libvirt direct (plain TCP).
+DIRECT_GOAL = 1.10
+
+
+def libvirt_targets(cells: Sequence[LibvirtCell]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) per parallel group: holepunch_mig <= 1.10x direct
+    (wall), and faster than tunnelled and native TLS when those rows ran."""
+    out: list[tuple[str, str, str]] = []
+    for par in sorted({c.parallel for c in cells}):
+        group = {c.row: c for c in cells if c.parallel == par}
+        hp = group.get("holepunch_mig")
+        if hp is None or not hp.median_wall:
+            continue
+        label = f"parallel {par}" if par else "one stream"
+        direct = group.get("direct")
+        if direct is not None and direct.median_wall:
+            q = hp.median_wall / direct.median_wall
+            out.append(
+                (
+                    f"libvirt: holepunch_mig <= {DIRECT_GOAL:.2f}x libvirt direct (plain TCP), "
+                    f"{label}",
+                    f"{q:.2f}x ({hp.median_wall:.2f} vs {direct.median_wall:.2f} s)",
+                    "met" if q <= DIRECT_GOAL else "**missed**",
+                )
+            )
+        for row, title in (("tunnelled", "tunnelled (libvirt RPC)"), ("tls", "native TLS")):
+            other = group.get(row)
+            if other is None or not other.median_wall:
+                continue
+            out.append(
+                (
+                    f"libvirt: holepunch_mig faster than {title}, {label}",
+                    f"{hp.median_wall:.2f} vs {other.median_wall:.2f} s",
+                    "met" if hp.median_wall < other.median_wall else "**missed**",
+                )
+            )
+    return out
 
 
 def bench_spec() -> LabSpec:

@@ -209,6 +209,8 @@ class BenchResult:
     rtts: list[int] = field(default_factory=lambda: [0])
     qemu: list[Any] = field(default_factory=list)  # QemuCell per (rtt, case, multifd)
     qemu_note: str = ""
+    libvirt: list[Any] = field(default_factory=list)  # LibvirtCell per (parallel, row)
+    libvirt_note: str = ""
     loadavg_per_rtt: dict[str, list[float]] = field(default_factory=dict)
     started_at: str = ""
     seconds: float = 0.0

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from holepunch_mig.bench.floor import pair_floor, qemu_cpu, qemu_floor, scale, stages
+from holepunch_mig.bench.libvirt_cells import cell_from, libvirt_targets, render_libvirt_table
 from holepunch_mig.bench.model import GIB, BenchResult, LinkTiming, RowResult, Sample
 
 __all__ = [
@@ -220,6 +221,11 @@ def render_text(res: BenchResult) -> str:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in q]
     elif res.qemu_note:
         lines.append(f"QEMU: {res.qemu_note}")
+    if res.libvirt:
+        lines.append("libvirt migrations (wall s, ratio to libvirt direct):")
+        lines.append(render_libvirt_table([cell_from(c) for c in res.libvirt]))
+    elif res.libvirt_note:
+        lines.append(f"libvirt: {res.libvirt_note}")
     co = res.crypto_only
     lines.append(
         "crypto only (1 MiB buffers, MB/s): "
@@ -372,7 +378,42 @@ def targets(res: BenchResult) -> list[tuple[str, str, str]]:
                 ("met" if c["ratio"] <= limit else "**missed**") + cause,
             )
         )
+    out += libvirt_targets([cell_from(c) for c in res.libvirt])
     return out
+
+
+def libvirt_section(res: BenchResult) -> list[str]:
+    """The libvirt rows: one random-RAM domain migrated by libvirt in each way."""
+    L = ["### libvirt live migration, fw-fw lab", ""]
+    cells = [cell_from(c) for c in res.libvirt]
+    if not cells:
+        L += [f"Not measured in this run: {res.libvirt_note or 'not run'}.", ""]
+        return L
+    mem = cells[0].mem_mib
+    L.append(
+        f"Two libvirt daemons (left, right; each in its own network and mount namespace), "
+        f"a {mem} MiB TCG domain with random file-backed RAM migrated memory only, left to "
+        "right, each row in turn after one unmeasured warm-up. Wall = libvirt's migrate "
+        "call (for holepunch_mig without the punching before it, shown as time to link), "
+        "median of the runs; ratio = wall / libvirt direct's in the same parallel group. "
+        "Rows: direct = libvirt's native transport over plain TCP into an opened port "
+        "(unencrypted); tunnelled = inside the libvirt RPC connection (not with parallel "
+        "connections); tls = the native transport with QEMU's TLS (certificates made at "
+        "run time); holepunch_mig = `holepunch-mig migrate` through the punched AES-GCM "
+        "link, no migration port open. Checked each run: destination running, 1 MiB of "
+        "its RAM equal to the source's."
+    )
+    L.append("")
+    L.append(render_libvirt_table(cells))
+    ttl = [t for c in cells for t in c.time_to_link]
+    if ttl:
+        L.append("")
+        L.append(
+            f"holepunch_mig's time to link before libvirt's call: median "
+            f"{statistics.median(ttl) * 1000:.0f} ms over {len(ttl)} runs."
+        )
+    L.append("")
+    return L
 
 
 def cores_of(res: BenchResult) -> int:
@@ -619,6 +660,7 @@ def render_markdown(res: BenchResult) -> str:
     else:
         L.append(f"Not measured in this run: {res.qemu_note}.")
     L.append("")
+    L += libvirt_section(res)
     L.append("### Targets")
     L.append("")
     tg = targets(res)

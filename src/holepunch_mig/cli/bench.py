@@ -108,12 +108,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     lv = p.add_argument_group(
         "libvirt rows",
-        "--libvirt runs only these: the same random-RAM domain migrated by libvirt between "
-        "two libvirt daemons in the lab (fw-fw), interleaved, ratio to the first row: "
-        "native direct over plain TCP, --tunnelled, holepunch_mig (root; libvirtd, QEMU "
-        "and the libvirt extra)",
+        "the same random-RAM domain migrated by libvirt between two libvirt daemons in the "
+        "lab (fw-fw), interleaved, ratio to the first row: native direct over plain TCP, "
+        "--tunnelled, native TLS, holepunch_mig.  They run after the other rows when they "
+        "can (root; libvirtd, QEMU and the libvirt extra; the page says why not); "
+        "--libvirt runs only them, --no-libvirt leaves them out",
     )
-    lv.add_argument("--libvirt", action="store_true", help="run the libvirt rows only")
+    only = lv.add_mutually_exclusive_group()
+    only.add_argument("--libvirt", action="store_true", help="run the libvirt rows only")
+    only.add_argument("--no-libvirt", action="store_true", help="leave the libvirt rows out")
     lv.add_argument("--libvirt-runs", type=int, default=3, help="migrations per row (default 3)")
     lv.add_argument("--libvirt-mem", type=int, default=256, help="guest MiB (default 256)")
     lv.add_argument(
@@ -199,6 +202,10 @@ def _run(args: argparse.Namespace) -> int:
             qemu_mem=args.qemu_mem,
             qemu_rtts=qemu_rtts,
             quick=args.quick,
+            libvirt_runs=0 if args.no_libvirt else args.libvirt_runs,
+            libvirt_mem=args.libvirt_mem,
+            libvirt_rows=[r for r in args.libvirt_rows.split(",") if r],
+            libvirt_parallel=_ints(args.libvirt_parallel),
         )
     except BenchError as exc:
         print(f"holepunch-mig bench: FAILED: {exc}", file=sys.stderr)

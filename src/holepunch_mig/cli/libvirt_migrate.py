@@ -3,7 +3,7 @@
 On the source host::
 
     holepunch-mig migrate vm1 qemu+tcp://dst-host/system --control dst-host:7070 \\
-        [--parallel 4] [--copy-storage-all] [--report r.json]
+        [--parallel 4] [--copy-storage-all] [--postcopy] [--report r.json]
     holepunch-mig migrate vm1 qemu+ssh://dst-host/system \\
         --control-cmd "ssh dst-host holepunch-mig migrate-proxy destination --libvirt \\
                        --control-stdio"
@@ -112,6 +112,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--bandwidth", type=int, default=None, metavar="MiB/s", help="libvirt's cap")
     p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="switch to post-copy after the first pass over memory (the guest then runs on "
+        "the destination and fetches the rest; a lost link after the switch leaves it paused)",
+    )
+    p.add_argument(
+        "--postcopy-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --postcopy: switch this many seconds into the migration instead",
+    )
+    p.add_argument(
         "--p2p",
         action="store_true",
         help="peer to peer: this host's libvirtd connects to DEST_URI itself "
@@ -166,6 +179,13 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return "--parallel takes 0 (off) to 64 connections"
     if args.bandwidth is not None and args.bandwidth <= 0:
         return "--bandwidth must be a positive number of MiB/s"
+    if args.postcopy and args.parallel:
+        return (
+            "--postcopy cannot be combined with --parallel: QEMU supports post-copy with "
+            "multifd only from 10.0; drop --parallel to migrate with post-copy"
+        )
+    if args.postcopy_after is not None and (not args.postcopy or args.postcopy_after < 0):
+        return "--postcopy-after SECONDS (>= 0) needs --postcopy"
     return cli.auth_usage_problem(args, tcp=not args.control_cmd)
 
 
@@ -229,6 +249,8 @@ async def _main(args: argparse.Namespace) -> int:
                     parallel=args.parallel,
                     copy_storage=args.copy_storage,
                     bandwidth=args.bandwidth,
+                    postcopy=args.postcopy,
+                    postcopy_after=args.postcopy_after,
                     persistent=args.persistent,
                     undefine_source=args.undefinesource,
                     unsafe=args.unsafe,

@@ -14,7 +14,8 @@ Each :class:`LibvirtHost` is
   /dev/null as their stdio;
 * a lab configuration: libvirtd listens on TCP :data:`LIBVIRT_TCP_PORT` without
   authentication (``auth_tcp = "none"``: a lab only), QEMU runs as root with no
-  security driver and no dynamic ownership.
+  security driver and no dynamic ownership (or, with ``qemu_user``, as that user and
+  group, libvirt handing the domain's files to it).
 
 From outside the namespaces the daemon is reachable at :attr:`LibvirtHost.local_uri`
 (``qemu+unix`` to the socket seen through ``/proc/HOLDER/root``); inside the host it is
@@ -74,9 +75,9 @@ log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 """
 
 QEMU_CONF = """\
-user = "root"
-group = "root"
-dynamic_ownership = 0
+user = "{user}"
+group = "{group}"
+dynamic_ownership = {dynamic}
 security_driver = "none"
 remember_owner = 0
 stdio_handler = "file"
@@ -99,7 +100,7 @@ DOMAIN_XML = """\
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
+      <driver name='qemu' type='{disk_format}' cache='none'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
@@ -110,15 +111,20 @@ DOMAIN_XML = """\
 """
 
 
-def domain_xml(name: str, mem_mib: int, disk: Path, *, file_ram: bool = False) -> str:
-    """A small TCG domain (no OS: it sits in the firmware) with one raw virtio disk;
+def domain_xml(
+    name: str, mem_mib: int, disk: Path, *, file_ram: bool = False, disk_format: str = "raw"
+) -> str:
+    """A small TCG domain (no OS: it sits in the firmware) with one virtio disk (raw, or
+    ``disk_format``, e.g. a qcow2 overlay whose backing chain libvirt reads from it);
     ``file_ram``: RAM backed by a private file mapping under :data:`RAM_DIR`."""
     backing = (
         "<memoryBacking><source type='file'/><access mode='private'/></memoryBacking>\n  "
         if file_ram
         else ""
     )
-    return DOMAIN_XML.format(name=name, mem=mem_mib, disk=disk, backing=backing)
+    return DOMAIN_XML.format(
+        name=name, mem=mem_mib, disk=disk, backing=backing, disk_format=disk_format
+    )
 
 
 VIRTLOGD_CONF = """\
@@ -131,9 +137,12 @@ _START_TIMEOUT = 30.0
 class LibvirtHost:
     """virtlogd + libvirtd of one lab host (see the module docstring)."""
 
-    def __init__(self, lab: Lab, host: str) -> None:
+    def __init__(self, lab: Lab, host: str, qemu_user: str | None = None) -> None:
         self.lab = lab
         self.host = host
+        self.qemu_user = qemu_user
+        """QEMU's user and group (qemu.conf) when not root, e.g. Debian's libvirt-qemu:
+        libvirt then hands the domain's files to it (dynamic_ownership)."""
         self.address = lab.address(host)
         self.public_address = lab.public_address(host)
         self._holder: subprocess.Popen[bytes] | None = None
@@ -247,7 +256,9 @@ class LibvirtHost:
         etc = self.path("/etc/libvirt")
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(port=LIBVIRT_TCP_PORT))
         conf_extra = prepare(self) if prepare is not None else ""
-        (etc / "qemu.conf").write_text(QEMU_CONF + conf_extra)
+        user = self.qemu_user or "root"
+        conf = QEMU_CONF.format(user=user, group=user, dynamic=int(self.qemu_user is not None))
+        (etc / "qemu.conf").write_text(conf + conf_extra)
         (etc / "virtlogd.conf").write_text(VIRTLOGD_CONF)
         (etc / "qemu").mkdir(exist_ok=True)
         for daemon, extra in (("virtlogd", []), ("libvirtd", ["--listen"])):
@@ -321,15 +332,9 @@ class LibvirtHost:
 
 
 def running(pid: int, start_time: int | None = None) -> bool:
-    """The process exists and has not exited (a daemon's zombie, which waits for init to
-    reap it, counts as ended)."""
-    if not pid_alive(pid, start_time):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    """The process exists and has not exited: :func:`pid_alive`, which counts a zombie
+    (a daemon's, waiting for init to reap it) as ended."""
+    return pid_alive(pid, start_time)
 
 
 def _terminate(pid: int, timeout: float = 10.0) -> None:
@@ -349,13 +354,15 @@ def libvirt_hosts(
     lab: Lab,
     hosts: Sequence[str] = ("left", "right"),
     prepare: Callable[[LibvirtHost], str] | None = None,
+    qemu_user: str | None = None,
 ) -> Iterator[dict[str, LibvirtHost]]:
     """Start libvirt on each of ``hosts`` of a built lab (``prepare``: see
-    :meth:`LibvirtHost.start`); stop them all on exit."""
+    :meth:`LibvirtHost.start`; ``qemu_user``: QEMU's user and group when not root);
+    stop them all on exit."""
     started: dict[str, LibvirtHost] = {}
     try:
         for name in hosts:
-            host = LibvirtHost(lab, name)
+            host = LibvirtHost(lab, name, qemu_user)
             started[name] = host
             host.start(prepare)
         yield started

@@ -78,8 +78,14 @@ DEFAULT_LINK_TIMEOUT = 15.0
 #: How long an aborted libvirt job may take to end before we stop waiting for it.
 ABORT_WAIT = 60.0
 PROGRESS_INTERVAL = 0.5
+POSTCOPY_WATCH_INTERVAL = 0.02
 
 CopyStorage = Literal["all", "inc"]
+
+POSTCOPY_PARALLEL = (
+    "post-copy cannot be combined with parallel (multifd) connections: QEMU supports "
+    "post-copy with multifd only from 10.0; migrate with one stream (drop --parallel)"
+)
 
 
 def _libvirt() -> Any:
@@ -147,6 +153,10 @@ class LibvirtReport:
     libvirt_error: str | None = None
     flags: list[str] = field(default_factory=list)
     parallel: int = 0
+    postcopy: bool = False
+    """The migration switched to post-copy (libvirt showed the source paused for it)."""
+    postcopy_seconds: float | None = None
+    """When the switch was seen, seconds after the libvirt call started."""
     copy_storage: CopyStorage | None = None
     migrate_uri: str | None = None
     disks_uri: str | None = None
@@ -174,6 +184,8 @@ class LibvirtReport:
                 f"  libvirt: {'completed' if self.libvirt_ok else 'failed'} "
                 f"in {self.seconds:.2f} s ({', '.join(self.flags)})"
             )
+        if self.postcopy_seconds is not None:
+            lines.append(f"  post-copy: switched after {self.postcopy_seconds:.2f} s")
         if self.libvirt_error:
             lines.append(f"  libvirt error: {self.libvirt_error}")
         if self.proxy is not None:
@@ -257,8 +269,9 @@ class LibvirtProxy(MigrationProxy):
         return None
 
     def close_local(self) -> None:
-        """After a failure: close QEMU's sockets, not only shut them down.  A QEMU NBD
-        client blocked writing to a socket whose peer shut down but still holds the
+        """After a failure: make sure QEMU's sockets are closed, not only shut down (a
+        failing mux closes them itself; this covers a failure seen only here).  A QEMU
+        NBD client blocked writing to a socket whose peer shut down but still holds the
         unread bytes is never woken (its write space stays taken); closing frees it, so
         its write fails and libvirt's job can end."""
         if self._mux is not None:
@@ -336,13 +349,34 @@ class LibvirtProxy(MigrationProxy):
             os.chown(path, -1, self._gid)
             os.chmod(path, mode)
 
+    def _prepare_parent(self) -> None:
+        """The socket parent: made 0700 (0710 for QEMU's group, which must pass through
+        it); an existing one must already let that group through: it is not ours to
+        widen."""
+        try:
+            self._parent.mkdir(mode=0o700, parents=True)
+            self._share(self._parent, 0o710)
+        except FileExistsError:
+            pass
+        if self._gid is None:
+            return
+        st = self._parent.stat()
+        passes = st.st_mode & 0o001 or (st.st_gid == self._gid and st.st_mode & 0o010)
+        if not passes:
+            raise ProxyError(
+                f"QEMU's group cannot enter the socket parent {self._parent} "
+                f"(mode {st.st_mode & 0o777:o}, group {st.st_gid}): "
+                f"chgrp {self._gid} {self._parent} && chmod g+x {self._parent}, "
+                "or give another --socket-dir"
+            )
+
     def _make_source_dir(self, wanted: Path) -> Path:
         if wanted.parent != self._parent:
             raise ProtocolError(
                 f"the destination's socket directory {wanted} is not in ours ({self._parent}); "
                 "both proxies need the same --socket-dir (libvirt uses one path on both hosts)"
             )
-        self._parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._prepare_parent()
         try:
             wanted.mkdir(mode=0o700)
         except FileExistsError:
@@ -351,7 +385,7 @@ class LibvirtProxy(MigrationProxy):
         return wanted
 
     def _make_destination_dir(self) -> Path:
-        self._parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._prepare_parent()
         for _ in range(16):
             name = self._parent / f"m-{os.urandom(6).hex()}"
             try:
@@ -501,6 +535,38 @@ def migration_flags(
     return flags, chosen
 
 
+class PostcopySwitch:
+    """When to call ``virDomainMigrateStartPostCopy`` (the migration was started with
+    ``VIR_MIGRATE_POSTCOPY``), decided from libvirt's job samples.
+
+    ``after=None``: once the first pass over guest memory is done (libvirt's
+    ``memory_iteration`` reaches 2) and precopy has not completed by then: what is left
+    is what the guest dirtied, which is exactly what post-copy fetches on demand.
+    ``after=S``: S seconds after the migrate call started, as soon as memory is being
+    sent (``memory_iteration`` >= 1; during the NBD storage copy QEMU's migration has
+    not started and refuses the switch).  A refused request is retried at the next
+    sample.  ``seen`` is set once libvirt shows the source paused for post-copy
+    (``VIR_DOMAIN_PAUSED_POSTCOPY``): only then did the switch happen (a request that
+    races the end of precopy is accepted and ignored)."""
+
+    def __init__(self, after: float | None = None) -> None:
+        if after is not None and after < 0:
+            raise ValueError("postcopy_after must be >= 0 seconds")
+        self.after = after
+        self.requested: float | None = None
+        self.seen: float | None = None
+
+    def due(self, stats: Mapping[str, Any], elapsed: float) -> bool:
+        if self.requested is not None:
+            return False
+        iteration = stats.get("memory_iteration", 0)
+        if not isinstance(iteration, int):
+            return False
+        if self.after is None:
+            return iteration >= 2
+        return iteration >= 1 and elapsed >= self.after
+
+
 async def _libvirt_job(
     domain: Any,
     call: Callable[[], object],
@@ -508,14 +574,17 @@ async def _libvirt_job(
     last: dict[str, Any],
     failure: Callable[[], str | None],
     release: Callable[[], None],
+    postcopy: PostcopySwitch | None = None,
 ) -> str | None:
     """Run libvirt's (blocking) migrate call in a thread, sampling its job info; returns
     libvirt's error message or None.  When ``failure()`` says the link failed, abort the
     libvirt job (QEMU's NBD client may not notice a dead socket by itself and the job
-    would wait forever); cancelled (Ctrl-C): the same, then re-raise."""
+    would wait forever); cancelled (Ctrl-C): the same, then re-raise.  ``postcopy``:
+    switch to post-copy when it says so (and watch for the switch to happen)."""
     libvirt = _libvirt()
     done = threading.Event()
     error: list[str | None] = []
+    started = time.monotonic()
 
     def work() -> None:
         try:
@@ -539,6 +608,26 @@ async def _libvirt_job(
                         progress(LibvirtProgress.from_stats(stats))
                     except Exception:
                         log.exception("progress callback failed")
+                if postcopy is not None and postcopy.due(stats, time.monotonic() - started):
+                    switch()
+
+    def switch() -> None:
+        assert postcopy is not None
+        try:
+            domain.migrateStartPostCopy(0)
+        except libvirt.libvirtError as exc:
+            log.debug("post-copy switch refused (retrying at the next sample): %s", exc)
+            return
+        postcopy.requested = time.monotonic() - started
+        log.info("post-copy requested %.2f s into the migration", postcopy.requested)
+
+    def watch_switch() -> None:
+        assert postcopy is not None
+        with contextlib.suppress(libvirt.libvirtError):
+            state, reason = domain.state()
+            if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY:
+                postcopy.seen = time.monotonic() - started
+                log.info("migration in post-copy since %.2f s", postcopy.seen)
 
     def abort() -> None:
         with contextlib.suppress(libvirt.libvirtError):
@@ -547,9 +636,16 @@ async def _libvirt_job(
     thread = threading.Thread(target=work, name="libvirt-migrate", daemon=True)
     thread.start()
     aborted = False
+    next_sample = 0.0
     try:
         while not done.is_set():
-            await trio.to_thread.run_sync(done.wait, PROGRESS_INTERVAL)
+            # Between a post-copy request and its sight, look often: the post-copy phase
+            # of a small guest is short, and the state is the only witness of it.
+            watching = (
+                postcopy is not None and postcopy.requested is not None and postcopy.seen is None
+            )
+            wait = POSTCOPY_WATCH_INTERVAL if watching else PROGRESS_INTERVAL
+            await trio.to_thread.run_sync(done.wait, wait)
             if done.is_set():
                 break
             reason = failure()
@@ -558,7 +654,11 @@ async def _libvirt_job(
                 log.warning("link failed (%s): aborting the libvirt job", reason)
                 await trio.to_thread.run_sync(release)
                 await trio.to_thread.run_sync(abort)
-            await trio.to_thread.run_sync(sample)
+            if watching:
+                await trio.to_thread.run_sync(watch_switch)
+            if time.monotonic() >= next_sample:
+                next_sample = time.monotonic() + PROGRESS_INTERVAL
+                await trio.to_thread.run_sync(sample)
     except BaseException:
         with trio.CancelScope(shield=True):
             log.warning("aborting the libvirt migration job of %s", domain.name())
@@ -577,6 +677,7 @@ async def migrate_domain(
     copy_storage: CopyStorage | None = None,
     bandwidth: int | None = None,
     postcopy: bool = False,
+    postcopy_after: float | None = None,
     persistent: bool = False,
     undefine_source: bool = False,
     unsafe: bool = False,
@@ -601,10 +702,22 @@ async def migrate_domain(
     is shared).  ``progress``
     gets libvirt's job info about twice a second.
 
+    ``postcopy``: start with ``VIR_MIGRATE_POSTCOPY`` and switch to post-copy after the
+    first pass over memory, or ``postcopy_after`` seconds into the call (see
+    :class:`PostcopySwitch`); ``report.postcopy`` says whether it happened.  Not with
+    ``parallel`` (QEMU 7.2's post-copy does not drive multifd channels: ValueError).
+    Once switched, a lost link cannot be rolled back: libvirt leaves the domain paused
+    (post-copy failed) and only libvirt's ``VIR_MIGRATE_POSTCOPY_RESUME`` recovers it.
+
     Returns the report; never raises for a failed migration (``report.ok`` is False and
     ``report.verdict`` says why) except for errors before the link exists (control
     channel, no direct path: HolepunchError).  Cancelling aborts the libvirt job: the
     source domain keeps running."""
+    if postcopy and parallel:
+        raise ValueError(POSTCOPY_PARALLEL)
+    if postcopy_after is not None and not postcopy:
+        raise ValueError("postcopy_after needs postcopy=True")
+    switch = PostcopySwitch(postcopy_after) if postcopy else None
     libvirt = _libvirt()
     report = LibvirtReport(domain=domain.name(), parallel=parallel, copy_storage=copy_storage)
     p2p = isinstance(dest, str)
@@ -648,11 +761,23 @@ async def migrate_domain(
             started = time.perf_counter()
             try:
                 error = await _libvirt_job(
-                    domain, call, progress, last, lambda: proxy.failure, proxy.close_local
+                    domain,
+                    call,
+                    progress,
+                    last,
+                    lambda: proxy.failure,
+                    proxy.close_local,
+                    switch,
                 )
             finally:
                 report.seconds = time.perf_counter() - started
             report.libvirt_ok = error is None
+            if error is not None and socket_group is None and "ermission denied" in error:
+                error += (
+                    f" (QEMU cannot use the sockets in {proxy.socket_dir}: when it does not "
+                    "run as root, give its group (qemu.conf's group, e.g. libvirt-qemu) as "
+                    "--socket-group GROUP to both proxies)"
+                )
             report.libvirt_error = error
             if error is not None:
                 proxy.abort(f"libvirt migration failed: {error}")
@@ -660,6 +785,15 @@ async def migrate_domain(
         pass  # the proxy's report says it; combined below
     finally:
         report.job = _final_job(libvirt, domain, last)
+        if switch is not None:
+            # The state witness, or the destination's page requests (a post-copy phase
+            # shorter than the watch interval).
+            requests = report.job.get("memory_postcopy_requests", 0)
+            report.postcopy = switch.seen is not None or (
+                switch.requested is not None and isinstance(requests, int) and requests > 0
+            )
+            if report.postcopy:
+                report.postcopy_seconds = switch.seen or switch.requested
         if proxy is not None:
             report.proxy = proxy.report
             peer = proxy.peer_result

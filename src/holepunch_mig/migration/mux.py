@@ -36,9 +36,10 @@ Threads (all blocking sockets; socket calls, AES-GCM and SHA-256 release the GIL
   (queue -> local socket with ``sendall``, then ACK every ``window/4`` bytes).
 
 Any failure (digest or count mismatch, peer ABORT, link error, local socket error)
-fails the whole mux loudly: every local socket is shut down at once, so QEMU sees
-its migration fail (the source keeps running), ABORT goes to the peer and the link
-is shut down.  ``finish()`` then raises :class:`MuxError`.
+fails the whole mux loudly: every local socket is shut down and closed at once, so
+QEMU sees its migration fail (the source keeps running) even when it was blocked
+writing, ABORT goes to the peer and the link is shut down.  ``finish()`` then raises
+:class:`MuxError`.
 """
 
 from __future__ import annotations
@@ -392,6 +393,11 @@ class Mux:
         for st in streams:
             with contextlib.suppress(OSError):
                 st.sock.shutdown(socket.SHUT_RDWR)
+            # Then close: a local writer (QEMU) blocked on a full socket waits for write
+            # space, which a shutdown does not free (the unread bytes stay queued) and
+            # QEMU's loop does not run a write handler on a bare hang-up; closing drops
+            # them, so its next write fails (EPIPE/ECONNRESET) and its migration ends.
+            _quiet_close(st.sock)
             with st.cond:
                 st.cond.notify_all()
         if self._on_fail is not None:
