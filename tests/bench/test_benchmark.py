@@ -17,7 +17,7 @@ from holepunch_mig.bench import harness
 from holepunch_mig.bench import model as b
 from holepunch_mig.bench.floor import pair_floor, qemu_floor, scale, stages
 from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource, expected_sha256
-from holepunch_mig.bench.report import load_result, render_markdown
+from holepunch_mig.bench.report import load_result, render_markdown, targets
 from holepunch_mig.cli.main import main
 from holepunch_mig.errors import BenchError
 
@@ -239,6 +239,12 @@ def test_floor_from_the_runs_rates() -> None:
     assert "CPU s/GiB src / dst (QEMU + proxy)" in page
     assert "1.80 / 1.50" in page  # the proxy row: QEMU + proxy, each side
     assert "1.10 / 0.80" in page  # the direct row: QEMU alone (medians)
+    # a QEMU target below the floor says so, with the best ratio the floor allows
+    proxy_q.ratio, proxy_q.median_mbps = 2.0, 300.0
+    (verdict,) = [t for t in targets(res) if t[0].startswith("QEMU via migrate-proxy")]
+    best = 600.0 / qf.mbps
+    assert verdict[2].startswith("**missed**")
+    assert f"could beat {best:.2f}x direct on this machine" in verdict[2]
 
 
 def test_chart_is_a_png_that_matplotlib_drew() -> None:

@@ -9,6 +9,7 @@ import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from holepunch_mig.bench.floor import pair_floor, qemu_cpu, qemu_floor, scale, stages
 from holepunch_mig.bench.libvirt_cells import cell_from, libvirt_targets, render_libvirt_table
@@ -361,7 +362,9 @@ def targets(res: BenchResult) -> list[tuple[str, str, str]]:
                 f". Cause (measured): the floor of this work here is {fl.mbps:.0f} MB/s "
                 f"({fl.send_cpu:.2f} + {fl.recv_cpu:.2f} CPU s/GiB on {cores_of(res)} "
                 "cores shared by both QEMUs and both proxies; direct QEMU's best run "
-                f"bounds it), the cell reached {c['median_mbps'] / fl.mbps:.2f} of it"
+                f"bounds it), so no proxy doing this work could beat "
+                f"{_floor_ratio(res, c, fl.mbps)} direct on this machine; the cell reached "
+                f"{c['median_mbps'] / fl.mbps:.2f} of it"
                 + (
                     f" with {src:.2f} + {dst:.2f} CPU s/GiB measured"
                     if src is not None and dst is not None
@@ -414,6 +417,17 @@ def libvirt_section(res: BenchResult) -> list[str]:
         )
     L.append("")
     return L
+
+
+def _floor_ratio(res: BenchResult, c: dict[str, Any], floor_mbps: float) -> str:
+    """The wall ratio to direct QEMU's median that the floor allows: a target below it
+    cannot be met on this machine by any proxy that copies and seals each byte once."""
+    for q in res.qemu:
+        d = q if isinstance(q, dict) else asdict(q)
+        same = (d["case"], d["multifd"], d["rtt_ms"]) == ("direct", c["multifd"], c["rtt_ms"])
+        if same and d["median_mbps"]:
+            return f"{d['median_mbps'] / floor_mbps:.2f}x"
+    return "its floor"
 
 
 def cores_of(res: BenchResult) -> int:
