@@ -33,8 +33,7 @@ def _write(target: str, seeds: list[bytes]) -> None:
     for old in folder.iterdir():
         old.unlink()
     for seed in seeds:
-        name = hashlib.sha1(seed).hexdigest()[:16]
-        (folder / name).write_bytes(seed)
+        (folder / seed_name(seed)).write_bytes(seed)
 
 
 def message_seeds() -> list[bytes]:
@@ -157,12 +156,22 @@ def upnp_seeds() -> list[bytes]:
     ]
 
 
+SEEDS = {
+    "messages": message_seeds,
+    "candidates": candidate_seeds,
+    "records": record_seeds,
+    "noise": noise_seeds,
+    "upnp": upnp_seeds,
+}
+
+
+def seed_name(seed: bytes) -> str:
+    return hashlib.sha1(seed).hexdigest()[:16]
+
+
 def main() -> None:
-    _write("messages", message_seeds())
-    _write("candidates", candidate_seeds())
-    _write("records", record_seeds())
-    _write("noise", noise_seeds())
-    _write("upnp", upnp_seeds())
+    for target, seeds in SEEDS.items():
+        _write(target, seeds())
     for target in sorted(p.name for p in CORPUS.iterdir()):
         files = list((CORPUS / target).iterdir())
         print(f"{target}: {len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes")
