@@ -101,6 +101,8 @@ def test_postcopy_migration(vlab: LibvirtLab, tmp_path: Path) -> None:
         # precopy at 8 MiB/s would have needed 16 s; post-copy runs uncapped
         assert rep["seconds"] < 14, rep["job"]
         assert "post-copy: switched after" in log
+        (main,) = rep["proxy"]["streams"]
+        assert main["channel"] == "migration" and main["received"] > 0  # the return path
         assert vlab.state(vlab.right, name) == "running"
         assert vlab.state(vlab.left, name) is None
         assert vlab.ram_check(vlab.right, name, tmp_path) == check
@@ -184,8 +186,11 @@ def test_interrupted_migration(vlab: LibvirtLab, tmp_path: Path, how: str) -> No
                 vlab.lab.run("left", ["nft", "-f", "-"], timeout=10, input=_cut_ruleset().encode())
             else:
                 src.send_signal(signal.SIGINT)
+            cut = time.monotonic()
             code = src.wait(timeout=120)
+            src_seconds = time.monotonic() - cut
             dst_code = dst.wait(timeout=60)
+            dst_seconds = time.monotonic() - cut
         finally:
             for proc in (src, dst):
                 if proc.poll() is None:
@@ -196,6 +201,11 @@ def test_interrupted_migration(vlab: LibvirtLab, tmp_path: Path, how: str) -> No
         text = log.read_text(errors="replace")
         assert code == (130 if how == "sigint" else 1), text
         assert dst_code == 1, (tmp_path / "dst.log").read_text()
+        # A lost link ends everything within a bound set by --link-timeout (3 s here),
+        # not by TCP retransmission or libvirt's keepalive: generous, a failure path.
+        print(f"{how}: source ended {src_seconds:.1f} s, destination {dst_seconds:.1f} s after")
+        assert src_seconds < 45, f"the source took {src_seconds:.0f} s to end:\n{text}"
+        assert dst_seconds < 45, f"the destination took {dst_seconds:.0f} s to end"
         assert vlab.state(vlab.left, name) == "running", text
         assert vlab.state(vlab.right, name) is None
         drep = read_json(tmp_path / "dst.json")
