@@ -176,6 +176,10 @@ def test_echo_streams_in_order_with_half_close(echo: EchoServer, sizes: list[int
             == hashlib.sha256(struct.pack(">Q", i) + payloads[i]).digest()
         )
         assert d_stats.streams[i].received == d_stats.streams[i].sent == n + 8
+        # each DATA record is counted where it was sealed and where it was delivered
+        assert st.records_sent == d_stats.streams[i].records_received >= 1
+        assert st.records_received == d_stats.streams[i].records_sent >= 1
+        assert st.records_sent >= -(-(n + 8) // DEFAULT_BUFSIZE)
     a.close()
     b.close()
 

@@ -70,6 +70,10 @@ class StreamReport:
     """libvirt mode: which endpoint ("migration" or "nbd"); "" otherwise."""
     link: int = 0
     """Index of the parallel link that carried it (0: the session's first link)."""
+    records_sent: int = 0
+    records_received: int = 0
+    """DATA records each way (``sent / records_sent`` is the mean record size: QEMU's
+    writes coalesced up to 1 MiB)."""
 
 
 @dataclass

@@ -123,6 +123,8 @@ class StreamStats:
     received: int = 0  # link -> local socket (delivered)
     sent_digest: bytes = b""
     received_digest: bytes = b""
+    records_sent: int = 0  # DATA records each way: bytes / records = the mean record,
+    records_received: int = 0  # and the per-record costs are paid this often
 
 
 @dataclass
@@ -470,6 +472,7 @@ class Mux:
                 write_in_place(st.id, frame, n)
                 sent += n
                 st.stats.sent = sent
+                st.stats.records_sent += 1
             dig = h.digest() if h is not None else b""
             st.stats.sent_digest = dig
             write(END, st.id, END_PAYLOAD.pack(sent, dig or _ZERO_DIGEST))
@@ -517,6 +520,7 @@ class Mux:
                 if h is not None:
                     h.update(item)
                 delivered += len(item)
+                st.stats.records_received += 1
                 if isinstance(item, memoryview):
                     self._pool.append(item.obj)  # the reader decrypts into it again
                 st.stats.received = delivered

@@ -299,6 +299,8 @@ class MigrationProxy(ProxyBase):
                         s.received_digest.hex() or None,
                         s.label,
                         link=(s.stream - 1) % n_links,
+                        records_sent=s.records_sent,
+                        records_received=s.records_received,
                     )
                     for s in stats.streams
                 ]
