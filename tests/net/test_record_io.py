@@ -31,7 +31,8 @@ from holepunch_mig.errors import (
     TruncatedStream,
 )
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
-from holepunch_mig.wire.records import HEADER, MAX_RECORD, RecordType, rekey
+from holepunch_mig.wire.digests import new_hash
+from holepunch_mig.wire.records import HEADER, MAX_RECORD, RecordType, StreamPosition, rekey
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -662,6 +663,75 @@ def test_pipelined_send_file_is_byte_identical_to_serial(digest: bool) -> None:
         wires.append(cap.sent)
         assert w.records_sent == 1 + 8 + 1 + 1
     assert wires[0] == wires[1] == wires[2]
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
+@pytest.mark.parametrize("pipeline", [0, 3])
+def test_send_file_digest_and_resume_marks_cover_each_record(algorithm: Any, pipeline: int) -> None:
+    """BLAKE3 is hashed inline (in the sealing thread, before the record is sealed over
+    its plaintext), SHA-256 in a thread of its own: either way the digest is the
+    algorithm's over the bytes, continued from a resume position, with a mark per record."""
+    data = os.urandom(5 * 1000 + 77)
+    head = os.urandom(300)
+    h = new_hash(algorithm)
+    h.update(head)
+    pos = StreamPosition(offset=len(head), sha256=h, marks=[])
+    w, _cap = capture_writer(max_record=1000)
+    count, dig = w.send_file(
+        1, io.BytesIO(data), pipeline=pipeline, position=pos, algorithm=algorithm
+    )
+    want = new_hash(algorithm)
+    want.update(head + data)
+    assert (count, dig) == (len(head) + len(data), want.digest())
+    assert pos.marks is not None
+    ends = [m[0] for m in pos.marks]
+    assert ends == [len(head) + min(len(data), (i + 1) * 1000) for i in range(6)]
+    for end, state in pos.marks:
+        part = new_hash(algorithm)
+        part.update((head + data)[:end])
+        assert state.digest() == part.digest()
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_receive_file_digest_and_position_cover_what_dst_holds(
+    algorithm: Any, prefetch: int
+) -> None:
+    data = os.urandom(4 * 1000 + 5)
+    with pair() as (a, b):
+        w = RecordWriter(a, KEY, max_record=1000)
+        r = RecordReader(b, KEY, max_record=1000)
+        w.send_file(1, io.BytesIO(data), algorithm=algorithm)
+        out = io.BytesIO()
+        pos = StreamPosition()
+        count, dig = r.receive_file(1, out, prefetch=prefetch, position=pos, algorithm=algorithm)
+        want = new_hash(algorithm)
+        want.update(data)
+        assert (count, dig, out.getvalue()) == (len(data), want.digest(), data)
+        assert r.end_verified and pos.offset == len(data)
+        assert pos.sha256.digest() == want.digest()
+
+        class FullAfterTwo(io.RawIOBase):
+            def __init__(self) -> None:
+                self.held = b""
+
+            def writable(self) -> bool:
+                return True
+
+            def write(self, b: Any) -> int:
+                if len(self.held) >= 2000:
+                    raise OSError(28, "No space left on device")
+                self.held += bytes(b)
+                return len(b)
+
+        w.send_file(2, io.BytesIO(data), algorithm=algorithm)
+        sink, pos = FullAfterTwo(), StreamPosition()
+        with pytest.raises(OSError, match="No space"):
+            r.receive_file(2, sink, prefetch=prefetch, position=pos, algorithm=algorithm)
+        held = new_hash(algorithm)
+        held.update(sink.held)
+        assert pos.offset == len(sink.held) == 2000
+        assert pos.sha256.digest() == held.digest()  # not the record that failed to land
 
 
 def test_writes_from_other_threads_during_pipelined_send_file_keep_counter_order() -> None:
