@@ -245,6 +245,10 @@ def test_floor_from_the_runs_rates() -> None:
     best = 600.0 / qf.mbps
     assert verdict[2].startswith("**missed**")
     assert f"could beat {best:.2f}x direct on this machine" in verdict[2]
+    # a floor at direct QEMU's own rate does not rule the target out: no such clause
+    direct_q.median_mbps = qf.mbps * 0.9
+    (verdict,) = [t for t in targets(res) if t[0].startswith("QEMU via migrate-proxy")]
+    assert verdict[2].startswith("**missed**") and "could beat" not in verdict[2]
 
 
 def test_chart_is_a_png_that_matplotlib_drew() -> None:
