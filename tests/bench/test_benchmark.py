@@ -411,3 +411,18 @@ def test_cli_bench_runs_the_libvirt_rows_by_default(tmp_path: Path) -> None:
     text = md.read_text()
     assert "| holepunch_mig | 0 | 64 MiB |" in text
     assert "libvirt: holepunch_mig <= 1.10x libvirt direct (plain TCP), one stream" in text
+
+
+def test_steal_is_measured_per_phase_and_on_the_page() -> None:
+    """The share of CPU time the hypervisor took, from /proc/stat, per bench phase: cells
+    that ran while the host was busy elsewhere are recognisable on the page."""
+    before = b.cpu_ticks()
+    assert before is not None and before[0] > 0 and 0 <= before[1] <= before[0]
+    assert b.steal_between((1000, 50), (2000, 150)) == pytest.approx(10.0)
+    assert b.steal_between((1000, 50), (1000, 50)) is None  # no time passed
+    assert b.steal_between(None, before) is None
+    res = _result()
+    assert "steal" not in render_markdown(res)
+    res.steal_pct = {"rows 0 ms": 2.5, "QEMU 0 ms": 14.0}
+    page = render_markdown(res)
+    assert "rows 0 ms: 2.5 %; QEMU 0 ms: 14.0 %" in page

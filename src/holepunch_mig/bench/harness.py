@@ -52,8 +52,10 @@ from holepunch_mig.bench.model import (
     RowResult,
     Sample,
     SideResult,
+    cpu_ticks,
     default_rows,
     p95,
+    steal_between,
     summarise,
 )
 from holepunch_mig.bench.pair import check_pair, receive_with, run_side, send_with, tune_socket
@@ -366,6 +368,14 @@ def run_bench(
         "" if qemu_runs else "not run (--qemu-runs 0" + (", no lab)" if where != "lab" else ")")
     )
     load_per_rtt: dict[str, list[float]] = {}
+    steal: dict[str, float] = {}
+    run_ticks = cpu_ticks()
+
+    def record_steal(phase: str, since: tuple[int, int] | None) -> None:
+        pct = steal_between(since, cpu_ticks())
+        if pct is not None:
+            steal[phase] = pct
+
     with tempfile.TemporaryDirectory(prefix="hpm-bench-") as tmp:
         cfg = replace(cfg, workdir=tmp)
         specs = {m.key: m.factory(cfg) for m in chosen}
@@ -406,6 +416,7 @@ def run_bench(
                     log(f"rtt {rtt} ms: pending ({exc})")
                     continue
             try:
+                rows_ticks = cpu_ticks()
                 for run in range(cfg.runs):
                     for m in chosen:
                         ccfg = cell_cfg[m.key]
@@ -420,6 +431,7 @@ def run_bench(
                             f"{sample.mbps:8.0f} MB/s  {sample.wall:7.2f} s  "
                             f"load {os.getloadavg()[0]:.2f}"
                         )
+                record_steal(f"rows {rtt} ms", rows_ticks)
                 if (
                     lab is not None
                     and qemu_runs
@@ -430,6 +442,7 @@ def run_bench(
                     if not qemu_available():
                         qemu_note = "qemu-system-x86_64 not installed"
                     else:
+                        qemu_ticks = cpu_ticks()
                         try:
                             qemu += run_qemu_cells(
                                 lab, Path(tmp), qemu_mem, qemu_runs, tuple(qemu_multifd), log
@@ -438,6 +451,7 @@ def run_bench(
                             # Reported as failed; the rows already measured are kept.
                             log(f"rtt {rtt} ms QEMU cells failed: {exc}")
                             qemu_note = f"QEMU cells failed at {rtt} ms: {exc}"
+                        record_steal(f"QEMU {rtt} ms", qemu_ticks)
             finally:
                 if lab is not None:
                     lab.teardown()
@@ -455,6 +469,7 @@ def run_bench(
         libvirt_note = f"not run: {why}"
     else:
         libvirt_note = ""
+        libvirt_ticks = cpu_ticks()
         try:
             libvirt = run_libvirt_cells(
                 mem=libvirt_mem,
@@ -466,6 +481,7 @@ def run_bench(
         except Exception as exc:  # libvirt's errors are plain Exceptions; keep the rows
             log(f"libvirt rows failed: {type(exc).__name__}: {exc}")
             libvirt_note = f"libvirt rows failed: {type(exc).__name__}: {exc}"
+        record_steal("libvirt", libvirt_ticks)
     crypto = crypto_only()
     link = time_to_link(lab_runs) if lab_runs else None
     conf = asdict(cfg)
@@ -486,6 +502,10 @@ def run_bench(
         libvirt=libvirt,
         libvirt_note=libvirt_note,
         loadavg_per_rtt=load_per_rtt,
+        steal_pct={
+            **steal,
+            **({"run": v} if (v := steal_between(run_ticks, cpu_ticks())) is not None else {}),
+        },
         started_at=started_at,
         seconds=time.monotonic() - t_start,
         quick=quick,

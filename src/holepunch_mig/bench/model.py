@@ -212,6 +212,9 @@ class BenchResult:
     libvirt: list[Any] = field(default_factory=list)  # LibvirtCell per (parallel, row)
     libvirt_note: str = ""
     loadavg_per_rtt: dict[str, list[float]] = field(default_factory=dict)
+    steal_pct: dict[str, float] = field(default_factory=dict)
+    """Per phase ("rows 0 ms", "QEMU 0 ms", "libvirt", "run"): the share of CPU time the
+    hypervisor gave to other guests (/proc/stat steal), in percent; empty off Linux."""
     started_at: str = ""
     seconds: float = 0.0
     quick: bool = False
@@ -252,3 +255,21 @@ class QemuCell:
     proxy_cpu_src: list[float] = field(default_factory=list)
     proxy_cpu_dst: list[float] = field(default_factory=list)
     links: int = 0  # proxy cells: parallel links the proxies used
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all CPU ticks, steal ticks) from /proc/stat's first line, or None without it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+    return sum(fields[:8]), (fields[7] if len(fields) > 7 else 0)
+
+
+def steal_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Percent of the CPU time between two :func:`cpu_ticks` readings that was stolen."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return 100.0 * (after[1] - before[1]) / (after[0] - before[0])

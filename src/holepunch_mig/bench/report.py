@@ -370,7 +370,7 @@ def targets(res: BenchResult) -> list[tuple[str, str, str]]:
                     else ""
                 )
                 + "; the rest is scheduling on cores that other sessions load too (load "
-                "average in the header)"
+                "average and steal in the header)"
             )
         out.append(
             (
@@ -641,6 +641,13 @@ def render_markdown(res: BenchResult) -> str:
                 f"{k} ms: " + " ".join(f"{x:.2f}" for x in v)
                 for k, v in res.loadavg_per_rtt.items()
             )
+        )
+    if res.steal_pct:
+        L.append(
+            "- CPU time the hypervisor gave to other guests (steal, /proc/stat) during: "
+            + "; ".join(f"{k}: {v:.1f} %" for k, v in res.steal_pct.items())
+            + " — this machine is a VM on a shared host: cells with more steal ran on "
+            "less CPU than their neighbours"
         )
     L.append("")
     for rtt in res.rtts:
