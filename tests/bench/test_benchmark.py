@@ -66,17 +66,17 @@ def test_cli_bench_tiny_loopback_writes_verified_json_markdown_png(tmp_path: Pat
     out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     code = main(
         ["bench", "--loopback", "--gib", str(TINY / b.GIB), "--runs", "1", "--lab-runs", "0",
-         "--full-verify", "--rows", ",".join([*ALL_ROWS, "records-sha256"]),
+         "--full-verify", "--rows", ",".join([*ALL_ROWS, "records-sha256", "records-blake3"]),
          "--json", str(out), "--markdown", str(md), "--png", str(png)]
     )  # fmt: skip
     assert code == 0
     res = json.loads(out.read_text())
     assert res["config"]["total"] == TINY and res["config"]["runs"] == 1
     assert res["where"] == "loopback" and res["rtts"] == [0]
-    assert [r["key"] for r in res["rows"]] == [*ALL_ROWS, "records-sha256"]
+    assert [r["key"] for r in res["rows"]] == [*ALL_ROWS, "records-sha256", "records-blake3"]
     _check_rows(res, TINY)
     for row in res["rows"]:
-        alg = "blake3" if row["key"] == "direct-blake3" else "sha256"
+        alg = "blake3" if row["key"] in ("direct-blake3", "records-blake3") else "sha256"
         assert f"sink {alg}" in row["verified"]
     assert set(res["crypto_only"]) >= {"aes_gcm_encrypt_into_MBps", "sha256_MBps", "blake3_MBps"}
     assert res["time_to_link"] is None
@@ -426,3 +426,14 @@ def test_steal_is_measured_per_phase_and_on_the_page() -> None:
     res.steal_pct = {"rows 0 ms": 2.5, "QEMU 0 ms": 14.0}
     page = render_markdown(res)
     assert "rows 0 ms: 2.5 %; QEMU 0 ms: 14.0 %" in page
+
+
+def test_every_row_says_what_crypto_its_floor_holds() -> None:
+    """A row missing from the floor's table would get a floor without its digest (as
+    records-blake3 did when it was added)."""
+    from holepunch_mig.bench.floor import CRYPTO_WORK
+
+    assert set(b.REGISTRY) <= set(CRYPTO_WORK) | {"plain-tcp"}
+    for key, work in CRYPTO_WORK.items():
+        for alg in ("sha256", "blake3"):
+            assert (alg in key) == (alg in work), key

@@ -41,6 +41,7 @@ CRYPTO_WORK: dict[str, tuple[str, ...]] = {
     "direct-blake3": ("aes", "blake3"),
     "records": ("aes",),
     "records-sha256": ("aes", "sha256"),
+    "records-blake3": ("aes", "blake3"),
 }
 """Row key -> the primitives every byte goes through on each side (beyond the copies)."""
 

@@ -752,8 +752,9 @@ def render_markdown(res: BenchResult) -> str:
         "within one run, not absolute MB/s across runs. `--from-json build/bench.json` "
         "re-renders this page and the chart without measuring. The earlier loopback-only "
         "analysis of the record layer (pipeline/prefetch A/B, 256 KiB vs 1 MiB records) is "
-        "in this file's history (commit 768d58c) and docs/dev/records-notes.md; rows R/Rs "
-        "(`--rows records,records-sha256 --loopback`) still measure the record layer alone."
+        "in this file's history (commit 768d58c) and docs/dev/records-notes.md; rows R/Rs/Rb "
+        "(`--rows records,records-sha256,records-blake3 --loopback`) still measure the record "
+        "layer alone."
     )
     return "\n".join(L) + "\n"
 

@@ -20,6 +20,7 @@ from holepunch_mig.bench.pair import finished, started
 from holepunch_mig.bench.payload import CheckingSink, PatternSource
 from holepunch_mig.errors import BenchError
 from holepunch_mig.net.record_io import RecordReader, RecordWriter
+from holepunch_mig.wire.digests import Algorithm
 from holepunch_mig.wire.records import RecordType
 
 __all__ = ["TLS_CIPHER", "TLS_NAME", "make_tls_cert"]
@@ -310,22 +311,34 @@ def _direct_blake3_row(cfg: BenchConfig) -> PairSpec:
     return _session_pair("direct", digest=True, algorithm="blake3")
 
 
-def _records_pair(digest: bool) -> PairSpec:
+def _records_pair(digest: bool, algorithm: Algorithm = "sha256") -> PairSpec:
     def send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
         w = RecordWriter(sock, cfg.key)
-        count, dig = w.send_file(1, src, digest=digest, pipeline=cfg.pipeline)  # type: ignore[arg-type]
+        count, dig = w.send_file(
+            1,
+            src,  # type: ignore[arg-type]
+            digest=digest,
+            pipeline=cfg.pipeline,
+            algorithm=algorithm,
+        )
         w.close()
         return SideResult(count, dig.hex() if dig else None, w.records_sent)
 
     def recv(sock: socket.socket, sink: CheckingSink, cfg: BenchConfig) -> SideResult:
         r = RecordReader(sock, cfg.key)
-        count, dig = r.receive_file(1, sink, digest=digest, prefetch=cfg.prefetch)  # type: ignore[arg-type]
+        count, dig = r.receive_file(
+            1,
+            sink,  # type: ignore[arg-type]
+            digest=digest,
+            prefetch=cfg.prefetch,
+            algorithm=algorithm,
+        )
         if r.read().type != RecordType.CLOSE:
             return SideResult(count, error="expected CLOSE after END")
         # a header and a body recv_into per record (MSG_WAITALL: one syscall each)
         return SideResult(count, dig.hex() if dig else None, 2 * r.records_received)
 
-    return PairSpec(send, recv, hashes=digest)
+    return PairSpec(send, recv, hashes=digest, algorithm=algorithm)
 
 
 @measurement(
@@ -340,3 +353,10 @@ def _records_row(cfg: BenchConfig) -> PairSpec:
 )
 def _records_digest_row(cfg: BenchConfig) -> PairSpec:
     return _records_pair(True)
+
+
+@measurement(
+    "Rb", "records-blake3", "records layer alone, AES-256-GCM + BLAKE3 both ends", default=False
+)
+def _records_blake3_row(cfg: BenchConfig) -> PairSpec:
+    return _records_pair(True, "blake3")
