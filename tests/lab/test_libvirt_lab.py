@@ -30,7 +30,8 @@ from testsupport.libvirt import (
 )
 
 from holepunch_mig.lab import CONTROL_PORT
-from holepunch_mig.lab.libvirt_hosts import LIBVIRT_TCP_PORT, running
+from holepunch_mig.lab.libvirt_hosts import LIBVIRT_TCP_PORT
+from holepunch_mig.lab.netns import pid_alive
 from holepunch_mig.net.keyfiles import pinned_pair
 
 pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.libvirt]
@@ -357,4 +358,4 @@ def test_lab_up_with_libvirt_exec_enters_both_namespaces() -> None:
         down = run_cli("lab", "down", name, timeout=60)
     assert down.returncode == 0, down.stderr
     for pid in pids.values():
-        assert not running(int(pid)), f"libvirtd {pid} survived lab down"
+        assert not pid_alive(int(pid)), f"libvirtd {pid} survived lab down"

@@ -109,20 +109,24 @@ def qemu_cpu(c: Any) -> tuple[float | None, float | None]:
     return src, dst
 
 
+def direct_cell(res: BenchResult, c: Any) -> dict[str, Any] | None:
+    """The direct QEMU cell a QEMU cell is compared with (same multifd and RTT), as a dict."""
+    d = _cell(c)
+    return next(
+        (
+            x
+            for x in map(_cell, res.qemu)
+            if (x["case"], x["multifd"], x["rtt_ms"]) == ("direct", d["multifd"], d["rtt_ms"])
+        ),
+        None,
+    )
+
+
 def qemu_floor(res: BenchResult, c: Any) -> Floor | None:
     """A QEMU cell's floor (None when direct QEMU, plain TCP or the CPU figures are
     missing from the run).  Direct cells: their own measured figures."""
     d = _cell(c)
-    direct = next(
-        (
-            _cell(x)
-            for x in res.qemu
-            if _cell(x)["case"] == "direct"
-            and _cell(x)["multifd"] == d["multifd"]
-            and _cell(x)["rtt_ms"] == d["rtt_ms"]
-        ),
-        None,
-    )
+    direct = direct_cell(res, d)
     if direct is None:
         return None
     qs, qd = _med(direct.get("qemu_cpu_src", [])), _med(direct.get("qemu_cpu_dst", []))

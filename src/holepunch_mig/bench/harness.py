@@ -484,6 +484,7 @@ def run_bench(
         record_steal("libvirt", libvirt_ticks)
     crypto = crypto_only()
     link = time_to_link(lab_runs) if lab_runs else None
+    record_steal("run", run_ticks)
     conf = asdict(cfg)
     del conf["key"], conf["seed"], conf["workdir"]
     return BenchResult(
@@ -502,10 +503,7 @@ def run_bench(
         libvirt=libvirt,
         libvirt_note=libvirt_note,
         loadavg_per_rtt=load_per_rtt,
-        steal_pct={
-            **steal,
-            **({"run": v} if (v := steal_between(run_ticks, cpu_ticks())) is not None else {}),
-        },
+        steal_pct=steal,
         started_at=started_at,
         seconds=time.monotonic() - t_start,
         quick=quick,

@@ -11,7 +11,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from holepunch_mig.bench.floor import pair_floor, qemu_cpu, qemu_floor, scale, stages
+from holepunch_mig.bench.floor import (
+    direct_cell,
+    pair_floor,
+    qemu_cpu,
+    qemu_floor,
+    scale,
+    stages,
+)
 from holepunch_mig.bench.libvirt_cells import cell_from, libvirt_targets, render_libvirt_table
 from holepunch_mig.bench.model import GIB, BenchResult, LinkTiming, RowResult, Sample
 
@@ -422,12 +429,10 @@ def _floor_ratio(res: BenchResult, c: dict[str, Any], floor_mbps: float) -> str:
     """When the floor is below direct QEMU's median: the best wall ratio it allows, since
     a target under it cannot be met here by any proxy that copies and seals each byte once
     ("" when the floor is direct QEMU's own rate: then the CPU does not rule it out)."""
-    for q in res.qemu:
-        d = q if isinstance(q, dict) else asdict(q)
-        same = (d["case"], d["multifd"], d["rtt_ms"]) == ("direct", c["multifd"], c["rtt_ms"])
-        if same and d["median_mbps"] and d["median_mbps"] / floor_mbps > 1.005:
-            best = d["median_mbps"] / floor_mbps
-            return f", so no proxy doing this work could beat {best:.2f}x direct on this machine"
+    direct = direct_cell(res, c)
+    best = direct["median_mbps"] / floor_mbps if direct and direct["median_mbps"] else 0.0
+    if best > 1.005:
+        return f", so no proxy doing this work could beat {best:.2f}x direct on this machine"
     return ""
 
 

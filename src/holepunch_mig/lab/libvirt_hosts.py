@@ -331,20 +331,14 @@ class LibvirtHost:
         self._pid = None
 
 
-def running(pid: int, start_time: int | None = None) -> bool:
-    """The process exists and has not exited: :func:`pid_alive`, which counts a zombie
-    (a daemon's, waiting for init to reap it) as ended."""
-    return pid_alive(pid, start_time)
-
-
 def _terminate(pid: int, timeout: float = 10.0) -> None:
     start = proc_start_time(pid)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and running(pid, start):
+    while time.monotonic() < deadline and pid_alive(pid, start):
         time.sleep(0.05)
-    if running(pid, start):
+    if pid_alive(pid, start):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

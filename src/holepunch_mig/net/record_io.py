@@ -47,6 +47,13 @@ cache, instead of handing each buffer to a hash thread.  SHA-256 (~1-2 GB/s) kee
 thread, so it overlaps with sealing and I/O."""
 
 
+def _continued_hash(algorithm: Algorithm, position: StreamPosition | None) -> Any:
+    """The hash a transfer updates: the resume position's (continued in place) or new."""
+    if position is None or position.sha256 is None:
+        return new_hash(algorithm)
+    return position.sha256
+
+
 class _HashThread:
     """The digest of a sequence of buffers in a thread of its own (hashlib and blake3
     release the GIL on large buffers), so hashing overlaps sealing/opening and socket
@@ -221,9 +228,9 @@ class RecordWriter(RecordSealer):
         ``pipeline`` >= 2: the caller's thread reads and seals records into a ring of that
         many frames while a helper thread sends them (in counter order), and SHA-256 runs
         in a third thread (BLAKE3 inline, see :data:`INLINE_DIGESTS`); 0 or 1 does
-        everything in the caller's thread.  Either way the
-        bytes on the wire are the same, and when send_file returns or raises every sealed
-        record has been sent (or the writer is broken).  ``progress(total)`` is called
+        everything in the caller's thread.  Either way the bytes on the wire are the same,
+        and when send_file returns or raises every sealed record has been sent (or the
+        writer is broken).  ``progress(total)`` is called
         after each record is sealed and queued.
 
         ``position`` (resume): the stream already holds ``position.offset`` bytes, hashed
@@ -263,11 +270,7 @@ class RecordWriter(RecordSealer):
         h = None
         marks = None
         if digest:
-            h = (
-                new_hash(algorithm)
-                if position is None or position.sha256 is None
-                else position.sha256
-            )
+            h = _continued_hash(algorithm, position)
             marks = None if position is None else position.marks
         readinto = src.readinto  # type: ignore[attr-defined]
         step = self.max_record
@@ -305,7 +308,9 @@ class RecordWriter(RecordSealer):
         # it), so it has buffers of its own; without one (or with BLAKE3, hashed here
         # first), it is read straight into the frame's body and sealed in place: one
         # buffer less for every byte to pass through the cache (about 0.1 CPU s/GiB on
-        # the sender, measured; BLAKE3 inline: 2.0 -> 1.7 CPU s/GiB for both sides).
+        # the sender, measured; BLAKE3 inline instead of a hash thread: 2.0 -> 1.7 CPU
+        # s/GiB for both sides over a socketpair; `bench --loopback --rows records-blake3`
+        # measures this path).
         in_place = not digest or algorithm in INLINE_DIGESTS
         plains = [memoryview(bytearray(step)) for _ in range(0 if in_place else depth + 1)]
         free_plain: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -335,11 +340,7 @@ class RecordWriter(RecordSealer):
         inline: Any = None  # the hash of an inline digest, updated in this thread
         marks = None if position is None else position.marks
         if digest and in_place:
-            inline = (
-                new_hash(algorithm)
-                if position is None or position.sha256 is None
-                else position.sha256
-            )
+            inline = _continued_hash(algorithm, position)
         elif digest:
             if position is None:
                 hasher = _HashThread(plains, free_plain, algorithm=algorithm)
@@ -624,11 +625,7 @@ class RecordReader(RecordOpener):
         hstate: Any = None
         inline: Any = None
         if digest and algorithm in INLINE_DIGESTS:
-            inline = (
-                new_hash(algorithm)
-                if position is None or position.sha256 is None
-                else (position.sha256)
-            )
+            inline = _continued_hash(algorithm, position)
             hstate = inline
         elif digest:
             # DATA is decrypted into a ring of plaintext buffers that a helper thread
