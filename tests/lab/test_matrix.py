@@ -42,7 +42,10 @@ def test_quick_matrix_has_no_regressions(tmp_path: Path) -> None:
         if not c["matches_expected"] and name not in matrix.KNOWN_ISSUES
     ]
     assert not regressions, "\n".join(regressions) + "\n" + proc.stdout
-    for c in cells.values():
+    for name, c in cells.items():
+        # birthday-only cells keep both planned birthday rounds; the rest run one
+        want = matrix.BIRTHDAY_ROUNDS if matrix.needs_birthday(presets()[name]) else 1
+        assert c["rounds"] == want, (name, c["rounds"])
         if c["expected"] == "fail-symmetric":
             run = c["details"][0]
             assert run["send_code"] == 3 and run["seconds"] < c["fail_fast_seconds"]
@@ -83,6 +86,20 @@ def _cell(preset: str, ok: bool, expected: matrix.Expect) -> matrix.Cell:
         )
     )
     return cell
+
+
+def test_quick_rounds_give_birthday_only_cells_every_planned_birthday_round() -> None:
+    specs = presets()
+    birthday_only = {n for n, s in specs.items() if matrix.needs_birthday(s)}
+    # one hard side and no mapping router; both-hard and mapped cells need no birthday floor
+    assert birthday_only == {"symmetric-nat", "symmetric-fw", "nat-symmetric"}
+    assert matrix.BIRTHDAY_ROUNDS == 2
+    for name, spec in specs.items():
+        quick = matrix.cell_rounds(spec, 1, birthday_floor=True)
+        assert quick == (2 if name in birthday_only else 1), name
+        # an explicit --rounds is kept, and more rounds are never cut
+        assert matrix.cell_rounds(spec, 1, birthday_floor=False) == 1
+        assert matrix.cell_rounds(spec, 3, birthday_floor=True) == 3
 
 
 def test_expectations_markdown_and_png() -> None:

@@ -317,6 +317,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         rtts=rtts,
         runs=runs,
         rounds=rounds,
+        birthday_floor=args.rounds is None,
         payload_bytes=int(args.payload_mib * (1 << 20)),
         jobs=args.jobs,
         progress=progress,
@@ -405,7 +406,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--rounds",
         type=int,
         default=None,
-        help="send/recv --rounds (default 3, the CLI's default; --quick: 1)",
+        help=(
+            "send/recv --rounds (default 3, the CLI's default; --quick: 1, and 2 for a cell "
+            "that only birthday punching can cross, so it keeps both birthday rounds)"
+        ),
     )
     mx.add_argument("--payload-mib", type=float, default=4.0, help="payload size (default 4)")
     mx.add_argument("--jobs", type=int, default=1, help="cells at a time (default 1)")

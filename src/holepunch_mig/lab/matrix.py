@@ -35,6 +35,7 @@ from holepunch_mig.errors import LabError
 from holepunch_mig.lab.spec import CONTROL_PORT, LabSpec, presets
 from holepunch_mig.lab.topology import Lab
 from holepunch_mig.net.keyfiles import pinned_pair
+from holepunch_mig.wire.birthday import ROUND_PLAN
 from holepunch_mig.wire.digests import Algorithm, new_hash
 
 Expect = Literal["direct", "fail-symmetric"]
@@ -82,6 +83,27 @@ KNOWN_ISSUES: dict[str, str] = {
 #: up within rounds * this + FAIL_FAST_MARGIN seconds per run ("fast", not a hang).
 ROUND_SECONDS = 6.0
 FAIL_FAST_MARGIN = 5.0
+#: The last punch round that runs birthday dials: a cell that can only meet by birthday
+#: punching gets at least this many rounds when the caller did not insist (``--quick``),
+#: since one round misses ~1.7 % of the time and the plan's two ~0.03 %.
+BIRTHDAY_ROUNDS = max(r for r, on in ROUND_PLAN.items() if on)
+
+
+def needs_birthday(spec: LabSpec) -> bool:
+    """Whether the cell's only way to a direct link is birthday punching: exactly one
+    endpoint-dependent (fully random) NAT and no router that maps a port for it."""
+    hard = [s for s in (spec.left, spec.right) if s.nat == "fully-random"]
+    return len(hard) == 1 and not hard[0].port_mapping
+
+
+def cell_rounds(spec: LabSpec, rounds: int, birthday_floor: bool) -> int:
+    """The punch rounds a cell runs: ``rounds``, raised to every planned birthday round for
+    a birthday-only cell when ``birthday_floor`` (the quick matrix's short default)."""
+    if birthday_floor and needs_birthday(spec):
+        return max(rounds, BIRTHDAY_ROUNDS)
+    return rounds
+
+
 #: Kill a run (and call it a hang) after this long.
 RUN_TIMEOUT = 90.0
 
@@ -178,6 +200,7 @@ class Cell:
             "left": self.left,
             "right": self.right,
             "expected": self.expected,
+            "rounds": self.rounds,
             "runs": len(self.runs),
             "successes": self.successes,
             "success_rate": self.success_rate,
@@ -412,8 +435,12 @@ def run_matrix(
     jobs: int = 1,
     progress: Callable[[Cell], None] | None = None,
     losses: Sequence[float] = (0.0,),
+    birthday_floor: bool = False,
 ) -> Matrix:
-    """Run every (preset, RTT, loss) cell; `jobs` cells at a time (each in its own lab)."""
+    """Run every (preset, RTT, loss) cell; `jobs` cells at a time (each in its own lab).
+
+    ``birthday_floor``: birthday-only cells run at least :data:`BIRTHDAY_ROUNDS` rounds
+    (:func:`cell_rounds`), so a short ``rounds`` still gives them the planned chance."""
     cells_spec = presets()
     names = list(preset_names) if preset_names else list(cells_spec)
     unknown = [n for n in names if n not in cells_spec]
@@ -437,7 +464,7 @@ def run_matrix(
                     Path(tmp) / f"{spec.name}-{rtt}-{loss:g}",
                     payload,
                     digest,
-                    rounds,
+                    cell_rounds(spec, rounds, birthday_floor),
                     loss,
                 ): (spec.name, rtt, loss)
                 for spec, rtt, loss in work
