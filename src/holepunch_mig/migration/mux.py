@@ -26,9 +26,10 @@ CLOSE       no more records: sent by ``finish()`` once every stream ended both w
 Threads (all blocking sockets; socket calls, AES-GCM and SHA-256 release the GIL):
 
 * one reader per link: reads records and never blocks on a local socket; DATA is
-  decrypted into a buffer of the mux's pool and queued on its stream (the deliverer
-  gives the buffer back once written; records under a quarter buffer are copied out
-  instead), so one stalled consumer cannot block
+  decrypted into a buffer of the record's size class from the mux's pool
+  (:mod:`~holepunch_mig.migration.buffer_pool`) and queued on its stream (the
+  deliverer gives the buffer back once written; records under the smallest class are
+  copied out instead), so one stalled consumer cannot block
   the others (head-of-line deadlock: QEMU's multifd receive threads stop reading at
   each sync point until the main channel catches up);
 * per stream one pump (local socket -> DATA records, 1 MiB preallocated buffer,
@@ -53,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from holepunch_mig.errors import (
     FlowControlError,
@@ -62,6 +63,7 @@ from holepunch_mig.errors import (
     MuxWindowExceeded,
     RecordError,
 )
+from holepunch_mig.migration.buffer_pool import BufferPool
 from holepunch_mig.wire.credit import StreamWindow
 from holepunch_mig.wire.digests import Algorithm, new_hash
 from holepunch_mig.wire.records import ACK_PAYLOAD, END_PAYLOAD, HEADER, RecordType
@@ -109,7 +111,7 @@ class LinkReader(Protocol):
 
     max_record: int
 
-    def read(self, out: memoryview | None = None) -> RecordLike: ...
+    def read_into(self, take: Callable[[int, int], memoryview | None]) -> RecordLike: ...
 
 
 __all__ = ["Mux", "MuxError", "MuxPeerAbort", "MuxStats", "MuxWindowExceeded", "StreamStats"]
@@ -207,12 +209,10 @@ class Mux:
         self._connect_channel = connect_channel
         self._window = window
         self._bufsize = bufsize
-        # Buffers the reader decrypts DATA into; a deliverer hands each back once it has
-        # written it out (deque append/pop are atomic: no lock).  Only records of at
-        # least a quarter buffer keep theirs (smaller ones are copied), so the pool holds
-        # at most four times the streams' windows, and the window, not the record
-        # count, bounds it.
-        self._pool: collections.deque[Any] = collections.deque()
+        # Buffers the reader decrypts DATA into, sized to the record; a deliverer hands
+        # each back once it has written it out.  Every buffer in use is at least a
+        # quarter full, so the window, not the record count, bounds them.
+        self.pool = BufferPool(reader.max_record, budget=4 * window)
         self._digest = digest
         self._algorithm: Algorithm = algorithm
         """The END digest's algorithm when ``digest`` (a session's: its negotiated one)."""
@@ -522,7 +522,7 @@ class Mux:
                 delivered += len(item)
                 st.stats.records_received += 1
                 if isinstance(item, memoryview):
-                    self._pool.append(item.obj)  # the reader decrypts into it again
+                    self.pool.give(item)  # the reader decrypts into it again
                 st.stats.received = delivered
                 with st.cond:
                     due = st.rx_window.ack_due(delivered, ack_every)
@@ -545,24 +545,23 @@ class Mux:
         return st
 
     def _read_loop(self) -> None:
-        read = self._reader.read
-        pool = self._pool
-        size = self._reader.max_record
-        spare: memoryview | None = None
+        read_into = self._reader.read_into
+        take = self.pool.take
+        smallest = self.pool.smallest
+
+        def buffer_for(rtype: int, length: int) -> memoryview | None:
+            return take(length) if rtype == DATA and length >= smallest else None
+
         try:
             while True:
-                if spare is None:
-                    spare = memoryview(pool.pop()) if pool else memoryview(bytearray(size))
-                rec = read(spare)
+                rec = read_into(buffer_for)
                 t = rec.type
                 if t == DATA:
                     st = self._stream_for(rec.stream, "DATA")
-                    data: memoryview | bytes
-                    if len(rec.payload) >= size // 4:
-                        data = rec.payload  # lives in spare, which now belongs to the stream
-                        spare = None
-                    else:  # a small record: copied, so a pool buffer never holds a sliver
-                        data = bytes(rec.payload)
+                    # in a pool buffer (the stream's until delivered), or a sliver in the
+                    # reader's buffer: copied, so no pool buffer holds one
+                    payload = rec.payload
+                    data = payload if len(payload) >= smallest else bytes(payload)
                     with st.cond:
                         if st.rx_end_seen:
                             raise MuxError(f"DATA after END on stream {st.id}")

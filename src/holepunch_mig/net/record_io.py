@@ -510,6 +510,18 @@ class RecordReader(RecordOpener):
         rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
         return self._open(self._fview, rtype, stream, length, out)
 
+    def read_into(self, take: Callable[[int, int], memoryview | None]) -> Record:
+        """Read and verify the next record, decrypting it into ``take(type, length)``:
+        called once the header is checked, so a caller that queues payloads can pick a
+        buffer of the record's size (None: the reader's buffer, valid until the next
+        read).  The buffer must hold ``length`` bytes."""
+        self._check_usable()
+        rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
+        out = take(rtype, length)
+        if out is not None and len(out) < length:
+            raise ValueError(f"buffer of {len(out)} bytes for a {length}-byte record")
+        return self._open(self._fview, rtype, stream, length, out)
+
     def _fetched(self) -> _Fetched:
         """Yield fetched (not yet verified) records ``(frame, type, stream, length)``, one
         at a time into the reader's frame; open each before asking for the next."""
