@@ -158,6 +158,9 @@ class Report:
     digest: str | None = None
     """The session's end-to-end digest: "blake3" or "sha256" (both 32 bytes)."""
     seconds: float | None = None
+    cpu_seconds: float | None = None
+    """CPU seconds this process spent from the transfer's start to its end (every
+    thread: reading, sealing or opening, hashing, writing), for CPU per GiB."""
     links: int = 1
     """Direct links this session carried (the first and those of ``open_links``)."""
     resume: bool = False

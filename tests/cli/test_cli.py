@@ -91,11 +91,15 @@ def test_send_recv_over_tcp_control(tmp_path: Path) -> None:
         assert report["sha256"] == b3
         assert report["bytes"] == src.stat().st_size
         assert report["seconds"] > 0
+        # this side's CPU over the transfer: something, and no more than its threads
+        # (reader/hasher, sender, the event loop) could spend in its wall time
+        assert 0 < report["cpu_seconds"] <= 4 * report["seconds"] + 0.05
         assert report["ok"] is True
         peer = "destination" if name == "s.json" else "source"
         assert report["control_peer"].startswith(f"pinned key {peer!r}")
     assert b"verified" in send.stderr
     assert f"blake3 {b3}".encode() in send.stderr
+    assert b"s/GiB)" in send.stderr  # the human report says the CPU it took
 
 
 def test_digest_sha256_matches_sha256sum(tmp_path: Path) -> None:

@@ -483,7 +483,8 @@ def test_progress_on_a_terminal_ends_in_one_final_line(tmp_path: Path) -> None:
     assert not any("ETA" in line for line in shown), shown  # no stale progress left
     final = shown[-1]
     assert re.fullmatch(
-        r"sent 25\.2 MB in [\d.]+ s, [\d.,]+ MB/s, blake3 [0-9a-f]{64}, verified by the "
+        r"sent 25\.2 MB in [\d.]+ s, [\d.,]+ MB/s, CPU [\d.]+ s \([\d.]+ s/GiB\), "
+        r"blake3 [0-9a-f]{64}, verified by the "
         r"receiver",
         final,
     ), final

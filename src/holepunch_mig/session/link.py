@@ -118,6 +118,7 @@ class Link:
         """The session's end-to-end digest of stream transfers."""
         self.epoch = 0
         """Generation of the current link: 0 for the first, +1 per resume negotiation."""
+        self._cpu0: float | None = None  # process_time() at the transfer's start
         if self.tunnel is None:
             tune_link(self.sock, self._options.link_timeout)
 
@@ -222,7 +223,7 @@ class Link:
         if self.resumable:
             with single_exception():
                 return await self._send_resumable(src, True, progress)
-        started = time.monotonic()
+        started = self._start_clock()
         got: dict[str, messages.Result | HolepunchError] = {}
         arrived = trio.Event()
 
@@ -311,7 +312,7 @@ class Link:
         if self.resumable:
             with single_exception():
                 return await self._receive_resumable(dst, progress, commit)
-        started = time.monotonic()
+        started = self._start_clock()
         peer: list[HolepunchError] = []
 
         async def watch() -> None:
@@ -433,7 +434,7 @@ class Link:
     async def _send_resumable(
         self, src: BinaryIO, digest: bool, progress: Progress | None
     ) -> TransferResult:
-        started = time.monotonic()
+        started = self._start_clock()
         opts = self._options
         source = ResumableSource(
             src, digest=digest, limit=opts.resume_buffer, algorithm=self.digest
@@ -626,7 +627,7 @@ class Link:
     async def _receive_resumable(
         self, dst: BinaryIO, progress: Progress | None, commit: Commit | None
     ) -> TransferResult:
-        started = time.monotonic()
+        started = self._start_clock()
         opts = self._options
         digest = True  # with resume the whole-stream digest is mandatory
         position = StreamPosition(0, new_hash(self.digest))
@@ -792,11 +793,19 @@ class Link:
             raise exc.error from None
         return None
 
+    def _start_clock(self) -> float:
+        """The transfer's start: monotonic time, and this process's CPU time for the
+        report's ``cpu_seconds``."""
+        self._cpu0 = time.process_time()
+        return time.monotonic()
+
     def _fill(self, count: int, digest: str | None, seconds: float) -> None:
         self.report.bytes = count
         self.report.sha256 = digest
         self.report.digest = self.digest if digest else None
         self.report.seconds = seconds
+        if self._cpu0 is not None:
+            self.report.cpu_seconds = round(time.process_time() - self._cpu0, 3)
 
     async def _tell_result(
         self, ok: bool, count: int, digest: str | None, error: str | None
