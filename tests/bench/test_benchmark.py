@@ -109,8 +109,14 @@ def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
     assert code == 0
     res = json.loads(out.read_text())
     assert res["where"] == "lab" and res["rtts"] == [0, 20]
-    assert [r["key"] for r in res["rows"] if r["rtt_ms"] == 0] == ALL_ROWS
+    assert [r["key"] for r in res["rows"] if r["rtt_ms"] == 0] == [*ALL_ROWS, "cli-blake3"]
     _check_rows(res, TINY)
+    # row 6: the real send/recv processes, their reports' digest and CPU
+    cli = next(r for r in res["rows"] if r["key"] == "cli-blake3" and r["rtt_ms"] == 0)
+    assert "blake3 both reports" in cli["verified"] and "resume on" in cli["verified"]
+    assert "output file chunk stamps" in cli["verified"]
+    assert cli["time_to_link"] is not None
+    assert "| 6 |" in md.read_text() and "row 6, the real CLI" in md.read_text()
     twenty = [r for r in res["rows"] if r["rtt_ms"] == 20]
     assert all(r["pending"] or r["samples"] for r in twenty)
     text = md.read_text()
@@ -118,6 +124,33 @@ def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
     assert "### libvirt live migration" in text and "not run (--no-libvirt)" in text
     assert res["libvirt"] == []
     assert png.stat().st_size > 1000
+
+
+def test_the_cli_row_is_pending_on_loopback_and_says_why(tmp_path: Path) -> None:
+    res = harness.run_bench(
+        b.BenchConfig(total=TINY, runs=1), rows=["plain-tcp", "cli-blake3"], where="loopback",
+        lab_runs=0, qemu_runs=0, libvirt_runs=0, log=lambda _: None,
+    )  # fmt: skip
+    cli = next(r for r in res.rows if r.key == "cli-blake3")
+    assert not cli.samples and "lab only" in (cli.pending or "")
+    plain = next(r for r in res.rows if r.key == "plain-tcp")
+    assert plain.samples and not plain.pending
+
+
+@pytest.mark.netns
+def test_the_cli_row_fails_on_a_digest_the_payload_does_not_have(tmp_path: Path) -> None:
+    require_netns()
+    from holepunch_mig.bench.cli_cells import run_cli_lab
+    from holepunch_mig.bench.lab_cells import lab_spec
+    from holepunch_mig.lab import Lab
+
+    cfg = b.BenchConfig(total=4 << 20, runs=1, workdir=str(tmp_path), timeout=60)
+    good = expected_sha256(cfg.total, cfg.seed, "blake3")
+    with Lab(lab_spec(0)) as lab:
+        sample = run_cli_lab(lab, cfg, good)
+        assert sample.total == cfg.total and sample.mbps > 0 and sample.send_cpu > 0
+        with pytest.raises(BenchError, match="want 4194304 bytes, blake3 00"):
+            run_cli_lab(lab, cfg, "00" * 32)
 
 
 def test_pattern_and_sink_agree_and_catch_reordering() -> None:
@@ -249,6 +282,22 @@ def test_floor_from_the_runs_rates() -> None:
     direct_q.median_mbps = qf.mbps * 0.9
     (verdict,) = [t for t in targets(res) if t[0].startswith("QEMU via migrate-proxy")]
     assert verdict[2].startswith("**missed**") and "could beat" not in verdict[2]
+    # with the UNIX hop measured (QEMU <-> proxy, 0.25 s/GiB), a side's floor is direct
+    # QEMU's CPU (its TCP hop, which the proxies take over) + that hop + AES: the plain
+    # TCP send and receive per proxy are not charged on top
+    res.crypto_only["unix_hop_MBps"] = one_second_per_gib * 4
+    qf = qemu_floor(res, proxy_q)
+    assert qf is not None
+    assert qf.send_cpu == pytest.approx(1.1 + 0.25 + 1.0)
+    assert qf.recv_cpu == pytest.approx(0.8 + 0.25 + 2.0)
+
+
+def test_unix_hop_rate_is_cpu_per_byte_through_a_socketpair() -> None:
+    rate = harness.unix_hop_rate(0.05)
+    # both threads' CPU for every byte: a copy in and a copy out, far from free and far
+    # from the pace of a memcpy (well above 100 MB/s, under 100 GB/s, on any machine)
+    assert 100 < rate < 100_000
+    assert "unix_hop_MBps" in harness.crypto_only(0.02)
 
 
 def test_chart_is_a_png_that_matplotlib_drew() -> None:

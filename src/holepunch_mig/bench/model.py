@@ -102,6 +102,10 @@ class PairSpec:
     self_start: bool = False
     prepare: Callable[[BenchConfig], None] | None = None  # once per run, in the parent
     cap: Callable[[int], int | None] | None = None
+    runner: Callable[[Any, BenchConfig, str | None], Sample] | None = None
+    """A row that runs its own processes (the real CLI) in the lab: ``runner(lab, cfg,
+    expected digest)`` does one run; ``sender``/``receiver`` are then not used, and on
+    loopback the row is pending."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The throughput rows of the benchmark, registered in order with
 :func:`~holepunch_mig.bench.model.measurement`: 1 plain TCP (the baseline), 2 TLS 1.3,
-3 the RPC-style stop-and-wait tunnel, 4 holepunch_mig's tunnel, 5a/5b holepunch_mig's
-direct link (5b with SHA-256), and R/Rs the record layer alone (only when named).
+3 the RPC-style stop-and-wait tunnel, 4 holepunch_mig's tunnel, 5a-5c holepunch_mig's
+direct link (5b with SHA-256, 5c with BLAKE3), 6 the real ``send``/``recv`` commands
+with files (:mod:`holepunch_mig.bench.cli_cells`, lab only), and R/Rs/Rb the record
+layer alone (only when named).
 
 Each row is a sender and a receiver function; the same functions run over loopback
 (:mod:`holepunch_mig.bench.harness`) and between two namespaces of the lab
@@ -15,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from holepunch_mig.bench.cli_cells import run_cli_lab
 from holepunch_mig.bench.model import BenchConfig, PairSpec, SideResult, measurement
 from holepunch_mig.bench.pair import finished, started
 from holepunch_mig.bench.payload import CheckingSink, PatternSource
@@ -309,6 +312,19 @@ def _direct_digest_row(cfg: BenchConfig) -> PairSpec:
 )
 def _direct_blake3_row(cfg: BenchConfig) -> PairSpec:
     return _session_pair("direct", digest=True, algorithm="blake3")
+
+
+def _no_side(*_: Any) -> SideResult:
+    raise BenchError("row 6 runs the real CLI processes, not side functions")
+
+
+@measurement(
+    "6",
+    "cli-blake3",
+    "the real CLI: `holepunch-mig send FILE` -> `recv --output FILE` (tmpfs; BLAKE3, resume)",
+)
+def _cli_row(cfg: BenchConfig) -> PairSpec:
+    return PairSpec(_no_side, _no_side, hashes=True, algorithm="blake3", runner=run_cli_lab)
 
 
 def _records_pair(digest: bool, algorithm: Algorithm = "sha256") -> PairSpec:

@@ -1,0 +1,156 @@
+"""Row 6: the real command, ``holepunch-mig send --input FILE`` -> ``recv --output FILE``.
+
+Rows 5a-5c drive the session library in-process with a generated payload; this row runs
+what a user runs, two processes in the lab's two hosts with their defaults (BLAKE3 both
+ends, resume on, the output fsynced and renamed into place before ``ok``), a file on
+tmpfs in, a file on tmpfs out, so the page cache and not a disk is what the files cost.
+Rate and CPU come from the sender's report: ``seconds`` from its first record to the
+destination's verdict (commit included; the punch before it is ``time_to_link``), and
+``cpu_seconds`` on each side over its transfer.  Checked after every run, untimed: both
+processes exited 0, both reports ``ok`` on the direct path, both reports' digest is the
+payload's, and the output file's chunk stamps and size are right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from holepunch_mig.bench.model import GIB, BenchConfig, Sample
+from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource
+from holepunch_mig.errors import BenchError
+from holepunch_mig.lab.spec import CONTROL_PORT
+from holepunch_mig.lab.topology import Lab
+from holepunch_mig.net.keyfiles import pinned_pair
+
+CLI = [sys.executable, "-m", "holepunch_mig.cli"]
+#: Where the payload files go: tmpfs, so a disk's speed is not part of the row.
+TMPFS = Path("/dev/shm")
+
+
+def _write_payload(path: Path, cfg: BenchConfig) -> None:
+    src = PatternSource(cfg.total, cfg.seed)
+    buf = memoryview(bytearray(CHUNK))
+    with open(path, "wb") as fh:
+        while n := src.readinto(buf):
+            fh.write(buf[:n])
+
+
+def _check_output(path: Path, cfg: BenchConfig) -> None:
+    size = path.stat().st_size if path.exists() else -1
+    if size != cfg.total:
+        raise BenchError(f"cli: output holds {size} bytes, want {cfg.total}")
+    sink = CheckingSink(cfg.seed)
+    buf = memoryview(bytearray(CHUNK))
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            sink.write(buf[:n])
+    if sink.bad:
+        raise BenchError(f"cli: output file: {sink.bad}")
+
+
+def _report(path: Path, role: str, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    code = proc.returncode
+    tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
+    if code != 0:
+        raise BenchError(f"cli: {role} exited {code}: {tail}")
+    try:
+        rep: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cli: {role} report unreadable ({exc}): {tail}") from None
+    if rep.get("ok") is not True or rep.get("path") != "direct":
+        raise BenchError(f"cli: {role} report: ok={rep.get('ok')} path={rep.get('path')}")
+    return rep
+
+
+def run_cli_lab(lab: Lab, cfg: BenchConfig, expected: str | None) -> Sample:
+    """One ``send`` -> ``recv`` of ``cfg.total`` bytes, left host to right host."""
+    if expected is None:
+        raise BenchError("cli: the payload's BLAKE3 is needed to check the reports")
+    if not TMPFS.is_dir():
+        raise BenchError(f"cli: {TMPFS} (tmpfs) is missing")
+    work = Path(tempfile.mkdtemp(prefix="hpm-bench-cli-", dir=TMPFS))
+    try:
+        return _run(lab, work, cfg, expected)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(lab: Lab, work: Path, cfg: BenchConfig, expected: str) -> Sample:
+    src, out = work / "in.bin", work / "out.bin"
+    _write_payload(src, cfg)
+    reports = {"send": work / "send.json", "recv": work / "recv.json"}
+    logs = {"send": work / "send.log", "recv": work / "recv.log"}
+    keys = pinned_pair(work)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    recv_cmd = [
+        *CLI, "recv", "--control-listen", f"0.0.0.0:{CONTROL_PORT}", "--output", str(out),
+        "--report", str(reports["recv"]), "-q", *keys.destination,
+    ]  # fmt: skip
+    host, port = lab.control_endpoint("right", CONTROL_PORT)
+    send_cmd = [
+        *CLI, "send", "--control", f"{host}:{port}", "--input", str(src),
+        "--report", str(reports["send"]), "-q", *keys.source,
+    ]  # fmt: skip
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    with open(logs["recv"], "wb") as rlog, open(logs["send"], "wb") as slog:
+        try:
+            procs["recv"] = lab.popen(
+                "right", recv_cmd, stdout=subprocess.DEVNULL, stderr=rlog, env=env
+            )
+            lab.wait_listening("right", CONTROL_PORT, timeout=30.0, proc=procs["recv"])
+            procs["send"] = lab.popen(
+                "left", send_cmd, stdout=subprocess.DEVNULL, stderr=slog, env=env
+            )
+            deadline = time.monotonic() + cfg.timeout
+            for proc in (procs["send"], procs["recv"]):
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"cli: no result within {cfg.timeout:.0f} s") from None
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10.0)
+    send = _report(reports["send"], "send", procs["send"], logs["send"])
+    recv = _report(reports["recv"], "recv", procs["recv"], logs["recv"])
+    for role, rep in (("send", send), ("recv", recv)):
+        if rep.get("bytes") != cfg.total or rep.get("sha256") != expected:
+            raise BenchError(
+                f"cli: {role} report says {rep.get('bytes')} bytes, {rep.get('digest')} "
+                f"{rep.get('sha256')}; want {cfg.total} bytes, blake3 {expected}"
+            )
+    _check_output(out, cfg)
+    wall = float(send["seconds"])
+    if wall <= 0:
+        raise BenchError(f"cli: non-positive transfer time {wall}")
+    g = cfg.total / GIB
+    scpu, rcpu = float(send["cpu_seconds"]), float(recv["cpu_seconds"])
+    return Sample(
+        mbps=cfg.total / wall / 1e6,
+        wall=wall,
+        send_cpu_per_gib=scpu / g,
+        recv_cpu_per_gib=rcpu / g,
+        send_calls_per_gib=0.0,
+        recv_calls_per_gib=0.0,
+        send_vcsw_per_gib=0.0,
+        recv_vcsw_per_gib=0.0,
+        send_ivcsw_per_gib=0.0,
+        recv_ivcsw_per_gib=0.0,
+        send_cpu=scpu,
+        recv_cpu=rcpu,
+        verified=(
+            f"{cfg.total} bytes, blake3 both reports, output file chunk stamps, "
+            f"path direct, resume {'on' if send.get('resume') else 'off'}"
+        ),
+        total=cfg.total,
+        time_to_link=send.get("time_to_link"),
+        extra={"cli": True},
+    )
