@@ -468,6 +468,71 @@ def test_the_reader_decrypts_into_recycled_buffers(echo: EchoServer) -> None:
     b.close()
 
 
+def test_a_full_local_socket_sends_the_rest_through_the_queue_in_order() -> None:
+    # a consumer that reads nothing until the whole payload is in the muxes: the local
+    # socket fills, the reader's non-blocking write is cut short, the deliverer writes
+    # the rest and every later record waits for it (order, count, digest checked)
+    consumers: list[socket.socket] = []
+    opened = threading.Event()
+
+    def connect(sid: int) -> socket.socket:
+        mine, theirs = socket.socketpair()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        consumers.append(theirs)
+        opened.set()
+        return mine
+
+    src, dst, a, b = _muxes(connect, window=32 << 20, bufsize=1 << 16)
+    payload = os.urandom(24 << 20)
+    c, s = socket.socketpair()
+    src.add_stream(s)
+    t = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(1)))
+    t.start()
+    got = bytearray()
+    assert opened.wait(30)
+    t.join(30)
+    assert not t.is_alive()
+    far = consumers[0]
+    while chunk := far.recv(1000):
+        got += chunk
+    far.close()
+    t.join()
+    c.close()
+    assert got == payload
+    s_stats, d_stats = _finish_both(src, dst)
+    assert not isinstance(s_stats, Exception), s_stats
+    assert not isinstance(d_stats, Exception), d_stats
+    st = d_stats.streams[0]
+    assert st.records_received >= 384  # 24 MiB in <= 64 KiB records
+    # both ways were taken: some records whole at once, some through the queue
+    assert 0 < st.records_direct < st.records_received, st
+    assert st.received_digest == s_stats.streams[0].sent_digest != b""
+    a.close()
+    b.close()
+
+
+def test_a_consumer_that_keeps_up_gets_records_from_the_reader_directly(
+    echo: EchoServer,
+) -> None:
+    src, dst, a, b = _muxes(unix_connector(echo.path), window=4 << 20, bufsize=1 << 18)
+    payload = os.urandom(8 << 20)
+    c, s = socket.socketpair()
+    src.add_stream(s)
+    t = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(1)))
+    t.start()
+    got = _recv_all(c)
+    t.join()
+    c.close()
+    assert got == payload
+    s_stats, d_stats = _finish_both(src, dst)
+    assert not isinstance(s_stats, Exception), s_stats
+    assert not isinstance(d_stats, Exception), d_stats
+    st = d_stats.streams[0]
+    assert st.records_direct > 0 and st.received == len(payload)
+    a.close()
+    b.close()
+
+
 def test_records_a_fraction_of_the_max_record_are_pooled_not_copied(echo: EchoServer) -> None:
     # 128 KiB records on a 1 MiB link: each is decrypted into a 256 KiB pool buffer and
     # handed to the deliverer (records under a quarter of the max record used to be

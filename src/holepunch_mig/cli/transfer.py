@@ -424,7 +424,7 @@ def _write_interrupted(args: argparse.Namespace, report: Report | None) -> None:
 
 
 def _cpu(report: Report) -> str:
-    """", CPU 0.52 s (0.49 s/GiB)": what the transfer cost this host."""
+    """ ", CPU 0.52 s (0.49 s/GiB)": what the transfer cost this host."""
     if report.cpu_seconds is None or not report.bytes:
         return ""
     per_gib = report.cpu_seconds / (report.bytes / (1 << 30))

@@ -74,6 +74,9 @@ class StreamReport:
     records_received: int = 0
     """DATA records each way (``sent / records_sent`` is the mean record size: QEMU's
     writes coalesced up to 1 MiB)."""
+    records_direct: int = 0
+    """Of ``records_received``, those written to QEMU's socket at once by the link's
+    reader; the others waited in the stream's queue (QEMU's socket was full)."""
 
 
 @dataclass

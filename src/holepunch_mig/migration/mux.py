@@ -54,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from holepunch_mig.errors import (
     FlowControlError,
@@ -127,6 +127,9 @@ class StreamStats:
     received_digest: bytes = b""
     records_sent: int = 0  # DATA records each way: bytes / records = the mean record,
     records_received: int = 0  # and the per-record costs are paid this often
+    records_direct: int = 0
+    """Received records the reader wrote to the local socket whole, at once (the rest went
+    through the stream's queue and deliverer: the socket was full or a record waited)."""
 
 
 @dataclass
@@ -166,6 +169,13 @@ class _Stream:
         self.rx_done = False
         self.rx_end_seen = False
         self.closed = False
+        # Who writes to the local socket: the reader (straight after decrypting, when the
+        # queue is empty and the socket takes the record without blocking) or the
+        # deliverer (the queue); ``writing`` (under cond) keeps them in order.
+        self.writing = False
+        self.delivered = 0
+        self.rx_hash: Any = None
+        self.ack_owed = False  # the reader delivered past an ACK point: the deliverer sends it
 
 
 class Mux:
@@ -290,7 +300,7 @@ class Mux:
                 sock.close()
                 raise MuxError(f"{self.name}: stream id {sid} not after {self._next_id - 1}")
             self._next_id = sid + 1
-            st = _Stream(sid, sock, self._window, label)
+            st = self._new_stream(sid, sock, label)
             self._streams[sid] = st
             # OPEN under the lock so stream order on the wire is the accept order.
             self._writer.write(OPEN, sid, label.encode())
@@ -423,6 +433,15 @@ class Mux:
         except Exception:
             log.debug("%s: could not send ABORT", self.name, exc_info=True)
 
+    def _new_stream(self, sid: int, sock: socket.socket, label: str) -> _Stream:
+        # room for a whole record in the local socket, so the reader's write seldom
+        # falls back to the deliverer (best effort: the kernel caps it at wmem_max)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * self._reader.max_record)
+        st = _Stream(sid, sock, self._window, label)
+        st.rx_hash = new_hash(self._algorithm) if self._digest else None
+        return st
+
     def _maybe_close(self, st: _Stream) -> None:
         # caller holds st.cond
         if st.tx_done and st.rx_done and not st.closed:
@@ -486,20 +505,63 @@ class Mux:
                     notify_peer=True,
                 )
 
+    def _delivered(self, st: _Stream, data: memoryview | bytes) -> bool:
+        """Account for bytes written to the local socket (by whichever thread holds
+        ``st.writing``); True when an ACK is due."""
+        if st.rx_hash is not None:
+            st.rx_hash.update(data)
+        st.delivered += len(data)
+        st.stats.received = st.delivered
+        with st.cond:
+            return st.rx_window.ack_due(st.delivered, self._window // 4)
+
+    def _deliver_now(self, st: _Stream, data: memoryview | bytes) -> None:
+        """Reader thread, ``st.writing`` claimed: write what the local socket takes
+        without blocking; queue the rest for the deliverer.  Never blocks on a socket."""
+        try:
+            n = st.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            with st.cond:
+                st.writing = False
+            raise MuxError(f"{self.name}: stream {st.id} (link -> local) failed: {exc!r}") from exc
+        due = self._delivered(st, data[:n]) if n else False
+        done = n == len(data)
+        if done:
+            st.stats.records_received += 1
+            st.stats.records_direct += 1
+            if isinstance(data, memoryview):
+                self.pool.give(data)  # the reader decrypts into it again
+        with st.cond:
+            st.writing = False
+            if not done:  # the rest goes out in order, before anything queued later
+                st.queue.appendleft(data[n:])
+            if due:
+                st.ack_owed = True  # the reader never writes to the link itself
+            if due or not done:
+                st.cond.notify()
+
     def _deliver(self, st: _Stream) -> None:
-        h = new_hash(self._algorithm) if self._digest else None
+        h = st.rx_hash
         sock = st.sock
-        ack_every = self._window // 4
-        delivered = 0
         try:
             while True:
                 with st.cond:
-                    while self._failed is None and not st.queue:
+                    while self._failed is None and not st.queue and not st.ack_owed:
                         st.cond.wait()
                     if self._failed is not None:
                         return
-                    item = st.queue.popleft()
+                    owed, st.ack_owed = st.ack_owed, False
+                    item = st.queue.popleft() if st.queue else None
+                    if item is not None and not isinstance(item, _End):
+                        st.writing = True
+                if owed:
+                    self._writer.write(ACK, st.id, ACK_PAYLOAD.pack(st.delivered))
+                if item is None:
+                    continue
                 if isinstance(item, _End):
+                    delivered = st.delivered
                     mine = h.digest() if h is not None else b""
                     st.stats.received_digest = mine
                     if item.count != delivered:
@@ -516,18 +578,17 @@ class Mux:
                         st.rx_done = True
                         self._maybe_close(st)
                     return
-                sock.sendall(item)
-                if h is not None:
-                    h.update(item)
-                delivered += len(item)
+                try:
+                    sock.sendall(item)
+                    due = self._delivered(st, item)  # before the reader may write again
+                finally:
+                    with st.cond:
+                        st.writing = False
                 st.stats.records_received += 1
                 if isinstance(item, memoryview):
                     self.pool.give(item)  # the reader decrypts into it again
-                st.stats.received = delivered
-                with st.cond:
-                    due = st.rx_window.ack_due(delivered, ack_every)
                 if due:
-                    self._writer.write(ACK, st.id, ACK_PAYLOAD.pack(delivered))
+                    self._writer.write(ACK, st.id, ACK_PAYLOAD.pack(st.delivered))
         except Exception as exc:
             if self._failed is None:
                 err = exc if isinstance(exc, MuxError) else None
@@ -569,8 +630,14 @@ class Mux:
                             st.rx_window.on_data(len(data))
                         except FlowControlError as exc:
                             raise MuxWindowExceeded(f"{self.name}: stream {st.id}: {exc}") from None
-                        st.queue.append(data)
-                        st.cond.notify()
+                        now = not st.queue and not st.writing
+                        if now:
+                            st.writing = True
+                        else:
+                            st.queue.append(data)
+                            st.cond.notify()
+                    if now:
+                        self._deliver_now(st, data)
                 elif t == ACK:
                     acked = self._streams.get(rec.stream)
                     if acked is not None:
@@ -641,7 +708,7 @@ class Mux:
                 sock = self._connect(sid)
         except OSError as exc:
             raise MuxError(f"stream {sid}: cannot connect the local endpoint: {exc}") from exc
-        st = _Stream(sid, sock, self._window, label)
+        st = self._new_stream(sid, sock, label)
         with self._lock:
             self._streams[sid] = st
             if self.first_open is None:

@@ -301,6 +301,7 @@ class MigrationProxy(ProxyBase):
                         link=(s.stream - 1) % n_links,
                         records_sent=s.records_sent,
                         records_received=s.records_received,
+                        records_direct=s.records_direct,
                     )
                     for s in stats.streams
                 ]
