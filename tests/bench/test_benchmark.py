@@ -258,11 +258,12 @@ def test_floor_from_the_runs_rates() -> None:
     # the paper model: one link is its slowest thread, many links meet the NIC
     st = stages(res)
     assert st is not None
-    assert (st.pump, st.reader, st.deliverer) == pytest.approx((0.4 + 1 + 0.5, 0.4 + 2, 0.5))
+    # (no UNIX-hop figure yet: QEMU's side costs a plain TCP receive / send)
+    assert (st.pump, st.reader, st.deliverer) == pytest.approx((0.4 + 1 + 0.5, 0.4 + 2 + 0.5, 0.5))
     assert (st.qemu_src, st.qemu_dst) == pytest.approx((1.1, 0.8))
     one, why = scale(st, 1, 16, 3000.0)
-    assert one == pytest.approx(one_second_per_gib / 2.4) and "destination's reader" in why
-    assert scale(st, 8, 16, 3000.0) == (3000.0, "the NIC")
+    assert one == pytest.approx(one_second_per_gib / 2.9) and "destination's reader" in why
+    assert scale(st, 16, 16, 3000.0) == (3000.0, "the NIC")
     few_cores, why = scale(st, 8, 4, 3000.0)
     assert few_cores == pytest.approx(4 * one_second_per_gib / (2.4 + 0.5 + 0.8))
     assert why == "the destination's cores"

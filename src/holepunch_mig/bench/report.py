@@ -537,7 +537,8 @@ def scaling_section(res: BenchResult) -> list[str]:
     L = [
         "Each parallel link is one TCP connection with its own threads on each side: the "
         "source proxy's pump (read QEMU's socket, seal, send), the destination's reader "
-        "(receive, open) and deliverer (write to QEMU). Socket calls, AES-GCM and the "
+        "(receive, open, write to QEMU while its socket has room) and deliverer (writes "
+        "what did not fit, so the reader never blocks on QEMU). Socket calls, AES-GCM and the "
         "digests release the GIL (Python's own share is a few microseconds per 1 MiB "
         "record), so N links keep up to N cores per side busy; one link is one thread "
         "chain, bounded by its slowest thread on one core. QEMU opens one connection per "
@@ -545,9 +546,10 @@ def scaling_section(res: BenchResult) -> list[str]:
         "a migration with K multifd channels scales like K links (the main channel carries "
         "little once multifd is on).",
         "",
-        f"Stage costs measured in this run (CPU s per GiB; row 1's copies, AES-GCM at the "
-        f"crypto-only rates): pump {st.pump:.2f}, reader {st.reader:.2f}, deliverer "
-        f"{st.deliverer:.2f}; one link therefore carries at most {st.link_mbps:.0f} MB/s. "
+        f"Stage costs measured in this run (CPU s per GiB; row 1's copies on the link, "
+        f"half the UNIX-socket hop on QEMU's side, AES-GCM at the crypto-only rates): pump "
+        f"{st.pump:.2f}, reader {st.reader:.2f} (of which {st.deliverer:.2f} the write to "
+        f"QEMU); one link therefore carries at most {st.link_mbps:.0f} MB/s. "
         + (
             f"QEMU's own CPU (direct QEMU cells, TCG): {st.qemu_src:.2f} source, "
             f"{st.qemu_dst:.2f} destination; under KVM it is lower, so the core-bound "
@@ -572,7 +574,7 @@ def scaling_section(res: BenchResult) -> list[str]:
     L += [
         "",
         f"At the NIC's rate the proxies keep about {at_nic * st.pump:.1f} cores busy on the "
-        f"source and {at_nic * (st.reader + st.deliverer):.1f} on the destination, QEMU "
+        f"source and {at_nic * st.reader:.1f} on the destination, QEMU "
         f"about {at_nic * st.qemu_src:.1f} / {at_nic * st.qemu_dst:.1f} more (TCG figures), "
         f"well inside {HOST_CORES} cores: the links' threads, then the NIC, bound such a "
         "host, not its cores. `send`/`recv` move a stream over one link, so they are bound "
