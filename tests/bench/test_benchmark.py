@@ -6,6 +6,7 @@ import json
 import socket
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,9 @@ def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
     assert code == 0
     res = json.loads(out.read_text())
     assert res["where"] == "lab" and res["rtts"] == [0, 20]
-    assert [r["key"] for r in res["rows"] if r["rtt_ms"] == 0] == [*ALL_ROWS, "cli-blake3"]
+    assert [r["key"] for r in res["rows"] if r["rtt_ms"] == 0] == [
+        *ALL_ROWS, "plain-file", "cli-blake3"
+    ]  # fmt: skip
     _check_rows(res, TINY)
     # row 6: the real send/recv processes, their reports' digest and CPU
     cli = next(r for r in res["rows"] if r["key"] == "cli-blake3" and r["rtt_ms"] == 0)
@@ -117,6 +120,9 @@ def test_cli_bench_tiny_lab_rows_between_namespaces(tmp_path: Path) -> None:
     assert "output file chunk stamps" in cli["verified"]
     assert cli["time_to_link"] is not None
     assert "| 6 |" in md.read_text() and "row 6, the real CLI" in md.read_text()
+    assert (
+        "| 1f |" in md.read_text() and "plain TCP moving the same file (row 1f)" in md.read_text()
+    )
     twenty = [r for r in res["rows"] if r["rtt_ms"] == 20]
     assert all(r["pending"] or r["samples"] for r in twenty)
     text = md.read_text()
@@ -295,6 +301,30 @@ def test_floor_from_the_runs_rates() -> None:
     proxy_q.median_mbps = qf.mbps * 1.2
     (verdict,) = [t for t in targets(res) if t[0].startswith("QEMU via migrate-proxy")]
     assert "beat this floor" in verdict[2] and "could beat" not in verdict[2]
+
+
+def test_the_file_rows_floor_and_target_build_on_plain_tcp_between_files() -> None:
+    res = _result()
+    res.crypto_only = {
+        "aes_gcm_encrypt_into_MBps": b.GIB / 1e6,  # 1 s/GiB
+        "aes_gcm_decrypt_into_MBps": b.GIB / 1e6,
+        "blake3_MBps": b.GIB / 1e6 * 2,  # 0.5 s/GiB
+    }
+    plain = res.rows[0]
+
+    def row(number: str, key: str, mbps: float, send: float, recv: float) -> b.RowResult:
+        sample = replace(plain.samples[0], mbps=mbps, send_cpu_per_gib=send, recv_cpu_per_gib=recv)
+        r = b.RowResult(number, key, key, False, 0, "lab", TINY, [sample])
+        b.summarise(r)
+        return r
+
+    res.rows += [row("1f", "plain-file", 1000.0, 0.6, 0.9), row("6", "cli-blake3", 650.0, 2, 3)]
+    fl = pair_floor(res, res.rows[-1])
+    assert fl is not None  # 1f's copies (not row 1's 0.5 / 0.4) + AES + BLAKE3
+    assert (fl.send_cpu, fl.recv_cpu) == pytest.approx((0.6 + 1.5, 0.9 + 1.5))
+    (verdict,) = [t for t in targets(res) if t[0].startswith("`send`/`recv` of a file")]
+    assert verdict[1].startswith("0.65x (650 vs 1000 MB/s); row 6 0.33x row 1")
+    assert verdict[2] == "met"
 
 
 def test_unix_hop_rate_is_cpu_per_byte_through_a_socketpair() -> None:

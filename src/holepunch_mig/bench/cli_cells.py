@@ -35,12 +35,18 @@ CLI = [sys.executable, "-m", "holepunch_mig.cli"]
 TMPFS = Path("/dev/shm")
 
 
-def _write_payload(path: Path, cfg: BenchConfig) -> None:
+def write_payload_file(cfg: BenchConfig, *, prefix: str, folder: Path = TMPFS) -> Path:
+    """The run's payload (PatternSource) as a new file in ``folder`` (tmpfs by default);
+    the caller removes it."""
+    if not folder.is_dir():
+        raise BenchError(f"{folder} (tmpfs) is missing: the file rows need it")
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=folder)
     src = PatternSource(cfg.total, cfg.seed)
     buf = memoryview(bytearray(CHUNK))
-    with open(path, "wb") as fh:
+    with os.fdopen(fd, "wb") as fh:
         while n := src.readinto(buf):
             fh.write(buf[:n])
+    return Path(name)
 
 
 def _check_output(path: Path, cfg: BenchConfig) -> None:
@@ -84,8 +90,7 @@ def run_cli_lab(lab: Lab, cfg: BenchConfig, expected: str | None) -> Sample:
 
 
 def _run(lab: Lab, work: Path, cfg: BenchConfig, expected: str) -> Sample:
-    src, out = work / "in.bin", work / "out.bin"
-    _write_payload(src, cfg)
+    src, out = write_payload_file(cfg, prefix="in-", folder=work), work / "out.bin"
     reports = {"send": work / "send.json", "recv": work / "recv.json"}
     logs = {"send": work / "send.log", "recv": work / "recv.log"}
     keys = pinned_pair(work)

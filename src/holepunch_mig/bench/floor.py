@@ -43,7 +43,8 @@ CRYPTO_WORK: dict[str, tuple[str, ...]] = {
     "direct": ("aes",),
     "direct-sha256": ("aes", "sha256"),
     "direct-blake3": ("aes", "blake3"),
-    "cli-blake3": ("aes", "blake3"),  # and a file read and write per byte, left out
+    "plain-file": (),
+    "cli-blake3": ("aes", "blake3"),  # on top of row 1f's copies, file read/write included
     "records": ("aes",),
     "records-sha256": ("aes", "sha256"),
     "records-blake3": ("aes", "blake3"),
@@ -74,16 +75,22 @@ def _primitive(res: BenchResult, name: str, side: str) -> float:
     return _seconds_per_gib(res, f"{name}_MBps")
 
 
-def _plain(res: BenchResult, rtt: int) -> RowResult | None:
+#: Rows whose bytes come from and go to files: their copies are row 1f's (plain TCP from
+#: a file to a file), not row 1's.
+FILE_ROWS = frozenset({"plain-file", "cli-blake3"})
+
+
+def _plain(res: BenchResult, rtt: int, key: str = "plain-tcp") -> RowResult | None:
     for r in res.rows:
-        if r.key == "plain-tcp" and r.rtt_ms == rtt and not r.pending and r.samples:
+        if r.key == key and r.rtt_ms == rtt and not r.pending and r.samples:
             return r
     return None
 
 
 def pair_floor(res: BenchResult, row: RowResult) -> Floor | None:
-    """The row's floor, or None without a measured plain-TCP row at its RTT."""
-    plain = _plain(res, row.rtt_ms)
+    """The row's floor, or None without its plain-TCP row (1, or 1f for the file rows) at
+    its RTT."""
+    plain = _plain(res, row.rtt_ms, "plain-file" if row.key in FILE_ROWS else "plain-tcp")
     if plain is None or not res.crypto_only:
         return None
     work = CRYPTO_WORK.get(row.key, ("aes",))

@@ -12,12 +12,13 @@ Each row is a sender and a receiver function; the same functions run over loopba
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from holepunch_mig.bench.cli_cells import run_cli_lab
+from holepunch_mig.bench.cli_cells import TMPFS, run_cli_lab, write_payload_file
 from holepunch_mig.bench.model import BenchConfig, PairSpec, SideResult, measurement
 from holepunch_mig.bench.pair import finished, started
 from holepunch_mig.bench.payload import CheckingSink, PatternSource
@@ -312,6 +313,65 @@ def _direct_digest_row(cfg: BenchConfig) -> PairSpec:
 )
 def _direct_blake3_row(cfg: BenchConfig) -> PairSpec:
     return _session_pair("direct", digest=True, algorithm="blake3")
+
+
+def _plain_file_send(sock: socket.socket, src: PatternSource, cfg: BenchConfig) -> SideResult:
+    """Row 1f's sender: the payload is first written to a tmpfs file (before the clock
+    starts), then read from it and sent, as ``nc < FILE`` would."""
+    path = write_payload_file(cfg, prefix="hpm-bench-1f-in-")
+    try:
+        view = memoryview(bytearray(cfg.chunk))
+        calls = sent = 0
+        with open(path, "rb", buffering=0) as fh:
+            started()
+            while n := fh.readinto(view):
+                sock.sendall(view[:n])
+                calls += 1
+                sent += n
+        sock.shutdown(socket.SHUT_WR)
+        finished()
+    finally:
+        path.unlink(missing_ok=True)
+    return SideResult(nbytes=sent, socket_calls=calls)
+
+
+def _plain_file_recv(sock: socket.socket, sink: CheckingSink, cfg: BenchConfig) -> SideResult:
+    """Row 1f's receiver: into a new tmpfs file, fsynced and closed before the clock
+    stops (as ``recv`` commits its output); the sink checks the stamps on the way."""
+    fd, name = tempfile.mkstemp(prefix="hpm-bench-1f-out-", dir=TMPFS)
+    view = memoryview(bytearray(cfg.chunk))
+    calls = got = 0
+    try:
+        started()
+        while True:
+            n = sock.recv_into(view, cfg.chunk, socket.MSG_WAITALL)
+            calls += 1
+            if not n:
+                break
+            chunk = view[:n]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+            sink.write(view[:n])
+            got += n
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        finished()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(name)
+    return SideResult(nbytes=got, socket_calls=calls)
+
+
+@measurement(
+    "1f",
+    "plain-file",
+    "plain TCP, file to file: read a tmpfs file / sendall, recv_into / write a tmpfs file",
+    default=True,
+)
+def _plain_file_row(cfg: BenchConfig) -> PairSpec:
+    return PairSpec(_plain_file_send, _plain_file_recv, self_start=True)
 
 
 def _no_side(*_: Any) -> SideResult:
