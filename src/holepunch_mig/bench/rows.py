@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from holepunch_mig.bench.cli_cells import TMPFS, run_cli_lab, write_payload_file
+from holepunch_mig.bench.cli_cells import TMPFS, run_cli_lab, warm_pages, write_payload_file
 from holepunch_mig.bench.model import BenchConfig, PairSpec, SideResult, measurement
 from holepunch_mig.bench.pair import finished, started
 from holepunch_mig.bench.payload import CheckingSink, PatternSource
@@ -342,6 +342,8 @@ def _plain_file_recv(sock: socket.socket, sink: CheckingSink, cfg: BenchConfig) 
     view = memoryview(bytearray(cfg.chunk))
     calls = got = 0
     try:
+        with warm_pages(cfg.total):  # as row 6 does for its output (see warm_pages)
+            pass
         started()
         while True:
             n = sock.recv_into(view, cfg.chunk, socket.MSG_WAITALL)
