@@ -137,6 +137,27 @@ def _finish_both(src: Mux, dst: Mux, timeout: float = 20) -> list[Any]:
         return out
 
 
+def _echo_through(src: Mux, dst: Mux, payload: bytes) -> tuple[Any, Any]:
+    """One stream from ``src`` to the echo server behind ``dst`` and back: the bytes
+    must come back whole; returns both muxes' stats."""
+    c, s = socket.socketpair()
+    src.add_stream(s)
+    t = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(1)))
+    t.start()
+    got = _recv_all(c)
+    t.join()
+    c.close()
+    assert got == payload
+    return _finished_ok(src, dst)
+
+
+def _finished_ok(src: Mux, dst: Mux) -> tuple[Any, Any]:
+    s_stats, d_stats = _finish_both(src, dst)
+    assert not isinstance(s_stats, Exception), s_stats
+    assert not isinstance(d_stats, Exception), d_stats
+    return s_stats, d_stats
+
+
 @pytest.mark.parametrize("sizes", [[0, 1, 5], [3_000_000, 1_000_001, 7_777_777]])
 def test_echo_streams_in_order_with_half_close(echo: EchoServer, sizes: list[int]) -> None:
     src, dst, a, b = _muxes(unix_connector(echo.path), window=1 << 20, bufsize=1 << 18)
@@ -416,18 +437,8 @@ def test_end_digest_uses_the_given_algorithm(echo: EchoServer, algorithm: str) -
     src, dst, a, b = _muxes(
         unix_connector(echo.path), window=1 << 20, bufsize=1 << 18, algorithm=algorithm
     )
-    c, s = socket.socketpair()
-    src.add_stream(s)
     data = struct.pack(">Q", 0) + os.urandom(2_000_003)
-    t = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(1)))
-    t.start()
-    got = _recv_all(c)
-    t.join()
-    c.close()
-    assert got == data
-    s_stats, d_stats = _finish_both(src, dst)
-    assert not isinstance(s_stats, Exception), s_stats
-    assert not isinstance(d_stats, Exception), d_stats
+    s_stats, _ = _echo_through(src, dst, data)
     h = new_hash(algorithm)  # type: ignore[arg-type]
     h.update(data)
     st = s_stats.streams[0]
@@ -448,18 +459,7 @@ def test_the_reader_decrypts_into_recycled_buffers(echo: EchoServer) -> None:
     # 24 MiB each way through a 1 MiB window: the reader must reuse the buffers the
     # deliverers hand back instead of taking a new one per record
     src, dst, a, b = _muxes(unix_connector(echo.path), window=1 << 20, bufsize=1 << 18)
-    payload = os.urandom(24 << 20)
-    c, s = socket.socketpair()
-    src.add_stream(s)
-    t = threading.Thread(target=lambda: (c.sendall(struct.pack(">Q", 0) + payload), c.shutdown(1)))
-    t.start()
-    got = _recv_all(c)
-    t.join()
-    c.close()
-    assert got == struct.pack(">Q", 0) + payload
-    s_stats, d_stats = _finish_both(src, dst)
-    assert not isinstance(s_stats, Exception), s_stats
-    assert not isinstance(d_stats, Exception), d_stats
+    _echo_through(src, dst, struct.pack(">Q", 0) + os.urandom(24 << 20))
     # at most a window of payload queued, plus the one being read and one in delivery
     for mux in (src, dst):
         assert mux.pool.reused > 0
@@ -496,12 +496,9 @@ def test_a_full_local_socket_sends_the_rest_through_the_queue_in_order() -> None
     while chunk := far.recv(1000):
         got += chunk
     far.close()
-    t.join()
     c.close()
     assert got == payload
-    s_stats, d_stats = _finish_both(src, dst)
-    assert not isinstance(s_stats, Exception), s_stats
-    assert not isinstance(d_stats, Exception), d_stats
+    s_stats, d_stats = _finished_ok(src, dst)
     st = d_stats.streams[0]
     assert st.records_received >= 384  # 24 MiB in <= 64 KiB records
     # both ways were taken: some records whole at once, some through the queue
@@ -516,17 +513,7 @@ def test_a_consumer_that_keeps_up_gets_records_from_the_reader_directly(
 ) -> None:
     src, dst, a, b = _muxes(unix_connector(echo.path), window=4 << 20, bufsize=1 << 18)
     payload = os.urandom(8 << 20)
-    c, s = socket.socketpair()
-    src.add_stream(s)
-    t = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(1)))
-    t.start()
-    got = _recv_all(c)
-    t.join()
-    c.close()
-    assert got == payload
-    s_stats, d_stats = _finish_both(src, dst)
-    assert not isinstance(s_stats, Exception), s_stats
-    assert not isinstance(d_stats, Exception), d_stats
+    _, d_stats = _echo_through(src, dst, payload)
     st = d_stats.streams[0]
     assert st.records_direct > 0 and st.received == len(payload)
     a.close()
@@ -539,17 +526,7 @@ def test_records_a_fraction_of_the_max_record_are_pooled_not_copied(echo: EchoSe
     # copied into a fresh allocation each: a page-faulting copy for most of QEMU's)
     src, dst, a, b = _muxes(unix_connector(echo.path), window=1 << 20, bufsize=1 << 17)
     payload = os.urandom(16 << 20)
-    c, s = socket.socketpair()
-    src.add_stream(s)
-    t = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(1)))
-    t.start()
-    got = _recv_all(c)
-    t.join()
-    c.close()
-    assert got == payload
-    s_stats, d_stats = _finish_both(src, dst)
-    assert not isinstance(s_stats, Exception), s_stats
-    assert not isinstance(d_stats, Exception), d_stats
+    s_stats, d_stats = _echo_through(src, dst, payload)
     for mux, stats in ((src, s_stats), (dst, d_stats)):
         records = stats.streams[0].records_received
         pooled = mux.pool.made + mux.pool.reused
