@@ -157,6 +157,9 @@ class LibvirtReport:
     """The migration switched to post-copy (libvirt showed the source paused for it)."""
     postcopy_seconds: float | None = None
     """When the switch was seen, seconds after the libvirt call started."""
+    postcopy_request_seconds: float | None = None
+    """How long ``virDomainMigrateStartPostCopy`` took to return once it was due: libvirt
+    sometimes holds it until precopy is nearly done, and then no switch happens."""
     copy_storage: CopyStorage | None = None
     migrate_uri: str | None = None
     disks_uri: str | None = None
@@ -186,6 +189,9 @@ class LibvirtReport:
             )
         if self.postcopy_seconds is not None:
             lines.append(f"  post-copy: switched after {self.postcopy_seconds:.2f} s")
+        held = self.postcopy_request_seconds
+        if held is not None and held >= 1.0:
+            lines.append(f"  post-copy: libvirt took {held:.1f} s to accept the switch request")
         if self.libvirt_error:
             lines.append(f"  libvirt error: {self.libvirt_error}")
         if self.proxy is not None:
@@ -555,6 +561,8 @@ class PostcopySwitch:
         self.after = after
         self.requested: float | None = None
         self.seen: float | None = None
+        self.call_seconds: float | None = None
+        """How long the accepted request took to return."""
 
     def due(self, stats: Mapping[str, Any], elapsed: float) -> bool:
         if self.requested is not None:
@@ -613,13 +621,19 @@ async def _libvirt_job(
 
     def switch() -> None:
         assert postcopy is not None
+        asked = time.monotonic()
         try:
             domain.migrateStartPostCopy(0)
         except libvirt.libvirtError as exc:
             log.debug("post-copy switch refused (retrying at the next sample): %s", exc)
             return
         postcopy.requested = time.monotonic() - started
-        log.info("post-copy requested %.2f s into the migration", postcopy.requested)
+        postcopy.call_seconds = time.monotonic() - asked
+        log.info(
+            "post-copy requested %.2f s into the migration (libvirt took %.2f s to accept)",
+            postcopy.requested,
+            postcopy.call_seconds,
+        )
 
     def watch_switch() -> None:
         assert postcopy is not None
@@ -794,6 +808,7 @@ async def migrate_domain(
             )
             if report.postcopy:
                 report.postcopy_seconds = switch.seen or switch.requested
+            report.postcopy_request_seconds = switch.call_seconds
         if proxy is not None:
             report.proxy = proxy.report
             peer = proxy.peer_result
