@@ -23,7 +23,12 @@ def test_birthday_crosses_one_symmetric_nat(
     lab_factory: Callable[[LabSpec | str], Lab], tmp_path: Path, preset: str
 ) -> None:
     lab = lab_factory(preset)
-    send_code, recv_code, send, recv, out, info = cli_transfer(lab, tmp_path)
+    # both planned birthday rounds, as send/recv run by default: one round misses 1.7 %
+    # of the time, two 0.03 %
+    two = ["--rounds", "2"]
+    send_code, recv_code, send, recv, out, info = cli_transfer(
+        lab, tmp_path, send_extra=two, recv_extra=two
+    )
     digest, errs = info.split("\n", 1)
     assert send_code == 0 and recv_code == 0, errs
     assert send["path"] == "direct" and recv["ok"] is True
@@ -35,7 +40,9 @@ def test_birthday_crosses_one_symmetric_nat(
     for side in (hard, easy):
         assert (side["sockets"], side["probes"]) == (256, 1024)
         assert 0.97 < side["expected_success"] < 0.99
-    assert 0 < hard["spent_syns"] <= 256 and 0 < easy["spent_syns"] <= 1024
+    n = len(hard["rounds"])  # the budget is per birthday round
+    assert n in (1, 2) and easy["rounds"] == hard["rounds"]
+    assert 0 < hard["spent_syns"] <= 256 * n and 0 < easy["spent_syns"] <= 1024 * n
     assert hard["spent_sockets"] <= 256 and easy["spent_sockets"] <= 512
     assert hard["hits"] + easy["hits"] >= 1
     # the nominated link runs between the easy side's punch port and a port the hard
