@@ -505,15 +505,17 @@ class Mux:
                     notify_peer=True,
                 )
 
-    def _delivered(self, st: _Stream, data: memoryview | bytes) -> bool:
+    def _delivered(self, st: _Stream, data: memoryview | bytes) -> None:
         """Account for bytes written to the local socket (by whichever thread holds
-        ``st.writing``); True when an ACK is due."""
+        ``st.writing``)."""
         if st.rx_hash is not None:
             st.rx_hash.update(data)
         st.delivered += len(data)
         st.stats.received = st.delivered
-        with st.cond:
-            return st.rx_window.ack_due(st.delivered, self._window // 4)
+
+    def _ack_due(self, st: _Stream) -> bool:
+        # caller holds st.cond
+        return st.rx_window.ack_due(st.delivered, self._window // 4)
 
     def _deliver_now(self, st: _Stream, data: memoryview | bytes) -> None:
         """Reader thread, ``st.writing`` claimed: write what the local socket takes
@@ -526,15 +528,17 @@ class Mux:
             with st.cond:
                 st.writing = False
             raise MuxError(f"{self.name}: stream {st.id} (link -> local) failed: {exc!r}") from exc
-        due = self._delivered(st, data[:n]) if n else False
+        if n:
+            self._delivered(st, data[:n])
         done = n == len(data)
         if done:
             st.stats.records_received += 1
             st.stats.records_direct += 1
             if isinstance(data, memoryview):
                 self.pool.give(data)  # the reader decrypts into it again
-        with st.cond:
+        with st.cond:  # one lock for the hand-back, the rest and the ACK point
             st.writing = False
+            due = bool(n) and self._ack_due(st)
             if not done:  # the rest goes out in order, before anything queued later
                 st.queue.appendleft(data[n:])
             if due:
@@ -580,10 +584,11 @@ class Mux:
                     return
                 try:
                     sock.sendall(item)
-                    due = self._delivered(st, item)  # before the reader may write again
+                    self._delivered(st, item)  # before the reader may write again
                 finally:
                     with st.cond:
                         st.writing = False
+                        due = self._ack_due(st)
                 st.stats.records_received += 1
                 if isinstance(item, memoryview):
                     self.pool.give(item)  # the reader decrypts into it again

@@ -504,11 +504,9 @@ class RecordReader(RecordOpener):
         """Read and verify the next record.  The payload is decrypted into ``out`` (at
         least ``max_record`` bytes) when given, so a caller that queues payloads spares a
         copy; else into the reader's buffer, valid until the next read."""
-        self._check_usable()
         if out is not None and len(out) < self.max_record:
             raise ValueError(f"out holds {len(out)} bytes, max record is {self.max_record}")
-        rtype, stream, length = self._fetch(self._fview, self._dir.counter, self.bytes_received)
-        return self._open(self._fview, rtype, stream, length, out)
+        return self.read_into(lambda _type, _length: out)
 
     def read_into(self, take: Callable[[int, int], memoryview | None]) -> Record:
         """Read and verify the next record, decrypting it into ``take(type, length)``:
