@@ -87,29 +87,22 @@ def test_postcopy_migration(vlab: LibvirtLab, tmp_path: Path) -> None:
     destination while the rest of its RAM (and every page it faults on, over QEMU's
     return path: the same stream backwards) comes through the link."""
     name = "postcopy"
-    held: list[float] = []
-    for attempt in range(5):
-        check = vlab.make_random_ram_domain(name)
-        work = tmp_path / f"attempt{attempt}"
-        work.mkdir()
+    check = vlab.make_random_ram_domain(name)
+    try:
         src, dst_code = vlab.migrate(
-            name, work, "--unsafe", "--bandwidth", "8", "--postcopy", "--postcopy-after", "2"
+            name, tmp_path, "--unsafe", "--bandwidth", "8", "--postcopy", "--postcopy-after", "2"
         )
         log = src.stderr.decode(errors="replace")
-        assert src.returncode == 0, log + (work / "dst.log").read_text()
-        assert dst_code == 0, (work / "dst.log").read_text()
-        rep = read_json(work / "src.json")
+        assert src.returncode == 0, log + (tmp_path / "dst.log").read_text()
+        assert dst_code == 0, (tmp_path / "dst.log").read_text()
+        rep = read_json(tmp_path / "src.json")
         assert "POSTCOPY" in rep["flags"]
-        if rep["postcopy"] or (rep["postcopy_request_seconds"] or 0) < 5:
-            break
-        # libvirt held the switch request until precopy was nearly done (about one run
-        # in two on this lab; the cause is not known yet): the migration completed by
-        # precopy and the report says how long the request took, so try again
-        assert "libvirt took" in log, log
-        held.append(rep["postcopy_request_seconds"])
-        vlab.destroy(name)  # transient domains: gone from both hosts
-    try:
-        assert rep["postcopy"] is True, (held, rep["job"])
+        # The switch request goes over a connection of its own: on the migrate call's
+        # connection libvirt's client held it unsent until precopy ended (~14 s here, in
+        # 3 runs of 3), so no switch happened.
+        assert rep["postcopy_request_seconds"] < 5, log
+        assert "libvirt took" not in log, log
+        assert rep["postcopy"] is True, rep["job"]
         assert 2 <= rep["postcopy_seconds"] < rep["seconds"]
         # precopy at 8 MiB/s would have needed 16 s; post-copy runs uncapped
         assert rep["seconds"] < 14, rep["job"]

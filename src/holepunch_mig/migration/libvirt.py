@@ -575,6 +575,33 @@ class PostcopySwitch:
         return iteration >= 1 and elapsed >= self.after
 
 
+def _watch_handle(libvirt: Any, domain: Any) -> tuple[Any, Any | None]:
+    """``domain`` again, through a connection of its own, for the calls made while the
+    migrate call is in flight (job stats, the post-copy switch, the state, abort).
+
+    libvirt's client (9.0 here) loses a call made on a connection whose reply thread is
+    between releasing its lock and polling again: the call waits, unsent, until the other
+    call (the migrate call: the whole migration) returns.  A post-copy request made right
+    after a job-stats sample hit that window most of the time in the lab, and an abort
+    would too.  A second connection has its own socket and no other call in flight.
+    Returns (handle, connection to close) or, when libvirt refuses a second connection
+    (a URI that needs credentials), (``domain``, None) with a warning."""
+    conn = None
+    try:
+        conn = libvirt.open(domain.connect().getURI())
+        return conn.lookupByUUID(domain.UUID()), conn
+    except libvirt.libvirtError as exc:
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        log.warning(
+            "cannot open a second libvirt connection for the job (%s): job calls share the "
+            "migrate call's connection, where libvirt may hold them until it returns",
+            exc,
+        )
+        return domain, None
+
+
 async def _libvirt_job(
     domain: Any,
     call: Callable[[], object],
@@ -584,7 +611,8 @@ async def _libvirt_job(
     release: Callable[[], None],
     postcopy: PostcopySwitch | None = None,
 ) -> str | None:
-    """Run libvirt's (blocking) migrate call in a thread, sampling its job info; returns
+    """Run libvirt's (blocking) migrate call in a thread, sampling its job info through
+    ``domain`` (a handle on a connection of its own, see :func:`_watch_handle`); returns
     libvirt's error message or None.  When ``failure()`` says the link failed, abort the
     libvirt job (QEMU's NBD client may not notice a dead socket by itself and the job
     would wait forever); cancelled (Ctrl-C): the same, then re-raise.  ``postcopy``:
@@ -772,10 +800,11 @@ async def migrate_domain(
                     return domain.migrateToURI3(dest, params, flags)
                 return domain.migrate3(dest, params, flags)
 
+            watched, watch_conn = await trio.to_thread.run_sync(_watch_handle, libvirt, domain)
             started = time.perf_counter()
             try:
                 error = await _libvirt_job(
-                    domain,
+                    watched,
                     call,
                     progress,
                     last,
@@ -785,6 +814,9 @@ async def migrate_domain(
                 )
             finally:
                 report.seconds = time.perf_counter() - started
+                if watch_conn is not None:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        await trio.to_thread.run_sync(watch_conn.close)
             report.libvirt_ok = error is None
             if error is not None and socket_group is None and "ermission denied" in error:
                 error += (
