@@ -18,6 +18,7 @@ from holepunch_mig.errors import MuxError, ProtocolError, ProxyError
 from holepunch_mig.migration.common import MigrationError
 from holepunch_mig.migration.libvirt import (
     LibvirtProxy,
+    LibvirtReport,
     PostcopySwitch,
     _libvirt_job,
     libvirt_destination,
@@ -326,6 +327,18 @@ async def test_libvirt_job_switches_to_postcopy_and_sees_it() -> None:
     assert dom.requests == 2  # refused once, retried at the next sample
     assert switch.requested is not None and switch.seen is not None
     assert switch.seen >= switch.requested
+
+
+def test_summary_says_when_postcopy_was_allowed_but_not_used() -> None:
+    rep = LibvirtReport(domain="vm", flags=["LIVE", "POSTCOPY"], libvirt_ok=True, seconds=3.0)
+    assert "not switched (precopy completed before the switch was due)" in rep.summary()
+    rep.postcopy_request_seconds = 0.01  # asked, but precopy ended first
+    assert "before the switch took effect" in rep.summary()
+    rep.postcopy, rep.postcopy_seconds = True, 2.5
+    assert "not switched" not in rep.summary()
+    assert "post-copy: switched after 2.50 s" in rep.summary()
+    plain = LibvirtReport(domain="vm", flags=["LIVE"], libvirt_ok=True, seconds=3.0)
+    assert "post-copy" not in plain.summary()
 
 
 async def test_postcopy_with_parallel_is_refused() -> None:

@@ -42,10 +42,14 @@ def warm_pages(nbytes: int) -> Iterator[None]:
     """Touch ``nbytes`` of fresh memory, hold it, and free it on exit, just before a file
     row's transfer, so the page cache its output fills takes pages the hypervisor backs.
     This VM reports freed pages to its host (virtio-balloon free page reporting, 2 MiB
-    blocks, a few seconds after they are freed), and the first touch of a reported page
-    is a host fault: writing a new 1 GiB tmpfs file took 2.8 s of system time cold and
-    0.4 s warm, so whichever file row ran after a pause paid for the hypervisor, not for
-    its own work.  On a hypervisor host itself (bare metal) this costs nothing."""
+    blocks), and the first touch of a reported page is a host fault: writing a new 1 GiB
+    tmpfs file took 2.8 s of system time cold and 0.4 s warm, so whichever file row ran
+    after a pause paid for the hypervisor, not for its own work.  Reporting is quick:
+    rewriting a 2 GiB tmpfs file cost 0.27 CPU s/GiB right after the last one was deleted
+    and 0.8-1.1 s/GiB when 0.5-5 s had passed, so a transfer that outlasts half a second
+    still writes part of its output into cold pages (row 6 more than its faster plain twin,
+    1f; freeing the held memory block by block as the output grew did not change row 6's
+    figures).  On a hypervisor host itself (bare metal) none of this costs anything."""
     page = 4096
     buf = bytearray(nbytes)  # calloc'd by mmap: nothing touched yet
     buf[::page] = b"\x01" * len(range(0, nbytes, page))

@@ -192,6 +192,9 @@ class LibvirtReport:
         held = self.postcopy_request_seconds
         if held is not None and held >= 1.0:
             lines.append(f"  post-copy: libvirt took {held:.1f} s to accept the switch request")
+        if "POSTCOPY" in self.flags and not self.postcopy and self.libvirt_ok:
+            when = "took effect" if held is not None else "was due"
+            lines.append(f"  post-copy: not switched (precopy completed before the switch {when})")
         if self.libvirt_error:
             lines.append(f"  libvirt error: {self.libvirt_error}")
         if self.proxy is not None:
