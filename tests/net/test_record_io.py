@@ -608,6 +608,32 @@ def test_without_and_with_small_prefetch(prefetch: int, monkeypatch: pytest.Monk
     assert dst.getvalue() == data
 
 
+@pytest.mark.parametrize(("digest", "prefetching"), [(False, False), (True, True)])
+def test_default_prefetch_only_for_hashed_streams(digest: bool, prefetching: bool) -> None:
+    """prefetch=None: a helper thread receives ahead when the stream is hashed (the rest
+    of each record's work is large), none for a bare stream (it would only cost a
+    hand-off per record)."""
+    data = os.urandom(2 * MiB + 3)
+    seen: list[bool] = []
+    # (a helper of an earlier test's failure path may still be on its way out)
+    before = {t.ident for t in threading.enumerate() if t.name == "records-recv"}
+
+    class Watching(io.BytesIO):
+        def write(self, b: Any) -> int:
+            helpers = [t for t in threading.enumerate() if t.name == "records-recv"]
+            seen.append(any(t.ident not in before for t in helpers))
+            return super().write(b)
+
+    with pair() as (a, b):
+        w = RecordWriter(a, KEY)
+        join = in_thread(lambda: (w.send_file(1, io.BytesIO(data), digest=digest), w.close()))
+        dst = Watching()
+        assert RecordReader(b, KEY).receive_file(1, dst, digest=digest)[0] == len(data)
+        join()
+    assert dst.getvalue() == data
+    assert seen and seen[0] is prefetching, seen
+
+
 def test_prefetch_stops_at_end_so_next_stream_can_follow() -> None:
     a_data, b_data = os.urandom(2 * MiB + 1), os.urandom(MiB // 2)
     with pair() as (a, b):

@@ -54,7 +54,7 @@ class BenchConfig:
     runs: int = 3
     sockbuf: int = 4 << 20  # SO_SNDBUF/SO_RCVBUF on both ends, every row; 0 = kernel's
     chunk: int = CHUNK  # application buffer of the plain rows
-    prefetch: int = 3  # RecordReader.receive_file
+    prefetch: int | None = None  # RecordReader.receive_file; None: its default
     pipeline: int = 3  # RecordWriter.send_file
     full_verify: bool = False
     seed: bytes = b"holepunch-mig bench"

@@ -152,7 +152,8 @@ def context_lines(res: BenchResult) -> list[str]:
         f"where: {where}",
         f"{_mib(cfg['total'])} per run, median of {cfg['runs']} runs, rows interleaved, "
         f"socket buffers {cfg['sockbuf'] or 'kernel default'}, "
-        f"send_file pipeline={cfg['pipeline']}, receive_file prefetch={cfg['prefetch']}",
+        f"send_file pipeline={cfg['pipeline']}, receive_file prefetch="
+        f"{cfg['prefetch'] if cfg['prefetch'] is not None else 'default (3 hashed, 0 bare)'}",
         f"started {res.started_at}, took {res.seconds:.0f} s" + (" (--quick)" if res.quick else ""),
     ]
 

@@ -95,7 +95,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="SO_SNDBUF/SO_RCVBUF for every row (default 4 MiB, as the link; 0 = kernel)",
     )
     p.add_argument("--pipeline", type=int, default=3, help="RecordWriter.send_file pipeline")
-    p.add_argument("--prefetch", type=int, default=3, help="RecordReader.receive_file prefetch")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="RecordReader.receive_file prefetch (default: the library's, 3 when the stream "
+        "is hashed, else 0)",
+    )
     p.add_argument(
         "--full-verify", action="store_true", help="also SHA-256 everything the sink receives"
     )

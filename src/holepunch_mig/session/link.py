@@ -111,7 +111,7 @@ class Link:
         self._mac_key = self._resume_key()
         self._resume = established.resume and self.tunnel is None
         self._pipeline = 3  # RecordWriter.send_file / RecordReader.receive_file tuning
-        self._prefetch = 3
+        self._prefetch: int | None = None
         self.max_links: int = established.max_links if self.tunnel is None else 1
         """Most links (this one included) :meth:`open_links` may bring the session to."""
         self.digest: Algorithm = established.digest
@@ -292,7 +292,7 @@ class Link:
         digest: bool = True,
         progress: Progress | None = None,
         commit: Commit | None = None,
-        prefetch: int = 3,
+        prefetch: int | None = None,
     ) -> TransferResult:
         """Receive stream 0 into ``dst``; returns only after end-of-stream verified and
         the output committed.
@@ -306,7 +306,8 @@ class Link:
         stream goes on from the bytes already written (``dst`` is flushed every
         ``ack_interval`` bytes, when it reports them to the source), and the stream's
         SHA-256 is mandatory (``digest`` is taken as True).  ``prefetch``: the record
-        reader's (:meth:`RecordReader.receive_file`) option."""
+        reader's (:meth:`RecordReader.receive_file`) option; None (default) prefetches
+        when the stream is hashed."""
         self._prefetch = prefetch  # read by every epoch of a resumable transfer
         self._arm_idle_timeout()
         if self.resumable:
