@@ -65,6 +65,9 @@ PHRASES = [
     "cannot resolve STUN server name",
     "given more than once",
     "needs root (it creates network namespaces and nftables rules)",
+    "post-copy: not switched (precopy completed before the switch",
+    "to accept the switch request",
+    "cannot open a second libvirt connection for the job",
 ]
 
 
