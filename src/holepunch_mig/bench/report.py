@@ -21,6 +21,7 @@ from holepunch_mig.bench.floor import (
 )
 from holepunch_mig.bench.libvirt_cells import cell_from, libvirt_targets, render_libvirt_table
 from holepunch_mig.bench.model import GIB, BenchResult, LinkTiming, RowResult, Sample
+from holepunch_mig.net.record_io import HASHED_PREFETCH
 
 __all__ = [
     "HEAD",
@@ -142,6 +143,9 @@ def context_lines(res: BenchResult) -> list[str]:
         if res.where == "lab"
         else f"loopback, one namespace ({res.where_reason})"
     )
+    prefetch = cfg["prefetch"]
+    if prefetch is None:
+        prefetch = f"default ({HASHED_PREFETCH} hashed, 0 bare)"
     return [
         f"machine: nproc={mc['nproc']}, {mc['cpu_model']}; load average at start "
         + " ".join(f"{x:.2f}" for x in mc["loadavg_start"])
@@ -152,8 +156,7 @@ def context_lines(res: BenchResult) -> list[str]:
         f"where: {where}",
         f"{_mib(cfg['total'])} per run, median of {cfg['runs']} runs, rows interleaved, "
         f"socket buffers {cfg['sockbuf'] or 'kernel default'}, "
-        f"send_file pipeline={cfg['pipeline']}, receive_file prefetch="
-        f"{cfg['prefetch'] if cfg['prefetch'] is not None else 'default (3 hashed, 0 bare)'}",
+        f"send_file pipeline={cfg['pipeline']}, receive_file prefetch={prefetch}",
         f"started {res.started_at}, took {res.seconds:.0f} s" + (" (--quick)" if res.quick else ""),
     ]
 

@@ -16,6 +16,7 @@ from holepunch_mig.bench.model import GIB, REGISTRY, BenchConfig, BenchResult, d
 from holepunch_mig.bench.report import load_result, render_markdown, render_text
 from holepunch_mig.cli.common import write_chart
 from holepunch_mig.errors import BenchError
+from holepunch_mig.net.record_io import HASHED_PREFETCH
 from holepunch_mig.report import write_file_atomically
 
 __all__ = ["register"]
@@ -99,8 +100,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--prefetch",
         type=int,
         default=None,
-        help="RecordReader.receive_file prefetch (default: the library's, 3 when the stream "
-        "is hashed, else 0)",
+        help="RecordReader.receive_file prefetch (default: the library's, "
+        f"{HASHED_PREFETCH} when the stream is hashed, else 0)",
     )
     p.add_argument(
         "--full-verify", action="store_true", help="also SHA-256 everything the sink receives"
