@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from holepunch_mig.errors import ChannelClosed, ControlTimeout, NoDirectPath
+from holepunch_mig.net import record_io
 from holepunch_mig.net.control import (
     ControlChannel,
     StreamChannel,
@@ -112,6 +113,32 @@ async def test_digest_negotiation(source: str, destination: str, expected: str) 
     assert out.getvalue() == data
     for result in results.values():
         assert result.digest == expected and result.sha256 == want
+
+
+@pytest.mark.parametrize("resume_attempts", [0, 3])
+@pytest.mark.parametrize("digest", ["blake3", "sha256"])
+async def test_blake3_is_hashed_inline_sha256_in_a_thread_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, digest: str, resume_attempts: int
+) -> None:
+    """BLAKE3 is hashed by the thread that just read or opened the bytes, in place; only
+    SHA-256 gets a hash thread and its own plaintext buffers -- with resume on (what
+    send/recv run) as without.  (A resumable link once told the record layer "sha256"
+    whatever the session's digest, so BLAKE3 went through the slower threaded path.)"""
+    hash_threads: list[str] = []
+    real_init = record_io._HashThread.__init__
+
+    def spy(self: record_io._HashThread, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        hash_threads.append(self._h.name)  # what the thread hashes, whatever it was told
+
+    monkeypatch.setattr(record_io._HashThread, "__init__", spy)
+    a, b = memory_channel_pair()
+    data = os.urandom(5 << 20)
+    src, dst, got = await _transfer(a, b, data, digest=digest, resume_attempts=resume_attempts)
+    assert got == data
+    want = (blake3.blake3 if digest == "blake3" else hashlib.sha256)(data).hexdigest()
+    assert src.report.sha256 == dst.report.sha256 == want
+    assert hash_threads == ([] if digest == "blake3" else ["sha256", "sha256"])
 
 
 async def test_required_blake3_refused_by_sha256_peer() -> None:

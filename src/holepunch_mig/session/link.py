@@ -598,6 +598,7 @@ class Link:
                         progress=progress,
                         position=source.position,
                         pipeline=self._pipeline,
+                        algorithm=self.digest,
                     )
                 )
             except InputFailed as exc:
@@ -770,6 +771,7 @@ class Link:
                         position=position,
                         require_digest=True,
                         prefetch=self._prefetch,
+                        algorithm=self.digest,
                     )
                 )
             except OutputFailed as exc:
