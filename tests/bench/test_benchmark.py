@@ -6,6 +6,7 @@ import json
 import socket
 import struct
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from testsupport.qemu import require_qemu
 
 from holepunch_mig.bench import harness
 from holepunch_mig.bench import model as b
-from holepunch_mig.bench.floor import pair_floor, qemu_floor, scale, stages
+from holepunch_mig.bench.floor import paced_floor, pair_floor, qemu_floor, scale, stages
 from holepunch_mig.bench.payload import CHUNK, CheckingSink, PatternSource, expected_sha256
 from holepunch_mig.bench.report import load_result, render_markdown, targets
 from holepunch_mig.cli.main import main
@@ -303,7 +304,7 @@ def test_floor_from_the_runs_rates() -> None:
     assert "beat this floor" in verdict[2] and "could beat" not in verdict[2]
 
 
-def test_the_file_rows_floor_and_target_build_on_plain_tcp_between_files() -> None:
+def test_the_file_rows_floor_and_target_build_on_plain_tcp_between_files(tmp_path: Path) -> None:
     res = _result()
     res.crypto_only = {
         "aes_gcm_encrypt_into_MBps": b.GIB / 1e6,  # 1 s/GiB
@@ -325,6 +326,46 @@ def test_the_file_rows_floor_and_target_build_on_plain_tcp_between_files() -> No
     (verdict,) = [t for t in targets(res) if t[0].startswith("`send`/`recv` of a file")]
     assert verdict[1].startswith("0.65x (650 vs 1000 MB/s); row 6 0.33x row 1")
     assert verdict[2] == "met"
+    # missed: the verdict names its floor, and with the page-write probe's figures the
+    # floor with the output's pages charged at what they cost at row 6's rate
+    res.rows[-1] = row("6", "cli-blake3", 400.0, 2.0, 3.0)
+    (verdict,) = [t for t in targets(res) if t[0].startswith("`send`/`recv` of a file")]
+    assert verdict[2].startswith("**missed**") and "Cause (measured)" not in verdict[2]
+    assert paced_floor(res, res.rows[-1]) is None
+    res.page_writes = {"full_s_per_gib": 0.3, "paced_s_per_gib": 0.9, "paced_MBps": 400.0}
+    pf = paced_floor(res, res.rows[-1])
+    assert pf is not None
+    assert (pf.send_cpu, pf.recv_cpu) == pytest.approx((0.6 + 1.5, 0.9 + 1.5 + 0.6))
+    assert pf.mbps == pytest.approx(b.GIB / 1e6 / ((2.1 + 3.0) / 2))
+    assert paced_floor(res, res.rows[-2]) is None  # 1f writes at full speed: its own floor
+    res.page_writes = {"full_s_per_gib": 0.3, "paced_s_per_gib": 0.32, "paced_MBps": 400.0}
+    (verdict,) = [t for t in targets(res) if t[0].startswith("`send`/`recv` of a file")]
+    assert "Cause (measured)" not in verdict[2]
+    assert "so the output's pages do not explain the miss" in verdict[2]
+    res.page_writes = {"full_s_per_gib": 0.3, "paced_s_per_gib": 0.9, "paced_MBps": 400.0}
+    (verdict,) = [t for t in targets(res) if t[0].startswith("`send`/`recv` of a file")]
+    assert "costs 0.90 CPU s/GiB at row 6's 400 MB/s and 0.30 at full speed" in verdict[2]
+    assert f"the floor is {pf.mbps:.0f} MB/s (2.10 + 3.00)" in verdict[2]
+    assert f"row 6 reached {400.0 / pf.mbps:.2f} of it" in verdict[2]
+    assert "0.30 CPU s/GiB at full speed, 0.90 paced at row 6's 400 MB/s" in render_markdown(res)
+    # the figures round-trip through the JSON, and a JSON from before the probe loads
+    saved = json.loads(res.to_json())
+    (tmp_path / "new.json").write_text(json.dumps(saved))
+    assert load_result(tmp_path / "new.json").page_writes == res.page_writes
+    del saved["page_writes"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    assert load_result(tmp_path / "old.json").page_writes == {}
+
+
+def test_page_write_cost_is_cpu_per_gib_and_paced(tmp_path: Path) -> None:
+    from holepunch_mig.bench.cli_cells import page_write_cost
+
+    nbytes = 16 << 20
+    t0 = time.monotonic()
+    paced = page_write_cost(nbytes, 64.0, folder=tmp_path)  # 16 MiB at 64 MB/s: >= 0.26 s
+    assert time.monotonic() - t0 >= nbytes / 64e6 - 0.02
+    assert paced > 0 and page_write_cost(nbytes, None, folder=tmp_path) > 0
+    assert list(tmp_path.iterdir()) == []  # the probe's file is gone
 
 
 def test_unix_hop_rate_is_cpu_per_byte_through_a_socketpair() -> None:

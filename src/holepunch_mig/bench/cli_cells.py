@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,44 @@ def warm_pages(nbytes: int) -> Iterator[None]:
         yield
     finally:
         del buf
+
+
+def page_write_cost(nbytes: int, rate_mbps: float | None, folder: Path = TMPFS) -> float:
+    """CPU seconds per GiB of writing a new ``nbytes`` file in ``folder`` in 1 MiB writes
+    right after :func:`warm_pages` (as the file rows write their output), at full speed
+    (None) or paced at ``rate_mbps``: on this VM the cost of a page-cache page depends on
+    how long ago it was freed, so a slower writer pays more per byte (see warm_pages)."""
+    chunk = memoryview(os.urandom(CHUNK))
+    fd, name = tempfile.mkstemp(prefix="page-cost-", dir=folder)
+    try:
+        with warm_pages(nbytes):
+            pass
+        done, t0, c0 = 0, time.monotonic(), time.thread_time()
+        while done < nbytes:
+            done += os.write(fd, chunk[: min(CHUNK, nbytes - done)])
+            if rate_mbps:
+                ahead = done / (rate_mbps * 1e6) - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)  # a benchmark probe's pacing, not a wait on the network
+        return (time.thread_time() - c0) / (nbytes / GIB)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def page_write_costs(rate_mbps: float, nbytes: int = GIB, runs: int = 2) -> dict[str, float]:
+    """:func:`page_write_cost` at full speed and at ``rate_mbps`` (row 6's measured rate),
+    alternated ``runs`` times; medians.  Keys: ``full_s_per_gib``, ``paced_s_per_gib``,
+    ``paced_MBps``."""
+    full, paced = [], []
+    for _ in range(runs):
+        full.append(page_write_cost(nbytes, None))
+        paced.append(page_write_cost(nbytes, rate_mbps))
+    return {
+        "full_s_per_gib": statistics.median(full),
+        "paced_s_per_gib": statistics.median(paced),
+        "paced_MBps": rate_mbps,
+    }
 
 
 def write_payload_file(cfg: BenchConfig, *, prefix: str, folder: Path = TMPFS) -> Path:

@@ -96,9 +96,27 @@ def pair_floor(res: BenchResult, row: RowResult) -> Floor | None:
     work = CRYPTO_WORK.get(row.key, ("aes",))
     send = plain.median["send_cpu_per_gib"] + sum(_primitive(res, w, "send") for w in work)
     recv = plain.median["recv_cpu_per_gib"] + sum(_primitive(res, w, "recv") for w in work)
+    return _spread(res, plain, send, recv)
+
+
+def _spread(res: BenchResult, plain: RowResult, send: float, recv: float) -> Floor:
     plain_wall = GIB / (max(plain.mbps_max, plain.median["mbps"]) * 1e6)
     wall = max(plain_wall, (send + recv) / cores(res))
     return Floor(send, recv, GIB / 1e6 / wall)
+
+
+def paced_floor(res: BenchResult, row: RowResult) -> Floor | None:
+    """Row 6's floor with its output's page-cache writes charged at what new pages cost
+    at row 6's own rate (``res.page_writes``) rather than at row 1f's full speed: on this
+    VM a page costs more the longer ago it was freed, so the plain floor assumes writes
+    that a writer at row 6's rate does not get.  None without the probe's figures."""
+    fl = pair_floor(res, row)
+    plain = _plain(res, row.rtt_ms, "plain-file")
+    pw = res.page_writes
+    if fl is None or plain is None or row.key != "cli-blake3" or not pw:
+        return None
+    extra = max(0.0, pw["paced_s_per_gib"] - pw["full_s_per_gib"])
+    return _spread(res, plain, fl.send_cpu, fl.recv_cpu + extra)
 
 
 def _cell(c: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from holepunch_mig.bench import rows as _rows  # noqa: F401  (importing it registers the rows)
+from holepunch_mig.bench.cli_cells import page_write_costs
 from holepunch_mig.bench.lab_cells import lab_spec, run_pair_lab
 from holepunch_mig.bench.libvirt_cells import ROWS as LIBVIRT_ROWS
 from holepunch_mig.bench.libvirt_cells import libvirt_possible, run_libvirt_cells
@@ -397,6 +398,7 @@ def run_bench(
     )
     load_per_rtt: dict[str, list[float]] = {}
     steal: dict[str, float] = {}
+    page_writes: dict[str, float] = {}
     run_ticks = cpu_ticks()
 
     def record_steal(phase: str, since: tuple[int, int] | None) -> None:
@@ -498,6 +500,15 @@ def run_bench(
                 summarise(c)
             for c in measured:
                 c.ratio = c.median["mbps"] / base.median["mbps"] if base else None
+            cli = cells.get("cli-blake3")
+            if rtt == 0 and cli is not None and cli.samples:
+                page_writes = page_write_costs(cli.median["mbps"], cli.total)
+                log(
+                    "new tmpfs pages, CPU s/GiB: "
+                    f"{page_writes['full_s_per_gib']:.2f} at full speed, "
+                    f"{page_writes['paced_s_per_gib']:.2f} at row 6's "
+                    f"{page_writes['paced_MBps']:.0f} MB/s"
+                )
     libvirt: list[Any] = []
     if not libvirt_runs:
         libvirt_note = "not run (--no-libvirt)"
@@ -542,6 +553,7 @@ def run_bench(
         libvirt_note=libvirt_note,
         loadavg_per_rtt=load_per_rtt,
         steal_pct=steal,
+        page_writes=page_writes,
         started_at=started_at,
         seconds=time.monotonic() - t_start,
         quick=quick,

@@ -219,6 +219,9 @@ class BenchResult:
     steal_pct: dict[str, float] = field(default_factory=dict)
     """Per phase ("rows 0 ms", "QEMU 0 ms", "libvirt", "run"): the share of CPU time the
     hypervisor gave to other guests (/proc/stat steal), in percent; empty off Linux."""
+    page_writes: dict[str, float] = field(default_factory=dict)
+    """Writing new tmpfs pages (``cli_cells.page_write_costs``) after the 0 ms file rows:
+    CPU s/GiB at full speed and paced at row 6's rate; empty when row 6 did not run."""
     started_at: str = ""
     seconds: float = 0.0
     quick: bool = False
