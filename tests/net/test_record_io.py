@@ -718,6 +718,22 @@ def test_send_file_digest_and_resume_marks_cover_each_record(algorithm: Any, pip
         assert state.digest() == part.digest()
 
 
+def test_a_resume_position_of_another_algorithm_is_refused_before_any_record() -> None:
+    """The position's hash and ``algorithm`` must agree: ``algorithm`` picks the inline or
+    the threaded path, so a BLAKE3 position told "sha256" would silently run slower."""
+    with pair() as (a, b):
+        w, r = RecordWriter(a, KEY, max_record=1000), RecordReader(b, KEY, max_record=1000)
+        pos = StreamPosition(sha256=new_hash("blake3"))
+        with pytest.raises(ValueError, match="holds a blake3 hash, not sha256"):
+            w.send_file(1, io.BytesIO(b"x" * 3000), position=pos, algorithm="sha256")
+        assert w.records_sent == 0
+        with pytest.raises(ValueError, match="holds a blake3 hash, not sha256"):
+            r.receive_file(1, io.BytesIO(), position=pos, algorithm="sha256")
+        w.send_file(1, io.BytesIO(b"y" * 10), algorithm="blake3")  # both still usable
+        out = io.BytesIO()
+        assert r.receive_file(1, out, algorithm="blake3")[0] == 10 and out.getvalue() == b"y" * 10
+
+
 @pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_receive_file_digest_and_position_cover_what_dst_holds(

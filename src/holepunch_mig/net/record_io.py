@@ -58,6 +58,15 @@ MB/s with 3 and 668-732 MB/s without.  One thread recv-ing and decrypting keeps 
 about 4 GB/s per core, above a 25 Gb/s NIC; more than that is what parallel links are for."""
 
 
+def _check_position(algorithm: Algorithm, position: StreamPosition | None) -> None:
+    """A resume position's hash must be of ``algorithm``: the digest would still come out
+    right with another, but ``algorithm`` picks the path (inline or a hash thread), so a
+    mismatch silently takes the slower one."""
+    h = None if position is None else position.sha256
+    if h is not None and getattr(h, "name", algorithm) != algorithm:
+        raise ValueError(f"the resume position holds a {h.name} hash, not {algorithm}")
+
+
 def _continued_hash(algorithm: Algorithm, position: StreamPosition | None) -> Any:
     """The hash a transfer updates: the resume position's (continued in place) or new."""
     if position is None or position.sha256 is None:
@@ -248,6 +257,7 @@ class RecordWriter(RecordSealer):
         into ``position.sha256``; ``src`` continues from there.  Counts, progress and END
         cover the whole stream; see :class:`StreamPosition`."""
         self._check_record(RecordType.DATA, stream, 0)
+        _check_position(algorithm, position)
         if pipeline < 2:
             total, dig = self._send_serial(stream, src, digest, progress, position, algorithm)
         else:
@@ -617,6 +627,7 @@ class RecordReader(RecordOpener):
         ``position`` (resume): ``dst`` already holds ``position.offset`` bytes of the
         stream, hashed into ``position.sha256``; on return or failure ``position`` says
         how many bytes ``dst`` now holds (and their hash), see :class:`StreamPosition`."""
+        _check_position(algorithm, position)
         if prefetch is None:
             prefetch = HASHED_PREFETCH if digest else 0
         stop = [False]
