@@ -628,3 +628,93 @@ def test_lost_link_frees_a_local_writer_blocked_on_a_full_socket() -> None:
     src.close()
     for s in (a, b, qemu):
         s.close()
+
+
+def _sink_connect() -> tuple[Callable[[int], socket.socket], list[socket.socket], threading.Event]:
+    """A destination ``connect`` whose far ends the test reads itself."""
+    far: list[socket.socket] = []
+    opened = threading.Event()
+
+    def connect(sid: int) -> socket.socket:
+        mine, theirs = socket.socketpair()
+        theirs.settimeout(30)
+        far.append(theirs)
+        opened.set()
+        return mine
+
+    return connect, far, opened
+
+
+def test_a_streaming_writer_fills_records_beyond_its_socket_buffer() -> None:
+    # The local writer's socket holds far less than a record (QEMU's: about 200 KiB);
+    # reading only what is there made one record per buffer-full.  While the writer
+    # streams, the pump waits (bounded) for the record to fill instead.
+    connect, far, opened = _sink_connect()
+    src, dst, a, b = _muxes(connect, coalesce_wait=0.5)
+    c, s = socket.socketpair()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 << 10)
+    src.add_stream(s)
+    payload = os.urandom(8 * DEFAULT_BUFSIZE)
+    t = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(1)))
+    t.start()
+    assert opened.wait(30)
+    got = _recv_all(far[0])
+    t.join(30)
+    assert got == payload
+    far[0].shutdown(socket.SHUT_WR)
+    assert _recv_all(c) == b""
+    s_stats, _ = _finished_ok(src, dst)
+    # 8 full records and an empty read at EOF; without the wait: one per buffer-full
+    assert s_stats.streams[0].records_sent <= 9, s_stats.streams[0]
+    for sock in (a, b, c, far[0]):
+        sock.close()
+
+
+def test_small_writes_are_forwarded_without_waiting_for_a_full_record(echo: EchoServer) -> None:
+    # request/response traffic (the return path, NBD replies) must not pay the wait:
+    # 20 round trips would take 20 * 2 * 0.9 s if small reads waited
+    src, dst, a, b = _muxes(unix_connector(echo.path), coalesce_wait=0.9)
+    c, s = socket.socketpair()
+    c.settimeout(30)
+    src.add_stream(s)
+    c.sendall(struct.pack(">Q", 7))
+    assert _recv_exact(c, 8) == struct.pack(">Q", 7)
+    t0 = time.monotonic()
+    for i in range(20):
+        msg = os.urandom(100 + i)
+        c.sendall(msg)
+        assert _recv_exact(c, len(msg)) == msg
+    assert time.monotonic() - t0 < 9
+    c.shutdown(socket.SHUT_WR)
+    assert _recv_all(c) == b""
+    _finished_ok(src, dst)
+    for sock in (a, b, c):
+        sock.close()
+
+
+def test_a_writer_that_pauses_mid_record_is_flushed_after_the_wait() -> None:
+    # a streaming burst that stops short of a record, with the writer still connected:
+    # the wait is bounded, so the bytes go out (nothing waits for a record to fill)
+    connect, far, opened = _sink_connect()
+    src, dst, a, b = _muxes(connect, coalesce_wait=0.2)
+    c, s = socket.socketpair()
+    src.add_stream(s)
+    burst = os.urandom(300 << 10)
+    c.sendall(burst)
+    assert opened.wait(30)
+    assert _recv_exact(far[0], len(burst)) == burst  # far end's timeout: 30 s
+    c.shutdown(socket.SHUT_WR)
+    assert _recv_all(far[0]) == b""
+    far[0].shutdown(socket.SHUT_WR)
+    c.settimeout(30)
+    assert _recv_all(c) == b""
+    _finished_ok(src, dst)
+    for sock in (a, b, c, far[0]):
+        sock.close()
+
+
+@pytest.mark.parametrize("wait", [-0.1, 1.0])
+def test_a_coalesce_wait_outside_zero_to_one_second_is_refused(wait: float) -> None:
+    (a, wa, ra), _ = link_pair()
+    with pytest.raises(ValueError, match="coalesce_wait"):
+        Mux(a, wa, ra, coalesce_wait=wait)

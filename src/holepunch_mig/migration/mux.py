@@ -32,9 +32,15 @@ Threads (all blocking sockets; socket calls, AES-GCM and SHA-256 release the GIL
   copied out instead), so one stalled consumer cannot block
   the others (head-of-line deadlock: QEMU's multifd receive threads stop reading at
   each sync point until the main channel catches up);
-* per stream one pump (local socket -> DATA records, 1 MiB preallocated buffer,
-  filled with whatever is available without waiting) and one deliverer
-  (queue -> local socket with ``sendall``, then ACK every ``window/4`` bytes).
+* per stream one pump (local socket -> DATA records, 1 MiB preallocated buffer) and
+  one deliverer (queue -> local socket with ``sendall``, then ACK every ``window/4``
+  bytes).  The pump fills a record with whatever is available without waiting, except
+  while the local writer is streaming (one read returned at least an eighth of a
+  record: it had filled its socket buffer): then it waits up to ``coalesce_wait`` for
+  the record to fill.  QEMU's socket holds about 200 KiB, so records would otherwise
+  stay that small, and every record costs a pass through Python, a seal and a send
+  (docs/migration.md has the figures).  Small writes (requests, the return path) never
+  wait.
 
 Any failure (digest or count mismatch, peer ABORT, link error, local socket error)
 fails the whole mux loudly: every local socket is shut down and closed at once, so
@@ -50,6 +56,7 @@ import contextlib
 import logging
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +90,9 @@ _LABEL = re.compile(rb"[a-z0-9-]{1,32}")
 MAX_STREAM = 0xFFFF
 DEFAULT_BUFSIZE = 1 << 20
 DEFAULT_WINDOW = 16 << 20
+COALESCE_WAIT = 0.001
+"""Seconds a pump waits at most for a streaming writer to fill a record (s. above)."""
+_TIMEVAL = struct.Struct("@ll")  # struct timeval for SO_RCVTIMEO (Linux)
 
 
 class RecordLike(Protocol):
@@ -205,6 +215,7 @@ class Mux:
         algorithm: Algorithm = "sha256",
         name: str = "mux",
         on_fail: Callable[[MuxError], None] | None = None,
+        coalesce_wait: float = COALESCE_WAIT,
     ) -> None:
         if bufsize > writer.max_record:
             raise ValueError(f"bufsize ({bufsize}) exceeds the link's max record")
@@ -219,6 +230,9 @@ class Mux:
         self._connect_channel = connect_channel
         self._window = window
         self._bufsize = bufsize
+        if not 0 <= coalesce_wait < 1:
+            raise ValueError(f"coalesce_wait ({coalesce_wait}) must be in [0, 1) seconds")
+        self._coalesce_wait = coalesce_wait
         # Buffers the reader decrypts DATA into, sized to the record; a deliverer hands
         # each back once it has written it out.  Every buffer in use is at least a
         # quarter full, so the window, not the record count, bounds them.
@@ -463,6 +477,8 @@ class Mux:
         write = self._writer.write
         write_in_place = self._writer.write_data_in_place
         limit = self._window - size
+        wait = self._coalesce_wait
+        streaming = size // 8 if wait > 0 else size
         sent = 0
         try:
             eof = False
@@ -475,16 +491,18 @@ class Mux:
                 n = sock.recv_into(view, size)
                 if n == 0:
                     break
-                # Coalesce whatever else is already there, without waiting for more.
-                while n < size:
-                    try:
-                        k = sock.recv_into(view[n:], size - n, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        break
-                    if k == 0:
-                        eof = True
-                        break
-                    n += k
+                if streaming <= n < size:
+                    n, eof = _fill_for(sock, view, n, wait)
+                else:  # coalesce whatever else is already there, without waiting
+                    while n < size:
+                        try:
+                            k = sock.recv_into(view[n:], size - n, socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            break
+                        if k == 0:
+                            eof = True
+                            break
+                        n += k
                 chunk = view[:n]
                 if h is not None:
                     h.update(chunk)
@@ -720,6 +738,21 @@ class Mux:
                 self.first_open = time.perf_counter()
         log.debug("%s: stream %d connected", self.name, sid)
         self._start_stream(st)
+
+
+def _fill_for(sock: socket.socket, view: memoryview, n: int, wait: float) -> tuple[int, bool]:
+    """Read into ``view[n:]`` until it is full, EOF, or ``wait`` seconds have passed
+    (MSG_WAITALL under a receive timeout: the kernel returns what it has when the time
+    is up), in one call.  Returns (bytes in ``view``, EOF seen)."""
+    size = len(view)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(0, int(wait * 1e6)))
+    try:
+        k = sock.recv_into(view[n:], size - n, socket.MSG_WAITALL)
+    except BlockingIOError:  # nothing more came in time
+        k = -1
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(0, 0))
+    return (n + k, False) if k > 0 else (n, k == 0)
 
 
 def _quiet_close(sock: socket.socket) -> None:
