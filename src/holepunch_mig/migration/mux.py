@@ -36,11 +36,14 @@ Threads (all blocking sockets; socket calls, AES-GCM and SHA-256 release the GIL
   one deliverer (queue -> local socket with ``sendall``, then ACK every ``window/4``
   bytes).  The pump fills a record with whatever is available without waiting, except
   while the local writer is streaming (one read returned at least an eighth of a
-  record: it had filled its socket buffer): then it waits up to ``coalesce_wait`` for
-  the record to fill.  QEMU's socket holds about 200 KiB, so records would otherwise
-  stay that small, and every record costs a pass through Python, a seal and a send
-  (docs/migration.md has the figures).  Small writes (requests, the return path) never
-  wait.
+  record: it had filled its socket buffer): then, when ``coalesce_wait`` > 0, it waits
+  that long at most (rounded up to the kernel's tick) for the record to fill.  QEMU's
+  socket holds about 200 KiB, so records would otherwise stay that small, and every
+  record costs a pass through Python, a seal and a send.  Off by default: a writer
+  faster than the pump loses the overlap of its writes with the pump's sends (the
+  kernel wakes the waiting pump per buffer), so only QEMU's mux mode turns it on
+  (:data:`QEMU_COALESCE_WAIT`; docs/migration.md has the figures both ways).  Small
+  writes (requests, the return path) never wait.
 
 Any failure (digest or count mismatch, peer ABORT, link error, local socket error)
 fails the whole mux loudly: every local socket is shut down and closed at once, so
@@ -90,8 +93,8 @@ _LABEL = re.compile(rb"[a-z0-9-]{1,32}")
 MAX_STREAM = 0xFFFF
 DEFAULT_BUFSIZE = 1 << 20
 DEFAULT_WINDOW = 16 << 20
-COALESCE_WAIT = 0.001
-"""Seconds a pump waits at most for a streaming writer to fill a record (s. above)."""
+QEMU_COALESCE_WAIT = 0.001
+"""Seconds a pump waits at most for a streaming QEMU to fill a record (see above)."""
 _TIMEVAL = struct.Struct("@ll")  # struct timeval for SO_RCVTIMEO (Linux)
 
 
@@ -215,7 +218,7 @@ class Mux:
         algorithm: Algorithm = "sha256",
         name: str = "mux",
         on_fail: Callable[[MuxError], None] | None = None,
-        coalesce_wait: float = COALESCE_WAIT,
+        coalesce_wait: float = 0.0,
     ) -> None:
         if bufsize > writer.max_record:
             raise ValueError(f"bufsize ({bufsize}) exceeds the link's max record")

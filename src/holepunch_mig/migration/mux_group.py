@@ -87,6 +87,7 @@ class MuxGroup:
         digest: bool = True,
         algorithm: Algorithm = "sha256",
         name: str = "mux",
+        coalesce_wait: float = 0.0,
     ) -> None:
         if not links:
             raise ValueError("a mux group needs at least one link")
@@ -105,6 +106,7 @@ class MuxGroup:
                 algorithm=algorithm,
                 name=f"{name}{i}" if len(links) > 1 else name,
                 on_fail=self._member_failed,
+                coalesce_wait=coalesce_wait,
             )
             for i, (sock, writer, reader) in enumerate(links)
         ]

@@ -42,7 +42,7 @@ from holepunch_mig.migration.common import (
     StreamReport,
     receive_offer,
 )
-from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux
+from holepunch_mig.migration.mux import QEMU_COALESCE_WAIT, LinkReader, LinkWriter, Mux
 from holepunch_mig.migration.mux_group import MuxGroup
 from holepunch_mig.migration.proxy import SourceProxy, unix_connector
 from holepunch_mig.roles import Role
@@ -164,7 +164,11 @@ class MigrationProxy(ProxyBase):
                     f"{1 + len(self._extra)}"
                 )
             mux = MuxGroup(
-                self._triples(), digest=self._digest, algorithm=self.link.digest, name="src-mux"
+                self._triples(),
+                digest=self._digest,
+                algorithm=self.link.digest,
+                name="src-mux",
+                coalesce_wait=QEMU_COALESCE_WAIT,  # QEMU's RAM streams: records fill
             )
             self._mux = mux
             mux.start()
