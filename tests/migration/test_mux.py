@@ -650,10 +650,10 @@ def test_a_streaming_writer_fills_records_beyond_its_socket_buffer() -> None:
     # reading only what is there made one record per buffer-full.  While the writer
     # streams, the pump waits (bounded) for the record to fill instead.
     connect, far, opened = _sink_connect()
-    src, dst, a, b = _muxes(connect, coalesce_wait=0.5)
+    src, dst, a, b = _muxes(connect)
     c, s = socket.socketpair()
     c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 << 10)
-    src.add_stream(s, sid=2)  # stream 1, QEMU's main channel, never waits
+    src.add_stream(s, coalesce_wait=0.5)
     payload = os.urandom(32 * DEFAULT_BUFSIZE)
     t = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(1)))
     t.start()
@@ -674,10 +674,10 @@ def test_a_streaming_writer_fills_records_beyond_its_socket_buffer() -> None:
 def test_small_writes_are_forwarded_without_waiting_for_a_full_record(echo: EchoServer) -> None:
     # request/response traffic (the return path, NBD replies) must not pay the wait:
     # 20 round trips would take 20 * 2 * 0.9 s if small reads waited
-    src, dst, a, b = _muxes(unix_connector(echo.path), coalesce_wait=0.9)
+    src, dst, a, b = _muxes(unix_connector(echo.path))
     c, s = socket.socketpair()
     c.settimeout(30)
-    src.add_stream(s, sid=2)
+    src.add_stream(s, coalesce_wait=0.9)
     c.sendall(struct.pack(">Q", 7))
     assert _recv_exact(c, 8) == struct.pack(">Q", 7)
     t0 = time.monotonic()
@@ -697,9 +697,9 @@ def test_a_writer_that_pauses_mid_record_is_flushed_after_the_wait() -> None:
     # a streaming burst that stops short of a record, with the writer still connected:
     # the wait is bounded, so the bytes go out (nothing waits for a record to fill)
     connect, far, opened = _sink_connect()
-    src, dst, a, b = _muxes(connect, coalesce_wait=0.2)
+    src, dst, a, b = _muxes(connect)
     c, s = socket.socketpair()
-    src.add_stream(s, sid=2)
+    src.add_stream(s, coalesce_wait=0.2)
     burst = os.urandom(300 << 10)
     c.sendall(burst)
     assert opened.wait(30)
@@ -716,18 +716,38 @@ def test_a_writer_that_pauses_mid_record_is_flushed_after_the_wait() -> None:
 
 @pytest.mark.parametrize("wait", [-0.1, 1.0])
 def test_a_coalesce_wait_outside_zero_to_one_second_is_refused(wait: float) -> None:
+    from holepunch_mig.migration.mux_group import MuxGroup
+
     (a, wa, ra), _ = link_pair()
+    c, s = socket.socketpair()
     with pytest.raises(ValueError, match="coalesce_wait"):
-        Mux(a, wa, ra, coalesce_wait=wait)
+        Mux(a, wa, ra).add_stream(s, coalesce_wait=wait)
+    assert s.fileno() == -1  # closed, as for every refused stream
+    with pytest.raises(ValueError, match="coalesce_wait"):
+        MuxGroup([(a, wa, ra)], coalesce_wait=wait)
+    for sock in (a, c):
+        sock.close()
 
 
-def test_a_group_gives_its_members_the_wait_and_a_bare_mux_does_not_wait() -> None:
+def test_a_group_gives_the_wait_to_every_qemu_connection_but_the_main_channel() -> None:
     from holepunch_mig.migration.mux import QEMU_COALESCE_WAIT
     from holepunch_mig.migration.mux_group import MuxGroup
 
+    connect, far, _opened = _sink_connect()
     (a, wa, ra), (b, wb, rb) = link_pair()
     group = MuxGroup([(a, wa, ra)], coalesce_wait=QEMU_COALESCE_WAIT)
-    assert [m._coalesce_wait for m in group.muxes] == [QEMU_COALESCE_WAIT]
-    assert Mux(b, wb, rb)._coalesce_wait == 0.0
-    a.close()
-    b.close()
+    dst = Mux(b, wb, rb, connect=connect)
+    group.start()
+    dst.start()
+    clients = []
+    for _ in range(3):
+        c, s = socket.socketpair()
+        group.add_stream(s)
+        clients.append(c)
+    streams = group.muxes[0]._streams
+    waits = [streams[sid].coalesce_wait for sid in (1, 2, 3)]
+    assert waits == [0.0, QEMU_COALESCE_WAIT, QEMU_COALESCE_WAIT]
+    group.abort("the test is over")
+    dst.abort("the test is over")
+    for sock in (a, b, *clients, *far):
+        sock.close()

@@ -36,15 +36,14 @@ Threads (all blocking sockets; socket calls, AES-GCM and SHA-256 release the GIL
   one deliverer (queue -> local socket with ``sendall``, then ACK every ``window/4``
   bytes).  The pump fills a record with whatever is available without waiting, except
   while the local writer is streaming (one read returned at least an eighth of a
-  record: it had filled its socket buffer): then, when ``coalesce_wait`` > 0, it waits
-  that long at most (rounded up to the kernel's tick) for the record to fill.  QEMU's
-  socket holds about 200 KiB, so records would otherwise stay that small, and every
-  record costs a pass through Python, a seal and a send.  Off by default: a writer
-  faster than the pump loses the overlap of its writes with the pump's sends (the
-  kernel wakes the waiting pump per buffer), so only QEMU's mux mode turns it on
-  (:data:`QEMU_COALESCE_WAIT`, for every stream but the first, QEMU's main channel;
-  docs/migration.md has the figures both ways).  Small
-  writes (requests, the return path) never wait.
+  record: it had filled its socket buffer): then, when the stream's ``coalesce_wait``
+  (:meth:`Mux.add_stream`) is > 0, it waits that long at most (rounded up to the
+  kernel's tick) for the record to fill.  QEMU's socket holds about 200 KiB, so records
+  would otherwise stay that small, and every record costs a pass through Python, a
+  seal and a send.  Off by default: a writer faster than the pump loses the overlap of
+  its writes with the pump's sends (the kernel wakes the waiting pump per buffer), so
+  only QEMU's multifd channels get it (:class:`~holepunch_mig.migration.mux_group.
+  MuxGroup`; docs/migration.md).  Small writes (requests, the return path) never wait.
 
 Any failure (digest or count mismatch, peer ABORT, link error, local socket error)
 fails the whole mux loudly: every local socket is shut down and closed at once, so
@@ -190,6 +189,7 @@ class _Stream:
         self.delivered = 0
         self.rx_hash: Any = None
         self.ack_owed = False  # the reader delivered past an ACK point: the deliverer sends it
+        self.coalesce_wait = 0.0  # s the pump waits at most for a streaming writer
 
 
 class Mux:
@@ -219,7 +219,6 @@ class Mux:
         algorithm: Algorithm = "sha256",
         name: str = "mux",
         on_fail: Callable[[MuxError], None] | None = None,
-        coalesce_wait: float = 0.0,
     ) -> None:
         if bufsize > writer.max_record:
             raise ValueError(f"bufsize ({bufsize}) exceeds the link's max record")
@@ -234,9 +233,6 @@ class Mux:
         self._connect_channel = connect_channel
         self._window = window
         self._bufsize = bufsize
-        if not 0 <= coalesce_wait < 1:
-            raise ValueError(f"coalesce_wait ({coalesce_wait}) must be in [0, 1) seconds")
-        self._coalesce_wait = coalesce_wait
         # Buffers the reader decrypts DATA into, sized to the record; a deliverer hands
         # each back once it has written it out.  Every buffer in use is at least a
         # quarter full, so the window, not the record count, bounds them.
@@ -294,11 +290,23 @@ class Mux:
             sum(s.stats.received for s in streams),
         )
 
-    def add_stream(self, sock: socket.socket, label: str = "", sid: int | None = None) -> int:
+    def add_stream(
+        self,
+        sock: socket.socket,
+        label: str = "",
+        sid: int | None = None,
+        coalesce_wait: float = 0.0,
+    ) -> int:
         """Carry a newly accepted local connection; announces it with OPEN (carrying
         ``label``, the channel the peer connects it to, when not empty).  ``sid``: the
         stream id to use (ids grow; a group of muxes numbers streams across its links),
-        default the next one of this mux."""
+        default the next one of this mux.  ``coalesce_wait``: seconds the pump may wait
+        for a streaming writer to fill a record (module docstring; 0: never)."""
+        try:
+            check_coalesce_wait(coalesce_wait)
+        except ValueError:
+            sock.close()
+            raise
         if label and _LABEL.fullmatch(label.encode()) is None:
             sock.close()
             raise MuxError(f"{self.name}: bad channel label {label!r} (1-32 of a-z0-9-)")
@@ -319,6 +327,7 @@ class Mux:
                 raise MuxError(f"{self.name}: stream id {sid} not after {self._next_id - 1}")
             self._next_id = sid + 1
             st = self._new_stream(sid, sock, label)
+            st.coalesce_wait = coalesce_wait
             self._streams[sid] = st
             # OPEN under the lock so stream order on the wire is the accept order.
             self._writer.write(OPEN, sid, label.encode())
@@ -481,10 +490,7 @@ class Mux:
         write = self._writer.write
         write_in_place = self._writer.write_data_in_place
         limit = self._window - size
-        # Stream 1 is QEMU's main channel: alone it streams as fast as the pump (waiting
-        # measured 0.60 -> 0.67 s per 512 MiB); the multifd channels are slower writers.
-        wait = self._coalesce_wait if st.id > 1 else 0.0
-        streaming = size // 8 if wait > 0 else size
+        wait = st.coalesce_wait
         sent = 0
         try:
             eof = False
@@ -497,7 +503,7 @@ class Mux:
                 n = sock.recv_into(view, size)
                 if n == 0:
                     break
-                if streaming <= n < size:
+                if wait and size // 8 <= n < size:
                     n, eof = _fill_for(sock, view, n, wait)
                 else:  # coalesce whatever else is already there, without waiting
                     while n < size:
@@ -744,6 +750,11 @@ class Mux:
                 self.first_open = time.perf_counter()
         log.debug("%s: stream %d connected", self.name, sid)
         self._start_stream(st)
+
+
+def check_coalesce_wait(wait: float) -> None:
+    if not 0 <= wait < 1:
+        raise ValueError(f"coalesce_wait ({wait}) must be in [0, 1) seconds")
 
 
 def _fill_for(sock: socket.socket, view: memoryview, n: int, wait: float) -> tuple[int, bool]:

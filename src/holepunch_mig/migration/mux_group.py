@@ -27,7 +27,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from holepunch_mig.errors import MuxError
-from holepunch_mig.migration.mux import LinkReader, LinkWriter, Mux, MuxStats
+from holepunch_mig.migration.mux import (
+    LinkReader,
+    LinkWriter,
+    Mux,
+    MuxStats,
+    check_coalesce_wait,
+)
 from holepunch_mig.wire.digests import Algorithm
 
 log = logging.getLogger(__name__)
@@ -91,6 +97,10 @@ class MuxGroup:
     ) -> None:
         if not links:
             raise ValueError("a mux group needs at least one link")
+        check_coalesce_wait(coalesce_wait)
+        # Only the multifd channels wait (stream 1, the main channel, streams as fast as
+        # the pump when alone, and waiting there measured slower: docs/migration.md).
+        self._coalesce_wait = coalesce_wait
         self.name = name
         self._ordered = OrderedConnector(connect) if connect is not None else None
         self._lock = threading.Lock()
@@ -106,7 +116,6 @@ class MuxGroup:
                 algorithm=algorithm,
                 name=f"{name}{i}" if len(links) > 1 else name,
                 on_fail=self._member_failed,
-                coalesce_wait=coalesce_wait,
             )
             for i, (sock, writer, reader) in enumerate(links)
         ]
@@ -143,7 +152,8 @@ class MuxGroup:
             self._next_sid += 1
             mux = self.muxes[(sid - 1) % len(self.muxes)]
             # under the group lock: OPENs leave in accept order (each on its own link)
-            return mux.add_stream(sock, label, sid)
+            wait = self._coalesce_wait if sid > 1 else 0.0
+            return mux.add_stream(sock, label, sid, wait)
 
     def _member_failed(self, exc: MuxError) -> None:
         with self._lock:
