@@ -422,9 +422,14 @@ def test_qemu_cells_meter_qemu_and_proxy_cpu(tmp_path: Path) -> None:
     from holepunch_mig.bench.qemu_cells import run_qemu_cells
     from holepunch_mig.lab import Lab
 
+    lines: list[str] = []
     with Lab(lab_spec(0)) as lab:
-        cells = run_qemu_cells(lab, tmp_path, 64, 1, (2,), lambda line: None)
+        cells = run_qemu_cells(lab, tmp_path, 64, 1, (2,), lines.append)
     direct, proxy = cells
+    # each case ran once unmeasured before its measured run, which alone is in the cell
+    warm = [line for line in lines if "warm-up" in line]
+    assert [w.split()[4] for w in warm] == ["qemu-direct", "qemu-proxy"], lines
+    assert lines.index(warm[-1]) < min(i for i, x in enumerate(lines) if "run 1/1" in x)
     assert (direct.case, proxy.case) == ("direct", "proxy")
     for cell in cells:
         assert len(cell.qemu_cpu_src) == len(cell.qemu_cpu_dst) == 1

@@ -745,7 +745,7 @@ def render_markdown(res: BenchResult) -> str:
             "max-bandwidth 10^10). Row 1 = QEMU `tcp:` straight to the destination's opened "
             "port, no crypto; row 5 = through `holepunch-mig migrate-proxy` on both hosts "
             "(punched links, one per QEMU connection, Noise KK, AES-256-GCM, count-only "
-            "END). Wall = `migrate` .. `completed` (the punch happens before). Interleaved. "
+            "END). Wall = `migrate` .. `completed` (the punch happens before). Interleaved, after one unmeasured warm-up of each. "
             "Checked: status completed, destination running, 32 MiB of guest RAM equal on "
             "both sides (pmemsave), proxies' byte counts agree. CPU per GiB of guest RAM "
             "moved (QEMU's `ram.transferred`), per side: QEMU's own (user + system of the "
